@@ -1,0 +1,1188 @@
+"""Parameter-golf trainer: one file, read top to bottom in the order a run happens.
+
+config -> distributed/device -> data -> model -> optimizers -> training -> export -> evaluation -> main.
+Launch with `torchrun --standalone --nproc_per_node=N train_gpt.py` (or `python train_gpt.py`);
+every hyperparameter is an env var, `python train_gpt.py --help` lists them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import resource
+import struct
+import sys
+import time
+import uuid
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+try:
+    import zstandard
+except ImportError:  # the export falls back to zlib and names it in the log
+    zstandard = None
+
+
+class InputError(Exception):
+    """Bad input from the user (env var, file, shard, artifact): one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: one typed, validated object built from env vars
+# ----------------------------------------------------------------------------------------------
+
+def var(default, help: str, lo=None, hi=None, choices=None):
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    data_path: str = var("./data/datasets/fineweb10B_sp1024", "folder holding *_train_*.bin and *_val_*.bin shards")
+    tokenizer_path: str = var("", "sentencepiece .model for the bits-per-byte tables "
+                              "(default: DATA_PATH/meta.json's tokenizer, else ./data/tokenizers/fineweb_1024_bpe.model)")
+    vocab_size: int = var(1024, "model vocabulary; every token id must be below it", lo=2, hi=65536)
+    run_id: str = var("", "names logs/<RUN_ID>.txt, .json and the artifact (default: a fresh id)")
+    seed: int = var(1337, "seed of the model init", lo=0, hi=2**63 - 1)
+    device: str = var("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
+    compile: str = var("auto", "torch.compile the model (auto: on CUDA only)", choices=("auto", "0", "1"))
+    log_dir: str = var("logs", "folder for the log, the summary JSON and the artifact")
+    # budget and batch
+    iterations: int = var(20000, "training steps at most", lo=1)
+    max_wallclock_seconds: float = var(600.0, "training time cap in seconds, excluding validation and warm-up (0 = none)", lo=0.0)
+    train_batch_tokens: int = var(524288, "tokens in one optimizer step over all ranks", lo=1)
+    train_seq_len: int = var(1024, "training sequence length", lo=1)
+    grad_accum_steps: int = var(0, "micro-batches a step per rank (0 = 8 // world size, batch rounded to fit)", lo=0)
+    val_loss_every: int = var(1000, "validate every N steps (0 = only at the end)", lo=0)
+    train_log_every: int = var(200, "log the train loss every N steps (and steps 1-10)", lo=1)
+    val_batch_size: int = var(524288, "tokens a validation forward covers over all ranks", lo=1)
+    warmup_steps: int = var(20, "untimed priming steps (compile, allocator); weights and optimizer state restored after", lo=0)
+    warmdown_iters: int = var(1200, "linear LR decay to zero over the last N steps of the budget (timed when capped)", lo=0)
+    lr_warmup_steps: int = var(0, "linear LR warm-up over the first N steps", lo=0)
+    # model
+    num_layers: int = var(9, "transformer blocks", lo=1)
+    model_dim: int = var(512, "residual width", lo=2)
+    num_heads: int = var(8, "attention heads", lo=1)
+    num_kv_heads: int = var(4, "key/value heads (grouped-query attention)", lo=1)
+    mlp_mult: float = var(2.0, "MLP hidden width as a multiple of MODEL_DIM", lo=0.0625)
+    tie_embeddings: bool = var(True, "share the input embedding and the output head")
+    logit_softcap: float = var(30.0, "logits -> c * tanh(logits / c)", lo=1e-3)
+    rope_base: float = var(10000.0, "RoPE base frequency", lo=1.0)
+    qk_gain_init: float = var(1.5, "initial per-head gain on the normalised queries", lo=0.0)
+    tied_embed_init_std: float = var(0.005, "std of the tied embedding at init", lo=0.0)
+    # optimizers
+    matrix_lr: float = var(0.04, "Muon learning rate for the matrices inside blocks", lo=0.0)
+    scalar_lr: float = var(0.04, "Adam learning rate for vectors and scalars", lo=0.0)
+    tied_embed_lr: float = var(0.05, "Adam learning rate for the tied embedding", lo=0.0)
+    embed_lr: float = var(0.6, "Adam learning rate for the untied input embedding", lo=0.0)
+    head_lr: float = var(0.008, "Adam learning rate for the untied output head", lo=0.0)
+    muon_momentum: float = var(0.95, "Muon momentum after warm-up", lo=0.0, hi=0.9999)
+    muon_momentum_warmup_start: float = var(0.85, "Muon momentum at step 0", lo=0.0, hi=0.9999)
+    muon_momentum_warmup_steps: int = var(500, "steps to go from the start momentum to MUON_MOMENTUM", lo=0)
+    muon_backend_steps: int = var(5, "Newton-Schulz iterations", lo=1, hi=20)
+    muon_wd: float = var(0.0, "decoupled weight decay of Muon matrices (p -= lr * wd * p)", lo=0.0)
+    beta1: float = var(0.9, "Adam beta1", lo=0.0, hi=0.9999)
+    beta2: float = var(0.95, "Adam beta2", lo=0.0, hi=0.99999)
+    adam_eps: float = var(1e-8, "Adam epsilon", lo=0.0)
+    grad_clip_norm: float = var(0.0, "clip the global gradient norm (0 = off)", lo=0.0)
+    # export
+    artifact_limit_bytes: int = var(16_000_000, "code + compressed model must fit in this", lo=1)
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+
+CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config)}
+
+# Contract names owned by features that have not landed yet: refused loudly rather than ignored.
+NOT_YET_IMPLEMENTED = (
+    "NUM_REPEATS", "DEPTH_SCHEDULE", "XSA_LAST_N", "SWA_ENABLED", "SWA_START_FRAC", "SWA_EVERY", "EMA_DECAY",
+    "ACTIVATION", "PRESET", "MOE_NUM_EXPERTS", "MOE_TOP_K", "MOE_D_FFN", "MOE_GRANULARITY", "MOE_LAYERS",
+    "MOE_INIT", "MOE_FROZEN", "MOE_AUX_COEF", "EVAL_SEQ_LEN", "EVAL_STRIDE", "HEDGE_ENABLED", "TTT_STEPS",
+    "EVAL_AUDIT", "PER_TOKEN_LOSS_EVERY", "CHECKPOINT_EVERY_SECONDS", "CHECKPOINT_EVERY_STEPS", "RESUME_FROM",
+    "FAULT_AT_STEP", "QUANT",
+)
+# Set by torchrun, CUDA or the shell; never a typo of ours.
+FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+               "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PATH", "HOME"}
+
+
+class ConfigError(InputError):
+    pass
+
+
+def parse_value(name: str, raw: str, f: dataclasses.Field):
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    meta = f.metadata
+    if kind is bool:
+        low = raw.strip().lower()
+        if low not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
+        return low in ("1", "true", "yes", "on")
+    try:
+        value = kind(raw.strip()) if kind is not int else int(raw.strip(), 10)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r}: expected a finite number")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(meta['choices'])}")
+    if meta["lo"] is not None and value < meta["lo"]:
+        raise ConfigError(f"{name}={raw!r}: must be >= {meta['lo']}")
+    if meta["hi"] is not None and value > meta["hi"]:
+        raise ConfigError(f"{name}={raw!r}: must be <= {meta['hi']}")
+    return value
+
+
+def resolve_batch(values: dict, world_size: int) -> list[str]:
+    """Fill in GRAD_ACCUM_STEPS and make the global batch split evenly; returns notes for the log.
+
+    An explicit GRAD_ACCUM_STEPS must divide the batch exactly. The default (8 // world size, so 1, 2, 4
+    and 8 GPUs see the same global batch) rounds the batch to the nearest size that splits evenly."""
+    batch, seq = values["train_batch_tokens"], values["train_seq_len"]
+    if batch < seq:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be at least TRAIN_SEQ_LEN={seq}")
+    if values["grad_accum_steps"] > 0:
+        unit = world_size * values["grad_accum_steps"] * seq
+        if batch % unit:
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be divisible by world_size*GRAD_ACCUM_STEPS*"
+                              f"TRAIN_SEQ_LEN = {world_size}*{values['grad_accum_steps']}*{seq} = {unit}")
+        return []
+    accum = max(1, min(8 // world_size, batch // (world_size * seq)))
+    values["grad_accum_steps"] = accum
+    unit = world_size * accum * seq
+    if batch % unit == 0:
+        return []
+    values["train_batch_tokens"] = max(1, round(batch / unit)) * unit
+    return [f"train_batch_tokens rounded from {batch} to {values['train_batch_tokens']} so that it splits "
+            f"evenly over world_size:{world_size} x grad_accum_steps:{accum} x train_seq_len:{seq}"]
+
+
+def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
+    """Config from env vars; returns it with notes (typo warnings, rounding) for the log."""
+    for name in NOT_YET_IMPLEMENTED:
+        if name in environ:
+            raise ConfigError(f"{name}={environ[name]!r}: not implemented in this version of train_gpt.py; unset it")
+    values = {}
+    for name, f in CONFIG_FIELDS.items():
+        values[f.name] = parse_value(name, environ[name], f) if name in environ else f.default
+    notes = typo_warnings(environ)
+    if values["model_dim"] % values["num_heads"]:
+        raise ConfigError(f"NUM_HEADS={values['num_heads']}: must divide MODEL_DIM={values['model_dim']}")
+    if values["num_heads"] % values["num_kv_heads"]:
+        raise ConfigError(f"NUM_KV_HEADS={values['num_kv_heads']}: must divide NUM_HEADS={values['num_heads']}")
+    if (values["model_dim"] // values["num_heads"]) % 2:
+        raise ConfigError(f"MODEL_DIM={values['model_dim']}: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
+    if values["compile"] == "1" and values["device"] == "cpu":
+        raise ConfigError("COMPILE='1': torch.compile is only supported here with DEVICE=cuda")
+    notes += resolve_batch(values, world_size)
+    if not values["run_id"]:
+        # torchrun gives every rank the same TORCHELASTIC_RUN_ID, so all ranks agree on the name.
+        values["run_id"] = os.environ.get("TORCHELASTIC_RUN_ID", "") or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
+    if any(c in values["run_id"] for c in "/\\") or values["run_id"] in (".", ".."):
+        raise ConfigError(f"RUN_ID={values['run_id']!r}: must be a plain file name")
+    return Config(**values), notes
+
+
+def typo_warnings(environ) -> list[str]:
+    known = list(CONFIG_FIELDS) + list(NOT_YET_IMPLEMENTED)
+    notes = []
+    for name in sorted(environ):
+        if name in CONFIG_FIELDS or name in FOREIGN_ENV or not name.replace("_", "").isupper():
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        if close:
+            notes.append(f"warning: env var {name} is not a setting of train_gpt.py; did you mean {close[0]}?")
+    return notes
+
+
+def config_help() -> str:
+    lines = ["train_gpt.py settings (env vars):"]
+    for name, f in CONFIG_FIELDS.items():
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        lines.append(f"  {name:<28} {kind:<5} default {f.default!r:<38} {f.metadata['help']}")
+    lines.append("Not yet implemented (refused when set): " + ", ".join(NOT_YET_IMPLEMENTED))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed + device
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    compile: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        # bf16 on CUDA; float32 on CPU, where bf16 matmuls are slow and tests want exact figures.
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.is_cuda else nullcontext()
+
+    def sync(self):
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def all_reduce(self, tensor: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("DEVICE='cuda': no CUDA device is available")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if want == "cuda" else "gloo", device_id=device if want == "cuda" else None)
+    use_compile = cfg.compile == "1" or (cfg.compile == "auto" and want == "cuda")
+    return Runtime(rank, world, local_rank, device, use_compile)
+
+
+class Logger:
+    """Writes the log file and the console on rank 0 only."""
+
+    def __init__(self, path: Path | None):
+        self.file = None
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(path, "a", encoding="utf-8")
+            except OSError as e:
+                raise InputError(f"cannot write the log {path}: {e.strerror}") from None
+
+    def __call__(self, msg: str, console: bool = True):
+        if self.file is None:
+            return
+        if console:
+            print(msg, flush=True)
+        self.file.write(msg + "\n")
+        self.file.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: shards, the training token stream, validation tokens, bits-per-byte tables
+# ----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Memory-maps one shard after checking its header against the file size."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(SHARD_HEADER_BYTES)
+    except OSError as e:
+        raise InputError(f"shard {path}: cannot read ({e.strerror})") from None
+    if len(head) < SHARD_HEADER_BYTES:
+        raise InputError(f"shard {path}: truncated header ({size} bytes, need {SHARD_HEADER_BYTES})")
+    header = np.frombuffer(head, dtype="<i4")
+    if header[0] != SHARD_MAGIC:
+        raise InputError(f"shard {path}: wrong magic {header[0]} (expected {SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        raise InputError(f"shard {path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
+    count = int(header[2])
+    if count < 0 or size != SHARD_HEADER_BYTES + 2 * count:
+        raise InputError(f"shard {path}: header declares {count} tokens ({SHARD_HEADER_BYTES + 2 * count} bytes) "
+                         f"but the file has {size} bytes")
+    if count == 0:
+        return np.zeros(0, dtype="<u2")
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int):
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        where = offset + int(np.argmax(tokens >= vocab_size))
+        raise InputError(f"shard {path}: token id {int(tokens[where - offset])} at position {where} "
+                         f">= VOCAB_SIZE={vocab_size}")
+
+
+def find_shards(data_path: str, split: str) -> list[Path]:
+    files = sorted(Path(p) for p in glob.glob(os.path.join(glob.escape(data_path), f"*_{split}_*.bin")))
+    if not files:
+        raise InputError(f"no *_{split}_*.bin shards in DATA_PATH={data_path}: make some with "
+                         f"`python data/prepare.py` or `python data/synthetic.py`, or download the challenge's "
+                         f"with `python data/fineweb.py --variant sp1024`")
+    return files
+
+
+class TokenStream:
+    """The training shards as one endless token stream (it wraps around).
+
+    Step s uses the global batch of sequences starting at s * TRAIN_BATCH_TOKENS; sequence j is
+    tokens [start + j*seq, start + (j+1)*seq + 1). Each (rank, micro-step) reads a contiguous run of
+    them, so a step sees the same tokens whatever the split between ranks and accumulation, and the
+    position of the stream is a function of the step alone."""
+
+    def __init__(self, files: list[Path], vocab_size: int):
+        self.files = files
+        self.shards = [read_shard(f) for f in files]
+        self.vocab_size = vocab_size
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.total = int(self.starts[-1])
+        if self.total < 2:
+            raise InputError(f"training shards hold {self.total} tokens; need at least 2")
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        out = np.empty(length, dtype=np.int64)
+        filled, pos = 0, start % self.total
+        while filled < length:
+            i = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            offset = pos - int(self.starts[i])
+            piece = self.shards[i][offset:offset + length - filled]
+            check_token_ids(piece, self.vocab_size, self.files[i], offset)
+            out[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            pos = (pos + len(piece)) % self.total
+        return out
+
+    def micro_batch(self, cfg: Config, rt: Runtime, step: int, micro: int) -> tuple[Tensor, Tensor]:
+        seqs = cfg.train_batch_tokens // (cfg.train_seq_len * rt.world_size * cfg.grad_accum_steps)
+        first_seq = (micro * rt.world_size + rt.rank) * seqs
+        start = step * cfg.train_batch_tokens + first_seq * cfg.train_seq_len
+        buf = torch.from_numpy(self.read(start, seqs * cfg.train_seq_len + 1))
+        if rt.is_cuda:
+            buf = buf.pin_memory().to(rt.device, non_blocking=True)
+        return buf[:-1].view(seqs, cfg.train_seq_len), buf[1:].view(seqs, cfg.train_seq_len)
+
+
+def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> Tensor:
+    """All validation tokens, trimmed as the challenge does to whole sequences plus one target."""
+    parts = []
+    for f in files:
+        tokens = read_shard(f)
+        check_token_ids(tokens, vocab_size, f, 0)
+        parts.append(np.asarray(tokens))
+    tokens = np.concatenate(parts)
+    usable = (len(tokens) - 1) // seq_len * seq_len
+    if usable <= 0:
+        raise InputError(f"validation shards hold {len(tokens)} tokens; need more than TRAIN_SEQ_LEN={seq_len}")
+    return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+
+
+def resolve_tokenizer_path(cfg: Config) -> Path:
+    if cfg.tokenizer_path:
+        return Path(cfg.tokenizer_path)
+    meta = Path(cfg.data_path) / "meta.json"
+    if meta.is_file():
+        try:
+            named = json.loads(meta.read_text()).get("tokenizer")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise InputError(f"{meta}: not valid JSON") from None
+        if named:
+            return Path(named)
+    return Path("./data/tokenizers/fineweb_1024_bpe.model")
+
+
+def load_tokenizer(path: Path, vocab_size: int):
+    import sentencepiece as spm
+
+    if not path.is_file():
+        raise InputError(f"tokenizer {path} not found: set TOKENIZER_PATH to the sentencepiece .model of the data")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError):
+        raise InputError(f"tokenizer {path}: not a sentencepiece model") from None
+    if sp.vocab_size() > vocab_size:
+        raise InputError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+                         f"set VOCAB_SIZE to at least {sp.vocab_size()}")
+    if sp.PieceToId("\u2581") == sp.unk_id():
+        raise InputError(f"tokenizer {path} has no standalone '\u2581' piece: spaces would be counted as "
+                         f"byte-fallback bytes and bits per byte would be wrong")
+    return sp
+
+
+@dataclass
+class ByteTables:
+    """Per token id: UTF-8 bytes of its text, whether it starts with a word's space, whether it is a
+    boundary (control/unknown/unused) token. Sized max(tokenizer vocab, model vocab)."""
+
+    base_bytes: Tensor
+    has_leading_space: Tensor
+    is_boundary: Tensor
+
+    def count(self, prev: Tensor, target: Tensor) -> Tensor:
+        """Bytes credited to each target: a leading space counts unless the previous token is a boundary."""
+        space = self.has_leading_space[target] & ~self.is_boundary[prev]
+        return self.base_bytes[target] + space.to(self.base_bytes.dtype)
+
+    def to(self, device) -> "ByteTables":
+        return ByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+
+
+def build_byte_tables(sp, vocab_size: int) -> ByteTables:
+    size = max(sp.vocab_size(), vocab_size)
+    base = torch.zeros(size, dtype=torch.int32)
+    space = torch.zeros(size, dtype=torch.bool)
+    boundary = torch.ones(size, dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i):
+            continue
+        boundary[i] = False
+        if sp.IsByte(i):
+            base[i] = 1
+            continue
+        piece = sp.IdToPiece(i)
+        if piece.startswith("\u2581"):
+            space[i] = True
+            piece = piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteTables(base, space, boundary)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: GPT with an application plan over physical blocks
+# ----------------------------------------------------------------------------------------------
+
+MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                "tie_embeddings", "logit_softcap", "rope_base", "qk_gain_init", "tied_embed_init_std")
+
+
+def model_kwargs(cfg: Config) -> dict:
+    return {name: getattr(cfg, name) for name in MODEL_FIELDS}
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim),
+                             persistent=False)
+
+    def forward(self, seq_len: int, device) -> tuple[Tensor, Tensor]:
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))
+        return freqs.cos()[None, None], freqs.sin()[None, None]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        kv_dim = num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(dim, dim, bias=False)
+        self.c_k = nn.Linear(dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(dim, kv_dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        nn.init.zeros_(self.proj.weight)  # each block starts as the identity on the residual stream
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
+        self.rotary = Rotary(self.head_dim, rope_base)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(t, x.device)
+        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = apply_rotary(rms_norm(k), cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    """Attention then the FFN slot, each scaled per channel; resid_mix blends in the embedding x0."""
+
+    def __init__(self, dim: int, attn: nn.Module, ffn: nn.Module):
+        super().__init__()
+        self.attn, self.ffn = attn, ffn
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.ffn_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.ffn_scale.to(x.dtype) * self.ffn(rms_norm(x))
+
+
+class GPT(nn.Module):
+    """Token embedding -> blocks walked along `plan` (U-Net skips between its halves) -> tied head.
+
+    The plan lists which physical block runs at each effective layer, so one block may run several times."""
+
+    def __init__(self, vocab_size, num_layers, model_dim, num_heads, num_kv_heads, mlp_mult, tie_embeddings,
+                 logit_softcap, rope_base, qk_gain_init, tied_embed_init_std):
+        super().__init__()
+        self.logit_softcap = logit_softcap
+        self.tok_emb = nn.Embedding(vocab_size, model_dim)
+        hidden = max(1, int(round(mlp_mult * model_dim)))
+        self.blocks = nn.ModuleList(
+            Block(model_dim, Attention(model_dim, num_heads, num_kv_heads, rope_base, qk_gain_init),
+                  MLP(model_dim, hidden))
+            for _ in range(num_layers))
+        self.plan = list(range(num_layers))
+        self.num_skips = min(len(self.plan) // 2, len(self.plan) - len(self.plan) // 2)
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, model_dim))
+        if tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(model_dim, vocab_size, bias=False)
+            nn.init.zeros_(self.lm_head.weight)
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        x = rms_norm(self.tok_emb(idx))
+        x0, skips = x, []
+        n_encoder = len(self.plan) // 2
+        for layer, block_index in enumerate(self.plan):
+            if layer >= n_encoder and skips:
+                x = x + self.skip_weights[layer - n_encoder].to(x.dtype) * skips.pop()
+            x = self.blocks[block_index](x, x0)
+            if layer < n_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, idx: Tensor) -> Tensor:
+        h = self.hidden(idx)
+        raw = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+        raw = raw.float()
+        return self.logit_softcap * torch.tanh(raw / self.logit_softcap)
+
+    def forward(self, idx: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy in nats: the mean (training) or per token, shaped like targets (evaluation)."""
+        logits = self.logits(idx)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return loss if reduction == "mean" else loss.view_as(targets)
+
+
+def count_matmul_params(model: GPT) -> int:
+    """Parameters that take part in a matmul per token (for MFU): block matrices and the head."""
+    blocks = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
+    head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
+    return blocks + head
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers and schedules
+# ----------------------------------------------------------------------------------------------
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalises grad (pushes its singular values toward 1) with a quintic iteration."""
+    a, b, c = NS_COEFFS
+    x = grad.bfloat16() if grad.is_cuda else grad.float()
+    x = x / (x.norm() + eps)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then an orthogonalised update. Rank r computes the updates of parameters
+    r, r+W, ...; one all-reduce shares them, so every rank applies identical updates."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank:
+                    flat[offset:offset + p.numel()] = self.orthogonal_update(p, group).reshape(-1)
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                update = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+                offset += p.numel()
+
+    def orthogonal_update(self, p: Tensor, group: dict) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        g = p.grad.add(buf, alpha=group["momentum"])
+        update = newton_schulz(g, group["backend_steps"])
+        return update.float() * max(1.0, p.size(0) / p.size(1)) ** 0.5
+
+
+def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.Optimizer]:
+    """Muon for the 2-D matrices inside blocks; Adam for embeddings, head, vectors and scalars."""
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    scalars = [p for p in model.blocks.parameters() if p.ndim < 2] + [model.skip_weights]
+    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
+    adam_groups = [dict(params=[model.tok_emb.weight], lr=embed_lr, base_lr=embed_lr),
+                   dict(params=scalars, lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)]
+    if model.lm_head is not None:
+        adam_groups.append(dict(params=[model.lm_head.weight], lr=cfg.head_lr, base_lr=cfg.head_lr))
+    adam = torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.is_cuda)
+    muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
+                weight_decay=cfg.muon_wd, rank=rt.rank, world_size=rt.world_size)
+    for group in muon.param_groups:
+        group["base_lr"] = cfg.matrix_lr
+    return [adam, muon]
+
+
+def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
+    """LR multiplier: linear warm-up, then 1, then linear warm-down to 0 over the last WARMDOWN_ITERS steps.
+
+    Under a wall-clock cap the warm-down is timed: it starts when the time left is less than
+    WARMDOWN_ITERS steps at the average step time so far (the challenge's rule), or when the
+    step budget says so, whichever comes first."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    if cfg.warmdown_iters == 0:
+        return warm
+    down = min(1.0, max(0.0, (cfg.iterations - step) / cfg.warmdown_iters))
+    if cfg.max_wallclock_seconds > 0 and step > 0:
+        remaining_ms = cfg.max_wallclock_seconds * 1000 - elapsed_ms
+        warmdown_ms = cfg.warmdown_iters * elapsed_ms / step
+        down = min(down, max(0.0, remaining_ms / max(warmdown_ms, 1e-9)))
+    return warm * down
+
+
+def muon_momentum(cfg: Config, step: int) -> float:
+    if cfg.muon_momentum_warmup_steps == 0:
+        return cfg.muon_momentum
+    frac = min(1.0, step / cfg.muon_momentum_warmup_steps)
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+
+def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Tensor],
+               optimizers: list[torch.optim.Optimizer], stream: TokenStream, step: int, scale: float) -> Tensor:
+    """One optimizer step over the global batch; returns this rank's mean loss (a tensor, no sync)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+        opt.zero_grad(set_to_none=True)
+    optimizers[-1].param_groups[0]["momentum"] = muon_momentum(cfg, step)
+    total = torch.zeros((), device=rt.device)
+    for micro in range(cfg.grad_accum_steps):
+        x, y = stream.micro_batch(cfg, rt, step, micro)
+        last = micro == cfg.grad_accum_steps - 1
+        sync = nullcontext() if last or not rt.distributed else train_model.no_sync()
+        with sync, rt.autocast():
+            loss = train_model(x, y)
+        (loss / cfg.grad_accum_steps).backward()
+        total += loss.detach()
+    if cfg.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    return total / cfg.grad_accum_steps
+
+
+def prime(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream: TokenStream, log: Logger):
+    """WARMUP_STEPS untimed steps to trigger compilation, then weights and optimizer state go back."""
+    if cfg.warmup_steps == 0:
+        return
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    params = list(model.parameters())
+    for step in range(cfg.warmup_steps):
+        train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
+        if step + 1 in (1, cfg.warmup_steps) or (step + 1) % 10 == 0:
+            log(f"warmup_step:{step + 1}/{cfg.warmup_steps}")
+    model.load_state_dict(saved_model)
+    for opt, state in zip(optimizers, saved_opts):
+        opt.load_state_dict(state)
+    rt.sync()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_ms: float
+    tokens_seen: int
+    val_loss: float
+    val_bpb: float
+
+
+def train(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream: TokenStream,
+          evaluator: "Evaluator", log: Logger) -> TrainResult:
+    params = list(model.parameters())
+    cap_ms = cfg.max_wallclock_seconds * 1000
+    train_ms, step, stop = 0.0, 0, False
+    val_loss = val_bpb = float("nan")
+    rt.sync()
+    t0 = time.perf_counter()
+    while True:
+        last = step == cfg.iterations or stop
+        if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
+            rt.sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            val_loss, val_bpb = evaluator.standard(model)
+            log(f"step:{step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            rt.sync()
+            t0 = time.perf_counter()
+        if last:
+            break
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        loss = train_step(cfg, rt, train_model, params, optimizers, stream, step, lr_scale(cfg, step, elapsed))
+        step += 1
+        # Every rank must agree on the clock, or LR schedules and the stop would differ between ranks.
+        elapsed = agreed_elapsed_ms(rt, train_ms + 1000 * (time.perf_counter() - t0))
+        if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
+            loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
+            tok_s = step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9)
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / step:.2f}ms tok_s:{tok_s:.0f}")
+        if cap_ms and elapsed >= cap_ms and step < cfg.iterations:
+            log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
+            stop = True
+    return TrainResult(step, train_ms, step * cfg.train_batch_tokens, val_loss, val_bpb)
+
+
+def agreed_elapsed_ms(rt: Runtime, local_ms: float) -> float:
+    if not rt.distributed:
+        return local_ms
+    t = torch.tensor([local_ms], device=rt.device, dtype=torch.float64)
+    return float(rt.all_reduce(t, dist.ReduceOp.MAX).item())
+
+
+def peak_memory_mib(rt: Runtime) -> float:
+    if rt.is_cuda:
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: per-row int8 quantization, compression, a self-describing artifact, and loading it back
+# ----------------------------------------------------------------------------------------------
+
+ARTIFACT_MAGIC = b"PGOLFAR1"
+INT8_MIN_NUMEL = 65_536  # smaller tensors are stored as fp16: their bytes are few
+INT8_CLIP_QUANTILE = 0.9999984
+SCALE_FLOOR = 1e-12  # a larger floor breaks the round trip of near-zero rows in young models
+
+
+def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8 with the row's |w| clipped at a high quantile; scales stored as fp16."""
+    w = w.float()
+    k = max(1, min(w.size(1), math.ceil(INT8_CLIP_QUANTILE * w.size(1))))
+    clip = w.abs().kthvalue(k, dim=1).values
+    scale = (clip / 127).clamp_min(SCALE_FLOOR).half()
+    divisor = scale.float().clamp_min(SCALE_FLOOR)[:, None]
+    q = torch.round(w.clamp(-clip[:, None], clip[:, None]) / divisor).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8_rows(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def encode_tensors(state: dict[str, Tensor]) -> tuple[bytes, list[dict]]:
+    """Raw payload and its layout: which bytes hold which tensor, in which encoding."""
+    buf, layout, offset = io.BytesIO(), [], 0
+
+    def put(t: Tensor) -> dict:
+        nonlocal offset
+        data = t.contiguous().cpu().numpy().tobytes()
+        buf.write(data)
+        part = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "offset": offset,
+                "nbytes": len(data)}
+        offset += len(data)
+        return part
+
+    for name, t in state.items():
+        if t.is_floating_point() and t.ndim == 2 and t.numel() >= INT8_MIN_NUMEL:
+            q, scale = quantize_int8_rows(t)
+            layout.append({"name": name, "encoding": "int8_rows", "parts": [put(q), put(scale)]})
+        elif t.is_floating_point():
+            layout.append({"name": name, "encoding": "fp16", "parts": [put(t.half())]})
+        else:
+            layout.append({"name": name, "encoding": "raw", "parts": [put(t)]})
+    return buf.getvalue(), layout
+
+
+def decode_tensors(payload: bytes, layout: list[dict]) -> dict[str, Tensor]:
+    def get(part: dict) -> Tensor:
+        dtype = getattr(torch, part["dtype"])
+        start, end = part["offset"], part["offset"] + part["nbytes"]
+        if end > len(payload):
+            raise InputError("artifact payload is shorter than its layout says")
+        return torch.frombuffer(bytearray(payload[start:end]), dtype=dtype).reshape(part["shape"])
+
+    state = {}
+    for entry in layout:
+        parts = [get(p) for p in entry["parts"]]
+        if entry["encoding"] == "int8_rows":
+            state[entry["name"]] = dequantize_int8_rows(*parts)
+        else:
+            state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
+    return state
+
+
+def compress(data: bytes) -> tuple[bytes, str]:
+    if zstandard is not None:
+        return zstandard.ZstdCompressor(level=22).compress(data), "zstd"
+    return zlib.compress(data, 9), "zlib"
+
+
+def decompress(data: bytes, method: str, expected_size: int) -> bytes:
+    try:
+        if method == "zstd":
+            if zstandard is None:
+                raise InputError("artifact is zstd-compressed but the zstandard package is not installed")
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected_size)
+        elif method == "zlib":
+            out = zlib.decompress(data)
+        else:
+            raise InputError(f"artifact uses an unknown compressor {method!r}")
+    except (zlib.error, zstandard.ZstdError if zstandard else zlib.error):
+        raise InputError("artifact payload does not decompress") from None
+    if len(out) != expected_size:
+        raise InputError(f"artifact payload decompressed to {len(out)} bytes, header says {expected_size}")
+    return out
+
+
+def write_atomic(path: Path, data: bytes):
+    """Temp file, fsync, rename: a crash or a full disk never leaves a half-written file under `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {e.strerror}") from None
+
+
+def write_artifact(path: Path, model: GPT, cfg: Config) -> tuple[int, str]:
+    """The artifact: magic, header length, JSON header (model config, layout, checksum), payload."""
+    raw, layout = encode_tensors({k: v.detach() for k, v in model.state_dict().items()})
+    payload, method = compress(raw)
+    header = json.dumps({"format": 1, "model": model_kwargs(cfg), "compressor": method, "tensors": layout,
+                         "raw_bytes": len(raw), "payload_bytes": len(payload),
+                         "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
+    blob = ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload
+    write_atomic(path, blob)
+    return len(blob), method
+
+
+def read_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    """Header and tensors of an artifact, every byte checked before use."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"artifact {path}: cannot read ({e.strerror})") from None
+    prefix = len(ARTIFACT_MAGIC) + 4
+    if len(blob) < prefix or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+        raise InputError(f"artifact {path}: not an artifact of this harness (bad magic)")
+    (header_len,) = struct.unpack("<I", blob[len(ARTIFACT_MAGIC):prefix])
+    try:
+        header = json.loads(blob[prefix:prefix + header_len])
+        payload = blob[prefix + header_len:]
+        expected_payload, checksum = int(header["payload_bytes"]), header["payload_sha256"]
+        model_args, layout, method, raw_bytes = header["model"], header["tensors"], header["compressor"], int(header["raw_bytes"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InputError(f"artifact {path}: corrupt or truncated header") from None
+    if len(payload) != expected_payload:
+        raise InputError(f"artifact {path}: truncated (payload {len(payload)} bytes, header says {expected_payload})")
+    if hashlib.sha256(payload).hexdigest() != checksum:
+        raise InputError(f"artifact {path}: checksum mismatch (corrupt file)")
+    try:
+        state = decode_tensors(decompress(payload, method, raw_bytes), layout)
+    except InputError as e:
+        raise InputError(f"artifact {path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
+        raise InputError(f"artifact {path}: corrupt tensor layout") from None
+    return header, state
+
+
+def load_artifact_model(path: Path, device) -> GPT:
+    """A fresh model built from the artifact alone."""
+    header, state = read_artifact(path)
+    try:
+        model = GPT(**header["model"])
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"artifact {path}: its model config does not build a model") from None
+    own = model.state_dict()
+    for name, t in state.items():
+        if name not in own or own[name].shape != t.shape:
+            raise InputError(f"artifact {path}: tensor {name} does not fit this model (another config?)")
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise InputError(f"artifact {path}: tensors missing: {', '.join(missing[:3])}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: one core that scores windows of the validation stream
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Scores:
+    nll: Tensor  # per scored token (float64 sums are taken later)
+    nbytes: Tensor  # bytes each scored token stands for
+
+
+class Evaluator:
+    """Scores windows of the validation tokens, split across ranks, and reduces to loss and bpb.
+
+    A window is (start, first scored offset): the model reads tokens[start : start+seq_len] and is
+    scored on predicting tokens[start+1+j] for j >= the offset. Standard evaluation uses disjoint
+    windows scoring every position; other methods choose other windows over the same core."""
+
+    def __init__(self, cfg: Config, rt: Runtime, val_tokens: Tensor, tables: ByteTables):
+        self.cfg, self.rt = cfg, rt
+        self.tokens = val_tokens
+        self.tables = tables.to(rt.device)
+
+    def rank_share(self, windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        per = math.ceil(len(windows) / self.rt.world_size)
+        return windows[self.rt.rank * per:(self.rt.rank + 1) * per]
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, windows: list[tuple[int, int]], seq_len: int) -> Scores:
+        batch = max(1, self.cfg.val_batch_size // (seq_len * self.rt.world_size))
+        was_training = model.training
+        model.eval()
+        nll, nbytes = [], []
+        for i in range(0, len(windows), batch):
+            chunk = windows[i:i + batch]
+            idx = torch.stack([self.tokens[s:s + seq_len + 1] for s, _ in chunk]).to(self.rt.device)
+            x, y = idx[:, :-1], idx[:, 1:]
+            with self.rt.autocast():
+                loss = model(x, y, reduction="none").float()
+            counted = self.tables.count(x, y)
+            for row, (_, first) in enumerate(chunk):
+                nll.append(loss[row, first:])
+                nbytes.append(counted[row, first:])
+        model.train(was_training)
+        empty = torch.zeros(0, device=self.rt.device)
+        return Scores(torch.cat(nll) if nll else empty, torch.cat(nbytes) if nbytes else empty.long())
+
+    def reduce(self, scores: Scores) -> tuple[float, float]:
+        sums = torch.stack([scores.nll.double().sum(), torch.tensor(float(scores.nll.numel()), device=self.rt.device,
+                            dtype=torch.float64), scores.nbytes.double().sum()])
+        loss_sum, count, byte_sum = self.rt.all_reduce(sums).tolist()
+        val_loss = loss_sum / count
+        return val_loss, loss_sum / math.log(2) / byte_sum
+
+    def val_bytes(self) -> int:
+        return int(self.tables.count(self.tokens[:-1].to(self.rt.device), self.tokens[1:].to(self.rt.device)).sum())
+
+    def standard(self, model: nn.Module) -> tuple[float, float]:
+        seq = self.cfg.train_seq_len
+        windows = [(s, 0) for s in range(0, len(self.tokens) - 1, seq)]
+        return self.reduce(self.score(model, self.rank_share(windows), seq))
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def source_floor(data_path: str, log: Logger) -> dict:
+    """What DATA_PATH/meta.json says about the validation text: its UTF-8 bytes and, for the synthetic
+    corpus, its true information content (no honest model can score below it)."""
+    meta_path = Path(data_path) / "meta.json"
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{meta_path}: not valid JSON") from None
+    out = {}
+    if isinstance(meta, dict) and meta.get("val_utf8_bytes"):
+        out["val_utf8_bytes"] = int(meta["val_utf8_bytes"])
+        if meta.get("val_entropy_bits") is not None:
+            out["source_bpb"] = float(meta["val_entropy_bits"]) / out["val_utf8_bytes"]
+            log(f"source_entropy: val_entropy_bits:{meta['val_entropy_bits']:.1f} source_bpb:{out['source_bpb']:.4f}")
+    return out
+
+
+def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
+    torch.manual_seed(cfg.seed)
+    log(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
+    for note in notes:
+        log(note)
+    log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
+        f"compile:{rt.compile} torch:{torch.__version__}")
+
+    tokenizer_path = resolve_tokenizer_path(cfg)
+    tables = build_byte_tables(load_tokenizer(tokenizer_path, cfg.vocab_size), cfg.vocab_size)
+    train_files, val_files = find_shards(cfg.data_path, "train"), find_shards(cfg.data_path, "val")
+    stream = TokenStream(train_files, cfg.vocab_size)
+    val_tokens = load_validation_tokens(val_files, cfg.train_seq_len, cfg.vocab_size)
+    evaluator = Evaluator(cfg, rt, val_tokens, tables)
+    val_bytes = evaluator.val_bytes()
+    log(f"val_bpb:enabled tokenizer_path={tokenizer_path}")
+    log(f"train_loader:dataset:{cfg.data_path} train_shards:{len(train_files)} tokens:{stream.total}")
+    log(f"val_loader:shards:{len(val_files)} tokens:{len(val_tokens) - 1} val_bytes:{val_bytes}")
+    floor = source_floor(cfg.data_path, log)
+
+    model = GPT(**model_kwargs(cfg)).to(rt.device)
+    params_total = sum(p.numel() for p in model.parameters())
+    log(f"model_params:{params_total} trainable:{sum(p.numel() for p in model.parameters() if p.requires_grad)}")
+    compiled = torch.compile(model) if rt.compile else model
+    train_model = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.is_cuda else None,
+                                          broadcast_buffers=False) if rt.distributed else compiled
+    optimizers = build_optimizers(model, cfg, rt)
+    log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
+        f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
+
+    prime(cfg, rt, model, train_model, optimizers, stream, log)
+    result = train(cfg, rt, model, train_model, optimizers, stream, evaluator, log)
+    peak = peak_memory_mib(rt)
+    log(f"peak memory: {peak:.0f} MiB")
+    log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+
+    log_dir = Path(cfg.log_dir)
+    artifact_path = log_dir / f"{cfg.run_id}.ptz"
+    bytes_code = len(Path(__file__).read_bytes())
+    if rt.rank == 0:
+        bytes_model, method = write_artifact(artifact_path, model, cfg)
+        size = torch.tensor([bytes_model], device=rt.device)
+    else:
+        size = torch.zeros(1, device=rt.device, dtype=torch.int64)
+        method = "zstd" if zstandard is not None else "zlib"
+    if rt.distributed:
+        dist.broadcast(size, 0)
+    bytes_model = int(size.item())
+    bytes_total = bytes_model + bytes_code
+    over = bytes_total > cfg.artifact_limit_bytes
+    log(f"Serialized model int8+{method}: {bytes_model} bytes")
+    log(f"Code size: {bytes_code} bytes")
+    log(f"Total submission size int8+{method}: {bytes_total} bytes")
+    if over:
+        log(f"WARNING over_limit: bytes_total {bytes_total} exceeds ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes} "
+            f"by {bytes_total - cfg.artifact_limit_bytes} bytes: this run cannot be a submission")
+
+    t_eval = time.perf_counter()
+    roundtrip = load_artifact_model(artifact_path, rt.device)
+    rt_loss, rt_bpb = evaluator.standard(torch.compile(roundtrip) if rt.compile else roundtrip)
+    eval_ms = 1000 * (time.perf_counter() - t_eval)
+    log(f"final_int8_{method}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} eval_time:{eval_ms:.0f}ms")
+    log(f"final_int8_{method}_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
+
+    summary = {
+        "run_id": cfg.run_id, "world_size": rt.world_size, "device": str(rt.device),
+        "config": dataclasses.asdict(cfg), "steps": result.steps, "train_time_ms": result.train_time_ms,
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_s": result.tokens_seen / max(result.train_time_ms / 1000, 1e-9),
+        "params_total": params_total,
+        "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+        "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "val_bytes": val_bytes,
+        "val_tokens": len(val_tokens) - 1, "bytes_model": bytes_model, "bytes_code": bytes_code,
+        "bytes_total": bytes_total, "over_limit": over, "compressor": method,
+        "artifact_path": str(artifact_path), "peak_mem_mib": peak, "roundtrip_eval_ms": eval_ms,
+        **floor,
+    }
+    return summary
+
+
+def main() -> int:
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print(config_help())
+        return 0
+    try:
+        cfg, notes = load_config(os.environ, world_size_from_env())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rt = None
+    try:
+        rt = init_runtime(cfg)
+        log = Logger(Path(cfg.log_dir) / f"{cfg.run_id}.txt" if rt.rank == 0 else None)
+        summary = run(cfg, rt, log, notes)
+        if rt.rank == 0:
+            write_atomic(Path(cfg.log_dir) / f"{cfg.run_id}.json", json.dumps(summary, indent=2).encode())
+            log(f"summary: {Path(cfg.log_dir) / f'{cfg.run_id}.json'}")
+        return 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if rt is not None and rt.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
