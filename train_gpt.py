@@ -843,7 +843,10 @@ def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     w = w.float()
     k = max(1, min(w.size(1), math.ceil(INT8_CLIP_QUANTILE * w.size(1))))
     clip = w.abs().kthvalue(k, dim=1).values
-    scale = (clip / 127).clamp_min(SCALE_FLOOR).half()
+    exact = (clip / 127).clamp_min(SCALE_FLOOR)
+    scale = exact.half()
+    # Round the fp16 scale up, never down: a smaller scale would clip the row's largest values.
+    scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
     divisor = scale.float().clamp_min(SCALE_FLOOR)[:, None]
     q = torch.round(w.clamp(-clip[:, None], clip[:, None]) / divisor).clamp(-127, 127).to(torch.int8)
     return q, scale

@@ -1,0 +1,121 @@
+"""Export: int8 rows, the artifact format, its checks, and atomic writes."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+import train_gpt
+from test_model import randomize, tiny_model
+from train_gpt import (ARTIFACT_MAGIC, InputError, dequantize_int8_rows, load_artifact_model, load_config,
+                       quantize_int8_rows, read_artifact, write_artifact, write_atomic)
+
+
+def test_int8_rows_error_is_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(64, 300)
+    q, scale = quantize_int8_rows(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (64,)
+    err = (dequantize_int8_rows(q, scale) - w).abs()
+    clip = w.abs().max(dim=1).values  # with 300 columns the quantile keeps the max
+    assert torch.all(err.max(dim=1).values <= scale.float() / 2 + 1e-3 * clip)
+
+
+def test_near_zero_rows_survive_the_round_trip():
+    w = torch.zeros(4, 100)
+    w[1] = 1e-9
+    w[2] = torch.linspace(-1e-4, 1e-4, 100)
+    q, scale = quantize_int8_rows(w)
+    back = dequantize_int8_rows(q, scale)
+    assert torch.isfinite(back).all()
+    assert (back - w).abs().max() < 1e-6
+
+
+def cfg_for(model_env=None):
+    env = {"VOCAB_SIZE": "64", "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+           "TRAIN_BATCH_TOKENS": "1024", **(model_env or {})}
+    return load_config(env)[0]
+
+
+def exported(tmp_path, monkeypatch=None):
+    model = randomize(tiny_model())
+    path = tmp_path / "m.ptz"
+    size, method = write_artifact(path, model, cfg_for())
+    return model, path, size, method
+
+
+def test_artifact_round_trip_rebuilds_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_gpt, "INT8_MIN_NUMEL", 1024)  # make the tiny matrices take the int8 path
+    model, path, size, method = exported(tmp_path)
+    assert path.stat().st_size == size and method == "zstd"
+    header, state = read_artifact(path)
+    assert {e["encoding"] for e in header["tensors"]} == {"int8_rows", "fp16"}
+    loaded = load_artifact_model(path, "cpu")
+    x = torch.randint(0, 64, (2, 16))
+    ref = model(x, x)
+    assert abs(loaded(x, x).item() - ref.item()) < 0.02 * ref.item()
+    for name, t in model.state_dict().items():
+        assert loaded.state_dict()[name].shape == t.shape
+
+
+def test_zlib_fallback_is_named_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_gpt, "zstandard", None)
+    _, path, _, method = exported(tmp_path)
+    assert method == "zlib" and read_artifact(path)[0]["compressor"] == "zlib"
+    load_artifact_model(path, "cpu")
+
+
+def test_corrupt_byte_fails_the_checksum(tmp_path):
+    _, path, _, _ = exported(tmp_path)
+    blob = bytearray(path.read_bytes())
+    blob[-10] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(InputError, match="checksum mismatch"):
+        read_artifact(path)
+
+
+@pytest.mark.parametrize("keep", [5, 40, -100])
+def test_truncated_artifact_is_refused(tmp_path, keep):
+    _, path, _, _ = exported(tmp_path)
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(InputError, match=str(path)):
+        read_artifact(path)
+
+
+def test_foreign_file_is_refused(tmp_path):
+    path = tmp_path / "x.ptz"
+    path.write_bytes(b"PK\x03\x04 something else entirely")
+    with pytest.raises(InputError, match="bad magic"):
+        read_artifact(path)
+
+
+def rewrite_header(path, edit):
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<I", blob[8:12])
+    header = json.loads(blob[12:12 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    path.write_bytes(ARTIFACT_MAGIC + struct.pack("<I", len(new)) + new + blob[12 + n:])
+
+
+def test_artifact_whose_config_does_not_fit_its_tensors_is_refused(tmp_path):
+    _, path, _, _ = exported(tmp_path)
+    rewrite_header(path, lambda h: h["model"].update(model_dim=64, num_heads=4))
+    with pytest.raises(InputError, match="does not fit this model"):
+        load_artifact_model(path, "cpu")
+
+
+def test_layout_pointing_past_the_payload_is_refused(tmp_path):
+    _, path, _, _ = exported(tmp_path)
+    rewrite_header(path, lambda h: h["tensors"][0]["parts"][0].update(offset=10**9))
+    with pytest.raises(InputError, match="shorter than its layout"):
+        read_artifact(path)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "missing_dir" / "a.ptz"
+    with pytest.raises(InputError, match="cannot write"):
+        write_atomic(target, b"data")
+    write_atomic(tmp_path / "ok.bin", b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.bin"]
