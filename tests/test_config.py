@@ -91,3 +91,9 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(Exception):
         cfg.num_layers = 3
+
+
+def test_readme_documents_every_variable():
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in train_gpt.CONFIG_FIELDS if f"| `{name}` |" not in readme]
+    assert missing == []

@@ -1,0 +1,92 @@
+"""Training throughput of train_gpt.py's own step on random tokens, for a named shape.
+
+    python bench.py [--shape small|baseline] [--steps N] [--warmup N] [--json FILE]
+
+Prints tokens/s, ms/step, peak memory, and on CUDA the MFU (model FLOPs a token = 6 x matmul
+parameters + 12 x layers x dim x seq, over BENCH_PEAK_TFLOPS, default 790 for an H100's bf16).
+Env vars override the shape (e.g. MODEL_DIM=384 python bench.py)."""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_gpt  # noqa: E402
+from data.prepare import write_shard  # noqa: E402
+
+SHAPES = {
+    "small": dict(VOCAB_SIZE="1024", NUM_LAYERS="4", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2",
+                  TRAIN_SEQ_LEN="256", TRAIN_BATCH_TOKENS="8192", GRAD_ACCUM_STEPS="1"),
+    "baseline": dict(VOCAB_SIZE="1024", NUM_LAYERS="9", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4",
+                     TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8"),
+}
+
+
+def random_stream(cfg, folder: Path) -> train_gpt.TokenStream:
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=4 * cfg.train_batch_tokens + 1)
+    write_shard(folder / "bench_train_000000.bin", tokens.astype(np.uint16))
+    return train_gpt.TokenStream([folder / "bench_train_000000.bin"], cfg.vocab_size)
+
+
+def measure(shape: str, steps: int, warmup: int) -> dict:
+    env = {**SHAPES[shape], **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
+    cfg, _ = train_gpt.load_config(env)
+    rt = train_gpt.init_runtime(cfg)
+    torch.manual_seed(cfg.seed)
+    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg)).to(rt.device)
+    train_model = torch.compile(model) if rt.compile else model
+    optimizers = train_gpt.build_optimizers(model, cfg, rt)
+    params = list(model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        stream = random_stream(cfg, Path(tmp))
+        for step in range(warmup):
+            train_gpt.train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
+        rt.sync()
+        if rt.is_cuda:
+            torch.cuda.reset_peak_memory_stats(rt.device)
+        t0 = time.perf_counter()
+        for step in range(warmup, warmup + steps):
+            train_gpt.train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
+        rt.sync()
+        seconds = time.perf_counter() - t0
+    tokens_per_s = steps * cfg.train_batch_tokens / seconds
+    flops_per_token = 6 * train_gpt.count_matmul_params(model) + 12 * cfg.num_layers * cfg.model_dim * cfg.train_seq_len
+    peak = float(os.environ.get("BENCH_PEAK_TFLOPS", "790")) * 1e12
+    return {"shape": shape, "device": str(rt.device), "compile": rt.compile, "steps": steps,
+            "ms_per_step": 1000 * seconds / steps, "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * flops_per_token / peak if rt.is_cuda else None,
+            "peak_mem_mib": train_gpt.peak_memory_mib(rt), "params": sum(p.numel() for p in params),
+            "torch_threads": torch.get_num_threads()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    try:
+        row = measure(args.shape, args.steps, args.warmup)
+    except train_gpt.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a (CPU)"
+    print(f"{'shape':<10} {'device':<8} {'params':>10} {'ms/step':>9} {'tokens/s':>10} {'MFU':>10} {'peak MiB':>9}")
+    print(f"{row['shape']:<10} {row['device']:<8} {row['params']:>10} {row['ms_per_step']:>9.1f} "
+          f"{row['tokens_per_s']:>10.0f} {mfu:>10} {row['peak_mem_mib']:>9.0f}")
+    if args.json:
+        args.json.write_text(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The main job. With GPUs: the challenge's baseline record config on all of them.
+# Without: make the embedded synthetic corpus if missing, then a small CPU run of a few minutes.
+# Any env var you set (see `python train_gpt.py --help`) passes through and wins over these defaults.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
+
+if [ "$gpus" -gt 0 ]; then
+  export DATA_PATH="${DATA_PATH:-./data/datasets/fineweb10B_sp1024}"
+  export TOKENIZER_PATH="${TOKENIZER_PATH:-./data/tokenizers/fineweb_1024_bpe.model}"
+  exec torchrun --standalone --nproc_per_node="$gpus" train_gpt.py
+fi
+
+synthetic=./data/synthetic
+if [ -z "${DATA_PATH:-}" ]; then
+  export DATA_PATH="$synthetic/shards"
+  if ! compgen -G "$DATA_PATH/*_train_*.bin" >/dev/null; then
+    python data/synthetic.py --out "$synthetic/docs" --docs 20000 --seed 1337
+    python data/prepare.py --input "$synthetic/docs/synthetic.jsonl" --out "$DATA_PATH" --vocab-size 1024 --val-docs 500
+  fi
+fi
+export VOCAB_SIZE="${VOCAB_SIZE:-1024}"
+export NUM_LAYERS="${NUM_LAYERS:-4}"
+export MODEL_DIM="${MODEL_DIM:-256}"
+export NUM_HEADS="${NUM_HEADS:-4}"
+export NUM_KV_HEADS="${NUM_KV_HEADS:-2}"
+export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-256}"
+export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-8192}"
+export GRAD_ACCUM_STEPS="${GRAD_ACCUM_STEPS:-1}"
+export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-180}"
+export WARMUP_STEPS="${WARMUP_STEPS:-0}"
+export WARMDOWN_ITERS="${WARMDOWN_ITERS:-300}"
+export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-200}"
+export TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-50}"
+exec python train_gpt.py
