@@ -779,7 +779,7 @@ class TrainResult:
     val_bpb: float
 
 
-def train(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream: TokenStream,
+def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimizers, stream: TokenStream,
           evaluator: "Evaluator", log: Logger) -> TrainResult:
     params = list(model.parameters())
     cap_ms = cfg.max_wallclock_seconds * 1000
@@ -792,7 +792,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream:
         if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
             rt.sync()
             train_ms += 1000 * (time.perf_counter() - t0)
-            val_loss, val_bpb = evaluator.standard(model)
+            val_loss, val_bpb = evaluator.standard(eval_model)
             log(f"step:{step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             rt.sync()
@@ -1111,9 +1111,12 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
 
     prime(cfg, rt, model, train_model, optimizers, stream, log)
-    result = train(cfg, rt, model, train_model, optimizers, stream, evaluator, log)
+    result = train(cfg, rt, model, train_model, compiled, optimizers, stream, evaluator, log)
     peak = peak_memory_mib(rt)
-    log(f"peak memory: {peak:.0f} MiB")
+    if rt.is_cuda:
+        log(f"peak memory allocated: {peak:.0f} MiB reserved: {torch.cuda.max_memory_reserved(rt.device) // 2**20} MiB")
+    else:
+        log(f"peak memory rss: {peak:.0f} MiB")
     log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
 
     log_dir = Path(cfg.log_dir)
