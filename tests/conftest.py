@@ -39,7 +39,7 @@ def train_tokenizer(docs: list[str], prefix: Path, vocab_size: int) -> Path:
         input=str(text), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
         character_coverage=0.999, byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
         add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False,
-        user_defined_symbols=["\u2581"], num_threads=1, minloglevel=2)
+        num_threads=1, minloglevel=2)
     return prefix.with_suffix(".model")
 
 

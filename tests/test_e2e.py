@@ -1,0 +1,98 @@
+"""End to end on the CPU: a few steps through export and round trip, and each bad input's exit code."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+
+from conftest import ROOT, run_trainer
+from data.prepare import write_shard
+
+CONTRACT_KEYS = {"run_id", "world_size", "device", "config", "steps", "train_time_ms", "tokens_seen", "tokens_per_s",
+                 "params_total", "params_trainable", "val_loss", "val_bpb", "roundtrip_val_loss", "roundtrip_val_bpb",
+                 "val_bytes", "bytes_model", "bytes_code", "bytes_total", "artifact_path", "peak_mem_mib"}
+
+
+def summary_of(env) -> dict:
+    return json.loads((ROOT / env["LOG_DIR"] / f"{env['RUN_ID']}.json").read_text())
+
+
+def test_cpu_run_trains_exports_and_round_trips(tiny_env):
+    out = run_trainer(tiny_env, ROOT)
+    assert out.returncode == 0, out.stderr
+    summary = summary_of(tiny_env)
+    assert CONTRACT_KEYS <= set(summary)
+    assert summary["steps"] == 6 and summary["tokens_seen"] == 6 * 1024 and summary["world_size"] == 1
+    assert summary["config"]["num_layers"] == 2 and summary["config"]["grad_accum_steps"] == 8
+    assert summary["bytes_code"] == len((ROOT / "train_gpt.py").read_bytes())
+    assert summary["bytes_total"] == summary["bytes_code"] + summary["bytes_model"]
+    assert summary["over_limit"] is False
+    assert abs(summary["roundtrip_val_bpb"] - summary["val_bpb"]) < 0.05
+    log = (ROOT / tiny_env["LOG_DIR"] / "t.txt").read_text()
+    assert re.search(r"^step:6/6 train_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms", log, re.M)
+    assert re.search(r"^step:6/6 val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} train_time:\d+ms", log, re.M)
+    final = re.search(r"^final_int8_zstd_roundtrip_exact val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})$", log, re.M)
+    assert final and float(final.group(2)) == round(summary["roundtrip_val_bpb"], 8)
+    first = float(re.search(r"^step:1/6 train_loss:(\S+)", log, re.M).group(1))
+    last = float(re.search(r"^step:6/6 train_loss:(\S+)", log, re.M).group(1))
+    assert last < first
+
+
+def test_over_limit_is_reported_and_still_written(tiny_env):
+    out = run_trainer({**tiny_env, "ARTIFACT_LIMIT_BYTES": "1000", "ITERATIONS": "1"}, ROOT)
+    assert out.returncode == 0, out.stderr
+    assert summary_of(tiny_env)["over_limit"] is True and "WARNING over_limit" in out.stdout
+
+
+def test_wallclock_cap_stops_the_run(tiny_env):
+    out = run_trainer({**tiny_env, "ITERATIONS": "100000", "MAX_WALLCLOCK_SECONDS": "2"}, ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "stopping_early: wallclock_cap" in out.stdout
+    summary = summary_of(tiny_env)
+    assert summary["steps"] < 100000 and 2000 <= summary["train_time_ms"] < 6000
+
+
+def assert_input_error(out, *needles):
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_no_shards_says_how_to_make_them(tiny_env, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_input_error(run_trainer({**tiny_env, "DATA_PATH": str(tmp_path / "empty")}, ROOT),
+                       "no *_train_*.bin shards", "data/prepare.py", "data/fineweb.py")
+
+
+def copy_data(tiny_env, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_env["DATA_PATH"], dst)
+    return dst
+
+
+def test_corrupt_shard_is_refused(tiny_env, tmp_path):
+    data = copy_data(tiny_env, tmp_path)
+    shard = data / "tiny_train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    assert_input_error(run_trainer({**tiny_env, "DATA_PATH": str(data)}, ROOT), str(shard), "declares")
+
+
+def test_token_id_beyond_vocab_is_refused(tiny_env, tmp_path):
+    data = copy_data(tiny_env, tmp_path)
+    write_shard(data / "tiny_val_000000.bin", np.array([1, 5, 330, 7] * 40, dtype=np.uint16))
+    assert_input_error(run_trainer({**tiny_env, "DATA_PATH": str(data)}, ROOT), "token id 330", "VOCAB_SIZE=320")
+
+
+def test_tokenizer_larger_than_vocab_is_refused(tiny_env):
+    assert_input_error(run_trainer({**tiny_env, "VOCAB_SIZE": "256"}, ROOT), "VOCAB_SIZE=256")
+
+
+def test_bad_env_value_is_refused(tiny_env):
+    assert_input_error(run_trainer({**tiny_env, "NUM_KV_HEADS": "3"}, ROOT), "NUM_KV_HEADS")
+
+
+def test_explicit_accumulation_that_does_not_divide_is_refused(tiny_env):
+    assert_input_error(run_trainer({**tiny_env, "GRAD_ACCUM_STEPS": "3"}, ROOT), "TRAIN_BATCH_TOKENS")
