@@ -34,6 +34,12 @@ class PrepareError(Exception):
     """Bad input: reported as one line, exit code 2."""
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_shard(path: str | Path, tokens: np.ndarray) -> None:
     """One shard in the challenge's format, written to a temp file and renamed into place."""
     tokens = np.asarray(tokens)
@@ -49,6 +55,7 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(header.tobytes())
             f.write(tokens.astype("<u2").tobytes())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; shards are not
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
