@@ -26,7 +26,7 @@ if [ -z "${DATA_PATH:-}" ]; then
 fi
 export VOCAB_SIZE="${VOCAB_SIZE:-1024}"
 export NUM_LAYERS="${NUM_LAYERS:-4}"
-export MODEL_DIM="${MODEL_DIM:-256}"
+export MODEL_DIM="${MODEL_DIM:-192}"
 export NUM_HEADS="${NUM_HEADS:-4}"
 export NUM_KV_HEADS="${NUM_KV_HEADS:-2}"
 export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-256}"
