@@ -1144,6 +1144,12 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     eval_ms = 1000 * (time.perf_counter() - t_eval)
     log(f"final_int8_{method}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} eval_time:{eval_ms:.0f}ms")
     log(f"final_int8_{method}_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
+    if "source_bpb" in floor:
+        # Below the true entropy of the text is impossible for an honest evaluation: a bug, not a record.
+        floor["below_source_entropy"] = min(result.val_bpb, rt_bpb) < floor["source_bpb"]
+        if floor["below_source_entropy"]:
+            log(f"WARNING below_source_entropy: val_bpb {min(result.val_bpb, rt_bpb):.4f} < source_bpb "
+                f"{floor['source_bpb']:.4f}: the evaluation is wrong")
 
     summary = {
         "run_id": cfg.run_id, "world_size": rt.world_size, "device": str(rt.device),

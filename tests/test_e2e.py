@@ -96,3 +96,15 @@ def test_bad_env_value_is_refused(tiny_env):
 
 def test_explicit_accumulation_that_does_not_divide_is_refused(tiny_env):
     assert_input_error(run_trainer({**tiny_env, "GRAD_ACCUM_STEPS": "3"}, ROOT), "TRAIN_BATCH_TOKENS")
+
+
+def test_scores_below_the_source_entropy_are_flagged(tiny_env, tmp_path):
+    data = copy_data(tiny_env, tmp_path)
+    env = {**tiny_env, "DATA_PATH": str(data), "ITERATIONS": "1"}
+    for bits, flagged in ((1e9, True), (1.0, False)):
+        (data / "meta.json").write_text(json.dumps({"val_utf8_bytes": 1000, "val_entropy_bits": bits}))
+        out = run_trainer(env, ROOT)
+        assert out.returncode == 0, out.stderr
+        summary = summary_of(env)
+        assert summary["source_bpb"] == bits / 1000 and summary["below_source_entropy"] is flagged
+        assert ("WARNING below_source_entropy" in out.stdout) is flagged
