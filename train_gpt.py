@@ -933,64 +933,90 @@ def write_atomic(path: Path, data: bytes):
         raise InputError(f"cannot write {path}: {e.strerror}") from None
 
 
-def write_artifact(path: Path, model: GPT, cfg: Config) -> tuple[int, str]:
+def build_artifact(model: GPT, cfg: Config) -> bytes:
     """The artifact: magic, header length, JSON header (model config, layout, checksum), payload."""
     raw, layout = encode_tensors({k: v.detach() for k, v in model.state_dict().items()})
     payload, method = compress(raw)
     header = json.dumps({"format": 1, "model": model_kwargs(cfg), "compressor": method, "tensors": layout,
                          "raw_bytes": len(raw), "payload_bytes": len(payload),
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
-    blob = ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload
+
+
+def write_artifact(path: Path, model: GPT, cfg: Config) -> tuple[int, str]:
+    blob = build_artifact(model, cfg)
     write_atomic(path, blob)
-    return len(blob), method
+    return len(blob), parse_artifact(blob, path)[0]["compressor"]
 
 
 def read_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    """Header and tensors of an artifact, every byte checked before use."""
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
         raise InputError(f"artifact {path}: cannot read ({e.strerror})") from None
+    return parse_artifact(blob, path)
+
+
+def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
+    """Header and tensors of an artifact, every byte checked before use."""
     prefix = len(ARTIFACT_MAGIC) + 4
     if len(blob) < prefix or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
-        raise InputError(f"artifact {path}: not an artifact of this harness (bad magic)")
+        raise InputError(f"artifact {name}: not an artifact of this harness (bad magic)")
     (header_len,) = struct.unpack("<I", blob[len(ARTIFACT_MAGIC):prefix])
     try:
         header = json.loads(blob[prefix:prefix + header_len])
         payload = blob[prefix + header_len:]
         expected_payload, checksum = int(header["payload_bytes"]), header["payload_sha256"]
-        model_args, layout, method, raw_bytes = header["model"], header["tensors"], header["compressor"], int(header["raw_bytes"])
+        layout, method, raw_bytes = header["tensors"], header["compressor"], int(header["raw_bytes"])
+        if not isinstance(header["model"], dict):
+            raise TypeError("model config is not an object")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise InputError(f"artifact {path}: corrupt or truncated header") from None
+        raise InputError(f"artifact {name}: corrupt or truncated header") from None
     if len(payload) != expected_payload:
-        raise InputError(f"artifact {path}: truncated (payload {len(payload)} bytes, header says {expected_payload})")
+        raise InputError(f"artifact {name}: truncated (payload {len(payload)} bytes, header says {expected_payload})")
     if hashlib.sha256(payload).hexdigest() != checksum:
-        raise InputError(f"artifact {path}: checksum mismatch (corrupt file)")
+        raise InputError(f"artifact {name}: checksum mismatch (corrupt file)")
     try:
         state = decode_tensors(decompress(payload, method, raw_bytes), layout)
     except InputError as e:
-        raise InputError(f"artifact {path}: {e}") from None
+        raise InputError(f"artifact {name}: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
-        raise InputError(f"artifact {path}: corrupt tensor layout") from None
+        raise InputError(f"artifact {name}: corrupt tensor layout") from None
     return header, state
 
 
-def load_artifact_model(path: Path, device) -> GPT:
+def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) -> GPT:
     """A fresh model built from the artifact alone."""
-    header, state = read_artifact(path)
     try:
         model = GPT(**header["model"])
     except (TypeError, ValueError, RuntimeError):
-        raise InputError(f"artifact {path}: its model config does not build a model") from None
+        raise InputError(f"artifact {name}: its model config does not build a model") from None
     own = model.state_dict()
-    for name, t in state.items():
-        if name not in own or own[name].shape != t.shape:
-            raise InputError(f"artifact {path}: tensor {name} does not fit this model (another config?)")
+    for key, t in state.items():
+        if key not in own or own[key].shape != t.shape:
+            raise InputError(f"artifact {name}: tensor {key} does not fit this model (another config?)")
     missing = sorted(set(own) - set(state))
     if missing:
-        raise InputError(f"artifact {path}: tensors missing: {', '.join(missing[:3])}")
+        raise InputError(f"artifact {name}: tensors missing: {', '.join(missing[:3])}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model.to(device)
+
+
+def load_artifact_model(path: Path, device) -> GPT:
+    return model_from_artifact(*read_artifact(path), path, device)
+
+
+def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
+    """Rank 0's bytes on every rank: other nodes of a multi-node run cannot read rank 0's disk."""
+    if not rt.distributed:
+        return blob
+    size = torch.tensor([len(blob) if rt.rank == 0 else 0], dtype=torch.int64, device=rt.device)
+    dist.broadcast(size, 0)
+    data = torch.empty(int(size.item()), dtype=torch.uint8, device=rt.device)
+    if rt.rank == 0:
+        data.copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+    dist.broadcast(data, 0)
+    return blob if rt.rank == 0 else data.cpu().numpy().tobytes()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1120,15 +1146,12 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     log_dir = Path(cfg.log_dir)
     artifact_path = log_dir / f"{cfg.run_id}.ptz"
     bytes_code = len(Path(__file__).read_bytes())
+    blob = build_artifact(model, cfg) if rt.rank == 0 else None
     if rt.rank == 0:
-        bytes_model, method = write_artifact(artifact_path, model, cfg)
-        size = torch.tensor([bytes_model], device=rt.device)
-    else:
-        size = torch.zeros(1, device=rt.device, dtype=torch.int64)
-        method = "zstd" if zstandard is not None else "zlib"
-    if rt.distributed:
-        dist.broadcast(size, 0)
-    bytes_model = int(size.item())
+        write_atomic(artifact_path, blob)
+    blob = share_from_rank0(rt, blob)
+    header, state = parse_artifact(blob, artifact_path)
+    bytes_model, method = len(blob), header["compressor"]
     bytes_total = bytes_model + bytes_code
     over = bytes_total > cfg.artifact_limit_bytes
     log(f"Serialized model int8+{method}: {bytes_model} bytes")
@@ -1139,7 +1162,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
             f"by {bytes_total - cfg.artifact_limit_bytes} bytes: this run cannot be a submission")
 
     t_eval = time.perf_counter()
-    roundtrip = load_artifact_model(artifact_path, rt.device)
+    roundtrip = model_from_artifact(header, state, artifact_path, rt.device)
     rt_loss, rt_bpb = evaluator.standard(torch.compile(roundtrip) if rt.compile else roundtrip)
     eval_ms = 1000 * (time.perf_counter() - t_eval)
     log(f"final_int8_{method}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} eval_time:{eval_ms:.0f}ms")
