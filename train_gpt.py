@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import difflib
 import glob
 import hashlib
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import resource
+import signal
 import struct
 import sys
 import time
@@ -101,8 +103,19 @@ class Config:
     beta2: float = var(0.95, "Adam beta2", lo=0.0, hi=0.99999)
     adam_eps: float = var(1e-8, "Adam epsilon", lo=0.0)
     grad_clip_norm: float = var(0.0, "clip the global gradient norm (0 = off)", lo=0.0)
+    # weight averaging
+    swa_enabled: bool = var(False, "export and evaluate a float32 average of weight snapshots from the end of training")
+    swa_start_frac: float = var(0.4, "collect snapshots once this fraction of the budget is used", lo=0.0, hi=1.0)
+    swa_every: int = var(50, "a snapshot every N steps (the final weights are always one)", lo=1)
     # export
     artifact_limit_bytes: int = var(16_000_000, "code + compressed model must fit in this", lo=1)
+    # faults
+    checkpoint_every_seconds: float = var(0.0, "checkpoint every N seconds of training time (0 = off)", lo=0.0)
+    checkpoint_every_steps: int = var(0, "checkpoint every N steps (0 = off)", lo=0)
+    resume_from: str = var("", "checkpoint file to continue from, or 'auto' for the newest of this RUN_ID")
+    fault_at_step: int = var(0, "test hook: the process kills itself (SIGKILL) on reaching this step (0 = off)", lo=0)
+    fault_rank: int = var(-1, "with FAULT_AT_STEP, only this rank dies (-1 = every rank)", lo=-1)
+    dist_timeout_seconds: float = var(600.0, "a collective waiting longer than this means another rank died", lo=1.0)
 
     @property
     def head_dim(self) -> int:
@@ -113,11 +126,9 @@ CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config)}
 
 # Contract names owned by features that have not landed yet: refused loudly rather than ignored.
 NOT_YET_IMPLEMENTED = (
-    "NUM_REPEATS", "DEPTH_SCHEDULE", "XSA_LAST_N", "SWA_ENABLED", "SWA_START_FRAC", "SWA_EVERY", "EMA_DECAY",
-    "ACTIVATION", "PRESET", "MOE_NUM_EXPERTS", "MOE_TOP_K", "MOE_D_FFN", "MOE_GRANULARITY", "MOE_LAYERS",
-    "MOE_INIT", "MOE_FROZEN", "MOE_AUX_COEF", "EVAL_SEQ_LEN", "EVAL_STRIDE", "HEDGE_ENABLED", "TTT_STEPS",
-    "EVAL_AUDIT", "PER_TOKEN_LOSS_EVERY", "CHECKPOINT_EVERY_SECONDS", "CHECKPOINT_EVERY_STEPS", "RESUME_FROM",
-    "FAULT_AT_STEP", "QUANT",
+    "NUM_REPEATS", "DEPTH_SCHEDULE", "XSA_LAST_N", "EMA_DECAY", "ACTIVATION", "PRESET", "MOE_NUM_EXPERTS",
+    "MOE_TOP_K", "MOE_D_FFN", "MOE_GRANULARITY", "MOE_LAYERS", "MOE_INIT", "MOE_FROZEN", "MOE_AUX_COEF",
+    "EVAL_SEQ_LEN", "EVAL_STRIDE", "HEDGE_ENABLED", "TTT_STEPS", "EVAL_AUDIT", "PER_TOKEN_LOSS_EVERY", "QUANT",
 )
 # Set by torchrun, CUDA or the shell; never a typo of ours.
 FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
@@ -272,7 +283,8 @@ def init_runtime(cfg: Config) -> Runtime:
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group("nccl" if want == "cuda" else "gloo", device_id=device if want == "cuda" else None)
+        dist.init_process_group("nccl" if want == "cuda" else "gloo", device_id=device if want == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_seconds))
     use_compile = cfg.compile == "1" or (cfg.compile == "auto" and want == "cuda")
     return Runtime(rank, world, local_rank, device, use_compile)
 
@@ -640,8 +652,8 @@ def newton_schulz(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then an orthogonalised update. Rank r computes the updates of parameters
-    r, r+W, ...; one all-reduce shares them, so every rank applies identical updates."""
+    """Nesterov momentum, then an orthogonalised update. Rank r runs Newton-Schulz for parameters
+    r, r+W, ...; one all-reduce shares the updates, so every rank applies identical ones."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1):
@@ -658,8 +670,10 @@ class Muon(torch.optim.Optimizer):
             flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
             offset = 0
             for i, p in enumerate(params):
+                direction = self.nesterov_direction(p, group)
                 if i % self.world_size == self.rank:
-                    flat[offset:offset + p.numel()] = self.orthogonal_update(p, group).reshape(-1)
+                    update = newton_schulz(direction, group["backend_steps"]).float()
+                    flat[offset:offset + p.numel()] = update.reshape(-1) * max(1.0, p.size(0) / p.size(1)) ** 0.5
                 offset += p.numel()
             if self.world_size > 1:
                 dist.all_reduce(flat)
@@ -671,15 +685,15 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"])
                 offset += p.numel()
 
-    def orthogonal_update(self, p: Tensor, group: dict) -> Tensor:
+    def nesterov_direction(self, p: Tensor, group: dict) -> Tensor:
+        """Every rank keeps every momentum buffer (gradients are identical after the all-reduce, so are
+        the buffers): rank 0 alone can checkpoint them, and a resume may use another world size."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad)
         buf = state["momentum_buffer"]
         buf.mul_(group["momentum"]).add_(p.grad)
-        g = p.grad.add(buf, alpha=group["momentum"])
-        update = newton_schulz(g, group["backend_steps"])
-        return update.float() * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        return p.grad.add(buf, alpha=group["momentum"])
 
 
 def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.Optimizer]:
@@ -687,15 +701,15 @@ def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.O
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     scalars = [p for p in model.blocks.parameters() if p.ndim < 2] + [model.skip_weights]
     embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    adam_groups = [dict(params=[model.tok_emb.weight], lr=embed_lr, base_lr=embed_lr),
-                   dict(params=scalars, lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)]
+    adam_groups = [dict(params=[model.tok_emb.weight], lr=embed_lr, base_lr=embed_lr, name="embedding"),
+                   dict(params=scalars, lr=cfg.scalar_lr, base_lr=cfg.scalar_lr, name="scalars")]
     if model.lm_head is not None:
-        adam_groups.append(dict(params=[model.lm_head.weight], lr=cfg.head_lr, base_lr=cfg.head_lr))
+        adam_groups.append(dict(params=[model.lm_head.weight], lr=cfg.head_lr, base_lr=cfg.head_lr, name="head"))
     adam = torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.is_cuda)
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
                 weight_decay=cfg.muon_wd, rank=rt.rank, world_size=rt.world_size)
     for group in muon.param_groups:
-        group["base_lr"] = cfg.matrix_lr
+        group.update(base_lr=cfg.matrix_lr, name="matrices")
     return [adam, muon]
 
 
@@ -714,6 +728,12 @@ def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
         warmdown_ms = cfg.warmdown_iters * elapsed_ms / step
         down = min(down, max(0.0, remaining_ms / max(warmdown_ms, 1e-9)))
     return warm * down
+
+
+def budget_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
+    """The fraction of the budget used: of the wall clock when capped, of the steps, whichever is further."""
+    steps = step / cfg.iterations
+    return max(steps, elapsed_ms / (cfg.max_wallclock_seconds * 1000)) if cfg.max_wallclock_seconds > 0 else steps
 
 
 def muon_momentum(cfg: Config, step: int) -> float:
@@ -745,10 +765,32 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
         (loss / cfg.grad_accum_steps).backward()
         total += loss.detach()
     if cfg.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    # Gradients are all-reduced, so every rank reaches the same verdict; weights stay untouched.
+    if not bool(torch.isfinite(norm)):
+        raise Diverged(step + 1, "loss" if not bool(torch.isfinite(total)) else "gradient", non_finite_group(optimizers))
     for opt in optimizers:
         opt.step()
     return total / cfg.grad_accum_steps
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient: the run stops before the weights are touched."""
+
+    def __init__(self, step: int, what: str, group: str):
+        super().__init__(f"non-finite {what} at step {step} (parameter group: {group})")
+        self.checkpoint: Path | None = None
+
+
+def non_finite_group(optimizers: list[torch.optim.Optimizer]) -> str:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    return f"{group['name']}, tensor {i} of shape {tuple(p.shape)}"
+    return "none: the gradient norm overflowed"
 
 
 def prime(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream: TokenStream, log: Logger):
@@ -768,6 +810,44 @@ def prime(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream:
     rt.sync()
 
 
+class WeightAverage:
+    """SWA: a float32 sum of weight snapshots, averaged at the end."""
+
+    def __init__(self):
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+        self.last_step = -1
+
+    def add(self, model: nn.Module, step: int):
+        for name, t in model.state_dict().items():
+            if name in self.sums:
+                self.sums[name] += t.detach().float()
+            else:
+                self.sums[name] = t.detach().float().clone()
+        self.count += 1
+        self.last_step = step
+
+    def average(self, like: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: (total / self.count).to(like[name].dtype) for name, total in self.sums.items()}
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums, "count": self.count, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict):
+        self.sums, self.count, self.last_step = dict(state["sums"]), int(state["count"]), int(state["last_step"])
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from step to step: a checkpoint saves it, a resume restores it."""
+
+    step: int = 0
+    train_ms: float = 0.0
+    checkpoint_ms: float = 0.0  # training time at the last checkpoint
+    swa: WeightAverage = field(default_factory=WeightAverage)
+    last_checkpoint: Path | None = None
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -778,39 +858,62 @@ class TrainResult:
 
 
 def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimizers, stream: TokenStream,
-          evaluator: "Evaluator", log: Logger) -> TrainResult:
+          evaluator: "Evaluator", log: Logger, state: TrainState) -> TrainResult:
     params = list(model.parameters())
     cap_ms = cfg.max_wallclock_seconds * 1000
-    train_ms, step, stop = 0.0, 0, False
+    stop = False
     val_loss = val_bpb = float("nan")
     rt.sync()
     t0 = time.perf_counter()
-    while True:
-        last = step == cfg.iterations or stop
-        if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
-            rt.sync()
-            train_ms += 1000 * (time.perf_counter() - t0)
-            val_loss, val_bpb = evaluator.standard(eval_model)
-            log(f"step:{step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            rt.sync()
-            t0 = time.perf_counter()
-        if last:
-            break
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        loss = train_step(cfg, rt, train_model, params, optimizers, stream, step, lr_scale(cfg, step, elapsed))
-        step += 1
-        # Every rank must agree on the clock, or LR schedules and the stop would differ between ranks.
-        elapsed = agreed_elapsed_ms(rt, train_ms + 1000 * (time.perf_counter() - t0))
-        if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
-            loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
-            tok_s = step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9)
-            log(f"step:{step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
-                f"step_avg:{elapsed / step:.2f}ms tok_s:{tok_s:.0f}")
-        if cap_ms and elapsed >= cap_ms and step < cfg.iterations:
-            log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
-            stop = True
-    return TrainResult(step, train_ms, step * cfg.train_batch_tokens, val_loss, val_bpb)
+    try:
+        while True:
+            last = state.step == cfg.iterations or stop
+            if last or (cfg.val_loss_every and state.step % cfg.val_loss_every == 0):
+                rt.sync()
+                state.train_ms += 1000 * (time.perf_counter() - t0)
+                val_loss, val_bpb = evaluator.standard(eval_model)
+                log(f"step:{state.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                    f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
+                rt.sync()
+                t0 = time.perf_counter()
+            if last:
+                break
+            if cfg.fault_at_step and state.step == cfg.fault_at_step and cfg.fault_rank in (-1, rt.rank):
+                os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no message
+            elapsed = state.train_ms + 1000 * (time.perf_counter() - t0)
+            loss = train_step(cfg, rt, train_model, params, optimizers, stream, state.step,
+                              lr_scale(cfg, state.step, elapsed))
+            state.step += 1
+            # Every rank must agree on the clock, or LR schedules and the stop would differ between ranks.
+            elapsed = agreed_elapsed_ms(rt, state.train_ms + 1000 * (time.perf_counter() - t0))
+            if state.step <= 10 or state.step % cfg.train_log_every == 0 or state.step == cfg.iterations:
+                loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
+                tok_s = state.step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9)
+                log(f"step:{state.step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
+                    f"step_avg:{elapsed / state.step:.2f}ms tok_s:{tok_s:.0f}")
+            if (cfg.swa_enabled and state.step % cfg.swa_every == 0
+                    and budget_progress(cfg, state.step, elapsed) >= cfg.swa_start_frac):
+                state.swa.add(model, state.step)
+            if checkpoint_due(cfg, state, elapsed):
+                rt.sync()
+                state.train_ms = agreed_elapsed_ms(rt, state.train_ms + 1000 * (time.perf_counter() - t0))
+                save_checkpoint(cfg, rt, model, optimizers, state, log)
+                t0 = time.perf_counter()
+            if cap_ms and elapsed >= cap_ms and state.step < cfg.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{state.step}/{cfg.iterations}")
+                stop = True
+    except Diverged as e:
+        e.checkpoint = state.last_checkpoint
+        raise
+    if cfg.swa_enabled and state.swa.last_step != state.step:
+        state.swa.add(model, state.step)
+    return TrainResult(state.step, state.train_ms, state.step * cfg.train_batch_tokens, val_loss, val_bpb)
+
+
+def checkpoint_due(cfg: Config, state: TrainState, elapsed_ms: float) -> bool:
+    by_steps = cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0
+    by_time = cfg.checkpoint_every_seconds and elapsed_ms - state.checkpoint_ms >= 1000 * cfg.checkpoint_every_seconds
+    return bool(by_steps or by_time)
 
 
 def agreed_elapsed_ms(rt: Runtime, local_ms: float) -> float:
@@ -824,6 +927,117 @@ def peak_memory_mib(rt: Runtime) -> float:
     if rt.is_cuda:
         return torch.cuda.max_memory_allocated(rt.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: all a run needs to continue exactly, in a checksummed file loaded without pickle code
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_MAGIC = b"PGOLFCK1"
+CHECKPOINTS_KEPT = 2
+# A resume must rebuild the same model on the same token stream. Other settings may change (a lower
+# LR after a divergence, say): the log then says the run is no longer the uninterrupted one.
+RESUME_MUST_MATCH = MODEL_FIELDS + ("train_seq_len", "train_batch_tokens")
+RESUME_FREE = {"run_id", "log_dir", "data_path", "tokenizer_path", "device", "compile", "grad_accum_steps",
+               "val_batch_size", "train_log_every", "resume_from", "fault_at_step", "fault_rank",
+               "checkpoint_every_seconds", "checkpoint_every_steps", "dist_timeout_seconds"}
+
+
+def checkpoint_files(cfg: Config) -> list[Path]:
+    """This run's checkpoints, oldest first (the step is zero-padded into the name)."""
+    return sorted(Path(cfg.log_dir).glob(f"{glob.escape(cfg.run_id)}_step*.ckpt"))
+
+
+def save_checkpoint(cfg: Config, rt: Runtime, model: GPT, optimizers, state: TrainState, log: Logger):
+    """Rank 0 writes after a barrier; every rank learns whether it worked, so none runs on alone."""
+    path = Path(cfg.log_dir) / f"{cfg.run_id}_step{state.step:07d}.ckpt"
+    if rt.distributed:
+        dist.barrier()
+    error = ""
+    if rt.rank == 0:
+        t0 = time.perf_counter()
+        payload = {"format": 1, "config": dataclasses.asdict(cfg), "step": state.step, "train_ms": state.train_ms,
+                   "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+                   "swa": state.swa.state_dict(),
+                   "rng": {"torch": torch.get_rng_state(),
+                           "cuda": torch.cuda.get_rng_state_all() if rt.is_cuda else []}}
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        data = buf.getvalue()
+        try:
+            write_atomic(path, CHECKPOINT_MAGIC + hashlib.sha256(data).digest() + data)
+            for old in checkpoint_files(cfg)[:-CHECKPOINTS_KEPT]:
+                old.unlink(missing_ok=True)
+            log(f"checkpoint: {path} step:{state.step} bytes:{len(data)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        except InputError as e:
+            error = str(e)
+    failed = rt.all_reduce(torch.tensor([1 if error else 0], device=rt.device), dist.ReduceOp.MAX)
+    if int(failed.item()):
+        raise InputError(error or "rank 0 could not write the checkpoint")
+    state.last_checkpoint, state.checkpoint_ms = path, state.train_ms
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"checkpoint {path}: cannot read ({e.strerror})") from None
+    head = len(CHECKPOINT_MAGIC) + 32
+    if len(blob) < head or blob[:len(CHECKPOINT_MAGIC)] != CHECKPOINT_MAGIC:
+        raise InputError(f"checkpoint {path}: not a checkpoint of this harness (bad magic)")
+    data = blob[head:]
+    if hashlib.sha256(data).digest() != blob[len(CHECKPOINT_MAGIC):head]:
+        raise InputError(f"checkpoint {path}: checksum mismatch (truncated or corrupt)")
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:  # the unpickler raises many kinds on bad bytes; the checksum makes this unlikely
+        raise InputError(f"checkpoint {path}: contents do not load") from None
+    needed = {"format", "config", "step", "train_ms", "model", "optimizers", "swa", "rng"}
+    if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or not needed <= set(ckpt):
+        raise InputError(f"checkpoint {path}: not a format-1 checkpoint")
+    return ckpt
+
+
+def resume_path(cfg: Config) -> Path | None:
+    if not cfg.resume_from:
+        return None
+    if cfg.resume_from != "auto":
+        return Path(cfg.resume_from)
+    files = checkpoint_files(cfg)
+    if not files:
+        raise InputError(f"RESUME_FROM=auto: no checkpoint of RUN_ID={cfg.run_id} in {cfg.log_dir}")
+    return files[-1]
+
+
+def restore(cfg: Config, rt: Runtime, path: Path, model: GPT, optimizers, log: Logger) -> TrainState:
+    ckpt = load_checkpoint(path)
+    saved = ckpt["config"]
+    wrong = [f"{n.upper()}={saved.get(n)!r} there, {getattr(cfg, n)!r} here" for n in RESUME_MUST_MATCH
+             if saved.get(n) != getattr(cfg, n)]
+    if wrong:
+        raise InputError(f"checkpoint {path} is from another config: {'; '.join(wrong)}")
+    changed = [n.upper() for n in saved if n not in RESUME_FREE and n not in RESUME_MUST_MATCH
+               and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
+    if changed:
+        log(f"warning: resumed with changed settings {', '.join(changed)}: not the uninterrupted run any more")
+    try:
+        model.load_state_dict(ckpt["model"])
+        for opt, saved_opt in zip(optimizers, ckpt["optimizers"], strict=True):
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(saved_opt)
+            for group, fresh in zip(opt.param_groups, settings):
+                group.update(fresh)  # this run's settings, the checkpoint's moments
+        state = TrainState(step=int(ckpt["step"]), train_ms=float(ckpt["train_ms"]),
+                           checkpoint_ms=float(ckpt["train_ms"]), last_checkpoint=path)
+        state.swa.load_state_dict(ckpt["swa"])
+        state.swa.sums = {k: v.to(rt.device) for k, v in state.swa.sums.items()}
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if rt.is_cuda and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise InputError(f"checkpoint {path}: does not fit this model ({str(e).splitlines()[0][:120]})") from None
+    log(f"resumed: from {path} step:{state.step} train_time:{state.train_ms:.0f}ms")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1134,13 +1348,23 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
 
+    resume = resume_path(cfg)
+    train_state = restore(cfg, rt, resume, model, optimizers, log) if resume else TrainState()
     prime(cfg, rt, model, train_model, optimizers, stream, log)
-    result = train(cfg, rt, model, train_model, compiled, optimizers, stream, evaluator, log)
+    result = train(cfg, rt, model, train_model, compiled, optimizers, stream, evaluator, log, train_state)
     peak = peak_memory_mib(rt)
     if rt.is_cuda:
         log(f"peak memory allocated: {peak:.0f} MiB reserved: {torch.cuda.max_memory_reserved(rt.device) // 2**20} MiB")
     else:
         log(f"peak memory rss: {peak:.0f} MiB")
+    averaged = {}
+    if cfg.swa_enabled:
+        model.load_state_dict(train_state.swa.average(model.state_dict()))
+        averaged = {"raw_val_loss": result.val_loss, "raw_val_bpb": result.val_bpb,
+                    "swa_snapshots": train_state.swa.count}
+        result.val_loss, result.val_bpb = evaluator.standard(compiled)
+        log(f"swa: snapshots:{train_state.swa.count} raw val_bpb:{averaged['raw_val_bpb']:.4f} "
+            f"averaged val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f}")
     log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
 
     log_dir = Path(cfg.log_dir)
@@ -1186,7 +1410,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         "val_tokens": len(val_tokens) - 1, "bytes_model": bytes_model, "bytes_code": bytes_code,
         "bytes_total": bytes_total, "over_limit": over, "compressor": method,
         "artifact_path": str(artifact_path), "peak_mem_mib": peak, "roundtrip_eval_ms": eval_ms,
-        **floor,
+        **floor, **averaged,
     }
     return summary
 
@@ -1200,7 +1424,7 @@ def main() -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rt = None
+    rt = log = None
     try:
         rt = init_runtime(cfg)
         log = Logger(Path(cfg.log_dir) / f"{cfg.run_id}.txt" if rt.rank == 0 else None)
@@ -1208,13 +1432,26 @@ def main() -> int:
         if rt.rank == 0:
             write_atomic(Path(cfg.log_dir) / f"{cfg.run_id}.json", json.dumps(summary, indent=2).encode())
             log(f"summary: {Path(cfg.log_dir) / f'{cfg.run_id}.json'}")
+        if rt.distributed:
+            dist.destroy_process_group()
         return 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        if rt is not None and rt.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    except Diverged as e:
+        if log is not None:
+            log(f"error: {e}; last good checkpoint: {e.checkpoint or 'none'}")
+            log(f"to continue with a lower learning rate: RESUME_FROM={e.checkpoint or '<a checkpoint>'} RUN_ID="
+                f"{cfg.run_id} MATRIX_LR={cfg.matrix_lr / 2:g} SCALAR_LR={cfg.scalar_lr / 2:g} "
+                f"TIED_EMBED_LR={cfg.tied_embed_lr / 2:g} (and CHECKPOINT_EVERY_STEPS to checkpoint more often)")
+        return 3
+    except (RuntimeError, dist.DistError) as e:
+        if rt is None or not rt.distributed:
+            raise
+        # A peer that died leaves its collectives unanswered: say so instead of a bare traceback.
+        print(f"error: rank {rt.rank}: a collective with the other ranks failed ({str(e).splitlines()[0][:160]}); "
+              f"another rank probably died or hung: see its output", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
