@@ -1,0 +1,91 @@
+"""Random and damaged bytes fed to every loader: a clean InputError each time, never another failure."""
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from data.prepare import write_shard
+from test_model import randomize, tiny_model
+from train_gpt import CHECKPOINT_MAGIC, InputError, load_checkpoint, parse_artifact, read_shard
+
+CASES = 150
+
+
+def mutations(blob: bytes, rng: random.Random):
+    """Random bytes, truncations, single flipped bytes and overwritten runs of a valid file."""
+    for _ in range(CASES):
+        kind = rng.choice(("random", "truncate", "flip", "splice"))
+        if kind == "random":
+            yield bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 2048)))
+        elif kind == "truncate":
+            yield blob[:rng.randint(0, len(blob) - 1)]
+        elif kind == "flip":
+            i = rng.randrange(len(blob))
+            yield blob[:i] + bytes([blob[i] ^ (1 << rng.randrange(8))]) + blob[i + 1:]
+        else:
+            i = rng.randrange(len(blob))
+            yield blob[:i] + bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64))) + blob[i + 64:]
+
+
+def test_shard_loader(tmp_path):
+    good = tmp_path / "good_train_000000.bin"
+    write_shard(good, np.arange(1, 500, dtype=np.uint16))
+    path = tmp_path / "fuzz_train_000000.bin"
+    for blob in mutations(good.read_bytes(), random.Random(1)):
+        path.write_bytes(blob)
+        try:
+            tokens = read_shard(path)
+            train_gpt.check_token_ids(tokens, 512, path, 0)
+        except InputError:
+            pass
+
+
+def test_artifact_loader(tmp_path):
+    model = randomize(tiny_model())
+    cfg, _ = train_gpt.load_config({"VOCAB_SIZE": "64", "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "4",
+                                    "NUM_KV_HEADS": "2", "TRAIN_BATCH_TOKENS": "1024"})
+    blob = train_gpt.build_artifact(model, cfg)
+    outcomes = {"refused": 0, "loaded": 0}
+    for damaged in mutations(blob, random.Random(2)):
+        try:
+            header, state = parse_artifact(damaged, "fuzz")
+            train_gpt.model_from_artifact(header, state, "fuzz", "cpu")
+            outcomes["loaded"] += 1
+        except InputError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > CASES * 0.9
+
+
+@pytest.fixture(scope="module")
+def checkpoint_blob():
+    buf = io.BytesIO()
+    torch.save({"format": 1, "step": 3, "model": {"w": torch.randn(40, 40)}}, buf)
+    data = buf.getvalue()
+    import hashlib
+
+    return CHECKPOINT_MAGIC + hashlib.sha256(data).digest() + data
+
+
+def test_checkpoint_loader(tmp_path, checkpoint_blob):
+    path = tmp_path / "fuzz.ckpt"
+    for damaged in mutations(checkpoint_blob, random.Random(3)):
+        path.write_bytes(damaged)
+        with pytest.raises(InputError):
+            load_checkpoint(path)
+
+
+def test_checkpoint_with_a_valid_checksum_but_foreign_contents(tmp_path):
+    import hashlib
+
+    import argparse
+
+    code = io.BytesIO()
+    torch.save({"format": 1, "payload": argparse.Namespace(run="anything")}, code)  # needs pickle code to load
+    for data in (b"not a torch file", b"PK\x03\x04" + bytes(200), code.getvalue()):
+        (tmp_path / "x.ckpt").write_bytes(CHECKPOINT_MAGIC + hashlib.sha256(data).digest() + data)
+        with pytest.raises(InputError, match="contents do not load"):
+            load_checkpoint(tmp_path / "x.ckpt")
