@@ -1,6 +1,7 @@
 """Training throughput of train_gpt.py's own step on random tokens, for a named shape.
 
     python bench.py [--shape small|baseline] [--steps N] [--warmup N] [--json FILE]
+    python bench.py --checkpoint [--shape baseline] [--steps N]   # time checkpoint writes instead
 
 Prints tokens/s, ms/step, peak memory, and on CUDA the MFU (model FLOPs a token = 6 x matmul
 parameters + 12 x layers x dim x seq, over BENCH_PEAK_TFLOPS, default 790 for an H100's bf16).
@@ -66,15 +67,52 @@ def measure(shape: str, steps: int, warmup: int) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def measure_checkpoint(shape: str, repeats: int) -> dict:
+    """Time of one checkpoint write (and of a restore) for the shape, optimizer and SWA state filled."""
+    env = {**SHAPES[shape], "TRAIN_BATCH_TOKENS": SHAPES[shape]["TRAIN_SEQ_LEN"], "GRAD_ACCUM_STEPS": "1",
+           "SWA_ENABLED": "1", **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, _ = train_gpt.load_config({**env, "LOG_DIR": tmp, "RUN_ID": "bench"})
+        rt = train_gpt.init_runtime(cfg)
+        model = train_gpt.GPT(**train_gpt.model_kwargs(cfg)).to(rt.device)
+        optimizers = train_gpt.build_optimizers(model, cfg, rt)
+        stream = random_stream(cfg, Path(tmp))
+        train_gpt.train_step(cfg, rt, model, list(model.parameters()), optimizers, stream, 0, 1.0)
+        state = train_gpt.TrainState(step=1)
+        state.swa.add(model, 1)
+        log = train_gpt.Logger(None)
+        saves, loads = [], []
+        for i in range(repeats):
+            state.step = i + 1
+            t0 = time.perf_counter()
+            train_gpt.save_checkpoint(cfg, rt, model, optimizers, state, log)
+            saves.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            train_gpt.restore(cfg, rt, state.last_checkpoint, model, optimizers, log)
+            loads.append(time.perf_counter() - t0)
+        size = state.last_checkpoint.stat().st_size
+    return {"shape": shape, "checkpoint_bytes": size, "save_s_median": sorted(saves)[len(saves) // 2],
+            "save_s_min": min(saves), "restore_s_median": sorted(loads)[len(loads) // 2], "repeats": repeats}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--checkpoint", action="store_true", help="time a checkpoint write and restore instead")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.checkpoint:
+        row = measure_checkpoint(args.shape, max(args.steps, 1))
+        print(f"{'shape':<10} {'bytes':>12} {'save s (median)':>16} {'save s (min)':>13} {'restore s':>10}")
+        print(f"{row['shape']:<10} {row['checkpoint_bytes']:>12} {row['save_s_median']:>16.3f} "
+              f"{row['save_s_min']:>13.3f} {row['restore_s_median']:>10.3f}")
+        if args.json:
+            args.json.write_text(json.dumps(row, indent=2))
+        return
     try:
         row = measure(args.shape, args.steps, args.warmup)
     except train_gpt.InputError as e:

@@ -963,9 +963,9 @@ def save_checkpoint(cfg: Config, rt: Runtime, model: GPT, optimizers, state: Tra
                            "cuda": torch.cuda.get_rng_state_all() if rt.is_cuda else []}}
         buf = io.BytesIO()
         torch.save(payload, buf)
-        data = buf.getvalue()
+        data = buf.getbuffer()
         try:
-            write_atomic(path, CHECKPOINT_MAGIC + hashlib.sha256(data).digest() + data)
+            write_atomic(path, CHECKPOINT_MAGIC + hashlib.sha256(data).digest(), data)
             for old in checkpoint_files(cfg)[:-CHECKPOINTS_KEPT]:
                 old.unlink(missing_ok=True)
             log(f"checkpoint: {path} step:{state.step} bytes:{len(data)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
@@ -1133,12 +1133,13 @@ def decompress(data: bytes, method: str, expected_size: int) -> bytes:
     return out
 
 
-def write_atomic(path: Path, data: bytes):
+def write_atomic(path: Path, *chunks: bytes):
     """Temp file, fsync, rename: a crash or a full disk never leaves a half-written file under `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:  # written one by one: joining 200 MB of checkpoint would copy it
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1433,6 +1434,7 @@ def main() -> int:
             write_atomic(Path(cfg.log_dir) / f"{cfg.run_id}.json", json.dumps(summary, indent=2).encode())
             log(f"summary: {Path(cfg.log_dir) / f'{cfg.run_id}.json'}")
         if rt.distributed:
+            dist.barrier()  # no rank may leave while another still talks to it: gloo aborts on a closed peer
             dist.destroy_process_group()
         return 0
     except InputError as e:

@@ -31,7 +31,7 @@ def crash_and_resume(env, run_id, launcher=None, resume_launcher=None, resume_en
     assert not (ROOT / env["LOG_DIR"] / f"{run_id}.ptz").exists()
     resumed = run_trainer({**env, "RUN_ID": run_id, "CHECKPOINT_EVERY_STEPS": "10", "RESUME_FROM": "auto",
                            **(resume_env or {})}, ROOT, launcher=resume_launcher or launcher)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[:3000] + resumed.stderr[-3000:]
     assert f"resumed: from {ROOT / env['LOG_DIR'] / f'{run_id}_step0000020.ckpt'} step:20" in resumed.stdout
     return resumed
 
