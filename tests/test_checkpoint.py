@@ -168,3 +168,13 @@ def test_full_disk_leaves_nothing_half_written(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="No space left on device"):
         train_gpt.write_atomic(tmp_path / "model.ptz", b"x" * 1000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_by_training_time(tiny_env):
+    env = {**tiny_env, "ITERATIONS": "30", "CHECKPOINT_EVERY_SECONDS": "0.2", "RUN_ID": "S"}
+    out = run_trainer(env, ROOT)
+    assert out.returncode == 0, out.stderr
+    written = [line for line in out.stdout.splitlines() if line.startswith("checkpoint: ")]
+    assert len(written) >= 2
+    kept = sorted((ROOT / env["LOG_DIR"]).glob("S_step*.ckpt"))
+    assert len(kept) == 2 and str(kept[-1]) in written[-1]
