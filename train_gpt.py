@@ -88,6 +88,15 @@ class Config:
     rope_base: float = var(10000.0, "RoPE base frequency", lo=1.0)
     qk_gain_init: float = var(1.5, "initial per-head gain on the normalised queries", lo=0.0)
     tied_embed_init_std: float = var(0.005, "std of the tied embedding at init", lo=0.0)
+    activation: str = var("relu2", "MLP activation: relu(x)^2, or leaky_relu(x, 0.5)^2",
+                          choices=("relu2", "leaky_relu2"))
+    # recurrence
+    num_repeats: int = var(1, "passes over the NUM_LAYERS shared blocks at full depth (default: DEPTH_SCHEDULE's last)",
+                           lo=1, hi=64)
+    depth_schedule: str = var("", "passes by fraction of the budget, e.g. 2@0,3@0.4,4@0.65 (empty: NUM_REPEATS throughout)")
+    xsa_last_n: int = var(0, "exclusive self-attention on the last N effective layers", lo=0)
+    num_value_embeds: int = var(0, "token tables added to the attention values of every layer with learned scales",
+                                lo=0, hi=16)
     # optimizers
     matrix_lr: float = var(0.04, "Muon learning rate for the matrices inside blocks", lo=0.0)
     scalar_lr: float = var(0.04, "Adam learning rate for vectors and scalars", lo=0.0)
@@ -126,7 +135,7 @@ CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config)}
 
 # Contract names owned by features that have not landed yet: refused loudly rather than ignored.
 NOT_YET_IMPLEMENTED = (
-    "NUM_REPEATS", "DEPTH_SCHEDULE", "XSA_LAST_N", "EMA_DECAY", "ACTIVATION", "PRESET", "MOE_NUM_EXPERTS",
+    "EMA_DECAY", "PRESET", "MOE_NUM_EXPERTS",
     "MOE_TOP_K", "MOE_D_FFN", "MOE_GRANULARITY", "MOE_LAYERS", "MOE_INIT", "MOE_FROZEN", "MOE_AUX_COEF",
     "EVAL_SEQ_LEN", "EVAL_STRIDE", "HEDGE_ENABLED", "TTT_STEPS", "EVAL_AUDIT", "PER_TOKEN_LOSS_EVERY", "QUANT",
 )
@@ -186,6 +195,37 @@ def resolve_batch(values: dict, world_size: int) -> list[str]:
             f"evenly over world_size:{world_size} x grad_accum_steps:{accum} x train_seq_len:{seq}"]
 
 
+def parse_depth_schedule(text: str) -> list[tuple[int, float]]:
+    """'2@0,3@0.4' -> [(2, 0.0), (3, 0.4)]: passes from each fraction of the budget on."""
+    phases = []
+    for item in text.split(","):
+        repeats, sep, frac = item.strip().partition("@")
+        try:
+            phases.append((int(repeats), float(frac)))
+        except ValueError:
+            raise ConfigError(f"DEPTH_SCHEDULE={text!r}: expected REPEATS@FRACTION items, e.g. 2@0,3@0.4") from None
+        if not sep or phases[-1][0] < 1 or not 0 <= phases[-1][1] < 1:
+            raise ConfigError(f"DEPTH_SCHEDULE={text!r}: each item is REPEATS@FRACTION, repeats >= 1, 0 <= fraction < 1")
+    fracs = [f for _, f in phases]
+    if fracs[0] != 0 or any(b <= a for a, b in zip(fracs, fracs[1:])):
+        raise ConfigError(f"DEPTH_SCHEDULE={text!r}: fractions must start at 0 and increase")
+    return phases
+
+
+def resolve_depth(values: dict, environ):
+    """NUM_REPEATS is the full depth: the schedule's last phase, which every phase must not exceed."""
+    if not values["depth_schedule"]:
+        return
+    phases = parse_depth_schedule(values["depth_schedule"])
+    final = phases[-1][0]
+    if "NUM_REPEATS" in environ and values["num_repeats"] != final:
+        raise ConfigError(f"NUM_REPEATS={values['num_repeats']}: must equal the last phase of "
+                          f"DEPTH_SCHEDULE={values['depth_schedule']!r} ({final})")
+    if max(r for r, _ in phases) > final:
+        raise ConfigError(f"DEPTH_SCHEDULE={values['depth_schedule']!r}: the last phase must be the deepest")
+    values["num_repeats"] = final
+
+
 def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     """Config from env vars; returns it with notes (typo warnings, rounding) for the log."""
     for name in NOT_YET_IMPLEMENTED:
@@ -201,6 +241,7 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
         raise ConfigError(f"NUM_KV_HEADS={values['num_kv_heads']}: must divide NUM_HEADS={values['num_heads']}")
     if (values["model_dim"] // values["num_heads"]) % 2:
         raise ConfigError(f"MODEL_DIM={values['model_dim']}: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
+    resolve_depth(values, environ)
     notes += resolve_batch(values, world_size)
     if not values["run_id"]:
         # torchrun gives every rank the same TORCHELASTIC_RUN_ID, so all ranks agree on the name.
@@ -489,7 +530,8 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
 # ----------------------------------------------------------------------------------------------
 
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                "tie_embeddings", "logit_softcap", "rope_base", "qk_gain_init", "tied_embed_init_std")
+                "tie_embeddings", "logit_softcap", "rope_base", "qk_gain_init", "tied_embed_init_std",
+                "num_repeats", "xsa_last_n", "activation", "num_value_embeds")
 
 
 def model_kwargs(cfg: Config) -> dict:
@@ -532,28 +574,52 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.rotary = Rotary(self.head_dim, rope_base)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, value_embed: Tensor | None = None, exclusive: bool = False) -> Tensor:
         b, t, d = x.shape
         q = self.c_q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x)
+        if value_embed is not None:
+            v = v + value_embed
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(t, x.device)
         q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
+        if exclusive:
+            y = exclude_own_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
+def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along the position's own value vector.
+
+    y is (B, H, T, D), v is (B, Hkv, T, D); heads of one KV group share their value vector, so y is
+    viewed per group and v broadcast over it instead of repeating v."""
+    b, h, t, d = y.shape
+    groups = v.size(1)
+    unit = F.normalize(v, dim=-1).unsqueeze(2)
+    y = y.view(b, groups, h // groups, t, d)
+    return (y - (y * unit).sum(-1, keepdim=True) * unit).view(b, h, t, d)
+
+
+ACTIVATIONS = {
+    "relu2": lambda x: F.relu(x).square(),
+    "leaky_relu2": lambda x: F.leaky_relu(x, 0.5).square(),
+}
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, activation: str):
         super().__init__()
         self.fc = nn.Linear(dim, hidden, bias=False)
         self.proj = nn.Linear(hidden, dim, bias=False)
+        self.activation = ACTIVATIONS[activation]
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(self.activation(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -566,46 +632,77 @@ class Block(nn.Module):
         self.ffn_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None, exclusive: bool = False) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), value_embed, exclusive)
         return x + self.ffn_scale.to(x.dtype) * self.ffn(rms_norm(x))
 
 
 class GPT(nn.Module):
-    """Token embedding -> blocks walked along `plan` (U-Net skips between its halves) -> tied head.
+    """Token embedding -> physical blocks walked along `plan` -> tied head.
 
-    The plan lists which physical block runs at each effective layer, so one block may run several times."""
+    The plan lists (block, pass) for each effective layer: `num_layers` blocks applied `repeats`
+    times, repeats changing with the depth schedule. A flat stack (one pass) has the baseline's
+    U-Net skips between its halves. A recurrent stack instead gives every effective layer a learned
+    loop embedding (so a block knows which pass it is in) and mixes into each block its own output
+    from the previous pass with per-pass learned scales. Value embeddings, when on, add learned
+    tables of the input tokens to the attention values of every effective layer with learned scales."""
 
     def __init__(self, vocab_size, num_layers, model_dim, num_heads, num_kv_heads, mlp_mult, tie_embeddings,
-                 logit_softcap, rope_base, qk_gain_init, tied_embed_init_std):
+                 logit_softcap, rope_base, qk_gain_init, tied_embed_init_std, num_repeats=1, xsa_last_n=0,
+                 activation="relu2", num_value_embeds=0):
         super().__init__()
-        self.logit_softcap = logit_softcap
+        self.logit_softcap, self.xsa_last_n = logit_softcap, xsa_last_n
+        self.num_layers, self.max_repeats = num_layers, num_repeats
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
         hidden = max(1, int(round(mlp_mult * model_dim)))
         self.blocks = nn.ModuleList(
             Block(model_dim, Attention(model_dim, num_heads, num_kv_heads, rope_base, qk_gain_init),
-                  MLP(model_dim, hidden))
+                  MLP(model_dim, hidden, activation))
             for _ in range(num_layers))
-        self.plan = list(range(num_layers))
-        self.num_skips = min(len(self.plan) // 2, len(self.plan) - len(self.plan) // 2)
-        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, model_dim))
+        depth = num_layers * num_repeats
+        recurrent = num_repeats > 1
+        self.skip_weights = None if recurrent else nn.Parameter(torch.ones(depth // 2, model_dim))
+        self.loop_embeds = nn.Parameter(torch.zeros(depth, model_dim)) if recurrent else None
+        self.repeat_skips = nn.Parameter(torch.zeros(num_repeats - 1, num_layers, model_dim)) if recurrent else None
+        kv_dim = num_kv_heads * (model_dim // num_heads)
+        self.value_embeds = self.value_scales = None
+        if num_value_embeds:
+            self.value_embeds = nn.Parameter(torch.randn(num_value_embeds, vocab_size, kv_dim) * 0.5)
+            self.value_scales = nn.Parameter(torch.full((depth, num_value_embeds), 0.1))
         if tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(model_dim, vocab_size, bias=False)
             nn.init.zeros_(self.lm_head.weight)
+        self.set_repeats(num_repeats)
+
+    def set_repeats(self, repeats: int):
+        """The depth to run: the first `repeats` passes. A change triggers one recompile under torch.compile."""
+        if not 1 <= repeats <= self.max_repeats:
+            raise ValueError(f"repeats must be in 1..{self.max_repeats}, got {repeats}")
+        self.repeats = repeats
+        self.plan = [(block, p) for p in range(repeats) for block in range(self.num_layers)]
 
     def hidden(self, idx: Tensor) -> Tensor:
         x = rms_norm(self.tok_emb(idx))
-        x0, skips = x, []
-        n_encoder = len(self.plan) // 2
-        for layer, block_index in enumerate(self.plan):
+        x0, skips, previous = x, [], {}
+        tables = None if self.value_embeds is None else self.value_embeds[:, idx].to(x.dtype)  # (E, B, T, kv)
+        n_encoder = len(self.plan) // 2 if self.skip_weights is not None else 0
+        for layer, (block, p) in enumerate(self.plan):
             if layer >= n_encoder and skips:
                 x = x + self.skip_weights[layer - n_encoder].to(x.dtype) * skips.pop()
-            x = self.blocks[block_index](x, x0)
+            if self.loop_embeds is not None:
+                x = x + self.loop_embeds[layer].to(x.dtype)
+            if p > 0:
+                x = x + self.repeat_skips[p - 1, block].to(x.dtype) * previous[block]
+            value_embed = None
+            if tables is not None:
+                value_embed = torch.einsum("e,ebtk->btk", self.value_scales[layer].to(x.dtype), tables)
+            x = self.blocks[block](x, x0, value_embed, layer >= len(self.plan) - self.xsa_last_n)
+            previous[block] = x
             if layer < n_encoder:
                 skips.append(x)
         return rms_norm(x)
@@ -698,13 +795,21 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.Optimizer]:
     """Muon for the 2-D matrices inside blocks; Adam for embeddings, head, vectors and scalars."""
-    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
-    scalars = [p for p in model.blocks.parameters() if p.ndim < 2] + [model.skip_weights]
+    groups = {"matrices": [], "embedding": [], "head": [], "scalars": []}
+    for name, p in model.named_parameters():
+        if name.startswith("blocks.") and p.ndim == 2:
+            groups["matrices"].append(p)
+        elif name in ("tok_emb.weight", "value_embeds"):
+            groups["embedding"].append(p)
+        elif name == "lm_head.weight":
+            groups["head"].append(p)
+        else:
+            groups["scalars"].append(p)
     embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    adam_groups = [dict(params=[model.tok_emb.weight], lr=embed_lr, base_lr=embed_lr, name="embedding"),
-                   dict(params=scalars, lr=cfg.scalar_lr, base_lr=cfg.scalar_lr, name="scalars")]
-    if model.lm_head is not None:
-        adam_groups.append(dict(params=[model.lm_head.weight], lr=cfg.head_lr, base_lr=cfg.head_lr, name="head"))
+    adam_groups = [dict(params=groups[name], lr=lr, base_lr=lr, name=name)
+                   for name, lr in (("embedding", embed_lr), ("scalars", cfg.scalar_lr), ("head", cfg.head_lr))
+                   if groups[name]]
+    matrices = groups["matrices"]
     adam = torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.is_cuda)
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
                 weight_decay=cfg.muon_wd, rank=rt.rank, world_size=rt.world_size)

@@ -54,12 +54,25 @@ def test_env_values_are_typed():
     ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"),
     ({"TRAIN_BATCH_TOKENS": "100"}, "TRAIN_BATCH_TOKENS"),
     ({"RUN_ID": "../x"}, "RUN_ID"),
-    ({"NUM_REPEATS": "2"}, "NUM_REPEATS"),
+    ({"HEDGE_ENABLED": "1"}, "HEDGE_ENABLED"),
+    ({"ACTIVATION": "gelu"}, "ACTIVATION"),
+    ({"DEPTH_SCHEDULE": "2@0.1,3@0.5"}, "DEPTH_SCHEDULE"),
+    ({"DEPTH_SCHEDULE": "2@0,3@0.5,4@0.4"}, "DEPTH_SCHEDULE"),
+    ({"DEPTH_SCHEDULE": "2@0,x@0.5"}, "DEPTH_SCHEDULE"),
+    ({"DEPTH_SCHEDULE": "2@0,3@1.5"}, "DEPTH_SCHEDULE"),
+    ({"DEPTH_SCHEDULE": "4@0,3@0.5"}, "DEPTH_SCHEDULE"),
+    ({"DEPTH_SCHEDULE": "2@0,3@0.5", "NUM_REPEATS": "4"}, "NUM_REPEATS"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigError) as err:
         load_config(env)
     assert str(err.value).startswith(name)
+
+
+def test_depth_schedule_sets_the_full_depth():
+    cfg, _ = load_config({"DEPTH_SCHEDULE": "2@0,3@0.4,4@0.65"})
+    assert cfg.num_repeats == 4
+    assert train_gpt.parse_depth_schedule(cfg.depth_schedule) == [(2, 0.0), (3, 0.4), (4, 0.65)]
 
 
 def test_typo_is_warned_with_the_closest_name():

@@ -94,4 +94,80 @@ def test_tied_and_untied_heads(tie):
 
 def test_plan_walks_every_block_once_with_unet_skips():
     model = tiny_model(num_layers=5)
-    assert model.plan == [0, 1, 2, 3, 4] and model.skip_weights.shape == (2, 32)
+    assert model.plan == [(b, 0) for b in range(5)] and model.skip_weights.shape == (2, 32)
+    assert model.loop_embeds is None and model.repeat_skips is None and model.value_embeds is None
+
+
+def test_recurrence_shares_block_weights():
+    flat, deep = tiny_model(num_layers=3), tiny_model(num_layers=3, num_repeats=4)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(flat.blocks) == count(deep.blocks)
+    per_pass = deep.loop_embeds.numel() + deep.repeat_skips.numel()
+    assert count(deep) - count(flat) == per_pass - flat.skip_weights.numel()
+    assert per_pass == (12 + 3 * 3) * 32  # a vector per effective layer and per (pass > 0, block)
+    assert deep.plan == [(b, p) for p in range(4) for b in range(3)]
+
+
+def test_one_pass_of_a_recurrent_model_is_the_plain_block_stack():
+    model = randomize(tiny_model(num_layers=3, num_repeats=3))
+    with torch.no_grad():
+        model.loop_embeds.zero_()  # as initialised: randomize() filled every 2-D tensor
+    model.set_repeats(1)
+    x = torch.randint(0, 64, (2, 12))
+    h = F.rms_norm(model.tok_emb(x), (32,))
+    x0 = h
+    for block in model.blocks:
+        h = block(h, x0)
+    reference = F.linear(F.rms_norm(h, (32,)), model.tok_emb.weight)
+    assert torch.allclose(model.logits(x), 30 * torch.tanh(reference / 30), atol=1e-5)
+
+
+def test_depth_changes_the_computation_and_is_bounded():
+    model = randomize(tiny_model(num_layers=2, num_repeats=3))
+    with torch.no_grad():
+        model.repeat_skips.normal_(std=0.5)
+    x = torch.randint(0, 64, (1, 8))
+    outputs = []
+    for r in (1, 2, 3):
+        model.set_repeats(r)
+        outputs.append(model.logits(x))
+    assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[1], outputs[2])
+    with pytest.raises(ValueError):
+        model.set_repeats(4)
+
+
+def test_exclusive_attention_is_orthogonal_to_the_own_value():
+    from train_gpt import exclude_own_value
+
+    torch.manual_seed(0)
+    y, v = torch.randn(2, 8, 10, 16), torch.randn(2, 2, 10, 16)  # 4 query heads per KV head
+    out = exclude_own_value(y, v)
+    own = v.repeat_interleave(4, dim=1)
+    assert (out * own).sum(-1).abs().max() < 1e-5
+    # the rest of the output is untouched: adding back the removed part gives y
+    unit = F.normalize(own, dim=-1)
+    assert torch.allclose(out + (y * unit).sum(-1, keepdim=True) * unit, y, atol=1e-5)
+
+
+def test_xsa_applies_to_the_last_layers_only():
+    model = randomize(tiny_model(num_layers=2, num_repeats=2, xsa_last_n=1))
+    calls = []
+    for block in model.blocks:
+        original = block.attn.forward
+        block.attn.forward = lambda x, ve=None, ex=False, f=original: calls.append(ex) or f(x, ve, ex)
+    model.logits(torch.randint(0, 64, (1, 6)))
+    assert calls == [False, False, False, True]
+
+
+def test_leaky_relu_squared_activation():
+    model = tiny_model(activation="leaky_relu2")
+    x = torch.tensor([-2.0, 0.0, 3.0])
+    assert torch.allclose(model.blocks[0].ffn.activation(x), torch.tensor([1.0, 0.0, 9.0]))
+
+
+def test_value_embeddings_reach_the_values_and_learn():
+    model = randomize(tiny_model(num_layers=2, num_repeats=2, num_value_embeds=2))
+    assert model.value_embeds.shape == (2, 64, 16) and model.value_scales.shape == (4, 2)
+    x = torch.randint(0, 64, (2, 8))
+    model(x, x).backward()
+    assert model.value_embeds.grad.abs().sum() > 0 and model.value_scales.grad.abs().sum() > 0
