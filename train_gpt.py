@@ -951,6 +951,7 @@ class TrainState:
     checkpoint_ms: float = 0.0  # training time at the last checkpoint
     swa: WeightAverage = field(default_factory=WeightAverage)
     last_checkpoint: Path | None = None
+    depth_phases: list[dict] = field(default_factory=list)  # {repeats, step, frac} of each depth change
 
 
 @dataclass
@@ -966,12 +967,17 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
           evaluator: "Evaluator", log: Logger, state: TrainState) -> TrainResult:
     params = list(model.parameters())
     cap_ms = cfg.max_wallclock_seconds * 1000
+    phases = parse_depth_schedule(cfg.depth_schedule) if cfg.depth_schedule else []
     stop = False
     val_loss = val_bpb = float("nan")
+    elapsed = state.train_ms
     rt.sync()
     t0 = time.perf_counter()
     try:
         while True:
+            if phases:
+                # `elapsed` is agreed across ranks, so every rank changes depth at the same step.
+                change_depth(cfg, model, state, phases, budget_progress(cfg, state.step, elapsed), log)
             last = state.step == cfg.iterations or stop
             if last or (cfg.val_loss_every and state.step % cfg.val_loss_every == 0):
                 rt.sync()
@@ -996,7 +1002,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
                 tok_s = state.step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9)
                 log(f"step:{state.step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
                     f"step_avg:{elapsed / state.step:.2f}ms tok_s:{tok_s:.0f}")
-            if (cfg.swa_enabled and state.step % cfg.swa_every == 0
+            if (cfg.swa_enabled and state.step % cfg.swa_every == 0 and model.repeats == model.max_repeats
                     and budget_progress(cfg, state.step, elapsed) >= cfg.swa_start_frac):
                 state.swa.add(model, state.step)
             if checkpoint_due(cfg, state, elapsed):
@@ -1010,15 +1016,37 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
     except Diverged as e:
         e.checkpoint = state.last_checkpoint
         raise
+    if model.repeats != model.max_repeats:
+        change_depth(cfg, model, state, [(model.max_repeats, 0.0)], 1.0, log)  # evaluate and export at full depth
     if cfg.swa_enabled and state.swa.last_step != state.step:
         state.swa.add(model, state.step)
     return TrainResult(state.step, state.train_ms, state.step * cfg.train_batch_tokens, val_loss, val_bpb)
+
+
+def change_depth(cfg: Config, model: GPT, state: TrainState, phases: list[tuple[int, float]], progress: float,
+                 log: Logger):
+    repeats = [r for r, start in phases if start <= progress][-1]
+    if repeats == model.repeats and state.depth_phases:
+        return
+    model.set_repeats(repeats)
+    state.depth_phases.append({"repeats": repeats, "step": state.step, "frac": progress})
+    state.swa = WeightAverage()  # an average mixes weights of one depth only
+    log(f"depth_phase repeats:{repeats} step:{state.step} frac:{progress:.4f}")
 
 
 def checkpoint_due(cfg: Config, state: TrainState, elapsed_ms: float) -> bool:
     by_steps = cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0
     by_time = cfg.checkpoint_every_seconds and elapsed_ms - state.checkpoint_ms >= 1000 * cfg.checkpoint_every_seconds
     return bool(by_steps or by_time)
+
+
+def check_same_on_all_ranks(rt: Runtime, value, what: str, log: Logger):
+    """An invariant of the collective decisions: a disagreement is a bug, never to pass silently."""
+    values = [None] * rt.world_size
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        raise RuntimeError(f"ranks disagree on {what}: {values}")
+    log(f"{what.replace(' ', '_')}_agreed ranks:{rt.world_size}")
 
 
 def agreed_elapsed_ms(rt: Runtime, local_ms: float) -> float:
@@ -1063,7 +1091,7 @@ def save_checkpoint(cfg: Config, rt: Runtime, model: GPT, optimizers, state: Tra
         t0 = time.perf_counter()
         payload = {"format": 1, "config": dataclasses.asdict(cfg), "step": state.step, "train_ms": state.train_ms,
                    "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
-                   "swa": state.swa.state_dict(),
+                   "swa": state.swa.state_dict(), "depth": {"repeats": model.repeats, "phases": state.depth_phases},
                    "rng": {"torch": torch.get_rng_state(),
                            "cuda": torch.cuda.get_rng_state_all() if rt.is_cuda else []}}
         buf = io.BytesIO()
@@ -1097,7 +1125,7 @@ def load_checkpoint(path: Path) -> dict:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:  # the unpickler raises many kinds on bad bytes; the checksum makes this unlikely
         raise InputError(f"checkpoint {path}: contents do not load") from None
-    needed = {"format", "config", "step", "train_ms", "model", "optimizers", "swa", "rng"}
+    needed = {"format", "config", "step", "train_ms", "model", "optimizers", "swa", "depth", "rng"}
     if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or not needed <= set(ckpt):
         raise InputError(f"checkpoint {path}: not a format-1 checkpoint")
     return ckpt
@@ -1136,6 +1164,8 @@ def restore(cfg: Config, rt: Runtime, path: Path, model: GPT, optimizers, log: L
                            checkpoint_ms=float(ckpt["train_ms"]), last_checkpoint=path)
         state.swa.load_state_dict(ckpt["swa"])
         state.swa.sums = {k: v.to(rt.device) for k, v in state.swa.sums.items()}
+        model.set_repeats(int(ckpt["depth"]["repeats"]))
+        state.depth_phases = [dict(phase) for phase in ckpt["depth"]["phases"]]
         torch.set_rng_state(ckpt["rng"]["torch"])
         if rt.is_cuda and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -1448,8 +1478,12 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     params_total = sum(p.numel() for p in model.parameters())
     log(f"model_params:{params_total} trainable:{sum(p.numel() for p in model.parameters() if p.requires_grad)}")
     compiled = torch.compile(model) if rt.compile else model
+    # A one-pass phase of a recurrent model leaves the cross-pass skips without a gradient.
+    single_pass_phase = model.max_repeats > 1 and cfg.depth_schedule and min(
+        r for r, _ in parse_depth_schedule(cfg.depth_schedule)) == 1
     train_model = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.is_cuda else None,
-                                          broadcast_buffers=False) if rt.distributed else compiled
+                                          broadcast_buffers=False, find_unused_parameters=bool(single_pass_phase)
+                                          ) if rt.distributed else compiled
     optimizers = build_optimizers(model, cfg, rt)
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
@@ -1458,6 +1492,8 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     train_state = restore(cfg, rt, resume, model, optimizers, log) if resume else TrainState()
     prime(cfg, rt, model, train_model, optimizers, stream, log)
     result = train(cfg, rt, model, train_model, compiled, optimizers, stream, evaluator, log, train_state)
+    if rt.distributed and cfg.depth_schedule:
+        check_same_on_all_ranks(rt, [(p["repeats"], p["step"]) for p in train_state.depth_phases], "depth phases", log)
     peak = peak_memory_mib(rt)
     if rt.is_cuda:
         log(f"peak memory allocated: {peak:.0f} MiB reserved: {torch.cuda.max_memory_reserved(rt.device) // 2**20} MiB")
@@ -1516,7 +1552,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         "val_tokens": len(val_tokens) - 1, "bytes_model": bytes_model, "bytes_code": bytes_code,
         "bytes_total": bytes_total, "over_limit": over, "compressor": method,
         "artifact_path": str(artifact_path), "peak_mem_mib": peak, "roundtrip_eval_ms": eval_ms,
-        **floor, **averaged,
+        **floor, **averaged, **({"depth_phases": train_state.depth_phases} if cfg.depth_schedule else {}),
     }
     return summary
 
