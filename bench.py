@@ -79,7 +79,7 @@ def measure_checkpoint(shape: str, repeats: int) -> dict:
         stream = random_stream(cfg, Path(tmp))
         train_gpt.train_step(cfg, rt, model, list(model.parameters()), optimizers, stream, 0, 1.0)
         state = train_gpt.TrainState(step=1)
-        state.swa.add(model, 1)
+        state.average.add(model, 1)
         log = train_gpt.Logger(None)
         saves, loads = [], []
         for i in range(repeats):

@@ -116,6 +116,8 @@ class Config:
     swa_enabled: bool = var(False, "export and evaluate a float32 average of weight snapshots from the end of training")
     swa_start_frac: float = var(0.4, "collect snapshots once this fraction of the budget is used", lo=0.0, hi=1.0)
     swa_every: int = var(50, "a snapshot every N steps (the final weights are always one)", lo=1)
+    ema_decay: float = var(0.0, "instead of SWA: a float32 exponential average of the weights, updated every step "
+                                "at full depth (0 = off)", lo=0.0, hi=0.99999)
     # export
     artifact_limit_bytes: int = var(16_000_000, "code + compressed model must fit in this", lo=1)
     # faults
@@ -135,7 +137,7 @@ CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config)}
 
 # Contract names owned by features that have not landed yet: refused loudly rather than ignored.
 NOT_YET_IMPLEMENTED = (
-    "EMA_DECAY", "PRESET", "MOE_NUM_EXPERTS",
+    "PRESET", "MOE_NUM_EXPERTS",
     "MOE_TOP_K", "MOE_D_FFN", "MOE_GRANULARITY", "MOE_LAYERS", "MOE_INIT", "MOE_FROZEN", "MOE_AUX_COEF",
     "EVAL_SEQ_LEN", "EVAL_STRIDE", "HEDGE_ENABLED", "TTT_STEPS", "EVAL_AUDIT", "PER_TOKEN_LOSS_EVERY", "QUANT",
 )
@@ -242,6 +244,8 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     if (values["model_dim"] // values["num_heads"]) % 2:
         raise ConfigError(f"MODEL_DIM={values['model_dim']}: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
     resolve_depth(values, environ)
+    if values["swa_enabled"] and values["ema_decay"] > 0:
+        raise ConfigError(f"EMA_DECAY={values['ema_decay']}: choose SWA_ENABLED=1 or EMA_DECAY, not both")
     notes += resolve_batch(values, world_size)
     if not values["run_id"]:
         # torchrun gives every rank the same TORCHELASTIC_RUN_ID, so all ranks agree on the name.
@@ -916,30 +920,45 @@ def prime(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream:
 
 
 class WeightAverage:
-    """SWA: a float32 sum of weight snapshots, averaged at the end."""
+    """A float32 average of weight snapshots: uniform (SWA), or exponential with `decay` (EMA)."""
 
-    def __init__(self):
+    def __init__(self, decay: float = 0.0):
+        self.decay = decay
         self.sums: dict[str, Tensor] = {}
         self.count = 0
         self.last_step = -1
 
     def add(self, model: nn.Module, step: int):
         for name, t in model.state_dict().items():
-            if name in self.sums:
-                self.sums[name] += t.detach().float()
+            t = t.detach().float()
+            if name not in self.sums:
+                self.sums[name] = t.clone()
+            elif self.decay:
+                self.sums[name].lerp_(t, 1 - self.decay)
             else:
-                self.sums[name] = t.detach().float().clone()
+                self.sums[name] += t
         self.count += 1
         self.last_step = step
 
     def average(self, like: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: (total / self.count).to(like[name].dtype) for name, total in self.sums.items()}
+        divisor = 1 if self.decay else self.count
+        return {name: (total / divisor).to(like[name].dtype) for name, total in self.sums.items()}
 
     def state_dict(self) -> dict:
         return {"sums": self.sums, "count": self.count, "last_step": self.last_step}
 
     def load_state_dict(self, state: dict):
         self.sums, self.count, self.last_step = dict(state["sums"]), int(state["count"]), int(state["last_step"])
+
+
+def averaging_due(cfg: Config, model: GPT, state: "TrainState", elapsed_ms: float) -> bool:
+    """Averages take weights trained at full depth only; EMA every step, SWA every SWA_EVERY late steps."""
+    if model.repeats != model.max_repeats:
+        return False
+    if cfg.ema_decay:
+        return True
+    return (cfg.swa_enabled and state.step % cfg.swa_every == 0
+            and budget_progress(cfg, state.step, elapsed_ms) >= cfg.swa_start_frac)
 
 
 @dataclass
@@ -949,7 +968,7 @@ class TrainState:
     step: int = 0
     train_ms: float = 0.0
     checkpoint_ms: float = 0.0  # training time at the last checkpoint
-    swa: WeightAverage = field(default_factory=WeightAverage)
+    average: WeightAverage = field(default_factory=WeightAverage)
     last_checkpoint: Path | None = None
     depth_phases: list[dict] = field(default_factory=list)  # {repeats, step, frac} of each depth change
 
@@ -1002,9 +1021,8 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
                 tok_s = state.step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9)
                 log(f"step:{state.step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
                     f"step_avg:{elapsed / state.step:.2f}ms tok_s:{tok_s:.0f}")
-            if (cfg.swa_enabled and state.step % cfg.swa_every == 0 and model.repeats == model.max_repeats
-                    and budget_progress(cfg, state.step, elapsed) >= cfg.swa_start_frac):
-                state.swa.add(model, state.step)
+            if averaging_due(cfg, model, state, elapsed):
+                state.average.add(model, state.step)
             if checkpoint_due(cfg, state, elapsed):
                 rt.sync()
                 state.train_ms = agreed_elapsed_ms(rt, state.train_ms + 1000 * (time.perf_counter() - t0))
@@ -1018,8 +1036,8 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
         raise
     if model.repeats != model.max_repeats:
         change_depth(cfg, model, state, [(model.max_repeats, 0.0)], 1.0, log)  # evaluate and export at full depth
-    if cfg.swa_enabled and state.swa.last_step != state.step:
-        state.swa.add(model, state.step)
+    if (cfg.swa_enabled or cfg.ema_decay) and state.average.last_step != state.step:
+        state.average.add(model, state.step)
     return TrainResult(state.step, state.train_ms, state.step * cfg.train_batch_tokens, val_loss, val_bpb)
 
 
@@ -1030,7 +1048,7 @@ def change_depth(cfg: Config, model: GPT, state: TrainState, phases: list[tuple[
         return
     model.set_repeats(repeats)
     state.depth_phases.append({"repeats": repeats, "step": state.step, "frac": progress})
-    state.swa = WeightAverage()  # an average mixes weights of one depth only
+    state.average = WeightAverage(cfg.ema_decay)  # an average mixes weights of one depth only
     log(f"depth_phase repeats:{repeats} step:{state.step} frac:{progress:.4f}")
 
 
@@ -1091,7 +1109,7 @@ def save_checkpoint(cfg: Config, rt: Runtime, model: GPT, optimizers, state: Tra
         t0 = time.perf_counter()
         payload = {"format": 1, "config": dataclasses.asdict(cfg), "step": state.step, "train_ms": state.train_ms,
                    "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
-                   "swa": state.swa.state_dict(), "depth": {"repeats": model.repeats, "phases": state.depth_phases},
+                   "average": state.average.state_dict(), "depth": {"repeats": model.repeats, "phases": state.depth_phases},
                    "rng": {"torch": torch.get_rng_state(),
                            "cuda": torch.cuda.get_rng_state_all() if rt.is_cuda else []}}
         buf = io.BytesIO()
@@ -1125,7 +1143,7 @@ def load_checkpoint(path: Path) -> dict:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:  # the unpickler raises many kinds on bad bytes; the checksum makes this unlikely
         raise InputError(f"checkpoint {path}: contents do not load") from None
-    needed = {"format", "config", "step", "train_ms", "model", "optimizers", "swa", "depth", "rng"}
+    needed = {"format", "config", "step", "train_ms", "model", "optimizers", "average", "depth", "rng"}
     if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or not needed <= set(ckpt):
         raise InputError(f"checkpoint {path}: not a format-1 checkpoint")
     return ckpt
@@ -1162,8 +1180,9 @@ def restore(cfg: Config, rt: Runtime, path: Path, model: GPT, optimizers, log: L
                 group.update(fresh)  # this run's settings, the checkpoint's moments
         state = TrainState(step=int(ckpt["step"]), train_ms=float(ckpt["train_ms"]),
                            checkpoint_ms=float(ckpt["train_ms"]), last_checkpoint=path)
-        state.swa.load_state_dict(ckpt["swa"])
-        state.swa.sums = {k: v.to(rt.device) for k, v in state.swa.sums.items()}
+        state.average = WeightAverage(cfg.ema_decay)
+        state.average.load_state_dict(ckpt["average"])
+        state.average.sums = {k: v.to(rt.device) for k, v in state.average.sums.items()}
         model.set_repeats(int(ckpt["depth"]["repeats"]))
         state.depth_phases = [dict(phase) for phase in ckpt["depth"]["phases"]]
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -1489,7 +1508,8 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
 
     resume = resume_path(cfg)
-    train_state = restore(cfg, rt, resume, model, optimizers, log) if resume else TrainState()
+    train_state = restore(cfg, rt, resume, model, optimizers, log) if resume else TrainState(
+        average=WeightAverage(cfg.ema_decay))
     prime(cfg, rt, model, train_model, optimizers, stream, log)
     result = train(cfg, rt, model, train_model, compiled, optimizers, stream, evaluator, log, train_state)
     if rt.distributed and cfg.depth_schedule:
@@ -1500,12 +1520,13 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     else:
         log(f"peak memory rss: {peak:.0f} MiB")
     averaged = {}
-    if cfg.swa_enabled:
-        model.load_state_dict(train_state.swa.average(model.state_dict()))
+    if cfg.swa_enabled or cfg.ema_decay:
+        kind = "swa" if cfg.swa_enabled else "ema"
+        model.load_state_dict(train_state.average.average(model.state_dict()))
         averaged = {"raw_val_loss": result.val_loss, "raw_val_bpb": result.val_bpb,
-                    "swa_snapshots": train_state.swa.count}
+                    f"{kind}_snapshots": train_state.average.count}
         result.val_loss, result.val_bpb = evaluator.standard(compiled)
-        log(f"swa: snapshots:{train_state.swa.count} raw val_bpb:{averaged['raw_val_bpb']:.4f} "
+        log(f"{kind}: snapshots:{train_state.average.count} raw val_bpb:{averaged['raw_val_bpb']:.4f} "
             f"averaged val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f}")
     log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
 

@@ -62,6 +62,8 @@ def test_env_values_are_typed():
     ({"DEPTH_SCHEDULE": "2@0,3@1.5"}, "DEPTH_SCHEDULE"),
     ({"DEPTH_SCHEDULE": "4@0,3@0.5"}, "DEPTH_SCHEDULE"),
     ({"DEPTH_SCHEDULE": "2@0,3@0.5", "NUM_REPEATS": "4"}, "NUM_REPEATS"),
+    ({"SWA_ENABLED": "1", "EMA_DECAY": "0.99"}, "EMA_DECAY"),
+    ({"EMA_DECAY": "1.5"}, "EMA_DECAY"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigError) as err:

@@ -51,3 +51,34 @@ def test_resume_keeps_the_depth_phase(tiny_env):
     b = json.loads((ROOT / env["LOG_DIR"] / "R.json").read_text())
     assert a["depth_phases"] == b["depth_phases"]
     assert abs(a["val_loss"] - b["val_loss"]) < 1e-6
+
+
+def test_weight_averages_equal_hand_computations():
+    import torch
+
+    from train_gpt import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    snapshots = []
+    swa, ema = WeightAverage(), WeightAverage(decay=0.9)
+    for step in range(4):
+        with torch.no_grad():
+            model.weight.add_(step + 1.0)
+        snapshots.append(model.weight.detach().clone())
+        swa.add(model, step)
+        ema.add(model, step)
+    like = model.state_dict()
+    assert torch.allclose(swa.average(like)["weight"], sum(snapshots) / 4)
+    expected = snapshots[0]
+    for w in snapshots[1:]:
+        expected = 0.9 * expected + 0.1 * w
+    assert torch.allclose(ema.average(like)["weight"], expected)
+
+
+def test_ema_run_reports_raw_and_averaged(tiny_env):
+    env = {**tiny_env, **SCHEDULE_ENV, "EMA_DECAY": "0.9"}
+    out = run_trainer(env, ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((ROOT / env["LOG_DIR"] / "t.json").read_text())
+    assert summary["ema_snapshots"] == 8 and "raw_val_bpb" in summary  # every step of the last phase
+    assert re.search(r"^ema: snapshots:8 raw val_bpb:\S+ averaged val_loss:\S+ val_bpb:\S+$", out.stdout, re.M)
