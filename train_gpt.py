@@ -55,6 +55,8 @@ def var(default, help: str, lo=None, hi=None, choices=None):
 
 @dataclass(frozen=True)
 class Config:
+    preset: str = var("", "a named starting configuration (see PRESETS); env vars override it",
+                      choices=("", "baseline", "recurrent"))
     # data
     data_path: str = var("./data/datasets/fineweb10B_sp1024", "folder holding *_train_*.bin and *_val_*.bin shards")
     tokenizer_path: str = var("", "sentencepiece .model for the bits-per-byte tables "
@@ -135,9 +137,20 @@ class Config:
 
 CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config)}
 
+PRESETS = {
+    # The challenge's naive baseline: the defaults themselves.
+    "baseline": {},
+    # Progressive-depth recurrence: 3 shared blocks applied up to 4 times (12 effective layers).
+    "recurrent": {"NUM_LAYERS": "3", "MODEL_DIM": "832", "NUM_HEADS": "8", "NUM_KV_HEADS": "4", "MLP_MULT": "2",
+                  "NUM_VALUE_EMBEDS": "2", "XSA_LAST_N": "4", "ACTIVATION": "leaky_relu2",
+                  "DEPTH_SCHEDULE": "2@0,3@0.4,4@0.65", "SWA_ENABLED": "1", "SWA_START_FRAC": "0.4",
+                  "SWA_EVERY": "50", "MUON_WD": "0.04", "GRAD_CLIP_NORM": "0.3", "MATRIX_LR": "0.015",
+                  "SCALAR_LR": "0.015", "TIED_EMBED_LR": "0.018"},
+}
+
 # Contract names owned by features that have not landed yet: refused loudly rather than ignored.
 NOT_YET_IMPLEMENTED = (
-    "PRESET", "MOE_NUM_EXPERTS",
+    "MOE_NUM_EXPERTS",
     "MOE_TOP_K", "MOE_D_FFN", "MOE_GRANULARITY", "MOE_LAYERS", "MOE_INIT", "MOE_FROZEN", "MOE_AUX_COEF",
     "EVAL_SEQ_LEN", "EVAL_STRIDE", "HEDGE_ENABLED", "TTT_STEPS", "EVAL_AUDIT", "PER_TOKEN_LOSS_EVERY", "QUANT",
 )
@@ -233,10 +246,13 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     for name in NOT_YET_IMPLEMENTED:
         if name in environ:
             raise ConfigError(f"{name}={environ[name]!r}: not implemented in this version of train_gpt.py; unset it")
+    preset = parse_value("PRESET", environ["PRESET"], CONFIG_FIELDS["PRESET"]) if "PRESET" in environ else ""
+    typos = typo_warnings(environ)
+    environ = {**PRESETS.get(preset, {}), **environ}
     values = {}
     for name, f in CONFIG_FIELDS.items():
         values[f.name] = parse_value(name, environ[name], f) if name in environ else f.default
-    notes = typo_warnings(environ)
+    notes = typos
     if values["model_dim"] % values["num_heads"]:
         raise ConfigError(f"NUM_HEADS={values['num_heads']}: must divide MODEL_DIM={values['model_dim']}")
     if values["num_heads"] % values["num_kv_heads"]:
@@ -272,6 +288,8 @@ def config_help() -> str:
     for name, f in CONFIG_FIELDS.items():
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         lines.append(f"  {name:<28} {kind:<5} default {f.default!r:<38} {f.metadata['help']}")
+    for name, settings in PRESETS.items():
+        lines.append(f"PRESET={name}: " + (" ".join(f"{k}={v}" for k, v in settings.items()) or "the defaults"))
     lines.append("Not yet implemented (refused when set): " + ", ".join(NOT_YET_IMPLEMENTED))
     return "\n".join(lines)
 

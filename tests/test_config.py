@@ -1,5 +1,6 @@
 """Config: env parsing, validation, typo warnings, --help, batch resolution."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -75,6 +76,18 @@ def test_depth_schedule_sets_the_full_depth():
     cfg, _ = load_config({"DEPTH_SCHEDULE": "2@0,3@0.4,4@0.65"})
     assert cfg.num_repeats == 4
     assert train_gpt.parse_depth_schedule(cfg.depth_schedule) == [(2, 0.0), (3, 0.4), (4, 0.65)]
+
+
+def test_presets_set_defaults_that_env_vars_override():
+    cfg, _ = load_config({"PRESET": "recurrent"})
+    assert (cfg.num_layers, cfg.model_dim, cfg.num_repeats, cfg.xsa_last_n, cfg.num_value_embeds) == (3, 832, 4, 4, 2)
+    assert cfg.activation == "leaky_relu2" and cfg.swa_enabled and cfg.muon_wd == 0.04 and cfg.preset == "recurrent"
+    cfg, _ = load_config({"PRESET": "recurrent", "MODEL_DIM": "512", "DEPTH_SCHEDULE": "1@0,2@0.5"})
+    assert cfg.model_dim == 512 and cfg.num_repeats == 2 and cfg.num_layers == 3
+    baseline = dataclasses.asdict(load_config({"PRESET": "baseline", "RUN_ID": "x"})[0])
+    assert baseline == {**dataclasses.asdict(load_config({"RUN_ID": "x"})[0]), "preset": "baseline"}
+    with pytest.raises(ConfigError, match="PRESET"):
+        load_config({"PRESET": "fastest"})
 
 
 def test_typo_is_warned_with_the_closest_name():
