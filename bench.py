@@ -1,6 +1,6 @@
 """Training throughput of train_gpt.py's own step on random tokens, for a named shape.
 
-    python bench.py [--shape small|baseline] [--steps N] [--warmup N] [--json FILE]
+    python bench.py [--shape small|baseline|recurrent|flat12] [--steps N] [--warmup N] [--json FILE]
     python bench.py --checkpoint [--shape baseline] [--steps N]   # time checkpoint writes instead
 
 Prints tokens/s, ms/step, peak memory, and on CUDA the MFU (model FLOPs a token = 6 x matmul
@@ -27,6 +27,10 @@ SHAPES = {
                   TRAIN_SEQ_LEN="256", TRAIN_BATCH_TOKENS="8192", GRAD_ACCUM_STEPS="1"),
     "baseline": dict(VOCAB_SIZE="1024", NUM_LAYERS="9", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4",
                      TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8"),
+    # The recurrent preset, timed at each depth of its schedule, and a flat stack of its full depth.
+    "recurrent": dict(PRESET="recurrent", TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8"),
+    "flat12": dict(PRESET="recurrent", NUM_LAYERS="12", DEPTH_SCHEDULE="1@0", NUM_VALUE_EMBEDS="0",
+                   TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8"),
 }
 
 
@@ -36,7 +40,8 @@ def random_stream(cfg, folder: Path) -> train_gpt.TokenStream:
     return train_gpt.TokenStream([folder / "bench_train_000000.bin"], cfg.vocab_size)
 
 
-def measure(shape: str, steps: int, warmup: int) -> dict:
+def measure(shape: str, steps: int, warmup: int) -> list[dict]:
+    """One row per depth: the shape's full depth, or every depth of its DEPTH_SCHEDULE."""
     env = {**SHAPES[shape], **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
     cfg, _ = train_gpt.load_config(env)
     rt = train_gpt.init_runtime(cfg)
@@ -45,26 +50,33 @@ def measure(shape: str, steps: int, warmup: int) -> dict:
     train_model = torch.compile(model) if rt.compile else model
     optimizers = train_gpt.build_optimizers(model, cfg, rt)
     params = list(model.parameters())
+    depths = [r for r, _ in train_gpt.parse_depth_schedule(cfg.depth_schedule)] if cfg.depth_schedule else [cfg.num_repeats]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         stream = random_stream(cfg, Path(tmp))
-        for step in range(warmup):
-            train_gpt.train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
-        rt.sync()
-        if rt.is_cuda:
-            torch.cuda.reset_peak_memory_stats(rt.device)
-        t0 = time.perf_counter()
-        for step in range(warmup, warmup + steps):
-            train_gpt.train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
-        rt.sync()
-        seconds = time.perf_counter() - t0
-    tokens_per_s = steps * cfg.train_batch_tokens / seconds
-    flops_per_token = 6 * train_gpt.count_matmul_params(model) + 12 * cfg.num_layers * cfg.model_dim * cfg.train_seq_len
-    peak = float(os.environ.get("BENCH_PEAK_TFLOPS", "790")) * 1e12
-    return {"shape": shape, "device": str(rt.device), "compile": rt.compile, "steps": steps,
-            "ms_per_step": 1000 * seconds / steps, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * flops_per_token / peak if rt.is_cuda else None,
-            "peak_mem_mib": train_gpt.peak_memory_mib(rt), "params": sum(p.numel() for p in params),
-            "torch_threads": torch.get_num_threads()}
+        for repeats in depths:
+            model.set_repeats(repeats)
+            for step in range(warmup):
+                train_gpt.train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
+            rt.sync()
+            if rt.is_cuda:
+                torch.cuda.reset_peak_memory_stats(rt.device)
+            t0 = time.perf_counter()
+            for step in range(warmup, warmup + steps):
+                train_gpt.train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
+            rt.sync()
+            seconds = time.perf_counter() - t0
+            tokens_per_s = steps * cfg.train_batch_tokens / seconds
+            layers = cfg.num_layers * repeats
+            flops_per_token = 6 * train_gpt.count_matmul_params(model) + 12 * layers * cfg.model_dim * cfg.train_seq_len
+            peak = float(os.environ.get("BENCH_PEAK_TFLOPS", "790")) * 1e12
+            rows.append({"shape": shape if len(depths) == 1 else f"{shape}@{repeats}", "device": str(rt.device),
+                         "compile": rt.compile, "steps": steps, "effective_layers": layers,
+                         "ms_per_step": 1000 * seconds / steps, "tokens_per_s": tokens_per_s,
+                         "mfu": tokens_per_s * flops_per_token / peak if rt.is_cuda else None,
+                         "peak_mem_mib": train_gpt.peak_memory_mib(rt), "params": sum(p.numel() for p in params),
+                         "torch_threads": torch.get_num_threads()})
+    return rows
 
 
 def measure_checkpoint(shape: str, repeats: int) -> dict:
@@ -114,16 +126,18 @@ def main():
             args.json.write_text(json.dumps(row, indent=2))
         return
     try:
-        row = measure(args.shape, args.steps, args.warmup)
+        rows = measure(args.shape, args.steps, args.warmup)
     except train_gpt.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a (CPU)"
-    print(f"{'shape':<10} {'device':<8} {'params':>10} {'ms/step':>9} {'tokens/s':>10} {'MFU':>10} {'peak MiB':>9}")
-    print(f"{row['shape']:<10} {row['device']:<8} {row['params']:>10} {row['ms_per_step']:>9.1f} "
-          f"{row['tokens_per_s']:>10.0f} {mfu:>10} {row['peak_mem_mib']:>9.0f}")
+    print(f"{'shape':<14} {'device':<8} {'layers':>6} {'params':>10} {'ms/step':>9} {'tokens/s':>10} {'MFU':>10} "
+          f"{'peak MiB':>9}")
+    for row in rows:
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a (CPU)"
+        print(f"{row['shape']:<14} {row['device']:<8} {row['effective_layers']:>6} {row['params']:>10} "
+              f"{row['ms_per_step']:>9.1f} {row['tokens_per_s']:>10.0f} {mfu:>10} {row['peak_mem_mib']:>9.0f}")
     if args.json:
-        args.json.write_text(json.dumps(row, indent=2))
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

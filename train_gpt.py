@@ -743,8 +743,8 @@ class GPT(nn.Module):
 
 
 def count_matmul_params(model: GPT) -> int:
-    """Parameters that take part in a matmul per token (for MFU): block matrices and the head."""
-    blocks = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
+    """Matmul weights a token passes through (for MFU): block matrices once per pass, and the head."""
+    blocks = model.repeats * sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
     head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
     return blocks + head
 
