@@ -921,16 +921,22 @@ def non_finite_group(optimizers: list[torch.optim.Optimizer]) -> str:
 
 
 def prime(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream: TokenStream, log: Logger):
-    """WARMUP_STEPS untimed steps to trigger compilation, then weights and optimizer state go back."""
+    """WARMUP_STEPS untimed steps at every depth the schedule will use, so that compilation stays out
+    of the timed budget; then weights, optimizer state and depth go back."""
     if cfg.warmup_steps == 0:
         return
     saved_model = copy.deepcopy(model.state_dict())
     saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    saved_repeats = model.repeats
     params = list(model.parameters())
-    for step in range(cfg.warmup_steps):
-        train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
-        if step + 1 in (1, cfg.warmup_steps) or (step + 1) % 10 == 0:
-            log(f"warmup_step:{step + 1}/{cfg.warmup_steps}")
+    depths = [r for r, _ in parse_depth_schedule(cfg.depth_schedule)] if cfg.depth_schedule else [model.repeats]
+    for repeats in depths:
+        model.set_repeats(repeats)
+        for step in range(cfg.warmup_steps):
+            train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
+            if step + 1 in (1, cfg.warmup_steps) or (step + 1) % 10 == 0:
+                log(f"warmup_step:{step + 1}/{cfg.warmup_steps}" + (f" repeats:{repeats}" if cfg.depth_schedule else ""))
+    model.set_repeats(saved_repeats)
     model.load_state_dict(saved_model)
     for opt, state in zip(optimizers, saved_opts):
         opt.load_state_dict(state)

@@ -82,3 +82,15 @@ def test_ema_run_reports_raw_and_averaged(tiny_env):
     summary = json.loads((ROOT / env["LOG_DIR"] / "t.json").read_text())
     assert summary["ema_snapshots"] == 8 and "raw_val_bpb" in summary  # every step of the last phase
     assert re.search(r"^ema: snapshots:8 raw val_bpb:\S+ averaged val_loss:\S+ val_bpb:\S+$", out.stdout, re.M)
+
+
+def test_warm_up_primes_every_depth_and_changes_nothing(tiny_env):
+    env = {**tiny_env, **SCHEDULE_ENV, "WARMUP_STEPS": "2", "RUN_ID": "primed"}
+    primed = run_trainer(env, ROOT)
+    plain = run_trainer({**env, "WARMUP_STEPS": "0", "RUN_ID": "plain"}, ROOT)
+    assert primed.returncode == 0 and plain.returncode == 0, primed.stderr[-2000:]
+    assert [line for line in primed.stdout.splitlines() if line.startswith("warmup_step:2/2")] == [
+        "warmup_step:2/2 repeats:1", "warmup_step:2/2 repeats:2", "warmup_step:2/2 repeats:3"]
+    a = json.loads((ROOT / env["LOG_DIR"] / "primed.json").read_text())
+    b = json.loads((ROOT / env["LOG_DIR"] / "plain.json").read_text())
+    assert abs(a["val_loss"] - b["val_loss"]) < 1e-6
