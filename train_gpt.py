@@ -1,6 +1,6 @@
 """Parameter-golf trainer: one file, read top to bottom in the order a run happens.
 
-config -> distributed/device -> data -> model -> optimizers -> training -> export -> evaluation -> main.
+config -> distributed/device -> data -> model -> optimizers -> training -> checkpoints -> export -> evaluation -> main.
 Launch with `torchrun --standalone --nproc_per_node=N train_gpt.py` (or `python train_gpt.py`);
 every hyperparameter is an env var, `python train_gpt.py --help` lists them.
 """
@@ -1521,11 +1521,8 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     params_total = sum(p.numel() for p in model.parameters())
     log(f"model_params:{params_total} trainable:{sum(p.numel() for p in model.parameters() if p.requires_grad)}")
     compiled = torch.compile(model) if rt.compile else model
-    # A one-pass phase of a recurrent model leaves the cross-pass skips without a gradient.
-    single_pass_phase = model.max_repeats > 1 and cfg.depth_schedule and min(
-        r for r, _ in parse_depth_schedule(cfg.depth_schedule)) == 1
     train_model = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.is_cuda else None,
-                                          broadcast_buffers=False, find_unused_parameters=bool(single_pass_phase)
+                                          broadcast_buffers=False, find_unused_parameters=has_one_pass_phase(cfg)
                                           ) if rt.distributed else compiled
     optimizers = build_optimizers(model, cfg, rt)
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
@@ -1554,14 +1551,44 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
             f"averaged val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f}")
     log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
 
-    log_dir = Path(cfg.log_dir)
-    artifact_path = log_dir / f"{cfg.run_id}.ptz"
+    exported = export_and_round_trip(cfg, rt, model, evaluator, log)
+    lowest = min(result.val_bpb, exported["roundtrip_val_bpb"])
+    if "source_bpb" in floor:
+        # Below the true entropy of the text is impossible for an honest evaluation: a bug, not a record.
+        floor["below_source_entropy"] = lowest < floor["source_bpb"]
+        if floor["below_source_entropy"]:
+            log(f"WARNING below_source_entropy: val_bpb {lowest:.4f} < source_bpb {floor['source_bpb']:.4f}: "
+                f"the evaluation is wrong")
+
+    summary = {
+        "run_id": cfg.run_id, "world_size": rt.world_size, "device": str(rt.device),
+        "config": dataclasses.asdict(cfg), "steps": result.steps, "train_time_ms": result.train_time_ms,
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_s": result.tokens_seen / max(result.train_time_ms / 1000, 1e-9),
+        "params_total": params_total,
+        "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "val_loss": result.val_loss, "val_bpb": result.val_bpb, "val_bytes": val_bytes,
+        "val_tokens": len(val_tokens) - 1, "peak_mem_mib": peak, **exported, **floor, **averaged, **({"depth_phases": train_state.depth_phases} if cfg.depth_schedule else {}),
+    }
+    return summary
+
+
+def has_one_pass_phase(cfg: Config) -> bool:
+    """A one-pass phase of a recurrent model leaves its cross-pass skips without a gradient, which
+    DDP must be told to expect."""
+    return cfg.num_repeats > 1 and bool(cfg.depth_schedule) and min(
+        r for r, _ in parse_depth_schedule(cfg.depth_schedule)) == 1
+
+
+def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evaluator, log: Logger) -> dict:
+    """Rank 0 writes the artifact; every rank rebuilds a model from its bytes alone and evaluates it."""
+    artifact_path = Path(cfg.log_dir) / f"{cfg.run_id}.ptz"
     bytes_code = len(Path(__file__).read_bytes())
     blob = build_artifact(model, cfg) if rt.rank == 0 else None
     if rt.rank == 0:
         write_atomic(artifact_path, blob)
     blob = share_from_rank0(rt, blob)
-    header, state = parse_artifact(blob, artifact_path)
+    header, tensors = parse_artifact(blob, artifact_path)
     bytes_model, method = len(blob), header["compressor"]
     bytes_total = bytes_model + bytes_code
     over = bytes_total > cfg.artifact_limit_bytes
@@ -1571,35 +1598,15 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     if over:
         log(f"WARNING over_limit: bytes_total {bytes_total} exceeds ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes} "
             f"by {bytes_total - cfg.artifact_limit_bytes} bytes: this run cannot be a submission")
-
     t_eval = time.perf_counter()
-    roundtrip = model_from_artifact(header, state, artifact_path, rt.device)
+    roundtrip = model_from_artifact(header, tensors, artifact_path, rt.device)
     rt_loss, rt_bpb = evaluator.standard(torch.compile(roundtrip) if rt.compile else roundtrip)
     eval_ms = 1000 * (time.perf_counter() - t_eval)
     log(f"final_int8_{method}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} eval_time:{eval_ms:.0f}ms")
     log(f"final_int8_{method}_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
-    if "source_bpb" in floor:
-        # Below the true entropy of the text is impossible for an honest evaluation: a bug, not a record.
-        floor["below_source_entropy"] = min(result.val_bpb, rt_bpb) < floor["source_bpb"]
-        if floor["below_source_entropy"]:
-            log(f"WARNING below_source_entropy: val_bpb {min(result.val_bpb, rt_bpb):.4f} < source_bpb "
-                f"{floor['source_bpb']:.4f}: the evaluation is wrong")
-
-    summary = {
-        "run_id": cfg.run_id, "world_size": rt.world_size, "device": str(rt.device),
-        "config": dataclasses.asdict(cfg), "steps": result.steps, "train_time_ms": result.train_time_ms,
-        "tokens_seen": result.tokens_seen,
-        "tokens_per_s": result.tokens_seen / max(result.train_time_ms / 1000, 1e-9),
-        "params_total": params_total,
-        "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "val_loss": result.val_loss, "val_bpb": result.val_bpb,
-        "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "val_bytes": val_bytes,
-        "val_tokens": len(val_tokens) - 1, "bytes_model": bytes_model, "bytes_code": bytes_code,
-        "bytes_total": bytes_total, "over_limit": over, "compressor": method,
-        "artifact_path": str(artifact_path), "peak_mem_mib": peak, "roundtrip_eval_ms": eval_ms,
-        **floor, **averaged, **({"depth_phases": train_state.depth_phases} if cfg.depth_schedule else {}),
-    }
-    return summary
+    return {"roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "bytes_model": bytes_model,
+            "bytes_code": bytes_code, "bytes_total": bytes_total, "over_limit": over, "compressor": method,
+            "artifact_path": str(artifact_path), "roundtrip_eval_ms": eval_ms}
 
 
 def main() -> int:
