@@ -50,7 +50,7 @@ def measure(shape: str, steps: int, warmup: int) -> list[dict]:
     train_model = torch.compile(model) if rt.compile else model
     optimizers = train_gpt.build_optimizers(model, cfg, rt)
     params = list(model.parameters())
-    depths = [r for r, _ in train_gpt.parse_depth_schedule(cfg.depth_schedule)] if cfg.depth_schedule else [cfg.num_repeats]
+    depths = [r for r, _ in cfg.depth_phases]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         stream = random_stream(cfg, Path(tmp))

@@ -134,6 +134,11 @@ class Config:
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
 
+    @property
+    def depth_phases(self) -> list[tuple[int, float]]:
+        """(repeats, starting fraction of the budget) of each phase; one phase at full depth without a schedule."""
+        return parse_depth_schedule(self.depth_schedule) if self.depth_schedule else [(self.num_repeats, 0.0)]
+
 
 CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config)}
 
@@ -929,7 +934,7 @@ def prime(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream:
     saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     saved_repeats = model.repeats
     params = list(model.parameters())
-    depths = [r for r, _ in parse_depth_schedule(cfg.depth_schedule)] if cfg.depth_schedule else [model.repeats]
+    depths = [r for r, _ in cfg.depth_phases]
     for repeats in depths:
         model.set_repeats(repeats)
         for step in range(cfg.warmup_steps):
@@ -1010,7 +1015,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
           evaluator: "Evaluator", log: Logger, state: TrainState) -> TrainResult:
     params = list(model.parameters())
     cap_ms = cfg.max_wallclock_seconds * 1000
-    phases = parse_depth_schedule(cfg.depth_schedule) if cfg.depth_schedule else []
+    phases = cfg.depth_phases if cfg.depth_schedule else []
     stop = False
     val_loss = val_bpb = float("nan")
     elapsed = state.train_ms
@@ -1568,7 +1573,8 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         "params_total": params_total,
         "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "val_loss": result.val_loss, "val_bpb": result.val_bpb, "val_bytes": val_bytes,
-        "val_tokens": len(val_tokens) - 1, "peak_mem_mib": peak, **exported, **floor, **averaged, **({"depth_phases": train_state.depth_phases} if cfg.depth_schedule else {}),
+        "val_tokens": len(val_tokens) - 1, "peak_mem_mib": peak, **exported, **floor, **averaged,
+        **({"depth_phases": train_state.depth_phases} if cfg.depth_schedule else {}),
     }
     return summary
 
@@ -1576,8 +1582,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
 def has_one_pass_phase(cfg: Config) -> bool:
     """A one-pass phase of a recurrent model leaves its cross-pass skips without a gradient, which
     DDP must be told to expect."""
-    return cfg.num_repeats > 1 and bool(cfg.depth_schedule) and min(
-        r for r, _ in parse_depth_schedule(cfg.depth_schedule)) == 1
+    return cfg.num_repeats > 1 and min(r for r, _ in cfg.depth_phases) == 1
 
 
 def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evaluator, log: Logger) -> dict:
