@@ -1,317 +1,488 @@
-"""Text into the challenge's shards: documents -> sentencepiece tokens -> *_val_*.bin / *_train_*.bin.
+"""Turn text into the challenge's token shards, and own the one shard writer of the project.
 
     python data/prepare.py --input FILE... --out DIR [--tokenizer MODEL | --vocab-size N]
                            [--val-docs N] [--doc-sep SEP] [--shard-tokens N]
 
-Inputs are .txt (documents separated by blank lines, or by --doc-sep), .jsonl (one document a
-line, in its "text" field) or .gz of either. As the challenge does: NUL becomes a space, each
-document is stripped, empty documents are skipped. The first --val-docs documents are the
-validation split; the tokenizer, when trained here, sees only the training documents. Every
-document is prefixed with BOS (id 1). Writes DIR/meta.json (and DIR/tokenizer.model when trained).
+Inputs, read as a stream one document at a time:
+  .txt    documents separated by blank lines, or by --doc-sep (backslash escapes such as \\n are
+          understood, e.g. --doc-sep '\\n---\\n' or --doc-sep '<|endoftext|>'); the text is kept
+          byte for byte, line endings included
+  .jsonl  one JSON object a line; its "text" is the document, a numeric "entropy_bits" is summed
+          over the validation documents when every one of them carries it
+  .gz     either of the above, compressed
+As the challenge does, NUL becomes a space, each document is stripped and empty ones are skipped.
+
+Split: the first --val-docs documents (default 1000) are validation, the rest training. The
+challenge fixes its validation set the same way (its first 50,000 documents); 1000 is enough
+text for a steady bits-per-byte figure on small corpora while leaving most of them to train on.
+
+Tokenizer: --tokenizer uses a given sentencepiece model; --vocab-size N trains a BPE one with the
+challenge's settings on the training documents only (at most TOKENIZER_TRAIN_CHARS characters of
+them, in order, so training is deterministic and bounded) and writes DIR/tokenizer.model/.vocab.
+"\u2581" is forced into a trained vocabulary (sentencepiece's required_chars) and a given model
+without it is refused: bits per byte give every standalone space one byte through that piece.
+
+Output: DIR/fineweb_val_NNNNNN.bin, DIR/fineweb_train_NNNNNN.bin (--shard-tokens tokens each,
+default 100,000,000 as the challenge's), every document prefixed with BOS (id 1), no EOS; and
+DIR/meta.json (token, document and byte counts, vocab size, absolute tokenizer path). Everything
+is built in a hidden folder inside DIR and renamed into place once complete, meta.json last, so
+an error leaves no half-written file under a final name; shards of an earlier run in DIR that
+this run does not replace are removed, so DIR never mixes two preparations.
+
+Bad input (missing or unreadable file, unknown extension, bad JSON line, a tokenizer that does
+not load or lacks "\u2581", too few documents, ...) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import gzip
 import json
 import os
+import re
+import secrets
 import shutil
 import sys
 import tempfile
+import zlib
+from functools import partial
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
-MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+MAX_SHARD_TOKENS = 2**31 - 1  # the header's token count is an int32
+MAX_VOCAB = 65536  # tokens are stored as uint16
 BOS_ID = 1
 SPACE_PIECE = "\u2581"
-ENCODE_BATCH = 1024  # documents handed to sentencepiece at once: bounded memory, few calls
-TOKENIZER_MAX_LINES = 2_000_000  # lines of training text the tokenizer is trained on
+BYTE_FALLBACK_PIECES = 256
+SPECIAL_PIECES = 4  # pad, bos, eos, unk
+
+DEFAULT_VAL_DOCS = 1000
+DEFAULT_SHARD_TOKENS = 100_000_000
+TOKENIZER_TRAIN_CHARS = 50_000_000  # sentencepiece holds all its training text in memory
+TOKENIZER_THREADS = 4
+ENCODE_BATCH_DOCS = 512  # documents handed to sentencepiece at once: few calls, bounded memory
+READ_CHUNK_CHARS = 1 << 20
+ESCAPE = re.compile(r"\\(?:x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[\\abfnrtv0'\"])")
 
 
 class PrepareError(Exception):
-    """Bad input: reported as one line, exit code 2."""
+    """A problem with the user's input: reported as one line, exit code 2."""
 
 
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else error.__class__.__name__
 
 
-def write_shard(path: str | Path, tokens: np.ndarray) -> None:
-    """One shard in the challenge's format, written to a temp file and renamed into place."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or len(tokens) >= 2**31:
-        raise ValueError(f"a shard holds a 1-D array of fewer than 2**31 tokens, got shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
-        raise ValueError("token ids must fit in uint16 (vocab <= 65,536)")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, len(tokens))
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+# ----------------------------------------------------------------------------------------------
+# Shard writing
+# ----------------------------------------------------------------------------------------------
+
+def atomic_write(path: Path, chunks) -> None:
+    """Writes the byte chunks under a temporary name beside `path`, then renames it into place, so
+    a reader sees the previous file or the complete new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype("<u2").tobytes())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; shards are not
+        with open(tmp, "xb") as f:
+            for chunk in chunks:
+                f.write(chunk)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_shard(path: str | Path, tokens) -> None:
+    """Writes one shard in the challenge's format: 256 little-endian int32 (magic, version, token
+    count, zeros) then the tokens as little-endian uint16."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"a shard holds a 1-D array of token ids, got shape {tokens.shape}")
+    if len(tokens) > MAX_SHARD_TOKENS:
+        raise ValueError(f"a shard holds fewer than 2**31 tokens, got {len(tokens)}")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= MAX_VOCAB):
+        raise ValueError(f"token ids must lie in [0, {MAX_VOCAB}) to fit uint16, got "
+                         f"{int(tokens.min())}..{int(tokens.max())}")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    body = np.ascontiguousarray(tokens.astype("<u2", copy=False))
+    atomic_write(Path(path), [header.tobytes(), body])
+
+
+class ShardWriter:
+    """Cuts one split's token stream into numbered shards of exactly `shard_tokens` (the last one
+    shorter); documents straddle shard boundaries as in the challenge's shards."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int):
+        self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards = 0
+        self.tokens = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        while self.pending_tokens >= self.shard_tokens:
+            stream = np.concatenate(self.pending)
+            self.write(stream[:self.shard_tokens])
+            self.pending = [stream[self.shard_tokens:]]
+            self.pending_tokens = len(stream) - self.shard_tokens
+
+    def close(self) -> None:
+        if self.pending_tokens:
+            self.write(np.concatenate(self.pending))
+        self.pending, self.pending_tokens = [], 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        write_shard(self.folder / f"fineweb_{self.split}_{self.shards:06d}.bin", tokens)
+        self.shards += 1
+        self.tokens += len(tokens)
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading documents
 # ----------------------------------------------------------------------------------------------
 
-def open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
 def input_kind(path: Path) -> str:
-    name = path.name[:-3] if path.suffix == ".gz" else path.name
-    for kind in ("jsonl", "txt"):
+    name = path.name[:-len(".gz")] if path.name.endswith(".gz") else path.name
+    for kind in ("txt", "jsonl"):
         if name.endswith("." + kind):
             return kind
-    raise PrepareError(f"{path}: unknown input type (expected .txt, .jsonl or .gz of either)")
+    raise PrepareError(f"{path}: unknown input type (expected .txt, .jsonl, .txt.gz or .jsonl.gz)")
+
+
+def check_inputs(paths: list[Path]) -> None:
+    """Refuses a missing file or an unknown type before any work is done."""
+    for path in paths:
+        if not path.is_file():
+            raise PrepareError(f"{path}: no such input file")
+        input_kind(path)
+
+
+def open_text(path: Path, newline: str | None):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline=newline)
+    return open(path, encoding="utf-8", newline=newline)
+
+
+def split_on_blank_lines(lines):
+    document: list[str] = []
+    for line in lines:
+        if line.strip():
+            document.append(line)
+        elif document:
+            yield "".join(document)
+            document = []
+    if document:
+        yield "".join(document)
+
+
+def split_on_separator(chunks, separator: str):
+    """Splits a stream of text chunks on `separator` without ever holding more than the current
+    document plus one chunk, and without rescanning a long document for every chunk."""
+    parts: list[str] = []
+    carry = ""  # the end of the text read so far, where a separator may begin
+    for chunk in chunks:
+        pieces = (carry + chunk).split(separator)
+        if len(pieces) == 1:
+            keep = max(0, len(pieces[0]) - len(separator) + 1)
+            parts.append(pieces[0][:keep])
+            carry = pieces[0][keep:]
+            continue
+        parts.append(pieces[0])
+        yield "".join(parts)
+        yield from pieces[1:-1]
+        parts, carry = [], pieces[-1]
+    yield "".join(parts) + carry
+
+
+def txt_documents(path: Path, separator: str | None):
+    # newline="" keeps line endings as written, so validation bytes are the file's own
+    with open_text(path, newline="") as f:
+        if separator is None:
+            yield from split_on_blank_lines(f)
+        else:
+            yield from split_on_separator(iter(partial(f.read, READ_CHUNK_CHARS), ""), separator)
+
+
+def entropy_of(record: dict) -> float | None:
+    bits = record.get("entropy_bits")
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)):
+        return None
+    return float(bits)
 
 
 def jsonl_documents(path: Path):
-    with open_text(path) as f:
+    """(text, entropy_bits or None) for each line; a blank line (e.g. a trailing one) is no document."""
+    with open_text(path, newline=None) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                raise PrepareError(f"{path}:{number}: not valid JSON") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise PrepareError(f"{path}:{number}: no string \"text\" field")
-            yield record["text"], record.get("entropy_bits")
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise PrepareError(f"{path}:{number}: no \"text\" string")
+            yield text, entropy_of(record)
 
 
-def txt_documents(path: Path, separator: str | None):
-    with open_text(path) as f:
-        text = f.read()
-    if separator is None:
-        pieces, current = [], []
-        for line in text.split("\n"):
-            if line.strip():
-                current.append(line)
-            elif current:
-                pieces.append("\n".join(current))
-                current = []
-        pieces.append("\n".join(current))
+def file_documents(path: Path, separator: str | None):
+    """One input file's raw (text, entropy_bits or None), its read and decode failures turned into
+    one-line errors."""
+    if input_kind(path) == "jsonl":
+        source = jsonl_documents(path)
     else:
-        pieces = text.split(separator)
-    for piece in pieces:
-        yield piece, None
+        source = ((text, None) for text in txt_documents(path, separator))
+    try:
+        yield from source
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise PrepareError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
 
 
 def documents(paths: list[Path], separator: str | None):
-    """(text, entropy_bits or None) for every non-empty document, in input order."""
+    """(text, entropy_bits or None) of every document of every input, in order, cleaned as the
+    challenge cleans them."""
     for path in paths:
-        if not path.is_file():
-            raise PrepareError(f"{path}: no such input file")
-        kind = input_kind(path)
-        try:
-            source = jsonl_documents(path) if kind == "jsonl" else txt_documents(path, separator)
-            for text, bits in source:
-                text = text.replace("\x00", " ").strip()
-                if text:
-                    yield text, bits
-        except (UnicodeDecodeError, OSError, EOFError, gzip.BadGzipFile) as e:
-            raise PrepareError(f"{path}: cannot read ({e.__class__.__name__})") from None
+        for text, bits in file_documents(path, separator):
+            text = text.replace("\x00", " ").strip()
+            if text:
+                yield text, bits
 
 
-def decode_separator(raw: str | None) -> str | None:
-    if raw is None:
-        return None
-    sep = raw.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
-    if not sep:
+def decode_separator(raw: str) -> str:
+    """--doc-sep with its backslash escapes resolved; other characters, non-ASCII ones included,
+    are taken as they are."""
+    try:
+        separator = ESCAPE.sub(lambda m: codecs.decode(m.group(0), "unicode_escape"), raw)
+    except UnicodeDecodeError:
+        raise PrepareError(f"--doc-sep {raw!r}: invalid escape") from None
+    if not separator:
         raise PrepareError("--doc-sep: must not be empty")
-    return sep
+    return separator
+
+
+def too_few_documents(count: int, val_docs: int) -> PrepareError:
+    return PrepareError(f"only {count} documents in the input: need more than --val-docs={val_docs} "
+                        f"(the first {val_docs} are validation, training needs at least one)")
 
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------
 
-def training_lines(docs, val_docs: int):
-    """Lines of the training documents only: the validation split never shapes the tokenizer."""
-    count = 0
-    for index, (text, _) in enumerate(docs):
-        if index < val_docs:
+def tokenizer_training_text(docs, val_docs: int, budget: int) -> list[str]:
+    """The training documents, in order, up to `budget` characters: validation text never shapes
+    the tokenizer, and the cap bounds the trainer's time and memory."""
+    texts, used, seen = [], 0, 0
+    for text, _ in docs:
+        seen += 1
+        if seen <= val_docs:
             continue
-        for line in text.split("\n"):
-            if line.strip():
-                yield line
-                count += 1
-                if count >= TOKENIZER_MAX_LINES:
-                    return
+        texts.append(text[:budget - used])
+        used += len(texts[-1])
+        if used >= budget:
+            break
+    if not texts:
+        raise too_few_documents(seen, val_docs)
+    return texts
 
 
-def train_tokenizer(lines, out_dir: Path, vocab_size: int) -> Path:
-    """A BPE tokenizer with the challenge's settings, written as out_dir/tokenizer.model."""
+def train_tokenizer(texts: list[str], prefix: Path, vocab_size: int) -> Path:
+    """A BPE model with the challenge's trainer settings, one document a sentence as it trains
+    them, with "\u2581" forced into the vocabulary. Writes prefix.model and prefix.vocab."""
     import sentencepiece as spm
 
-    prefix = out_dir / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
-        character_coverage=0.999, byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
-        add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False,
-        shuffle_input_sentence=False, max_sentence_length=1 << 16, num_threads=2, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=vocab_size,
+            model_type="bpe", character_coverage=0.999, byte_fallback=True, split_digits=True,
+            normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+            pad_id=0, bos_id=BOS_ID, eos_id=2, unk_id=3, hard_vocab_limit=False,
+            required_chars=SPACE_PIECE, max_sentence_length=4 * TOKENIZER_TRAIN_CHARS,
+            num_threads=TOKENIZER_THREADS, minloglevel=2)
+    except RuntimeError as e:
+        raise PrepareError(f"tokenizer training failed: {first_line(e)}") from None
     return prefix.with_suffix(".model")
 
 
+def trained_tokenizer(docs, val_docs: int, vocab_size: int, prefix: Path):
+    """Trains on the training split and loads the result; the training text is released on return,
+    before the encoding pass."""
+    texts = tokenizer_training_text(docs, val_docs, TOKENIZER_TRAIN_CHARS)
+    return load_tokenizer(train_tokenizer(texts, prefix, vocab_size))
+
+
 def load_tokenizer(path: Path):
+    """The sentencepiece model at `path`, refused unless its ids fit the shards, its BOS is the
+    challenge's and it has the standalone "\u2581" piece bits per byte need."""
     import sentencepiece as spm
 
+    if not path.is_file():
+        raise PrepareError(f"{path}: tokenizer not found")
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(str(path))
     except (OSError, RuntimeError):
         raise PrepareError(f"{path}: not a sentencepiece model") from None
-    if sp.vocab_size() > 65536:
-        raise PrepareError(f"{path}: vocabulary of {sp.vocab_size()} does not fit uint16 shards (max 65,536)")
+    if sp.vocab_size() > MAX_VOCAB:
+        raise PrepareError(f"{path}: vocabulary of {sp.vocab_size()} does not fit uint16 shards "
+                           f"(at most {MAX_VOCAB:,})")
     if sp.bos_id() != BOS_ID:
-        raise PrepareError(f"{path}: BOS must be id {BOS_ID} (the challenge's), this tokenizer has {sp.bos_id()}")
-    if sp.PieceToId(SPACE_PIECE) == sp.unk_id():
-        raise PrepareError(f"{path}: no standalone '{SPACE_PIECE}' piece, so bits per byte could not be counted")
+        raise PrepareError(f"{path}: BOS is id {sp.bos_id()}, the shards need id {BOS_ID}")
+    if sp.piece_to_id(SPACE_PIECE) == sp.unk_id():
+        raise PrepareError(f"{path}: no standalone \"{SPACE_PIECE}\" piece, so spaces would be "
+                           f"byte-fallback tokens and bits per byte would be wrong")
     return sp
 
 
 # ----------------------------------------------------------------------------------------------
-# Shards
+# Tokenizing into shards
 # ----------------------------------------------------------------------------------------------
 
-class ShardWriter:
-    """Buffers one split's tokens and writes numbered shards of at most `shard_tokens`."""
-
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.buffer: list[np.ndarray] = []
-        self.buffered = 0
-        self.written = 0
-        self.index = 0
-
-    def add(self, tokens: np.ndarray):
-        self.buffer.append(tokens)
-        self.buffered += len(tokens)
-        while self.buffered >= self.shard_tokens:
-            self.flush(self.shard_tokens)
-
-    def flush(self, count: int | None = None):
-        if not self.buffered:
-            return
-        joined = np.concatenate(self.buffer)
-        count = len(joined) if count is None else count
-        write_shard(self.out_dir / f"fineweb_{self.split}_{self.index:06d}.bin", joined[:count])
-        self.index += 1
-        self.written += count
-        self.buffer = [joined[count:]] if count < len(joined) else []
-        self.buffered = len(joined) - count
-
-
-def batched(iterable, size: int):
-    batch = []
-    for item in iterable:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
+def split_batches(docs, val_docs: int, size: int):
+    """("val" | "train", documents) batches in input order, never mixing the two splits."""
+    batch, split = [], "val"
+    for index, doc in enumerate(docs):
+        doc_split = "val" if index < val_docs else "train"
+        if batch and (doc_split != split or len(batch) == size):
+            yield split, batch
             batch = []
+        split = doc_split
+        batch.append(doc)
     if batch:
-        yield batch
+        yield split, batch
 
 
-def tokenize_into(stage: Path, sp, docs, val_docs: int, shard_tokens: int) -> dict:
-    """Encodes every document into the two splits' shards; returns the counts for meta.json."""
-    writers = {"val": ShardWriter(stage, "val", shard_tokens), "train": ShardWriter(stage, "train", shard_tokens)}
-    stats = {"val_docs": 0, "train_docs": 0, "val_utf8_bytes": 0}
-    val_bits = []
-    index = 0
-    for batch in batched(docs, ENCODE_BATCH):
-        for (text, bits), ids in zip(batch, sp.encode([text for text, _ in batch])):
-            split = "val" if index < val_docs else "train"
-            writers[split].add(np.array([BOS_ID] + ids, dtype=np.uint16))
-            stats[f"{split}_docs"] += 1
-            if split == "val":
-                stats["val_utf8_bytes"] += len(text.encode("utf-8"))
-                val_bits.append(bits)
-            index += 1
+def with_bos(id_lists: list[list[int]]) -> np.ndarray:
+    return np.fromiter(chain.from_iterable(chain((BOS_ID,), ids) for ids in id_lists), dtype=np.uint16)
+
+
+def tokenize_to_shards(sp, docs, val_docs: int, folder: Path, shard_tokens: int) -> dict:
+    """Encodes every document into the two splits' shards in `folder`; returns meta.json's counts."""
+    writers = {split: ShardWriter(folder, split, shard_tokens) for split in ("val", "train")}
+    counts = {"val": 0, "train": 0}
+    val_bytes, val_bits = 0, []
+    for split, batch in split_batches(docs, val_docs, ENCODE_BATCH_DOCS):
+        texts = [text for text, _ in batch]
+        writers[split].add(with_bos(sp.encode(texts)))
+        counts[split] += len(batch)
+        if split == "val":
+            val_bytes += sum(len(text.encode("utf-8")) for text in texts)
+            val_bits += [bits for _, bits in batch]
+    if counts["train"] == 0:
+        raise too_few_documents(counts["val"], val_docs)
     for writer in writers.values():
-        writer.flush()
-    if stats["train_docs"] == 0:
-        raise PrepareError(f"only {index} documents: need more than --val-docs={val_docs} so training gets some")
-    stats["val_tokens"], stats["train_tokens"] = writers["val"].written, writers["train"].written
-    if all(isinstance(bits, (int, float)) for bits in val_bits):
-        stats["val_entropy_bits"] = float(sum(val_bits))
+        writer.close()
+    stats = {"train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens,
+             "train_docs": counts["train"], "val_docs": counts["val"], "val_utf8_bytes": val_bytes,
+             "train_shards": writers["train"].shards, "val_shards": writers["val"].shards}
+    if all(bits is not None for bits in val_bits):
+        stats["val_entropy_bits"] = sum(val_bits)
     return stats
 
 
-def prepare(inputs: list[Path], out_dir: Path, tokenizer: Path | None, vocab_size: int | None, val_docs: int,
-            separator: str | None, shard_tokens: int) -> dict:
-    """Builds everything in a staging folder beside `out_dir`, then moves the files in: a failure
-    leaves no half-written shard or meta.json under a final name."""
+# ----------------------------------------------------------------------------------------------
+# The whole preparation
+# ----------------------------------------------------------------------------------------------
+
+def publish(stage: Path, out_dir: Path) -> None:
+    """Moves the staged files to their final names, meta.json last so that its presence means a
+    complete set; shards of an earlier run that this one does not replace are removed."""
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    staged = {p.name for p in stage.iterdir()}
+    for old in chain(out_dir.glob("*_train_*.bin"), out_dir.glob("*_val_*.bin")):
+        if old.name not in staged:
+            old.unlink()
+    for name in sorted(staged - {"meta.json"}):
+        os.replace(stage / name, out_dir / name)
+    os.replace(stage / "meta.json", out_dir / "meta.json")
+
+
+def prepare(inputs: list[Path], out_dir: Path, tokenizer: Path | None, vocab_size: int | None,
+            val_docs: int, separator: str | None, shard_tokens: int) -> dict:
+    """Builds tokenizer, shards and meta.json in a staging folder inside `out_dir`, then publishes
+    them; the staging folder goes away whatever happens. Returns meta.json's content."""
+    check_inputs(inputs)
+    sp = load_tokenizer(tokenizer) if tokenizer is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".prepare-"))
+    stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
     try:
-        if tokenizer is None:
-            model_path = train_tokenizer(training_lines(documents(inputs, separator), val_docs), stage, vocab_size)
-        else:
-            model_path = tokenizer
-        sp = load_tokenizer(model_path)
-        stats = tokenize_into(stage, sp, documents(inputs, separator), val_docs, shard_tokens)
-        final_model = out_dir / "tokenizer.model" if tokenizer is None else tokenizer.resolve()
-        meta = {**stats, "vocab_size": sp.vocab_size(), "tokenizer": str(final_model.resolve()),
-                "inputs": [str(p) for p in inputs]}
-        (stage / "meta.json").write_text(json.dumps(meta, indent=2))
-        for stale in list(out_dir.glob("*_train_*.bin")) + list(out_dir.glob("*_val_*.bin")):
-            stale.unlink()
-        for name in sorted(p.name for p in stage.iterdir() if p.name != "meta.json"):
-            os.replace(stage / name, out_dir / name)
-        os.replace(stage / "meta.json", out_dir / "meta.json")
+        model = tokenizer.resolve() if tokenizer is not None else out_dir.resolve() / "tokenizer.model"
+        if sp is None:
+            sp = trained_tokenizer(documents(inputs, separator), val_docs, vocab_size, stage / "tokenizer")
+        stats = tokenize_to_shards(sp, documents(inputs, separator), val_docs, stage, shard_tokens)
+        meta = {**stats, "vocab_size": sp.vocab_size(), "tokenizer": str(model), "bos_id": BOS_ID,
+                "inputs": [str(p.resolve()) for p in inputs]}
+        atomic_write(stage / "meta.json", [json.dumps(meta, indent=2).encode() + b"\n"])
+        publish(stage, out_dir)
         return meta
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is the same single stderr line as every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Turn text into the challenge's token shards.")
-    parser.add_argument("--input", nargs="+", required=True, type=Path, help=".txt / .jsonl / .gz files")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser = OneLineParser(description="Turn text into the challenge's token shards.")
+    parser.add_argument("--input", nargs="+", action="extend", required=True, type=Path, metavar="FILE",
+                        help=".txt, .jsonl, .txt.gz or .jsonl.gz; documents are taken in the order given")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tokenizer", type=Path, help="an existing sentencepiece .model")
-    source.add_argument("--vocab-size", type=int, help="train a BPE tokenizer of this size on the training docs")
-    parser.add_argument("--val-docs", type=int, default=1000, help="first N documents are validation (1000)")
-    parser.add_argument("--doc-sep", help="document separator in .txt input (backslash escapes understood)")
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens a shard (100,000,000)")
+    source.add_argument("--tokenizer", type=Path, metavar="MODEL", help="an existing sentencepiece .model")
+    source.add_argument("--vocab-size", type=int, metavar="N",
+                        help="train a BPE tokenizer of N pieces on the training documents")
+    parser.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS, metavar="N",
+                        help=f"the first N documents are validation (default {DEFAULT_VAL_DOCS})")
+    parser.add_argument("--doc-sep", metavar="SEP",
+                        help="document separator in .txt input instead of blank lines (\\n etc. understood)")
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+                        help=f"tokens a shard (default {DEFAULT_SHARD_TOKENS:,})")
     return parser.parse_args(argv)
+
+
+def check_numbers(args) -> None:
+    smallest_vocab = SPECIAL_PIECES + BYTE_FALLBACK_PIECES + 1
+    if args.vocab_size is not None and not smallest_vocab <= args.vocab_size <= MAX_VOCAB:
+        raise PrepareError(f"--vocab-size={args.vocab_size}: must be between {smallest_vocab} "
+                           f"(specials, byte fallback, \"{SPACE_PIECE}\") and {MAX_VOCAB:,} (uint16 shards)")
+    if args.val_docs < 1:
+        raise PrepareError(f"--val-docs={args.val_docs}: must be at least 1")
+    if not 1 <= args.shard_tokens <= MAX_SHARD_TOKENS:
+        raise PrepareError(f"--shard-tokens={args.shard_tokens}: must be between 1 and {MAX_SHARD_TOKENS:,}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.vocab_size is not None and not 260 <= args.vocab_size <= 65536:
-            raise PrepareError(f"--vocab-size={args.vocab_size}: must be between 260 and 65,536")
-        if args.val_docs < 1:
-            raise PrepareError(f"--val-docs={args.val_docs}: must be at least 1")
-        if args.shard_tokens < 1:
-            raise PrepareError(f"--shard-tokens={args.shard_tokens}: must be at least 1")
-        if args.tokenizer is not None and not args.tokenizer.is_file():
-            raise PrepareError(f"{args.tokenizer}: tokenizer not found")
-        meta = prepare(args.input, args.out, args.tokenizer, args.vocab_size, args.val_docs,
-                       decode_separator(args.doc_sep), args.shard_tokens)
+        check_numbers(args)
+        separator = decode_separator(args.doc_sep) if args.doc_sep is not None else None
+        meta = prepare(args.input, args.out, args.tokenizer, args.vocab_size, args.val_docs, separator,
+                       args.shard_tokens)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (RuntimeError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}", file=sys.stderr)
+    except OSError as e:  # the output folder: permissions, a full disk
+        print(f"error: {e.filename or args.out}: {e.strerror or first_line(e)}", file=sys.stderr)
         return 2
-    print(f"prepared {args.out}: {meta['train_docs']} train docs / {meta['train_tokens']} tokens, "
-          f"{meta['val_docs']} val docs / {meta['val_tokens']} tokens, vocab {meta['vocab_size']}")
+    print(f"prepared {args.out}: val {meta['val_docs']} docs / {meta['val_tokens']:,} tokens, "
+          f"train {meta['train_docs']} docs / {meta['train_tokens']:,} tokens in {meta['train_shards']} "
+          f"shard(s), vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']}")
     return 0
 
 

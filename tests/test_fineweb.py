@@ -1,104 +1,194 @@
-"""data/fineweb.py against a local fake of the hub's layout; never the network."""
+"""data/fineweb.py against a fake hub on local disk: layout, manifest-driven counts, reuse of
+valid files, refusal of corrupt shards. Never the network."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from data import fineweb
-from data.prepare import write_shard
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-FINEWEB = [sys.executable, str(ROOT / "data" / "fineweb.py")]
+from data import fineweb  # noqa: E402
+from data.prepare import write_shard  # noqa: E402
+
+FINEWEB = ROOT / "data" / "fineweb.py"
+DATASET = "fineweb10B_sp1024"
+
+
+def manifest(train: int, val: int = 1, dataset: str = DATASET, model: str = "tokenizers/fineweb_1024_bpe.model"):
+    """A manifest in the challenge's format (only the fields the downloader reads, and a few more)."""
+    return {"version": "10B", "num_docs": 123,
+            "tokenizers": [{"name": "sp_bpe_1024", "kind": "sentencepiece_bpe", "vocab_size": 1024,
+                            "model_path": model, "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
+            "datasets": [{"name": dataset, "tokenizer_name": "sp_bpe_1024", "vocab_size": 1024,
+                          "stats": {"files_train": train, "files_val": val, "docs_val": 50000}}]}
 
 
 @pytest.fixture
-def hub(tmp_path, tokenizer_path):
+def hub(tmp_path) -> Path:
+    """A folder laid out like the remote repo: datasets/manifest.json, 2 val + 3 train shards,
+    the tokenizer's two files."""
     root = tmp_path / "hub"
-    shards = root / "datasets" / "datasets" / "fineweb10B_sp1024"
+    shards = root / "datasets" / "datasets" / DATASET
     shards.mkdir(parents=True)
-    (root / "datasets" / "manifest.json").write_text(json.dumps(
-        {"datasets": [{"name": "fineweb10B_sp1024", "files_train": 3, "files_val": 1}]}))
-    for split, n in (("val", 1), ("train", 3)):
-        for i in range(n):
-            write_shard(shards / f"fineweb_{split}_{i:06d}.bin", np.arange(1, 50 + i, dtype=np.uint16))
+    (root / "datasets" / "manifest.json").write_text(json.dumps(manifest(train=3, val=2)))
+    for split, count in (("val", 2), ("train", 3)):
+        for i in range(count):
+            write_shard(shards / f"fineweb_{split}_{i:06d}.bin", np.arange(1, 40 + 10 * i, dtype=np.uint16))
     (root / "datasets" / "tokenizers").mkdir()
-    for suffix in (".model", ".vocab"):
-        shutil.copy(tokenizer_path, root / "datasets" / "tokenizers" / f"fineweb_1024_bpe{suffix}")
+    (root / "datasets" / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(b"model bytes")
+    (root / "datasets" / "tokenizers" / "fineweb_1024_bpe.vocab").write_bytes(b"vocab bytes")
     return root
 
 
-def run(hub, out, *extra):
-    return subprocess.run(FINEWEB + ["--variant", "sp1024", "--hub-dir", str(hub), "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=120)
+def run_fineweb(hub: Path, out: Path, *extra):
+    return subprocess.run([sys.executable, str(FINEWEB), "--variant", "sp1024", "--hub-dir", str(hub),
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=60)
 
 
-def test_download_lays_out_shards_tokenizers_and_manifest(hub, tmp_path):
-    out = run(hub, tmp_path / "data", "--train-shards", "2")
+class Recorder:
+    """A fetcher over the fake hub that remembers what it was asked for."""
+
+    def __init__(self, hub: Path):
+        self.calls: list[str] = []
+        self.inner = fineweb.folder_fetcher(hub)
+
+    def __call__(self, remote: str, target: Path):
+        self.calls.append(remote)
+        self.inner(remote, target)
+
+
+def local_names(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "datasets" / DATASET).iterdir())
+
+
+def test_download_lays_files_out_like_the_challenge(hub, tmp_path):
+    out = run_fineweb(hub, tmp_path / "data", "--train-shards", "2")
     assert out.returncode == 0, out.stderr
-    local = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
-    assert sorted(p.name for p in local.iterdir()) == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
-                                                       "fineweb_val_000000.bin"]
-    assert (tmp_path / "data" / "tokenizers" / "fineweb_1024_bpe.model").is_file()
-    assert (tmp_path / "data" / "manifest.json").is_file()
-    assert "3 downloaded, 0 already present" in out.stdout
+    data = tmp_path / "data"
+    assert local_names(data) == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                                 "fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+    remote = hub / "datasets" / "datasets" / DATASET
+    for name in local_names(data):
+        assert (data / "datasets" / DATASET / name).read_bytes() == (remote / name).read_bytes()
+    assert (data / "tokenizers" / "fineweb_1024_bpe.model").read_bytes() == b"model bytes"
+    assert (data / "tokenizers" / "fineweb_1024_bpe.vocab").read_bytes() == b"vocab bytes"
+    assert json.loads((data / "manifest.json").read_text()) == manifest(train=3, val=2)
+    assert "2 val + 2 train shards" in out.stdout and "4 fetched, 0 already present" in out.stdout
+    assert not [p for p in data.rglob(".*")], "no temporary files left behind"
 
 
-def test_train_shards_are_capped_by_the_manifest(hub, tmp_path):
-    out = run(hub, tmp_path / "data", "--train-shards", "10")
+def test_train_shards_capped_by_the_manifest(hub, tmp_path):
+    out = run_fineweb(hub, tmp_path / "data", "--train-shards", "10")
     assert out.returncode == 0, out.stderr
-    assert "1 val + 3 train shards" in out.stdout
+    assert "lists 3 training shards" in out.stdout and "2 val + 3 train shards" in out.stdout
+    assert len(local_names(tmp_path / "data")) == 5
 
 
-def test_present_shards_are_kept_and_corrupt_ones_fetched_again(hub, tmp_path):
-    assert run(hub, tmp_path / "data", "--train-shards", "2").returncode == 0
-    local = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
-    (local / "fineweb_train_000001.bin").write_bytes(b"garbage")
-    out = run(hub, tmp_path / "data", "--train-shards", "2")
-    assert out.returncode == 0 and "1 downloaded, 2 already present" in out.stdout
-    assert (local / "fineweb_train_000001.bin").read_bytes() == (
-        hub / "datasets" / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin").read_bytes()
+def test_present_valid_files_are_not_fetched_again(hub, tmp_path):
+    first = Recorder(hub)
+    fineweb.download("sp1024", 2, tmp_path / "data", first, "datasets", log=lambda _: None)
+    assert len(first.calls) == 1 + 4 + 2  # manifest, shards, tokenizer files
+    again = Recorder(hub)
+    result = fineweb.download("sp1024", 3, tmp_path / "data", again, "datasets", log=lambda _: None)
+    assert again.calls == ["datasets/manifest.json", f"datasets/datasets/{DATASET}/fineweb_train_000002.bin"]
+    assert (result["fetched"], result["kept"]) == (1, 4)
 
 
-def test_a_corrupt_shard_on_the_hub_is_refused(hub, tmp_path):
-    bad = hub / "datasets" / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin"
-    bad.write_bytes(bad.read_bytes()[:-4])
-    out = run(hub, tmp_path / "data", "--train-shards", "2")
-    assert out.returncode == 2 and "fineweb_train_000001.bin" in out.stderr and "declares" in out.stderr
-    assert not (tmp_path / "data" / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin").exists()
+def test_a_corrupt_local_shard_is_fetched_again(hub, tmp_path):
+    assert run_fineweb(hub, tmp_path / "data", "--train-shards", "2").returncode == 0
+    local = tmp_path / "data" / "datasets" / DATASET / "fineweb_train_000001.bin"
+    local.write_bytes(local.read_bytes()[:-2])
+    recorder = Recorder(hub)
+    fineweb.download("sp1024", 2, tmp_path / "data", recorder, "datasets", log=lambda _: None)
+    assert recorder.calls[1:] == [f"datasets/datasets/{DATASET}/fineweb_train_000001.bin"]
+    assert local.read_bytes() == (hub / "datasets" / "datasets" / DATASET / local.name).read_bytes()
 
 
-def test_a_missing_file_on_the_hub_is_one_line(hub, tmp_path):
+@pytest.mark.parametrize("corrupt,problem", [
+    (lambda blob: blob[:-2], "header declares 59 tokens"),
+    (lambda blob: b"\x00" * 4 + blob[4:], "magic 0"),
+    (lambda blob: blob[:4] + b"\x02\x00\x00\x00" + blob[8:], "version 2"),
+    (lambda blob: blob[:100], "shorter than the 1024-byte header"),
+])
+def test_a_corrupt_shard_on_the_hub_is_refused(hub, tmp_path, corrupt, problem):
+    bad = hub / "datasets" / "datasets" / DATASET / "fineweb_train_000002.bin"
+    bad.write_bytes(corrupt(bad.read_bytes()))
+    out = run_fineweb(hub, tmp_path / "data", "--train-shards", "3")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "fineweb_train_000002.bin: not a valid shard" in out.stderr and problem in out.stderr
+    assert "fineweb_train_000002.bin" not in local_names(tmp_path / "data")
+    assert not [p for p in (tmp_path / "data").rglob(".*")]
+
+
+def test_a_stale_manifest_from_another_repo_is_not_used(hub, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest(train=99, val=7)))
+    out = run_fineweb(hub, tmp_path / "data", "--train-shards", "50")
+    assert out.returncode == 0, out.stderr
+    assert "2 val + 3 train shards" in out.stdout
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text()) == manifest(train=3, val=2)
+
+
+@pytest.mark.parametrize("bad_manifest,message", [
+    (manifest(train=3, dataset="fineweb10B_sp4096"), "no datasets entry named 'fineweb10B_sp1024'"),
+    ({**manifest(train=3), "tokenizers": []}, "no tokenizers entry named 'sp_bpe_1024'"),
+    (manifest(train=3, model="../../evil.model"), "is not under tokenizers/"),
+    ({"datasets": [{"name": DATASET, "tokenizer_name": "x", "stats": {}}]}, "has no shard counts"),
+])
+def test_a_manifest_without_what_is_needed_is_refused(hub, tmp_path, bad_manifest, message):
+    (hub / "datasets" / "manifest.json").write_text(json.dumps(bad_manifest))
+    out = run_fineweb(hub, tmp_path / "data")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+def test_a_file_missing_from_the_hub_is_one_line(hub, tmp_path):
     (hub / "datasets" / "tokenizers" / "fineweb_1024_bpe.vocab").unlink()
-    out = run(hub, tmp_path / "data", "--train-shards", "1")
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "not in the hub folder" in out.stderr
+    out = run_fineweb(hub, tmp_path / "data", "--train-shards", "1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not in the hub folder" in out.stderr
 
 
-def test_hub_fetcher_goes_through_hf_hub_download(hub, tmp_path, monkeypatch):
+def test_without_huggingface_hub_it_says_how_to_install_it(tmp_path):
+    # None in sys.modules makes the import fail even where huggingface_hub is installed
+    code = ("import runpy, sys; sys.modules['huggingface_hub'] = None; "
+            f"sys.argv = ['fineweb.py', '--out', {str(tmp_path)!r}]; "
+            f"runpy.run_path({str(FINEWEB)!r}, run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "pip install huggingface_hub" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_hub_fetcher_asks_hf_hub_download_for_the_dataset_repo(hub, tmp_path, monkeypatch):
     calls = []
 
-    def fake_download(repo_id, filename, repo_type, local_dir):
+    def hf_hub_download(repo_id, filename, repo_type, local_dir):
         calls.append((repo_id, filename, repo_type))
-        target = tmp_path / "cache" / filename
+        target = Path(local_dir) / filename
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(hub / filename, target)
+        shutil.copyfile(hub / filename, target)
         return str(target)
 
-    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=fake_download))
-    fetch = fineweb.hub_fetcher("willdepueoai/parameter-golf")
-    result = fineweb.download("sp1024", 1, tmp_path / "data", fetch, "datasets", skip_manifest=False)
-    assert result["train_shards"] == 1 and result["downloaded"] == 2
-    assert calls[0] == ("willdepueoai/parameter-golf", "datasets/manifest.json", "dataset")
-    assert ("willdepueoai/parameter-golf", "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
-            "dataset") in calls
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=hf_hub_download))
+    fetch = fineweb.hub_fetcher("someone/some-repo", tmp_path / "data" / fineweb.HUB_STAGING)
+    result = fineweb.download("sp1024", 1, tmp_path / "data", fetch, "datasets", log=lambda _: None)
+    assert result["fetched"] == 3
+    assert calls[0] == ("someone/some-repo", "datasets/manifest.json", "dataset")
+    assert ("someone/some-repo", f"datasets/datasets/{DATASET}/fineweb_train_000000.bin", "dataset") in calls
+    assert (tmp_path / "data" / "datasets" / DATASET / "fineweb_train_000000.bin").is_file()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("huggingface_hub") is not None, reason="huggingface_hub is installed")
-def test_without_huggingface_hub_says_how_to_install_it(tmp_path):
-    out = subprocess.run(FINEWEB + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "pip install huggingface_hub" in out.stderr
+def test_where_each_variant_comes_from(monkeypatch):
+    monkeypatch.delenv(fineweb.REPO_ENV, raising=False)
+    monkeypatch.delenv(fineweb.PREFIX_ENV, raising=False)
+    assert fineweb.source_for("sp1024", None, None) == ("willdepueoai/parameter-golf", "datasets")
+    assert fineweb.source_for("sp8192", None, None) == ("kevclark/parameter-golf", "datasets")
+    monkeypatch.setenv(fineweb.REPO_ENV, "env/repo")
+    monkeypatch.setenv(fineweb.PREFIX_ENV, "export_root")
+    assert fineweb.source_for("sp8192", None, None) == ("env/repo", "export_root")
+    assert fineweb.source_for("sp8192", "flag/repo", "other/") == ("flag/repo", "other")
