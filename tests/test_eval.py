@@ -1,35 +1,255 @@
-"""Evaluation core: standard evaluation equals a hand computation of loss and bits per byte."""
+"""Evaluation: the window core, sliding windows, the Hedge mixer and its experts, score-first TTT,
+the audit (normalisation and causality) and per-token losses."""
 
 import math
 
+import pytest
 import torch
 
 from test_model import randomize, tiny_model
-from train_gpt import ByteTables, Evaluator, Runtime, load_config
+from train_gpt import (EVAL_METHODS, ByteTables, Evaluator, Logger, NeuralExpert, NgramExpert, Runtime, audit_method,
+                       final_evaluations, hedge_experts, hedge_run, load_config, sliding_method, sliding_windows,
+                       standard_method, ttt_run)
+
+CPU = Runtime(0, 1, 0, torch.device("cpu"), False)
+V = 64
+
+
+def config(**env):
+    base = {"VOCAB_SIZE": str(V), "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "1024", "VAL_BATCH_SIZE": "48"}
+    return load_config({**base, **{k: str(v) for k, v in env.items()}})[0]
+
+
+def tables() -> ByteTables:
+    gen = torch.Generator().manual_seed(3)
+    return ByteTables(torch.randint(1, 4, (V,), dtype=torch.int32, generator=gen),
+                      torch.rand(V, generator=gen) < 0.5, torch.rand(V, generator=gen) < 0.1)
+
+
+def stream(n: int, seed: int = 1) -> torch.Tensor:
+    """Tokens with structure an n-gram can learn: a repeating phrase with noise."""
+    gen = torch.Generator().manual_seed(seed)
+    phrase = torch.randint(0, V, (23,), generator=gen)
+    tokens = phrase.repeat(n // 23 + 2)[:n]
+    noise = torch.rand(n, generator=gen) < 0.2
+    return torch.where(noise, torch.randint(0, V, (n,), generator=gen), tokens)
+
+
+def evaluator(cfg, n: int = 16 * 12 + 1, rt=CPU) -> Evaluator:
+    return Evaluator(cfg, rt, stream(n), tables())
 
 
 def test_standard_eval_matches_a_direct_computation():
-    cfg, _ = load_config({"VOCAB_SIZE": "64", "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "1024",
-                          "VAL_BATCH_SIZE": "48"})  # 3 windows a forward: batches end mid-way
+    cfg = config()  # 3 windows a forward: batches end mid-way
     model = randomize(tiny_model())
-    torch.manual_seed(1)
-    tokens = torch.randint(0, 64, (16 * 7 + 1,))
-    tables = ByteTables(torch.randint(0, 4, (64,), dtype=torch.int32), torch.rand(64) < 0.5, torch.rand(64) < 0.1)
-    evaluator = Evaluator(cfg, Runtime(0, 1, 0, torch.device("cpu"), False), tokens, tables)
-    val_loss, val_bpb = evaluator.standard(model)
+    ev = evaluator(cfg, 16 * 7 + 1)
+    val_loss, val_bpb = ev.standard(model)
 
-    x, y = tokens[:-1].view(7, 16), tokens[1:].view(7, 16)
+    x, y = ev.tokens[:-1].view(7, 16), ev.tokens[1:].view(7, 16)
     nll = model(x, y, reduction="none").double()
-    nbytes = tables.count(x, y).double().sum()
+    nbytes = ev.tables.count(x, y).double().sum()
     assert math.isclose(val_loss, nll.mean().item(), rel_tol=1e-6)
     assert math.isclose(val_bpb, nll.sum().item() / math.log(2) / nbytes.item(), rel_tol=1e-6)
-    assert evaluator.val_bytes() == int(nbytes)
+    assert ev.val_bytes() == int(nbytes)
 
 
 def test_rank_shares_partition_the_windows():
-    cfg, _ = load_config({"TRAIN_BATCH_TOKENS": "1024"})
-    windows = [(i, 0) for i in range(10)]
-    shares = [Evaluator(cfg, Runtime(r, 3, 0, torch.device("cpu"), False), torch.zeros(2, dtype=torch.long),
-                        ByteTables(torch.zeros(1), torch.zeros(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool))
+    cfg = config()
+    windows = [(i, 0, 1) for i in range(10)]
+    shares = [Evaluator(cfg, Runtime(r, 3, 0, torch.device("cpu"), False), torch.zeros(2, dtype=torch.long), tables()
                         ).rank_share(windows) for r in range(3)]
     assert sum(shares, []) == windows
+
+
+@pytest.mark.parametrize("n,seq,stride,lo,hi", [(100, 16, 4, 0, 100), (100, 16, 16, 0, 100), (100, 16, 5, 37, 81),
+                                                (10, 16, 4, 0, 10), (64, 16, 16, 0, 64), (64, 16, 1, 0, 64)])
+def test_sliding_windows_score_every_target_once(n, seq, stride, lo, hi):
+    windows = sliding_windows(lo, hi, n, seq, stride)
+    scored = [s + j for s, first, stop in windows for j in range(first, stop)]
+    assert scored == list(range(lo, hi))
+    length = min(seq, n)
+    for start, first, stop in windows:
+        assert 0 <= start and start + length <= n and 0 <= first < stop <= length
+        if start + first > 0:
+            assert stop - first <= stride  # only the stream's first window scores more than a stride
+    if n >= seq:
+        assert all(first >= min(seq - stride, start + first) for start, first, _ in windows)  # full context
+
+
+def test_sliding_windows_with_stride_equal_to_seq_len_are_the_disjoint_windows():
+    assert sliding_windows(0, 64, 64, 16, 16) == [(0, 0, 16), (16, 0, 16), (32, 0, 16), (48, 0, 16)]
+
+
+def test_sliding_eval_at_stride_seq_len_equals_standard_eval():
+    cfg = config(EVAL_STRIDE=16)
+    model = randomize(tiny_model())
+    ev = evaluator(cfg)
+    assert ev.reduce(sliding_method(cfg, ev, model, set()).scores) == ev.standard(model)
+
+
+def test_sliding_eval_scores_each_target_with_more_context():
+    cfg = config(EVAL_STRIDE=4)
+    model = randomize(tiny_model())
+    ev = evaluator(cfg)
+    run = sliding_method(cfg, ev, model, set())
+    assert run.scores.pos.tolist() == list(range(ev.n_targets))
+    # Target 20 (token 21) is scored by the window reading tokens 8..23: 13 tokens of context, not 5.
+    window = ev.tokens[8:25]
+    direct = model(window[None, :-1], window[None, 1:], reduction="none")[0, 12]
+    assert torch.isclose(run.scores.nll[20], direct, atol=1e-6)
+
+
+@pytest.mark.parametrize("order,entries", [(1, 1 << 20), (2, 1 << 20), (3, 1 << 20), (3, 8 * V)])
+def test_ngram_experts_are_distributions_for_every_context(order, entries):
+    tokens = stream(500)
+    expert = NgramExpert(tokens, order, V, prior=8.0, max_entries=entries)
+    assert expert.hashed == (order == 3 and entries == 8 * V)
+    neural = torch.log_softmax(torch.randn(499, V), -1)
+    expert.observe(torch.arange(250))
+    probs = expert.probs(torch.arange(499), neural)
+    assert probs.min() > 0
+    assert (probs.double().sum(-1) - 1).abs().max() < 1e-6
+    # Counted contexts move toward what followed them; the repeated phrase makes that the truth.
+    seen = torch.arange(260, 499)
+    truth = probs[seen].gather(-1, tokens[seen + 1, None]).mean()
+    prior = neural.exp()[seen].gather(-1, tokens[seen + 1, None]).mean()
+    if order > 1:
+        assert truth > 5 * prior
+
+
+def test_ngram_contexts_at_the_stream_start_are_their_own():
+    expert = NgramExpert(stream(50), 3, V, prior=1.0, max_entries=1 << 20)
+    assert len(set(expert.row(torch.tensor([0, 1, 2])).tolist())) == 3
+
+
+class FixedExpert:
+    """A distribution that ignores the context."""
+
+    def __init__(self, name: str, probs: torch.Tensor):
+        self.name, self.p = name, probs
+
+    def probs(self, pos, logp):
+        return self.p.expand(len(pos), -1)
+
+    def observe(self, pos):
+        pass
+
+
+class LeakyExpert(FixedExpert):
+    """Puts most of its mass on the token being scored: what a broken cache does."""
+
+    def __init__(self, tokens):
+        super().__init__("leaky", None)
+        self.tokens = tokens
+
+    def probs(self, pos, logp):
+        return 0.5 * torch.nn.functional.one_hot(self.tokens[pos + 1], V).float() + 0.5 / V
+
+
+class UnnormalisedExpert(FixedExpert):
+    def probs(self, pos, logp):
+        return torch.full((len(pos), V), 2.0 / V)
+
+
+def test_hedge_weights_move_toward_the_expert_with_lower_loss():
+    cfg = config(EVAL_STRIDE=16, HEDGE_CHUNK_TOKENS=8)
+    ev = evaluator(cfg)
+    counts = torch.bincount(ev.tokens, minlength=V).float() + 0.5
+    good, bad = FixedExpert("good", counts / counts.sum()), FixedExpert("bad", counts ** -2 / (counts ** -2).sum())
+    run = hedge_run(cfg, ev, randomize(tiny_model()), set(), experts=[NeuralExpert(), good, bad])
+    weights = run.info["weights"]
+    prior = torch.softmax(torch.tensor([2.0, 0.0, 0.0]), 0).tolist()  # the neural expert starts ahead
+    assert weights["good"] > 0.5 > prior[1] and weights["bad"] < prior[2] and weights["neural"] < prior[0]
+    assert weights["good"] > weights["bad"]
+
+
+def test_hedge_mixture_is_normalised_and_scores_only_after_its_counts_are_causal():
+    cfg = config(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_CHUNK_TOKENS=8)
+    ev = evaluator(cfg)
+    model = randomize(tiny_model())
+    run = hedge_run(cfg, ev, model, set(range(ev.n_targets)))
+    assert run.max_sum_error < 1e-5
+    assert run.scores.pos.tolist() == list(range(ev.n_targets))
+    nll = -torch.stack([run.captured[p][ev.tokens[p + 1]] for p in range(ev.n_targets)]).log()
+    assert torch.allclose(nll, run.scores.nll, atol=1e-5)
+    # The repeated phrase is learnt by the counts: Hedge beats the model alone on this stream.
+    assert ev.reduce(run.scores)[0] < ev.reduce(sliding_method(cfg, ev, model, set()).scores)[0]
+
+
+def audit(cfg, ev, model, method, name="m"):
+    return audit_method(cfg, ev, model, method, Logger(None), name)
+
+
+@pytest.mark.parametrize("name", ["standard", "sliding", "hedge", "ttt"])
+def test_the_real_methods_pass_the_audit(name):
+    cfg = config(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_CHUNK_TOKENS=8, TTT_STEPS=2, TTT_CHUNK_TOKENS=48,
+                 TTT_LR=0.05, EVAL_AUDIT=1, EVAL_AUDIT_TOKENS=150)
+    ev = evaluator(cfg)
+    result = audit(cfg, ev, randomize(tiny_model()), EVAL_METHODS[name])
+    assert result["causal"] and result["passed"]
+    assert result["max_prob_sum_error"] < 1e-5
+
+
+def test_the_audit_catches_a_leaky_expert():
+    cfg = config(EVAL_STRIDE=4, HEDGE_CHUNK_TOKENS=8, EVAL_AUDIT_TOKENS=150)
+    ev = evaluator(cfg)
+
+    def leaky_hedge(cfg, ev, model, capture):
+        tokens = ev.tokens.to(ev.rt.device)
+        return hedge_run(cfg, ev, model, capture, experts=hedge_experts(cfg, tokens) + [LeakyExpert(tokens)])
+
+    result = audit(cfg, ev, randomize(tiny_model()), leaky_hedge)
+    assert result["max_prob_sum_error"] < 1e-5  # it is a distribution: only the look-ahead is wrong
+    assert not result["causal"] and not result["passed"]
+
+
+def test_the_audit_catches_a_mixture_that_does_not_sum_to_one():
+    cfg = config(EVAL_STRIDE=4, HEDGE_CHUNK_TOKENS=8, EVAL_AUDIT_TOKENS=150)
+
+    def inflated_hedge(cfg, ev, model, capture):
+        return hedge_run(cfg, ev, model, capture, experts=[NeuralExpert(), UnnormalisedExpert("x", None)])
+
+    result = audit(cfg, evaluator(cfg), randomize(tiny_model()), inflated_hedge)
+    assert result["causal"] and result["max_prob_sum_error"] > 0.1 and not result["passed"]
+
+
+def test_a_method_that_fails_its_audit_is_not_scored(monkeypatch):
+    cfg = config(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_CHUNK_TOKENS=8, EVAL_AUDIT=1, EVAL_AUDIT_TOKENS=150)
+
+    def leaky_hedge(cfg, ev, model, capture):
+        tokens = ev.tokens.to(ev.rt.device)
+        return hedge_run(cfg, ev, model, capture, experts=[NeuralExpert(), LeakyExpert(tokens)])
+
+    monkeypatch.setitem(EVAL_METHODS, "hedge", leaky_hedge)
+    out = final_evaluations(cfg, evaluator(cfg), randomize(tiny_model()), Logger(None), 1.0)
+    assert out["hedge_val_bpb"] is None and "hedge_val_loss" not in out
+    assert out["sliding_val_bpb"] > 0
+    assert out["audit"]["passed"] is False and out["audit"]["causal"] is False
+    assert out["audit"]["methods"]["sliding"]["passed"]
+
+
+def test_ttt_scores_each_chunk_before_training_on_it_and_restores_the_model():
+    cfg = config(TTT_STEPS=3, TTT_CHUNK_TOKENS=64, TTT_LR=0.1)
+    ev = evaluator(cfg)
+    model = randomize(tiny_model())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = standard_method(cfg, ev, model, set()).scores
+    adapted = ttt_run(cfg, ev, model, set()).scores
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert adapted.pos.tolist() == plain.pos.tolist()
+    first = adapted.pos < 64
+    assert torch.equal(adapted.nll[first], plain.nll[first])  # nothing learnt before the first chunk is scored
+    assert not torch.allclose(adapted.nll[~first], plain.nll[~first])
+    # Training on the repeated phrase helps on the chunks after it.
+    assert adapted.nll[~first].mean() < plain.nll[~first].mean()
+
+
+def test_per_token_losses_are_the_standard_losses_in_stream_order():
+    cfg = config()
+    ev = evaluator(cfg)
+    model = randomize(tiny_model())
+    losses = ev.per_token(model)
+    assert losses.dtype.name == "float16" and len(losses) == ev.n_targets
+    chunks = ev.tokens[:-1].view(-1, 16), ev.tokens[1:].view(-1, 16)
+    direct = model(*chunks, reduction="none").flatten()
+    assert torch.allclose(torch.from_numpy(losses).float(), direct, atol=5e-3)
