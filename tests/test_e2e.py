@@ -3,6 +3,8 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 
@@ -108,3 +110,46 @@ def test_scores_below_the_source_entropy_are_flagged(tiny_env, tmp_path):
         summary = summary_of(env)
         assert summary["source_bpb"] == bits / 1000 and summary["below_source_entropy"] is flagged
         assert ("WARNING below_source_entropy" in out.stdout) is flagged
+
+
+EVAL_ENV = {"EVAL_STRIDE": "16", "HEDGE_ENABLED": "1", "HEDGE_CHUNK_TOKENS": "64", "TTT_STEPS": "1",
+            "TTT_CHUNK_TOKENS": "512", "EVAL_AUDIT": "1", "EVAL_AUDIT_TOKENS": "700", "PER_TOKEN_LOSS_EVERY": "3"}
+
+
+def test_every_evaluation_method_is_audited_scored_logged_and_summarised(tiny_env):
+    out = run_trainer({**tiny_env, **EVAL_ENV}, ROOT)
+    assert out.returncode == 0, out.stderr
+    summary, log = summary_of(tiny_env), out.stdout
+    for name in ("sliding", "hedge", "ttt"):
+        assert summary[f"{name}_val_bpb"] > 0 and name in summary["eval_ms"]
+        exact = re.search(rf"^final_{name}_exact val_loss:\S+ val_bpb:(\d+\.\d{{8}})$", log, re.M)
+        assert exact and float(exact.group(1)) == round(summary[f"{name}_val_bpb"], 8)
+        assert re.search(rf"^audit {name}: max_prob_sum_error:\S+ causal:true .* passed$", log, re.M)
+    audit = summary["audit"]
+    assert audit["causal"] is True and audit["max_prob_sum_error"] < 1e-3 and audit["passed"] is True
+    assert set(audit["methods"]) == {"standard", "sliding", "hedge", "ttt"}
+    assert set(summary["hedge_weights"]) == {"neural", "unigram", "bigram", "trigram", "tempered"}
+    assert summary["eval_fit"]["estimated_full_split_s"] > 0 and "fits_600s:" in log
+    saves = sorted(p.name for p in (ROOT / tiny_env["LOG_DIR"] / "t_per_token").iterdir())
+    assert saves == ["final.npz", "step_000000.npz", "step_000003.npz", "step_000006.npz"]
+    with np.load(ROOT / tiny_env["LOG_DIR"] / "t_per_token" / "final.npz") as final:
+        assert final["loss"].dtype == np.float16 and len(final["loss"]) == summary["val_tokens"]
+        assert int(final["step"]) == 6
+        assert abs(final["loss"].astype(np.float64).mean() - summary["val_loss"]) < 1e-3
+
+
+def test_per_token_comparison_of_two_runs(tiny_env, tmp_path):
+    env = {**tiny_env, "PER_TOKEN_LOSS_EVERY": "3"}
+    for run_id, seed in (("a", "1"), ("b", "2")):
+        assert run_trainer({**env, "RUN_ID": run_id, "SEED": seed}, ROOT).returncode == 0
+    logs = ROOT / tiny_env["LOG_DIR"]
+    cmd = [sys.executable, str(ROOT / "compare_per_token.py"), str(logs / "a"), str(logs / "b_per_token"),
+           "--json", str(tmp_path / "r2.json")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "r2.json").read_text())
+    assert [r["save"] for r in rows] == ["step_000000", "step_000003", "step_000006", "final"]
+    assert all(0 <= r["r2"] <= 1 for r in rows) and rows[-1]["r2"] > 0.3  # same text, different seeds
+    assert "step_000003" in out.stdout and "r2" in out.stdout.splitlines()[0]
+    missing = subprocess.run(cmd[:2] + [str(tmp_path / "nothing"), str(logs / "b")], capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nothing" in missing.stderr
