@@ -2,6 +2,7 @@
 
     python bench.py [--shape small|baseline|recurrent|flat12] [--steps N] [--warmup N] [--json FILE]
     python bench.py --checkpoint [--shape baseline] [--steps N]   # time checkpoint writes instead
+    python bench.py --eval [--shape small] [--eval-tokens N] [--repeats R]  # evaluation methods instead
 
 Prints tokens/s, ms/step, peak memory, and on CUDA the MFU (model FLOPs a token = 6 x matmul
 parameters + 12 x layers x dim x seq, over BENCH_PEAK_TFLOPS, default 790 for an H100's bf16).
@@ -107,6 +108,43 @@ def measure_checkpoint(shape: str, repeats: int) -> dict:
             "save_s_min": min(saves), "restore_s_median": sorted(loads)[len(loads) // 2], "repeats": repeats}
 
 
+def measure_eval(shape: str, n_tokens: int, repeats: int) -> list[dict]:
+    """Scored tokens/s of standard, sliding and Hedge evaluation (EVAL_STRIDE, default 64) on random
+    tokens, timed in turns so that each method sees the same machine; the median of `repeats`."""
+    env = {**SHAPES[shape], "EVAL_STRIDE": "64", "HEDGE_ENABLED": "1",
+           **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
+    cfg, _ = train_gpt.load_config(env)
+    rt = train_gpt.init_runtime(cfg)
+    torch.manual_seed(cfg.seed)
+    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg)).to(rt.device)
+    model = torch.compile(model) if rt.compile else model
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, size=n_tokens + 1))
+    ones = torch.ones(cfg.vocab_size, dtype=torch.int32)
+    no = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+    ev = train_gpt.Evaluator(cfg, rt, tokens, train_gpt.ByteTables(ones, no, no))
+    methods = ["standard", "sliding", "hedge"]
+    for name in methods:  # compilation and allocator warm-up, outside the timing
+        train_gpt.EVAL_METHODS[name](cfg, ev.with_tokens(tokens[:2 * cfg.train_seq_len + 1]), model, set())
+    times = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name in methods:
+            rt.sync()
+            t0 = time.perf_counter()
+            train_gpt.EVAL_METHODS[name](cfg, ev, model, set())
+            rt.sync()
+            times[name].append(time.perf_counter() - t0)
+    rows = []
+    for name in methods:
+        seconds = sorted(times[name])[len(times[name]) // 2]
+        rows.append({"method": name, "device": str(rt.device), "tokens": n_tokens, "seconds": seconds,
+                     "tokens_per_s": n_tokens / seconds, "stride": cfg.eval_stride if name != "standard" else None,
+                     "seq_len": train_gpt.eval_seq_len(cfg) if name != "standard" else cfg.train_seq_len})
+    sliding = next(r for r in rows if r["method"] == "sliding")["seconds"]
+    for row in rows:
+        row["time_vs_sliding"] = row["seconds"] / sliding
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -114,9 +152,22 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--checkpoint", action="store_true", help="time a checkpoint write and restore instead")
+    parser.add_argument("--eval", action="store_true", help="time the evaluation methods instead")
+    parser.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens --eval scores")
+    parser.add_argument("--repeats", type=int, default=3, help="--eval times each method this often (median)")
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.eval_tokens < 2:
+        parser.error("--steps and --repeats must be >= 1, --warmup >= 0, --eval-tokens >= 2")
+    if args.eval:
+        rows = measure_eval(args.shape, args.eval_tokens, args.repeats)
+        print(f"{'method':<9} {'device':<8} {'seq':>5} {'stride':>6} {'tokens':>8} {'seconds':>8} {'tokens/s':>10} "
+              f"{'x sliding':>9}")
+        for r in rows:
+            print(f"{r['method']:<9} {r['device']:<8} {r['seq_len']:>5} {str(r['stride'] or '-'):>6} {r['tokens']:>8} "
+                  f"{r['seconds']:>8.2f} {r['tokens_per_s']:>10.0f} {r['time_vs_sliding']:>9.2f}")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return
     if args.checkpoint:
         row = measure_checkpoint(args.shape, max(args.steps, 1))
         print(f"{'shape':<10} {'bytes':>12} {'save s (median)':>16} {'save s (min)':>13} {'restore s':>10}")

@@ -99,7 +99,27 @@ class Config:
     xsa_last_n: int = var(0, "exclusive self-attention on the last N effective layers", lo=0)
     num_value_embeds: int = var(0, "token tables added to the attention values of every layer with learned scales",
                                 lo=0, hi=16)
+    # mixture of experts
+    moe_num_experts: int = var(0, "experts per MoE layer (0 = a dense FFN everywhere)", lo=0)
+    moe_top_k: int = var(2, "experts each token is routed to", lo=1)
+    moe_d_ffn: int = var(0, "hidden width of one expert (0 = the dense FFN's width / MOE_TOP_K: the same active width)",
+                         lo=0)
+    moe_granularity: int = var(1, "G: every expert becomes G experts 1/G as wide and top-k grows G-fold (total and "
+                                  "active parameters unchanged)", lo=1)
+    moe_layers: str = var("all", "blocks with an MoE FFN: all, every2 (blocks 1, 3, 5, ...) or a list like 0,2,5")
+    moe_init: str = var("normal", "expert init: normal, orthogonal or sparse, each scaled to unit output variance",
+                        choices=("sparse", "normal", "orthogonal"))
+    moe_sparsity: float = var(0.9, "MOE_INIT=sparse: the fraction of zeros in each column of an expert matrix",
+                              lo=0.0, hi=0.999)
+    moe_frozen: bool = var(False, "experts fixed at their init, regenerated from (SEED, layer, expert): not trained, "
+                                  "not stored")
+    moe_aux_coef: float = var(0.0, "Switch load-balancing loss coefficient (0.01 is usual)", lo=0.0)
+    moe_zloss_coef: float = var(0.0, "router z-loss coefficient (0.001 is usual)", lo=0.0)
+    moe_bias_update: float = var(0.0, "auxiliary-loss-free balancing: per-expert routing biases move this much a step "
+                                      "against the observed load (0.001 is usual; 0 = off)", lo=0.0)
     # optimizers
+    matrix_optimizer: str = var("muon", "optimizer of the matrices inside blocks: muon, or adam at MATRIX_LR",
+                                choices=("muon", "adam"))
     matrix_lr: float = var(0.04, "Muon learning rate for the matrices inside blocks", lo=0.0)
     scalar_lr: float = var(0.04, "Adam learning rate for vectors and scalars", lo=0.0)
     tied_embed_lr: float = var(0.05, "Adam learning rate for the tied embedding", lo=0.0)
@@ -149,6 +169,8 @@ class Config:
     fault_at_step: int = var(0, "test hook: the process kills itself (SIGKILL) on reaching this step (0 = off)", lo=0)
     fault_rank: int = var(-1, "with FAULT_AT_STEP, only this rank dies (-1 = every rank)", lo=-1)
     dist_timeout_seconds: float = var(600.0, "a collective waiting longer than this means another rank died", lo=1.0)
+    dry_run: bool = var(False, "print the config and the parameter accounting (the model on the meta device: "
+                               "nothing allocated, no data read) and exit")
 
     @property
     def head_dim(self) -> int:
@@ -175,8 +197,7 @@ PRESETS = {
 
 # Contract names owned by features that have not landed yet: refused loudly rather than ignored.
 NOT_YET_IMPLEMENTED = (
-    "MOE_NUM_EXPERTS",
-    "MOE_TOP_K", "MOE_D_FFN", "MOE_GRANULARITY", "MOE_LAYERS", "MOE_INIT", "MOE_FROZEN", "MOE_AUX_COEF", "QUANT",
+    "QUANT",
 )
 # Set by torchrun, CUDA or the shell; never a typo of ours.
 FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
@@ -265,6 +286,18 @@ def resolve_depth(values: dict, environ):
     values["num_repeats"] = final
 
 
+def check_moe(values: dict):
+    if not values["moe_num_experts"]:
+        return
+    if values["moe_top_k"] > values["moe_num_experts"]:
+        raise ConfigError(f"MOE_TOP_K={values['moe_top_k']}: must not exceed MOE_NUM_EXPERTS={values['moe_num_experts']}")
+    hidden = max(1, round(values["mlp_mult"] * values["model_dim"]))
+    d_ffn = values["moe_d_ffn"] or max(1, round(hidden / values["moe_top_k"]))
+    if d_ffn % values["moe_granularity"]:
+        raise ConfigError(f"MOE_GRANULARITY={values['moe_granularity']}: must divide the expert width {d_ffn}")
+    parse_moe_layers(values["moe_layers"], values["num_layers"])
+
+
 def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     """Config from env vars; returns it with notes (typo warnings, rounding) for the log."""
     for name in NOT_YET_IMPLEMENTED:
@@ -284,6 +317,7 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     if (values["model_dim"] // values["num_heads"]) % 2:
         raise ConfigError(f"MODEL_DIM={values['model_dim']}: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
     resolve_depth(values, environ)
+    check_moe(values)
     window = values["eval_seq_len"] or values["train_seq_len"]
     if values["eval_stride"] > window:
         raise ConfigError(f"EVAL_STRIDE={values['eval_stride']}: must not exceed the eval window "
@@ -581,7 +615,8 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
 
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                 "tie_embeddings", "logit_softcap", "rope_base", "qk_gain_init", "tied_embed_init_std",
-                "num_repeats", "xsa_last_n", "activation", "num_value_embeds")
+                "num_repeats", "xsa_last_n", "activation", "num_value_embeds", "moe_num_experts", "moe_top_k",
+                "moe_d_ffn", "moe_granularity", "moe_layers", "moe_init", "moe_frozen", "moe_sparsity", "seed")
 
 
 def model_kwargs(cfg: Config) -> dict:
@@ -672,6 +707,142 @@ class MLP(nn.Module):
         return self.proj(self.activation(self.fc(x)))
 
 
+# Mixture-of-experts FFN: token-choice top-k over many small experts, optionally frozen -------
+
+# E[act(z)^2 ... ] for z ~ N(0, 1): the second moment of each activation, used to give a random
+# expert an output of unit variance: relu(z)^4 has mean 3/2; leaky_relu(z, 0.5)^4 has 3/2 + 3/32.
+ACTIVATION_SECOND_MOMENT = {"relu2": 1.5, "leaky_relu2": 1.5 + 3 / 32}
+
+
+def expert_seed(seed: int, layer: int, expert: int) -> int:
+    """A generator seed per (SEED, layer, expert): any expert can be regenerated alone, anywhere."""
+    digest = hashlib.sha256(f"moe-expert:{seed}:{layer}:{expert}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def random_matrix(rows: int, cols: int, init: str, sparsity: float, gain: float, gen: torch.Generator) -> Tensor:
+    """A (rows, cols) matrix applied as x @ W (fan_in = rows) whose outputs have variance gain² for
+    inputs of unit variance, whatever the scheme. sparse: in every column a `sparsity` fraction of
+    the entries is zero and the rest are N(0, gain² / (density * rows))."""
+    if init == "orthogonal":
+        w = torch.empty(rows, cols)
+        nn.init.orthogonal_(w, generator=gen)
+        return w * gain * math.sqrt(cols / min(rows, cols))
+    if init == "normal":
+        return torch.randn(rows, cols, generator=gen) * gain / math.sqrt(rows)
+    zeros = min(rows - 1, math.ceil(sparsity * rows))
+    w = torch.randn(rows, cols, generator=gen) * gain / math.sqrt((rows - zeros) * 1.0)
+    dropped = torch.rand(rows, cols, generator=gen).topk(zeros, dim=0).indices
+    return w.scatter_(0, dropped, 0.0)
+
+
+def expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
+    """rows (sorted by expert, expert e owning rows offsets[e-1]:offsets[e]) @ weight[e].
+
+    torch's grouped matmul does this in one call; it needs 16-byte aligned strides, so other
+    shapes (and torch builds without it) take a padded batched matmul instead."""
+    k, n = weight.shape[1:]
+    aligned = all((d * rows.element_size()) % 16 == 0 for d in (k, n))
+    if GROUPED_MM is not None and aligned and rows.dtype in (torch.float32, torch.bfloat16):
+        return GROUPED_MM(rows, weight.to(rows.dtype), offs=offsets)
+    return padded_expert_matmul(rows, weight.to(rows.dtype), offsets, experts_of_rows)
+
+
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def padded_expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    capacity = int(counts.max()) if len(rows) else 0
+    slot = torch.arange(len(rows), device=rows.device) - (offsets - counts).long()[experts_of_rows]
+    padded = rows.new_zeros(weight.size(0), capacity, weight.size(1))
+    padded[experts_of_rows, slot] = rows
+    return torch.bmm(padded, weight)[experts_of_rows, slot]
+
+
+class MoE(nn.Module):
+    """Token-choice top-k routing over `num_experts` two-matrix FFNs with biases.
+
+    The router runs in float32; gates are the softmax of the chosen experts' logits. Slots are
+    sorted by expert and run as grouped matmuls. `route_bias` (auxiliary-loss-free balancing)
+    shifts only the choice of experts, never the gates. Frozen experts are buffers left out of the
+    state dict: regenerated from (seed, layer, expert) wherever the model is built."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, d_ffn: int, activation: str, init: str,
+                 frozen: bool, sparsity: float, seed: int, layer: int):
+        super().__init__()
+        self.num_experts, self.top_k, self.frozen = num_experts, top_k, frozen
+        self.init, self.sparsity, self.seed, self.layer = init, sparsity, seed, layer
+        self.activation_name, self.activation = activation, ACTIVATIONS[activation]
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        nn.init.normal_(self.router.weight, std=math.sqrt(0.1 / dim))  # Switch's scale-0.1 router init
+        for name, shape in (("w1", (num_experts, dim, d_ffn)), ("b1", (num_experts, d_ffn)),
+                            ("w2", (num_experts, d_ffn, dim)), ("b2", (num_experts, dim))):
+            if frozen:
+                self.register_buffer(name, torch.empty(shape), persistent=False)
+            else:
+                setattr(self, name, nn.Parameter(torch.empty(shape)))
+        self.register_buffer("route_bias", torch.zeros(num_experts))
+        # Slots routed to each expert since last read: [training, evaluation]; and in this step.
+        self.register_buffer("load", torch.zeros(2, num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("step_load", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        self.draw_experts()
+
+    @torch.no_grad()
+    def draw_experts(self):
+        if self.w1.is_meta:
+            return  # a dry run counts parameters and allocates nothing
+        dim, d_ffn = self.w1.shape[1:]
+        out_gain = 1 / math.sqrt(ACTIVATION_SECOND_MOMENT[self.activation_name])
+        for e in range(self.num_experts):
+            gen = torch.Generator().manual_seed(expert_seed(self.seed, self.layer, e))
+            self.w1[e] = random_matrix(dim, d_ffn, self.init, self.sparsity, 1.0, gen)
+            self.w2[e] = random_matrix(d_ffn, dim, self.init, self.sparsity, out_gain, gen)
+            # Biases as nn.Linear draws them: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+            self.b1[e] = (torch.rand(d_ffn, generator=gen) * 2 - 1) / math.sqrt(dim)
+            self.b2[e] = (torch.rand(dim, generator=gen) * 2 - 1) / math.sqrt(d_ffn)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())
+        choice = (logits + self.route_bias).topk(self.top_k, dim=-1).indices  # (T, k)
+        gates = torch.softmax(logits.gather(-1, choice), dim=-1)
+        experts = choice.flatten()
+        order = torch.argsort(experts, stable=True)
+        counts = torch.bincount(experts, minlength=self.num_experts)
+        offsets = counts.cumsum(0).to(torch.int32)
+        sorted_experts = experts[order]
+        token = order // self.top_k
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        rows = x[token].to(dtype)
+        h = expert_matmul(rows, self.w1, offsets, sorted_experts) + self.b1[sorted_experts].to(rows.dtype)
+        h = self.activation(h)
+        y = expert_matmul(h, self.w2, offsets, sorted_experts) + self.b2[sorted_experts].to(h.dtype)
+        y = y * gates.flatten()[order, None].to(y.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        with torch.no_grad():
+            self.load[0 if self.training else 1] += counts
+            if self.training:
+                self.step_load += counts
+        return out.view(shape), self.balancing_loss(logits, counts)
+
+    def balancing_loss(self, logits: Tensor, counts: Tensor) -> Tensor:
+        """Switch's load-balancing loss E * sum_i f_i P_i (1 when balanced) and the router z-loss,
+        unweighted; the model applies MOE_AUX_COEF and MOE_ZLOSS_COEF."""
+        probs = torch.softmax(logits, dim=-1)
+        fraction = counts.float() / counts.sum().clamp_min(1)
+        switch = self.num_experts * (fraction * probs.mean(0)).sum()
+        z = logits.logsumexp(-1).square().mean()
+        return torch.stack((switch, z))
+
+    @torch.no_grad()
+    def nudge_route_bias(self, rate: float, load: Tensor):
+        """Auxiliary-loss-free balancing: experts above the mean load become less likely to be chosen."""
+        self.route_bias += rate * torch.sign(load.mean() - load).to(self.route_bias.dtype)
+
+
 class Block(nn.Module):
     """Attention then the FFN slot, each scaled per channel; resid_mix blends in the embedding x0."""
 
@@ -682,11 +853,16 @@ class Block(nn.Module):
         self.ffn_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None, exclusive: bool = False) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None, exclusive: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
+        """The new residual stream, and an MoE FFN's (load-balancing, z) losses (None for a dense FFN)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), value_embed, exclusive)
-        return x + self.ffn_scale.to(x.dtype) * self.ffn(rms_norm(x))
+        out, balance = self.ffn(rms_norm(x)), None
+        if isinstance(self.ffn, MoE):
+            out, balance = out
+        return x + self.ffn_scale.to(x.dtype) * out, balance
 
 
 class GPT(nn.Module):
@@ -701,16 +877,28 @@ class GPT(nn.Module):
 
     def __init__(self, vocab_size, num_layers, model_dim, num_heads, num_kv_heads, mlp_mult, tie_embeddings,
                  logit_softcap, rope_base, qk_gain_init, tied_embed_init_std, num_repeats=1, xsa_last_n=0,
-                 activation="relu2", num_value_embeds=0):
+                 activation="relu2", num_value_embeds=0, moe_num_experts=0, moe_top_k=2, moe_d_ffn=0,
+                 moe_granularity=1, moe_layers="all", moe_init="normal", moe_frozen=False, moe_sparsity=0.9,
+                 seed=1337):
         super().__init__()
         self.logit_softcap, self.xsa_last_n = logit_softcap, xsa_last_n
         self.num_layers, self.max_repeats = num_layers, num_repeats
+        self.balance_coefs = (0.0, 0.0)  # MOE_AUX_COEF, MOE_ZLOSS_COEF: set for training
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
         hidden = max(1, int(round(mlp_mult * model_dim)))
+        moe_blocks = parse_moe_layers(moe_layers, num_layers) if moe_num_experts else set()
+        # Granularity G: G times the experts, each 1/G as wide, G times as many chosen per token.
+        d_ffn = (moe_d_ffn or max(1, round(hidden / moe_top_k))) // moe_granularity
+
+        def ffn(layer: int) -> nn.Module:
+            if layer not in moe_blocks:
+                return MLP(model_dim, hidden, activation)
+            return MoE(model_dim, moe_num_experts * moe_granularity, moe_top_k * moe_granularity, d_ffn, activation,
+                       moe_init, moe_frozen, moe_sparsity, seed, layer)
+
         self.blocks = nn.ModuleList(
-            Block(model_dim, Attention(model_dim, num_heads, num_kv_heads, rope_base, qk_gain_init),
-                  MLP(model_dim, hidden, activation))
-            for _ in range(num_layers))
+            Block(model_dim, Attention(model_dim, num_heads, num_kv_heads, rope_base, qk_gain_init), ffn(layer))
+            for layer in range(num_layers))
         depth = num_layers * num_repeats
         recurrent = num_repeats > 1
         self.skip_weights = None if recurrent else nn.Parameter(torch.ones(depth // 2, model_dim))
@@ -736,9 +924,10 @@ class GPT(nn.Module):
         self.repeats = repeats
         self.plan = [(block, p) for p in range(repeats) for block in range(self.num_layers)]
 
-    def hidden(self, idx: Tensor) -> Tensor:
+    def hidden(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The final hidden states, and the MoE layers' (load-balancing, z) losses summed (None if dense)."""
         x = rms_norm(self.tok_emb(idx))
-        x0, skips, previous = x, [], {}
+        x0, skips, previous, balance = x, [], {}, None
         tables = None if self.value_embeds is None else self.value_embeds[:, idx].to(x.dtype)  # (E, B, T, kv)
         n_encoder = len(self.plan) // 2 if self.skip_weights is not None else 0
         for layer, (block, p) in enumerate(self.plan):
@@ -751,30 +940,77 @@ class GPT(nn.Module):
             value_embed = None
             if tables is not None:
                 value_embed = torch.einsum("e,ebtk->btk", self.value_scales[layer].to(x.dtype), tables)
-            x = self.blocks[block](x, x0, value_embed, layer >= len(self.plan) - self.xsa_last_n)
+            x, layer_balance = self.blocks[block](x, x0, value_embed, layer >= len(self.plan) - self.xsa_last_n)
+            if layer_balance is not None:
+                balance = layer_balance if balance is None else balance + layer_balance
             previous[block] = x
             if layer < n_encoder:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x), balance
 
     def logits(self, idx: Tensor) -> Tensor:
-        h = self.hidden(idx)
+        return self.head(self.hidden(idx)[0])
+
+    def head(self, h: Tensor) -> Tensor:
         raw = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
         raw = raw.float()
         return self.logit_softcap * torch.tanh(raw / self.logit_softcap)
 
     def forward(self, idx: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-        """Cross-entropy in nats: the mean (training) or per token, shaped like targets (evaluation)."""
-        logits = self.logits(idx)
+        """Cross-entropy in nats: the mean (training, plus the MoE balancing losses when their
+        coefficients are set) or per token, shaped like targets (evaluation). Targets of -100
+        (padding) are not scored."""
+        h, balance = self.hidden(idx)
+        logits = self.head(h)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
-        return loss if reduction == "mean" else loss.view_as(targets)
+        if reduction != "mean":
+            return loss.view_as(targets)
+        aux, z = self.balance_coefs
+        if balance is not None and (aux or z):
+            loss = loss + aux * balance[0] + z * balance[1]
+        return loss
 
 
 def count_matmul_params(model: GPT) -> int:
-    """Matmul weights a token passes through (for MFU): block matrices once per pass, and the head."""
-    blocks = model.repeats * sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
+    """Matmul weights a token passes through (for MFU): block matrices once per pass (of an MoE
+    layer, the router and top_k experts' two matrices), and the head."""
+    per_pass = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
+    per_pass += sum(m.top_k * (m.w1[0].numel() + m.w2[0].numel()) for m in moe_layers(model))
     head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
-    return blocks + head
+    return model.repeats * per_pass + head
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def parse_moe_layers(spec: str, num_layers: int) -> set[int]:
+    """'all', 'every2' (blocks 1, 3, 5, ...: every other block, as Switch places them) or '0,2,5'."""
+    if spec == "all":
+        return set(range(num_layers))
+    if spec == "every2":
+        return set(range(1, num_layers, 2))
+    try:
+        layers = {int(item) for item in spec.split(",")}
+    except ValueError:
+        raise ConfigError(f"MOE_LAYERS={spec!r}: expected all, every2 or a list of block indices like 0,2,5") from None
+    if not layers or min(layers) < 0 or max(layers) >= num_layers:
+        raise ConfigError(f"MOE_LAYERS={spec!r}: block indices must be in 0..{num_layers - 1}")
+    return layers
+
+
+def parameter_counts(model: GPT) -> dict:
+    """params_total counts frozen experts too; params_stored is what the artifact holds (frozen
+    experts are regenerated, not stored); params_active_per_token counts top_k experts per MoE layer."""
+    moes = moe_layers(model)
+    experts = [t for m in moes for t in (m.w1, m.b1, m.w2, m.b2)]
+    frozen = sum(t.numel() for m in moes if m.frozen for t in (m.w1, m.b1, m.w2, m.b2))
+    total = sum(p.numel() for p in model.parameters()) + frozen
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    active_experts = sum(m.top_k * sum(t[0].numel() for t in (m.w1, m.b1, m.w2, m.b2)) for m in moes)
+    return {"params_total": total, "params_trainable": trainable, "params_trainable_pct": 100 * trainable / total,
+            "params_active_per_token": total - sum(t.numel() for t in experts) + active_experts,
+            "params_stored": sum(t.numel() for t in model.state_dict().values())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,14 +1024,14 @@ def newton_schulz(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
     """Approximately orthogonalises grad (pushes its singular values toward 1) with a quintic iteration."""
     a, b, c = NS_COEFFS
     x = grad.bfloat16() if grad.is_cuda else grad.float()
-    x = x / (x.norm() + eps)
-    transposed = x.size(0) > x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # a stack of matrices (MoE experts) is one each
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -820,7 +1056,7 @@ class Muon(torch.optim.Optimizer):
                 direction = self.nesterov_direction(p, group)
                 if i % self.world_size == self.rank:
                     update = newton_schulz(direction, group["backend_steps"]).float()
-                    flat[offset:offset + p.numel()] = update.reshape(-1) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset:offset + p.numel()] = update.reshape(-1) * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
                 offset += p.numel()
             if self.world_size > 1:
                 dist.all_reduce(flat)
@@ -844,10 +1080,11 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.Optimizer]:
-    """Muon for the 2-D matrices inside blocks; Adam for embeddings, head, vectors and scalars."""
+    """Muon (or Adam, MATRIX_OPTIMIZER=adam) for the matrices inside blocks, an MoE layer's stack of
+    expert matrices included; Adam for embeddings, head, vectors and scalars."""
     groups = {"matrices": [], "embedding": [], "head": [], "scalars": []}
     for name, p in model.named_parameters():
-        if name.startswith("blocks.") and p.ndim == 2:
+        if name.startswith("blocks.") and p.ndim >= 2:
             groups["matrices"].append(p)
         elif name in ("tok_emb.weight", "value_embeds"):
             groups["embedding"].append(p)
@@ -856,11 +1093,14 @@ def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.O
         else:
             groups["scalars"].append(p)
     embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    adam_groups = [dict(params=groups[name], lr=lr, base_lr=lr, name=name)
-                   for name, lr in (("embedding", embed_lr), ("scalars", cfg.scalar_lr), ("head", cfg.head_lr))
-                   if groups[name]]
-    matrices = groups["matrices"]
+    adam_lrs = [("embedding", embed_lr), ("scalars", cfg.scalar_lr), ("head", cfg.head_lr)]
+    if cfg.matrix_optimizer == "adam":
+        adam_lrs.append(("matrices", cfg.matrix_lr))
+    adam_groups = [dict(params=groups[name], lr=lr, base_lr=lr, name=name) for name, lr in adam_lrs if groups[name]]
     adam = torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.is_cuda)
+    if cfg.matrix_optimizer == "adam":
+        return [adam]
+    matrices = groups["matrices"]
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
                 weight_decay=cfg.muon_wd, rank=rt.rank, world_size=rt.world_size)
     for group in muon.param_groups:
@@ -909,7 +1149,9 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
         opt.zero_grad(set_to_none=True)
-    optimizers[-1].param_groups[0]["momentum"] = muon_momentum(cfg, step)
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            opt.param_groups[0]["momentum"] = muon_momentum(cfg, step)
     total = torch.zeros((), device=rt.device)
     for micro in range(cfg.grad_accum_steps):
         x, y = stream.micro_batch(cfg, rt, step, micro)
@@ -928,6 +1170,11 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
         raise Diverged(step + 1, "loss" if not bool(torch.isfinite(total)) else "gradient", non_finite_group(optimizers))
     for opt in optimizers:
         opt.step()
+    for moe in moe_layers(train_model):
+        if cfg.moe_bias_update:
+            # Every rank nudges by the global load, so the biases stay identical across ranks.
+            moe.nudge_route_bias(cfg.moe_bias_update, rt.all_reduce(moe.step_load.clone()))
+        moe.step_load.zero_()
     return total / cfg.grad_accum_steps
 
 
@@ -968,6 +1215,8 @@ def prime(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream:
     model.load_state_dict(saved_model)
     for opt, state in zip(optimizers, saved_opts):
         opt.load_state_dict(state)
+    for moe in moe_layers(model):
+        moe.load.zero_()  # the warm-up's routing is not the run's
     rt.sync()
 
 
@@ -1032,6 +1281,46 @@ class TrainResult:
     tokens_seen: int
     val_loss: float
     val_bpb: float
+    moe: dict | None = None  # expert load over the last logging window (and the last validation's)
+
+
+def load_statistics(counts: Tensor) -> dict:
+    """How evenly slots spread over experts: Gini (0 even, (n-1)/n all on one), Shannon entropy in
+    bits (log2 n even) and 2^H, the effective number of experts; experts that got nothing."""
+    counts = counts.double().cpu()
+    n, total = counts.numel(), counts.sum()
+    share = counts / total
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    gini = float(2 * (ranks * counts.sort().values).sum() / (n * total) - (n + 1) / n)
+    used = share[share > 0]
+    entropy = float(-(used * used.log2()).sum())
+    return {"gini": gini, "entropy": entropy, "effective_experts": 2 ** entropy, "dead": int((counts == 0).sum()),
+            "share": share.tolist()}
+
+
+def moe_statistics(model: nn.Module, rt: Runtime, mode: str) -> dict | None:
+    """Per MoE layer, the load since the last call in `mode` (train or eval), over all ranks; resets it.
+    A collective: every rank calls it at the same point."""
+    moes = moe_layers(model)
+    if not moes:
+        return None
+    row = 0 if mode == "train" else 1
+    counts = rt.all_reduce(torch.stack([m.load[row] for m in moes]))
+    for m in moes:
+        m.load[row].zero_()
+    if not bool(counts.sum() > 0):
+        return None
+    per_layer = [load_statistics(c) for c in counts]
+    return {"layers": [m.layer for m in moes], **{key: [st[key] for st in per_layer] for key in per_layer[0]}}
+
+
+def log_moe(log: "Logger", what: str, stats: dict | None):
+    if stats is None:
+        return
+    fields = [("gini", "{:.3f}"), ("entropy", "{:.3f}"), ("effective_experts", "{:.1f}"), ("dead", "{}")]
+    log(f"moe_{what} layers:{','.join(map(str, stats['layers']))} " + " ".join(
+        f"{'entropy_bits' if key == 'entropy' else key}:{','.join(fmt.format(v) for v in stats[key])}"
+        for key, fmt in fields))
 
 
 def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimizers, stream: TokenStream,
@@ -1041,6 +1330,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
     phases = cfg.depth_phases if cfg.depth_schedule else []
     stop = False
     val_loss = val_bpb = float("nan")
+    moe_train = moe_val = None
     elapsed = state.train_ms
     rt.sync()
     t0 = time.perf_counter()
@@ -1059,6 +1349,8 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
                     val_loss, val_bpb = evaluator.standard(eval_model)
                     log(f"step:{state.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                         f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
+                    moe_val = moe_statistics(model, rt, "eval")
+                    log_moe(log, "val", moe_val)
                 if per_token:
                     save_per_token(cfg, evaluator, eval_model, f"step_{state.step:06d}", state.step, log)
                 rt.sync()
@@ -1078,6 +1370,8 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
                 tok_s = state.step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9)
                 log(f"step:{state.step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
                     f"step_avg:{elapsed / state.step:.2f}ms tok_s:{tok_s:.0f}")
+                moe_train = moe_statistics(model, rt, "train") or moe_train
+                log_moe(log, "train", moe_train)
             if averaging_due(cfg, model, state, elapsed):
                 state.average.add(model, state.step)
             if checkpoint_due(cfg, state, elapsed):
@@ -1095,7 +1389,9 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
         change_depth(cfg, model, state, [(model.max_repeats, 0.0)], 1.0, log)  # evaluate and export at full depth
     if (cfg.swa_enabled or cfg.ema_decay) and state.average.last_step != state.step:
         state.average.add(model, state.step)
-    return TrainResult(state.step, state.train_ms, state.step * cfg.train_batch_tokens, val_loss, val_bpb)
+    moe_train = moe_statistics(model, rt, "train") or moe_train  # the steps since the last log line
+    moe = None if moe_train is None else {**moe_train, **({"val": moe_val} if moe_val else {})}
+    return TrainResult(state.step, state.train_ms, state.step * cfg.train_batch_tokens, val_loss, val_bpb, moe)
 
 
 def save_per_token(cfg: Config, evaluator: "Evaluator", model: nn.Module, name: str, step: int, log: Logger):
@@ -1306,9 +1602,9 @@ def encode_tensors(state: dict[str, Tensor]) -> tuple[bytes, list[dict]]:
         return part
 
     for name, t in state.items():
-        if t.is_floating_point() and t.ndim == 2 and t.numel() >= INT8_MIN_NUMEL:
-            q, scale = quantize_int8_rows(t)
-            layout.append({"name": name, "encoding": "int8_rows", "parts": [put(q), put(scale)]})
+        if t.is_floating_point() and t.ndim >= 2 and t.numel() >= INT8_MIN_NUMEL:
+            q, scale = quantize_int8_rows(t.reshape(-1, t.size(-1)))  # a stack of expert matrices: all rows
+            layout.append({"name": name, "encoding": "int8_rows", "shape": list(t.shape), "parts": [put(q), put(scale)]})
         elif t.is_floating_point():
             layout.append({"name": name, "encoding": "fp16", "parts": [put(t.half())]})
         else:
@@ -1328,7 +1624,7 @@ def decode_tensors(payload: bytes, layout: list[dict]) -> dict[str, Tensor]:
     for entry in layout:
         parts = [get(p) for p in entry["parts"]]
         if entry["encoding"] == "int8_rows":
-            state[entry["name"]] = dequantize_int8_rows(*parts)
+            state[entry["name"]] = dequantize_int8_rows(*parts).reshape(entry.get("shape", parts[0].shape))
         else:
             state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
     return state
@@ -1591,8 +1887,11 @@ class MethodRun:
     info: dict = field(default_factory=dict)
 
 
-def prob_sum_error(probs: Tensor) -> float:
-    return float((probs.double().sum(-1) - 1).abs().max()) if probs.numel() else 0.0
+def prob_sum_error(probs: Tensor) -> Tensor:
+    """The largest |sum p - 1| over rows, kept on the device so a hot loop need not wait for it."""
+    if not probs.numel():
+        return torch.zeros((), dtype=torch.float64, device=probs.device)
+    return (probs.sum(-1, dtype=torch.float64) - 1).abs().max()
 
 
 def capture_rows(captured: dict, pos: Tensor, probs: Tensor, wanted: set[int]):
@@ -1608,7 +1907,7 @@ def neural_run(ev: Evaluator, model: nn.Module, windows: list, seq_len: int, cap
         parts.append(scores)
         if capture:
             capture_rows(captured, scores.pos, logp.exp(), capture)
-    error = prob_sum_error(torch.stack(list(captured.values()))) if captured else 0.0
+    error = float(prob_sum_error(torch.stack(list(captured.values())))) if captured else 0.0
     return MethodRun(Scores.cat(parts, ev.rt.device), captured, error)
 
 
@@ -1713,7 +2012,8 @@ def hedge_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int], e
                 expert.observe(block)
     # The neural expert starts with most of the weight: the count tables begin empty.
     log_w = torch.tensor([2.0 if isinstance(e, NeuralExpert) else 0.0 for e in experts], device=ev.rt.device)
-    parts, captured, max_error = [], {}, 0.0
+    parts, captured = [], {}
+    max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)
     for scores, logp in ev.batches(model, windows, eval_seq_len(cfg), logprobs=True):
         nll = []
         for rows in torch.arange(len(scores.pos), device=ev.rt.device).split(cfg.hedge_chunk_tokens):
@@ -1722,7 +2022,7 @@ def hedge_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int], e
             mixture = torch.einsum("e,etv->tv", torch.softmax(log_w, 0), probs)
             target = tokens[pos + 1].unsqueeze(-1)
             nll.append(-mixture.gather(-1, target).squeeze(-1).clamp_min(1e-38).log())
-            max_error = max(max_error, prob_sum_error(mixture))
+            max_error = torch.maximum(max_error, prob_sum_error(mixture))
             if capture:
                 capture_rows(captured, pos, mixture, capture)
             expert_nll = -probs.gather(-1, target.expand(len(experts), -1, 1)).squeeze(-1).clamp_min(1e-38).log()
@@ -1732,7 +2032,7 @@ def hedge_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int], e
                 expert.observe(pos)
         parts.append(Scores(scores.pos, torch.cat(nll), scores.nbytes))
     weights = {e.name: round(w, 6) for e, w in zip(experts, torch.softmax(log_w, 0).tolist())}
-    return MethodRun(Scores.cat(parts, ev.rt.device), captured, max_error, {"weights": weights})
+    return MethodRun(Scores.cat(parts, ev.rt.device), captured, float(max_error), {"weights": weights})
 
 
 # Score-first test-time training ----------------------------------------------------------------
@@ -1927,8 +2227,10 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     floor = source_floor(cfg.data_path, log)
 
     model = GPT(**model_kwargs(cfg)).to(rt.device)
-    params_total = sum(p.numel() for p in model.parameters())
-    log(f"model_params:{params_total} trainable:{sum(p.numel() for p in model.parameters() if p.requires_grad)}")
+    model.balance_coefs = (cfg.moe_aux_coef, cfg.moe_zloss_coef)
+    counts = parameter_counts(model)
+    log(f"model_params:{counts['params_total']} trainable:{counts['params_trainable']}")
+    log(format_parameter_counts(counts))
     compiled = torch.compile(model) if rt.compile else model
     train_model = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.is_cuda else None,
                                           broadcast_buffers=False, find_unused_parameters=has_one_pass_phase(cfg)
@@ -1978,13 +2280,32 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         "config": dataclasses.asdict(cfg), "steps": result.steps, "train_time_ms": result.train_time_ms,
         "tokens_seen": result.tokens_seen,
         "tokens_per_s": result.tokens_seen / max(result.train_time_ms / 1000, 1e-9),
-        "params_total": params_total,
-        "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **counts,
         "val_loss": result.val_loss, "val_bpb": result.val_bpb, "val_bytes": val_bytes,
         "val_tokens": len(val_tokens) - 1, "peak_mem_mib": peak, **exported, **evaluated, **floor, **averaged,
         **({"depth_phases": train_state.depth_phases} if cfg.depth_schedule else {}),
+        **({"moe": result.moe} if result.moe else {}),
     }
     return summary
+
+
+def format_parameter_counts(counts: dict) -> str:
+    return (f"params: total:{counts['params_total']} trainable:{counts['params_trainable']} "
+            f"({counts['params_trainable_pct']:.2f}%) active_per_token:{counts['params_active_per_token']} "
+            f"stored:{counts['params_stored']}")
+
+
+def dry_run(cfg: Config, notes: list[str]) -> int:
+    """The config and the parameter accounting, from a model on the meta device: nothing allocated."""
+    print(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
+    for note in notes:
+        print(note)
+    with torch.device("meta"):
+        model = GPT(**model_kwargs(cfg))
+    counts = parameter_counts(model)
+    print(format_parameter_counts(counts))
+    print(f"dry_run: {json.dumps(counts)}")
+    return 0
 
 
 def has_one_pass_phase(cfg: Config) -> bool:
@@ -2029,11 +2350,19 @@ def main() -> int:
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         print(config_help())
         return 0
+    unknown = [arg for arg in sys.argv[1:] if arg != "--dry-run"]
+    if unknown:
+        print(f"error: unknown argument {unknown[0]!r}: settings are env vars (see --help); the only flag is --dry-run",
+              file=sys.stderr)
+        return 2
+    environ = {**os.environ, **({"DRY_RUN": "1"} if "--dry-run" in sys.argv[1:] else {})}
     try:
-        cfg, notes = load_config(os.environ, world_size_from_env())
+        cfg, notes = load_config(environ, world_size_from_env())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.dry_run:
+        return dry_run(cfg, notes)
     rt = log = None
     try:
         rt = init_runtime(cfg)
