@@ -1831,14 +1831,17 @@ class Evaluator:
                 pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in chunk]).to(self.rt.device)
                 target = torch.cat([y[r, a:b] for r, a, b in rows])
                 logp = None
+                scores_all = all(first == 0 and stop == seq_len for _, first, stop in chunk)
                 with self.rt.autocast():
-                    if logprobs:  # normalised only where scored: a sliding window scores few of its positions
-                        logits = model.logits(x)
-                        logp = F.log_softmax(torch.cat([logits[r, a:b] for r, a, b in rows]).float(), dim=-1)
-                        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-                    else:
+                    if scores_all and not logprobs:
                         loss = model(x, y, reduction="none").float()
                         nll = torch.cat([loss[r, a:b] for r, a, b in rows])
+                    else:  # the head and softmax only where scored: a sliding window scores few positions
+                        hidden = model.hidden(x)[0]
+                        logits = model.head(torch.cat([hidden[r, a:b] for r, a, b in rows]))
+                        logp = F.log_softmax(logits.float(), dim=-1)
+                        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                        logp = logp if logprobs else None
                 counted = self.tables.count(x, y)
                 yield Scores(pos, nll, torch.cat([counted[r, a:b] for r, a, b in rows])), logp
         finally:
