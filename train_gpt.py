@@ -56,7 +56,8 @@ def var(default, help: str, lo=None, hi=None, choices=None):
 @dataclass(frozen=True)
 class Config:
     preset: str = var("", "a named starting configuration (see PRESETS); env vars override it",
-                      choices=("", "baseline", "recurrent"))
+                      choices=("", "baseline", "recurrent", "some_a1", "some_a2", "some_a3", "some_b1", "some_b2",
+                               "some_c1", "some_c2"))
     # data
     data_path: str = var("./data/datasets/fineweb10B_sp1024", "folder holding *_train_*.bin and *_val_*.bin shards")
     tokenizer_path: str = var("", "sentencepiece .model for the bits-per-byte tables "
@@ -76,6 +77,10 @@ class Config:
     val_loss_every: int = var(1000, "validate every N steps (0 = only at the end)", lo=0)
     train_log_every: int = var(200, "log the train loss every N steps (and steps 1-10)", lo=1)
     val_batch_size: int = var(524288, "tokens a validation forward covers over all ranks", lo=1)
+    doc_mode: bool = var(False, "each training and validation sequence is one document from its BOS, truncated "
+                                "or padded; padding is never scored")
+    epochs: int = var(0, "DOC_MODE: train this many passes over the documents (sets ITERATIONS; 0 = off)", lo=0)
+    train_subset_docs: int = var(0, "DOC_MODE: train on the first N documents only (0 = all)", lo=0)
     warmup_steps: int = var(20, "untimed priming steps (compile, allocator); weights and optimizer state restored after", lo=0)
     warmdown_iters: int = var(1200, "linear LR decay to zero over the last N steps of the budget (timed when capped)", lo=0)
     lr_warmup_steps: int = var(0, "linear LR warm-up over the first N steps", lo=0)
@@ -184,6 +189,18 @@ class Config:
 
 CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config)}
 
+def some_preset(dim: int, heads: int, layers: int, experts: int, d_ffn: int, seq: int, batch_seqs: int) -> dict:
+    """A run of the SoME study: frozen sparse experts, only router, attention and embeddings trained,
+    AdamW-like optimisation of everything at 8e-4, 4 epochs over 20,000 documents."""
+    lr = "0.0008"
+    return {"MODEL_DIM": str(dim), "NUM_HEADS": str(heads), "NUM_KV_HEADS": str(heads), "NUM_LAYERS": str(layers),
+            "MOE_NUM_EXPERTS": str(experts), "MOE_D_FFN": str(d_ffn), "MOE_TOP_K": "4", "MOE_INIT": "sparse",
+            "MOE_FROZEN": "1", "VOCAB_SIZE": "8192", "TIE_EMBEDDINGS": "0", "TRAIN_SEQ_LEN": str(seq),
+            "TRAIN_BATCH_TOKENS": str(seq * batch_seqs), "DOC_MODE": "1", "EPOCHS": "4", "TRAIN_SUBSET_DOCS": "20000",
+            "MAX_WALLCLOCK_SECONDS": "0", "MATRIX_OPTIMIZER": "adam", "MATRIX_LR": lr, "SCALAR_LR": lr,
+            "EMBED_LR": lr, "HEAD_LR": lr, "WARMDOWN_ITERS": "0", "VAL_LOSS_EVERY": "0"}
+
+
 PRESETS = {
     # The challenge's naive baseline: the defaults themselves.
     "baseline": {},
@@ -193,6 +210,14 @@ PRESETS = {
                   "DEPTH_SCHEDULE": "2@0,3@0.4,4@0.65", "SWA_ENABLED": "1", "SWA_START_FRAC": "0.4",
                   "SWA_EVERY": "50", "MUON_WD": "0.04", "GRAD_CLIP_NORM": "0.3", "MATRIX_LR": "0.015",
                   "SCALAR_LR": "0.015", "TIED_EMBED_LR": "0.018"},
+    # The SoME study's seven runs.
+    "some_a1": some_preset(384, 6, 6, 64, 1024, 512, 128),
+    "some_a2": some_preset(384, 6, 6, 64, 1024, 768, 42),
+    "some_a3": some_preset(384, 6, 6, 64, 1024, 1024, 31),
+    "some_b1": some_preset(384, 8, 8, 128, 1536, 512, 128),
+    "some_b2": some_preset(384, 8, 10, 128, 1536, 512, 128),
+    "some_c1": some_preset(512, 8, 8, 128, 1536, 512, 128),
+    "some_c2": some_preset(768, 8, 8, 128, 1536, 512, 128),
 }
 
 # Contract names owned by features that have not landed yet: refused loudly rather than ignored.
@@ -246,6 +271,10 @@ def resolve_batch(values: dict, world_size: int) -> list[str]:
                               f"TRAIN_SEQ_LEN = {world_size}*{values['grad_accum_steps']}*{seq} = {unit}")
         return []
     accum = max(1, min(8 // world_size, batch // (world_size * seq)))
+    sequences = batch // seq
+    if batch % seq == 0 and sequences % world_size == 0:
+        # The global batch splits over the ranks: accumulate in as many micro-batches as divide it.
+        accum = max(a for a in range(1, accum + 1) if (sequences // world_size) % a == 0)
     values["grad_accum_steps"] = accum
     unit = world_size * accum * seq
     if batch % unit == 0:
@@ -286,6 +315,20 @@ def resolve_depth(values: dict, environ):
     values["num_repeats"] = final
 
 
+def check_doc_mode(values: dict, environ):
+    if not values["doc_mode"]:
+        for name in ("epochs", "train_subset_docs"):
+            if values[name]:
+                raise ConfigError(f"{name.upper()}={values[name]}: needs DOC_MODE=1")
+        return
+    if values["epochs"] and "ITERATIONS" in environ:
+        raise ConfigError(f"ITERATIONS={environ['ITERATIONS']}: set EPOCHS or ITERATIONS, not both")
+    for name in ("eval_stride", "hedge_enabled", "ttt_steps"):
+        if values[name]:
+            raise ConfigError(f"{name.upper()}={values[name]}: the stream evaluations do not apply in DOC_MODE, "
+                              f"where every sequence is one document; unset it")
+
+
 def check_moe(values: dict):
     if not values["moe_num_experts"]:
         return
@@ -318,6 +361,7 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
         raise ConfigError(f"MODEL_DIM={values['model_dim']}: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
     resolve_depth(values, environ)
     check_moe(values)
+    check_doc_mode(values, environ)
     window = values["eval_seq_len"] or values["train_seq_len"]
     if values["eval_stride"] > window:
         raise ConfigError(f"EVAL_STRIDE={values['eval_stride']}: must not exceed the eval window "
@@ -522,6 +566,53 @@ class TokenStream:
         if rt.is_cuda:
             buf = buf.pin_memory().to(rt.device, non_blocking=True)
         return buf[:-1].view(seqs, cfg.train_seq_len), buf[1:].view(seqs, cfg.train_seq_len)
+
+
+def document_bounds(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
+    """(start, end) of each document: it starts at a BOS and its targets run to the next BOS, which
+    it predicts (the end of the document); text before the first BOS is no document."""
+    starts = np.flatnonzero(np.asarray(tokens) == bos_id)
+    ends = np.append(starts[1:], len(tokens) - 1)
+    return [(int(a), int(b)) for a, b in zip(starts, ends) if b > a]
+
+
+class DocStream:
+    """DOC_MODE's training data: each sequence is one document from its BOS, truncated to
+    TRAIN_SEQ_LEN targets or padded (pad targets are -100, which the loss skips). An epoch visits
+    the first TRAIN_SUBSET_DOCS documents once in an order drawn from (SEED, epoch); the batch of
+    step s is a function of s alone, as for TokenStream."""
+
+    def __init__(self, files: list[Path], cfg: Config, bos_id: int):
+        self.tokens = np.concatenate([np.asarray(read_shard(f)) for f in files])
+        check_token_ids(self.tokens, cfg.vocab_size, files[0] if len(files) == 1 else "the training shards", 0)
+        docs = document_bounds(self.tokens, bos_id)
+        if cfg.train_subset_docs:
+            docs = docs[:cfg.train_subset_docs]
+        if not docs:
+            raise InputError(f"DOC_MODE: no documents (BOS id {bos_id}) in the training shards")
+        self.docs, self.seed = docs, cfg.seed
+        self.total = len(self.tokens)
+        self.docs_per_step = cfg.train_batch_tokens // cfg.train_seq_len
+        self.steps_per_epoch = math.ceil(len(docs) / self.docs_per_step)
+
+    def step_docs(self, step: int) -> list[int]:
+        """The documents of a step; an epoch's last batch is filled up from the start of its order."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.docs), generator=torch.Generator().manual_seed(self.seed * 1009 + epoch))
+        picks = order[index * self.docs_per_step:(index + 1) * self.docs_per_step].tolist()
+        return picks + order[:self.docs_per_step - len(picks)].tolist()
+
+    def micro_batch(self, cfg: Config, rt: Runtime, step: int, micro: int) -> tuple[Tensor, Tensor]:
+        per = self.docs_per_step // (rt.world_size * cfg.grad_accum_steps)
+        first = (micro * rt.world_size + rt.rank) * per
+        x = torch.zeros(per, cfg.train_seq_len, dtype=torch.long)
+        y = torch.full((per, cfg.train_seq_len), -100, dtype=torch.long)
+        for row, doc in enumerate(self.step_docs(step)[first:first + per]):
+            start, end = self.docs[doc]
+            n = min(end - start, cfg.train_seq_len)
+            piece = torch.from_numpy(self.tokens[start:start + n + 1].astype(np.int64))
+            x[row, :n], y[row, :n] = piece[:-1], piece[1:]
+        return x.to(rt.device), y.to(rt.device)
 
 
 def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> Tensor:
@@ -1331,6 +1422,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
     stop = False
     val_loss = val_bpb = float("nan")
     moe_train = moe_val = None
+    epoch_loss_sum, epoch_steps = torch.zeros((), device=rt.device), 0
     elapsed = state.train_ms
     rt.sync()
     t0 = time.perf_counter()
@@ -1340,7 +1432,8 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
                 # `elapsed` is agreed across ranks, so every rank changes depth at the same step.
                 change_depth(cfg, model, state, phases, budget_progress(cfg, state.step, elapsed), log)
             last = state.step == cfg.iterations or stop
-            validate = last or (cfg.val_loss_every and state.step % cfg.val_loss_every == 0)
+            epoch_end = bool(cfg.epochs) and state.step > 0 and state.step % stream.steps_per_epoch == 0
+            validate = last or epoch_end or (cfg.val_loss_every and state.step % cfg.val_loss_every == 0)
             per_token = cfg.per_token_loss_every and state.step % cfg.per_token_loss_every == 0
             if validate or per_token:
                 rt.sync()
@@ -1351,6 +1444,13 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
                         f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
                     moe_val = moe_statistics(model, rt, "eval")
                     log_moe(log, "val", moe_val)
+                if epoch_end:
+                    # A resumed run's first epoch line averages only the steps since the resume.
+                    epoch_loss = float(rt.all_reduce(epoch_loss_sum.clone())) / rt.world_size / max(epoch_steps, 1)
+                    log(f"epoch:{state.step // stream.steps_per_epoch}/{cfg.epochs} train_loss:{epoch_loss:.4f} "
+                        f"val_loss:{val_loss:.4f} val_ppl:{math.exp(min(val_loss, 700)):.2f} val_bpb:{val_bpb:.4f}")
+                    epoch_loss_sum.zero_()
+                    epoch_steps = 0
                 if per_token:
                     save_per_token(cfg, evaluator, eval_model, f"step_{state.step:06d}", state.step, log)
                 rt.sync()
@@ -1363,6 +1463,8 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
             loss = train_step(cfg, rt, train_model, params, optimizers, stream, state.step,
                               lr_scale(cfg, state.step, elapsed))
             state.step += 1
+            epoch_loss_sum += loss.detach()
+            epoch_steps += 1
             # Every rank must agree on the clock, or LR schedules and the stop would differ between ranks.
             elapsed = agreed_elapsed_ms(rt, state.train_ms + 1000 * (time.perf_counter() - t0))
             if state.step <= 10 or state.step % cfg.train_log_every == 0 or state.step == cfg.iterations:
@@ -1797,10 +1899,11 @@ class Scores:
 class Evaluator:
     """Scores windows of the validation tokens, split across ranks, and reduces to loss and bpb."""
 
-    def __init__(self, cfg: Config, rt: Runtime, val_tokens: Tensor, tables: ByteTables):
+    def __init__(self, cfg: Config, rt: Runtime, val_tokens: Tensor, tables: ByteTables, bos_id: int = -1):
         self.cfg, self.rt = cfg, rt
         self.tokens = val_tokens
         self.tables = tables.to(rt.device)
+        self.bos_id = bos_id
 
     @property
     def n_targets(self) -> int:
@@ -1808,7 +1911,7 @@ class Evaluator:
 
     def with_tokens(self, tokens: Tensor) -> "Evaluator":
         """The same evaluator over other tokens: the audit's prefix and its perturbed copies."""
-        return Evaluator(self.cfg, self.rt, tokens, self.tables)
+        return Evaluator(self.cfg, self.rt, tokens, self.tables, self.bos_id)
 
     def rank_share(self, windows: list) -> list:
         """A contiguous run of windows per rank, so each rank scores one stretch of the stream in order."""
@@ -1825,7 +1928,10 @@ class Evaluator:
         try:
             for i in range(0, len(windows), batch):
                 chunk = windows[i:i + batch]
-                idx = torch.stack([self.tokens[s:s + seq_len + 1] for s, _, _ in chunk]).to(self.rt.device)
+                # A window may read past the stream's end (a document at the end, in DOC_MODE); what it
+                # reads after its last scored target cannot change a causal model's scores.
+                idx = torch.stack([F.pad(self.tokens[s:s + seq_len + 1], (0, max(0, s + seq_len + 1 - len(self.tokens))))
+                                   for s, _, _ in chunk]).to(self.rt.device)
                 x, y = idx[:, :-1], idx[:, 1:]
                 rows = [(r, first, stop) for r, (_, first, stop) in enumerate(chunk)]
                 pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in chunk]).to(self.rt.device)
@@ -1858,10 +1964,16 @@ class Evaluator:
         return val_loss, loss_sum / math.log(2) / byte_sum
 
     def val_bytes(self) -> int:
-        return int(self.tables.count(self.tokens[:-1].to(self.rt.device), self.tokens[1:].to(self.rt.device)).sum())
+        """Bytes of the targets standard evaluation scores: the bpb denominator."""
+        pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in self.standard_windows()])
+        return int(self.tables.count(self.tokens[pos].to(self.rt.device), self.tokens[pos + 1].to(self.rt.device)).sum())
 
     def standard_windows(self) -> list:
+        """Disjoint windows of TRAIN_SEQ_LEN; in DOC_MODE one window a document, from its BOS, scoring
+        at most TRAIN_SEQ_LEN targets (the end of the document included)."""
         seq = self.cfg.train_seq_len
+        if self.cfg.doc_mode:
+            return [(a, 0, min(b - a, seq)) for a, b in document_bounds(self.tokens.numpy(), self.bos_id)]
         return sliding_windows(0, self.n_targets, self.n_targets, seq, seq)
 
     def standard(self, model: nn.Module) -> tuple[float, float]:
@@ -2218,11 +2330,18 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         f"compile:{rt.compile} torch:{torch.__version__}")
 
     tokenizer_path = resolve_tokenizer_path(cfg)
-    tables = build_byte_tables(load_tokenizer(tokenizer_path, cfg.vocab_size), cfg.vocab_size)
+    sp = load_tokenizer(tokenizer_path, cfg.vocab_size)
+    tables = build_byte_tables(sp, cfg.vocab_size)
     train_files, val_files = find_shards(cfg.data_path, "train"), find_shards(cfg.data_path, "val")
-    stream = TokenStream(train_files, cfg.vocab_size)
+    if cfg.doc_mode and sp.bos_id() < 0:
+        raise InputError(f"DOC_MODE: tokenizer {tokenizer_path} has no BOS piece to find documents by")
+    stream = DocStream(train_files, cfg, sp.bos_id()) if cfg.doc_mode else TokenStream(train_files, cfg.vocab_size)
+    if cfg.epochs:
+        cfg = dataclasses.replace(cfg, iterations=cfg.epochs * stream.steps_per_epoch)
+        log(f"epochs:{cfg.epochs} docs:{len(stream.docs)} docs_per_step:{stream.docs_per_step} "
+            f"steps_per_epoch:{stream.steps_per_epoch} iterations:{cfg.iterations}")
     val_tokens = load_validation_tokens(val_files, cfg.train_seq_len, cfg.vocab_size)
-    evaluator = Evaluator(cfg, rt, val_tokens, tables)
+    evaluator = Evaluator(cfg, rt, val_tokens, tables, sp.bos_id())
     val_bytes = evaluator.val_bytes()
     log(f"val_bpb:enabled tokenizer_path={tokenizer_path}")
     log(f"train_loader:dataset:{cfg.data_path} train_shards:{len(train_files)} tokens:{stream.total}")

@@ -1,6 +1,7 @@
 """End to end on the CPU: a few steps through export and round trip, and each bad input's exit code."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import numpy as np
 
-from conftest import ROOT, run_trainer
+from conftest import ROOT, clean_env, run_trainer
 from data.prepare import write_shard
 
 CONTRACT_KEYS = {"run_id", "world_size", "device", "config", "steps", "train_time_ms", "tokens_seen", "tokens_per_s",
@@ -153,3 +154,44 @@ def test_per_token_comparison_of_two_runs(tiny_env, tmp_path):
     assert "step_000003" in out.stdout and "r2" in out.stdout.splitlines()[0]
     missing = subprocess.run(cmd[:2] + [str(tmp_path / "nothing"), str(logs / "b")], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nothing" in missing.stderr
+
+
+def test_moe_run_reports_load_statistics_and_parameter_accounting(tiny_env):
+    env = {**tiny_env, "MOE_NUM_EXPERTS": "4", "MOE_TOP_K": "2", "MOE_D_FFN": "32", "MOE_FROZEN": "1",
+           "MOE_INIT": "sparse", "MOE_AUX_COEF": "0.01", "MOE_BIAS_UPDATE": "0.001", "VAL_LOSS_EVERY": "3"}
+    out = run_trainer(env, ROOT)
+    assert out.returncode == 0, out.stderr
+    summary = summary_of(tiny_env)
+    moe = summary["moe"]
+    assert moe["layers"] == [0, 1] and len(moe["gini"]) == len(moe["entropy"]) == 2
+    assert all(0 <= g < 1 for g in moe["gini"]) and all(0 <= h <= 2 for h in moe["entropy"])
+    assert len(moe["val"]["gini"]) == 2
+    assert summary["params_trainable"] < summary["params_total"] and summary["params_stored"] < summary["params_total"]
+    assert re.search(r"^moe_train layers:0,1 gini:\S+ entropy_bits:\S+ effective_experts:\S+ dead:\S+$", out.stdout, re.M)
+    assert re.search(r"^moe_val layers:0,1 ", out.stdout, re.M)
+    assert re.search(r"^params: total:\d+ trainable:\d+ \(\d+\.\d\d%\) active_per_token:\d+ stored:\d+$", out.stdout, re.M)
+
+
+def test_dry_run_counts_without_data(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--dry-run"], cwd=tmp_path, capture_output=True,
+                         text=True, env={**clean_env(), "PRESET": "some_b1"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    counts = json.loads(out.stdout.split("dry_run: ")[1])
+    assert counts["params_total"] - counts["params_trainable"] == 1_209_925_632
+    assert not (tmp_path / "logs").exists()
+    bad = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--dryrun"], cwd=tmp_path, capture_output=True,
+                         text=True, env=clean_env())
+    assert bad.returncode == 2 and "--dryrun" in bad.stderr
+
+
+def test_doc_mode_epochs_log_each_epoch(tiny_env):
+    env = {**tiny_env, "DOC_MODE": "1", "EPOCHS": "2", "TRAIN_SUBSET_DOCS": "48", "TRAIN_SEQ_LEN": "64",
+           "TRAIN_BATCH_TOKENS": "1024", "WARMUP_STEPS": "0"}
+    del env["ITERATIONS"]
+    out = run_trainer(env, ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "epochs:2 docs:48 docs_per_step:16 steps_per_epoch:3 iterations:6" in out.stdout
+    epochs = re.findall(r"^epoch:(\d)/2 train_loss:\S+ val_loss:(\S+) val_ppl:(\S+) val_bpb:\S+$", out.stdout, re.M)
+    assert [e[0] for e in epochs] == ["1", "2"]
+    assert all(abs(math.exp(float(loss)) - float(ppl)) < 0.01 * float(ppl) for _, loss, ppl in epochs)
+    assert summary_of(tiny_env)["steps"] == 6
