@@ -167,6 +167,8 @@ class Config:
                                        "to LOG_DIR/<RUN_ID>_per_token/ (0 = off)", lo=0)
     # export
     artifact_limit_bytes: int = var(16_000_000, "code + compressed model must fit in this", lo=1)
+    quant: str = var("int8", "artifact precision per tensor group: int8, int6, mixed (see README), or auto: the "
+                             "most precise that fits ARTIFACT_LIMIT_BYTES", choices=("int8", "int6", "mixed", "auto"))
     # faults
     checkpoint_every_seconds: float = var(0.0, "checkpoint every N seconds of training time (0 = off)", lo=0.0)
     checkpoint_every_steps: int = var(0, "checkpoint every N steps (0 = off)", lo=0)
@@ -220,10 +222,6 @@ PRESETS = {
     "some_c2": some_preset(768, 8, 8, 128, 1536, 512, 128),
 }
 
-# Contract names owned by features that have not landed yet: refused loudly rather than ignored.
-NOT_YET_IMPLEMENTED = (
-    "QUANT",
-)
 # Set by torchrun, CUDA or the shell; never a typo of ours.
 FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PATH", "HOME"}
@@ -343,9 +341,6 @@ def check_moe(values: dict):
 
 def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     """Config from env vars; returns it with notes (typo warnings, rounding) for the log."""
-    for name in NOT_YET_IMPLEMENTED:
-        if name in environ:
-            raise ConfigError(f"{name}={environ[name]!r}: not implemented in this version of train_gpt.py; unset it")
     preset = parse_value("PRESET", environ["PRESET"], CONFIG_FIELDS["PRESET"]) if "PRESET" in environ else ""
     typos = typo_warnings(environ)
     environ = {**PRESETS.get(preset, {}), **environ}
@@ -378,7 +373,7 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
 
 
 def typo_warnings(environ) -> list[str]:
-    known = list(CONFIG_FIELDS) + list(NOT_YET_IMPLEMENTED)
+    known = list(CONFIG_FIELDS)
     notes = []
     for name in sorted(environ):
         if name in CONFIG_FIELDS or name in FOREIGN_ENV or not name.replace("_", "").isupper():
@@ -396,7 +391,6 @@ def config_help() -> str:
         lines.append(f"  {name:<28} {kind:<5} default {f.default!r:<38} {f.metadata['help']}")
     for name, settings in PRESETS.items():
         lines.append(f"PRESET={name}: " + (" ".join(f"{k}={v}" for k, v in settings.items()) or "the defaults"))
-    lines.append("Not yet implemented (refused when set): " + ", ".join(NOT_YET_IMPLEMENTED))
     return "\n".join(lines)
 
 
@@ -1667,30 +1661,87 @@ def restore(cfg: Config, rt: Runtime, path: Path, model: GPT, optimizers, log: L
 # ----------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"PGOLFAR1"
-INT8_MIN_NUMEL = 65_536  # smaller tensors are stored as fp16: their bytes are few
-INT8_CLIP_QUANTILE = 0.9999984
+QUANT_MIN_NUMEL = 65_536  # smaller tensors are stored as fp16: their bytes are few
 SCALE_FLOOR = 1e-12  # a larger floor breaks the round trip of near-zero rows in young models
+# GPTQ-lite: each row keeps whichever clip (a quantile of its |w|, interpolated) reconstructs it best.
+CLIP_QUANTILES = (0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
+# Bits per tensor group (None: fp16). Embeddings stay at 8 bits in every scheme: they are the most
+# sensitive to quantization and a small share of the bytes.
+QUANT_SCHEMES = {
+    "int8": {"embedding": 8, "attention": 8, "mlp": 8, "router": 8, "scalars": None},
+    "int6": {"embedding": 8, "attention": 6, "mlp": 6, "router": 8, "scalars": None},
+    "mixed": {"embedding": 8, "attention": 6, "mlp": 5, "router": 8, "scalars": None},
+}
+AUTO_ORDER = ("int8", "int6", "mixed")  # most precise first: QUANT=auto keeps the first that fits
 
 
-def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row int8 with the row's |w| clipped at a high quantile; scales stored as fp16."""
+def tensor_group(name: str, t: Tensor) -> str:
+    if not t.is_floating_point() or t.ndim < 2 or t.numel() < QUANT_MIN_NUMEL:
+        return "scalars"
+    if name.startswith(("tok_emb.", "lm_head.", "value_embeds")):
+        return "embedding"
+    if ".attn." in name:
+        return "attention"
+    if ".router." in name:
+        return "router"
+    return "mlp"  # a dense FFN's matrices, or a stack of trained expert matrices
+
+
+def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row integers in [-(2^(b-1)-1), 2^(b-1)-1] with fp16 scales, the clip of each row
+    chosen among CLIP_QUANTILES by squared reconstruction error."""
     w = w.float()
-    k = max(1, min(w.size(1), math.ceil(INT8_CLIP_QUANTILE * w.size(1))))
-    clip = w.abs().kthvalue(k, dim=1).values
-    exact = (clip / 127).clamp_min(SCALE_FLOOR)
-    scale = exact.half()
-    # Round the fp16 scale up, never down: a smaller scale would clip the row's largest values.
-    scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
-    divisor = scale.float().clamp_min(SCALE_FLOOR)[:, None]
-    q = torch.round(w.clamp(-clip[:, None], clip[:, None]) / divisor).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    qmax = 2 ** (bits - 1) - 1
+    ordered = w.abs().sort(dim=1).values
+    best_err = best_q = best_scale = None
+    for quantile in CLIP_QUANTILES:
+        position = quantile * (w.size(1) - 1)
+        below = int(position)
+        above = min(below + 1, w.size(1) - 1)
+        clip = torch.lerp(ordered[:, below], ordered[:, above], position - below)
+        exact = (clip / qmax).clamp_min(SCALE_FLOOR)
+        scale = exact.half()
+        # Round the fp16 scale up, never down: a smaller scale would clip more than chosen.
+        scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+        divisor = scale.float().clamp_min(SCALE_FLOOR)[:, None]
+        q = torch.round(w.clamp(-clip[:, None], clip[:, None]) / divisor).clamp(-qmax, qmax)
+        err = (q * divisor - w).square().sum(1)
+        if best_err is None:
+            best_err, best_q, best_scale = err, q, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better[:, None], q, best_q)
+            best_scale = torch.where(better, scale, best_scale)
+    return best_q.to(torch.int8), best_scale
 
 
-def dequantize_int8_rows(q: Tensor, scale: Tensor) -> Tensor:
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def encode_tensors(state: dict[str, Tensor]) -> tuple[bytes, list[dict]]:
+def pack_bits(q: Tensor, bits: int) -> Tensor:
+    """Signed b-bit integers, offset to unsigned, 8 values in b bytes (little-endian bit order)."""
+    values = (q.flatten().numpy().astype(np.int64) + 2 ** (bits - 1)).astype(np.uint64)
+    values = np.pad(values, (0, -len(values) % 8)).reshape(-1, 8)
+    words = np.zeros(len(values), dtype=np.uint64)
+    for i in range(8):
+        words |= values[:, i] << np.uint64(bits * i)
+    packed = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits]  # little-endian: the low b bytes
+    return torch.from_numpy(np.ascontiguousarray(packed).reshape(-1))
+
+
+def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
+    groups = packed.numpy().reshape(-1, bits)
+    full = np.zeros((len(groups), 8), dtype=np.uint8)
+    full[:, :bits] = groups
+    words = full.view("<u8").reshape(-1).astype(np.uint64)
+    mask = np.uint64(2 ** bits - 1)
+    values = np.stack([(words >> np.uint64(bits * i)) & mask for i in range(8)], axis=1).reshape(-1)[:count]
+    return torch.from_numpy(values.astype(np.int64) - 2 ** (bits - 1)).to(torch.int8)
+
+
+def encode_tensors(state: dict[str, Tensor], scheme: str) -> tuple[bytes, list[dict]]:
     """Raw payload and its layout: which bytes hold which tensor, in which encoding."""
     buf, layout, offset = io.BytesIO(), [], 0
 
@@ -1704,13 +1755,17 @@ def encode_tensors(state: dict[str, Tensor]) -> tuple[bytes, list[dict]]:
         return part
 
     for name, t in state.items():
-        if t.is_floating_point() and t.ndim >= 2 and t.numel() >= INT8_MIN_NUMEL:
-            q, scale = quantize_int8_rows(t.reshape(-1, t.size(-1)))  # a stack of expert matrices: all rows
-            layout.append({"name": name, "encoding": "int8_rows", "shape": list(t.shape), "parts": [put(q), put(scale)]})
+        group = tensor_group(name, t)
+        bits = QUANT_SCHEMES[scheme][group]
+        entry = {"name": name, "group": group, "shape": list(t.shape)}
+        if bits:
+            q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits)  # a stack of expert matrices: all rows
+            entry.update(encoding="int_rows", bits=bits, parts=[put(pack_bits(q, bits)), put(scale)])
         elif t.is_floating_point():
-            layout.append({"name": name, "encoding": "fp16", "parts": [put(t.half())]})
+            entry.update(encoding="fp16", parts=[put(t.half())])
         else:
-            layout.append({"name": name, "encoding": "raw", "parts": [put(t)]})
+            entry.update(encoding="raw", parts=[put(t)])
+        layout.append(entry)
     return buf.getvalue(), layout
 
 
@@ -1725,15 +1780,36 @@ def decode_tensors(payload: bytes, layout: list[dict]) -> dict[str, Tensor]:
     state = {}
     for entry in layout:
         parts = [get(p) for p in entry["parts"]]
-        if entry["encoding"] == "int8_rows":
-            state[entry["name"]] = dequantize_int8_rows(*parts).reshape(entry.get("shape", parts[0].shape))
+        shape = entry["shape"]
+        if entry["encoding"] == "int_rows":
+            rows = len(parts[1])
+            q = unpack_bits(parts[0], int(entry["bits"]), math.prod(shape)).view(rows, -1)
+            state[entry["name"]] = dequantize_rows(q, parts[1]).reshape(shape)
         else:
             state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
     return state
 
 
-def compress(data: bytes) -> tuple[bytes, str]:
-    if zstandard is not None:
+def group_report(raw: bytes, layout: list[dict], compressor: str) -> dict:
+    """Per tensor group: parameters, bytes as fp32, bytes as stored, and bytes once that group alone
+    is compressed (the artifact compresses all groups together, so these add up to a little more)."""
+    report = {}
+    for entry in layout:
+        row = report.setdefault(entry["group"], {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "chunks": []})
+        row["params"] += math.prod(entry["shape"])
+        row["fp32_bytes"] += 4 * math.prod(entry["shape"])
+        for part in entry["parts"]:
+            row["stored_bytes"] += part["nbytes"]
+            row["chunks"].append(raw[part["offset"]:part["offset"] + part["nbytes"]])
+    for row in report.values():
+        row["compressed_bytes"] = len(compress(b"".join(row.pop("chunks")), compressor)[0])
+        row["ratio"] = row["fp32_bytes"] / max(row["compressed_bytes"], 1)
+    return report
+
+
+def compress(data: bytes, method: str | None = None) -> tuple[bytes, str]:
+    method = method or ("zstd" if zstandard is not None else "zlib")
+    if method == "zstd":
         return zstandard.ZstdCompressor(level=22).compress(data), "zstd"
     return zlib.compress(data, 9), "zlib"
 
@@ -1770,18 +1846,20 @@ def write_atomic(path: Path, *chunks: bytes):
         raise InputError(f"cannot write {path}: {e.strerror}") from None
 
 
-def build_artifact(model: GPT, cfg: Config) -> bytes:
-    """The artifact: magic, header length, JSON header (model config, layout, checksum), payload."""
-    raw, layout = encode_tensors({k: v.detach() for k, v in model.state_dict().items()})
-    payload, method = compress(raw)
-    header = json.dumps({"format": 1, "model": model_kwargs(cfg), "compressor": method, "tensors": layout,
-                         "raw_bytes": len(raw), "payload_bytes": len(payload),
+def build_artifact(model: GPT, cfg: Config, scheme: str = "int8", compressor: str | None = None
+                   ) -> tuple[bytes, dict]:
+    """The artifact (magic, header length, JSON header with model config, layout and checksum, then
+    the payload) and the per-group byte report."""
+    raw, layout = encode_tensors({k: v.detach() for k, v in model.state_dict().items()}, scheme)
+    payload, method = compress(raw, compressor)
+    header = json.dumps({"format": 2, "model": model_kwargs(cfg), "quant": scheme, "compressor": method,
+                         "tensors": layout, "raw_bytes": len(raw), "payload_bytes": len(payload),
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, group_report(raw, layout, method)
 
 
-def write_artifact(path: Path, model: GPT, cfg: Config) -> tuple[int, str]:
-    blob = build_artifact(model, cfg)
+def write_artifact(path: Path, model: GPT, cfg: Config, scheme: str = "int8") -> tuple[int, str]:
+    blob, _ = build_artifact(model, cfg, scheme)
     write_atomic(path, blob)
     return len(blob), parse_artifact(blob, path)[0]["compressor"]
 
@@ -2438,34 +2516,53 @@ def has_one_pass_phase(cfg: Config) -> bool:
 
 def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evaluator, log: Logger
                           ) -> tuple[dict, nn.Module]:
-    """Rank 0 writes the artifact; every rank rebuilds a model from its bytes alone and evaluates it.
-    Returns the figures and that model, which the other final evaluations use."""
+    """Rank 0 builds the artifact of each scheme tried (QUANT=auto: the most precise first, until one
+    fits); every rank rebuilds a model from each one's bytes alone and evaluates it. The last one
+    tried is written. Returns the figures and its model, which the other final evaluations use."""
     artifact_path = Path(cfg.log_dir) / f"{cfg.run_id}.ptz"
     bytes_code = len(Path(__file__).read_bytes())
-    blob = build_artifact(model, cfg) if rt.rank == 0 else None
+    tried = []
+    for scheme in AUTO_ORDER if cfg.quant == "auto" else (cfg.quant,):
+        blob, groups = build_artifact(model, cfg, scheme) if rt.rank == 0 else (None, None)
+        blob = share_from_rank0(rt, blob)
+        header, tensors = parse_artifact(blob, artifact_path)
+        method = header["compressor"]
+        t_eval = time.perf_counter()
+        roundtrip = model_from_artifact(header, tensors, artifact_path, rt.device)
+        roundtrip = torch.compile(roundtrip) if rt.compile else roundtrip
+        rt_loss, rt_bpb = evaluator.standard(roundtrip)
+        eval_ms = 1000 * (time.perf_counter() - t_eval)
+        bytes_total = len(blob) + bytes_code
+        tried.append({"scheme": scheme, "compressor": method, "bytes_model": len(blob), "bytes_total": bytes_total,
+                      "fits": bytes_total <= cfg.artifact_limit_bytes, "roundtrip_val_loss": rt_loss,
+                      "roundtrip_val_bpb": rt_bpb, "groups": groups})
+        if rt.rank == 0:
+            for group, row in groups.items():
+                log(f"quant:{scheme} group:{group} params:{row['params']} fp32_bytes:{row['fp32_bytes']} "
+                    f"stored_bytes:{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} "
+                    f"ratio:{row['ratio']:.2f}")
+        log(f"quant:{scheme}+{method} bytes_total:{bytes_total} fits:{str(tried[-1]['fits']).lower()} "
+            f"roundtrip_val_bpb:{rt_bpb:.4f}")
+        if tried[-1]["fits"]:
+            break
     if rt.rank == 0:
         write_atomic(artifact_path, blob)
-    blob = share_from_rank0(rt, blob)
-    header, tensors = parse_artifact(blob, artifact_path)
-    bytes_model, method = len(blob), header["compressor"]
-    bytes_total = bytes_model + bytes_code
+    name = f"{scheme}+{method}"
     over = bytes_total > cfg.artifact_limit_bytes
-    log(f"Serialized model int8+{method}: {bytes_model} bytes")
+    log(f"Serialized model {name}: {len(blob)} bytes")
     log(f"Code size: {bytes_code} bytes")
-    log(f"Total submission size int8+{method}: {bytes_total} bytes")
+    log(f"Total submission size {name}: {bytes_total} bytes")
+    if cfg.quant == "auto":
+        log(f"quant:auto chose {scheme}" + ("" if not over else ": nothing fits, the smallest is written"))
     if over:
         log(f"WARNING over_limit: bytes_total {bytes_total} exceeds ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes} "
             f"by {bytes_total - cfg.artifact_limit_bytes} bytes: this run cannot be a submission")
-    t_eval = time.perf_counter()
-    roundtrip = model_from_artifact(header, tensors, artifact_path, rt.device)
-    roundtrip = torch.compile(roundtrip) if rt.compile else roundtrip
-    rt_loss, rt_bpb = evaluator.standard(roundtrip)
-    eval_ms = 1000 * (time.perf_counter() - t_eval)
-    log(f"final_int8_{method}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} eval_time:{eval_ms:.0f}ms")
-    log(f"final_int8_{method}_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
-    return {"roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "bytes_model": bytes_model,
+    log(f"final_{scheme}_{method}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} eval_time:{eval_ms:.0f}ms")
+    log(f"final_{scheme}_{method}_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
+    return {"roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "bytes_model": len(blob),
             "bytes_code": bytes_code, "bytes_total": bytes_total, "over_limit": over, "compressor": method,
-            "artifact_path": str(artifact_path), "roundtrip_eval_ms": eval_ms}, roundtrip
+            "quant": {"scheme": scheme, "tried": tried}, "artifact_path": str(artifact_path),
+            "roundtrip_eval_ms": eval_ms}, roundtrip
 
 
 def main() -> int:

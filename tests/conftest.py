@@ -85,7 +85,7 @@ def clean_env() -> dict:
     """The parent's environment without any of our settings, so a developer's shell cannot leak in."""
     import train_gpt
 
-    ours = set(train_gpt.CONFIG_FIELDS) | set(train_gpt.NOT_YET_IMPLEMENTED)
+    ours = set(train_gpt.CONFIG_FIELDS)
     env = {k: v for k, v in os.environ.items() if k not in ours}
     env["OMP_NUM_THREADS"] = "1"
     return env

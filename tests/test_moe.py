@@ -105,7 +105,7 @@ def test_frozen_experts_get_no_gradient_are_not_stored_and_round_trip_bit_exactl
     assert all(not t.requires_grad and t.grad is None for t in (layer.w1, layer.b1, layer.w2, layer.b2))
     assert layer.router.weight.grad is not None
     assert not any(k.endswith((".w1", ".b1", ".w2", ".b2")) for k in model.state_dict())
-    header, state = parse_artifact(build_artifact(model, cfg), "mem")
+    header, state = parse_artifact(build_artifact(model, cfg)[0], "mem")
     rebuilt = model_from_artifact(header, state, "mem", torch.device("cpu"))
     for a, b in zip(moe_layers(model), moe_layers(rebuilt)):
         for name in ("w1", "b1", "w2", "b2"):
