@@ -195,3 +195,25 @@ def test_doc_mode_epochs_log_each_epoch(tiny_env):
     assert [e[0] for e in epochs] == ["1", "2"]
     assert all(abs(math.exp(float(loss)) - float(ppl)) < 0.01 * float(ppl) for _, loss, ppl in epochs)
     assert summary_of(tiny_env)["steps"] == 6
+
+
+def test_quant_auto_keeps_the_most_precise_scheme_that_fits(tiny_env):
+    env = {**tiny_env, "MODEL_DIM": "256", "ITERATIONS": "3"}  # matrices big enough to be quantized
+    assert run_trainer({**env, "QUANT": "int8", "RUN_ID": "q8"}, ROOT).returncode == 0
+    int8 = summary_of({**env, "RUN_ID": "q8"})
+    out = run_trainer({**env, "QUANT": "auto", "ARTIFACT_LIMIT_BYTES": str(int8["bytes_total"] - 1)}, ROOT)
+    assert out.returncode == 0, out.stderr
+    summary = summary_of(env)
+    tried = summary["quant"]["tried"]
+    assert tried[0]["scheme"] == "int8" and not tried[0]["fits"] and tried[0]["bytes_total"] == int8["bytes_total"]
+    assert tried[-1]["fits"] and summary["quant"]["scheme"] == tried[-1]["scheme"] in ("int6", "mixed")
+    assert summary["bytes_total"] == tried[-1]["bytes_total"] < int8["bytes_total"] and not summary["over_limit"]
+    assert abs(summary["roundtrip_val_bpb"] - summary["val_bpb"]) < 0.05
+    scheme = tried[-1]["scheme"]
+    assert re.search(rf"^final_{scheme}_zstd_roundtrip_exact val_loss:\S+ val_bpb:\S+$", out.stdout, re.M)
+    assert f"quant:auto chose {scheme}" in out.stdout
+    groups = tried[-1]["groups"]
+    assert {"embedding", "attention", "mlp", "scalars"} <= set(groups)
+    assert all(g["compressed_bytes"] <= g["stored_bytes"] * 1.01 + 64 for g in groups.values())
+    assert re.search(r"^quant:int8 group:mlp params:\d+ fp32_bytes:\d+ stored_bytes:\d+ compressed_bytes:\d+ ratio:",
+                     out.stdout, re.M)
