@@ -3,6 +3,7 @@
     python bench.py [--shape small|baseline|recurrent|flat12] [--steps N] [--warmup N] [--json FILE]
     python bench.py --checkpoint [--shape baseline] [--steps N]   # time checkpoint writes instead
     python bench.py --eval [--shape small] [--eval-tokens N] [--repeats R]  # evaluation methods instead
+    python bench.py --export [--shape baseline]   # time quantize + compress of each QUANT scheme instead
 
 Prints tokens/s, ms/step, peak memory, and on CUDA the MFU (model FLOPs a token = 6 x matmul
 parameters + 12 x layers x dim x seq, over BENCH_PEAK_TFLOPS, default 790 for an H100's bf16).
@@ -145,6 +146,30 @@ def measure_eval(shape: str, n_tokens: int, repeats: int) -> list[dict]:
     return rows
 
 
+def measure_export(shape: str) -> list[dict]:
+    """Seconds to quantize (with the clip search), pack and compress the shape's weights, per scheme.
+    The weights are random with a trained model's spread; sizes are not representative, times are."""
+    env = {**SHAPES[shape], **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
+    cfg, _ = train_gpt.load_config(env)
+    torch.manual_seed(cfg.seed)
+    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(std=0.02)
+    rows = []
+    for scheme in train_gpt.QUANT_SCHEMES:
+        t0 = time.perf_counter()
+        blob, _ = train_gpt.build_artifact(model, cfg, scheme)
+        seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        train_gpt.parse_artifact(blob, "memory")
+        rows.append({"shape": shape, "scheme": scheme, "params": sum(p.numel() for p in model.parameters()),
+                     "bytes_model": len(blob), "export_s": seconds, "load_s": time.perf_counter() - t0,
+                     "torch_threads": torch.get_num_threads()})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -153,11 +178,21 @@ def main():
     parser.add_argument("--json", type=Path)
     parser.add_argument("--checkpoint", action="store_true", help="time a checkpoint write and restore instead")
     parser.add_argument("--eval", action="store_true", help="time the evaluation methods instead")
+    parser.add_argument("--export", action="store_true", help="time quantize + compress of each scheme instead")
     parser.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens --eval scores")
     parser.add_argument("--repeats", type=int, default=3, help="--eval times each method this often (median)")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.eval_tokens < 2:
         parser.error("--steps and --repeats must be >= 1, --warmup >= 0, --eval-tokens >= 2")
+    if args.export:
+        rows = measure_export(args.shape)
+        print(f"{'shape':<10} {'scheme':<6} {'params':>11} {'bytes_model':>12} {'export s':>9} {'load s':>7}")
+        for r in rows:
+            print(f"{r['shape']:<10} {r['scheme']:<6} {r['params']:>11,} {r['bytes_model']:>12,} {r['export_s']:>9.2f} "
+                  f"{r['load_s']:>7.2f}")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return
     if args.eval:
         rows = measure_eval(args.shape, args.eval_tokens, args.repeats)
         print(f"{'method':<9} {'device':<8} {'seq':>5} {'stride':>6} {'tokens':>8} {'seconds':>8} {'tokens/s':>10} "

@@ -1661,7 +1661,7 @@ def restore(cfg: Config, rt: Runtime, path: Path, model: GPT, optimizers, log: L
 # ----------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"PGOLFAR1"
-QUANT_MIN_NUMEL = 65_536  # smaller tensors are stored as fp16: their bytes are few
+QUANT_MIN_NUMEL = 16_384  # smaller matrices (and every vector) are stored as fp16: their bytes are few
 SCALE_FLOOR = 1e-12  # a larger floor breaks the round trip of near-zero rows in young models
 # GPTQ-lite: each row keeps whichever clip (a quantile of its |w|, interpolated) reconstructs it best.
 CLIP_QUANTILES = (0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
@@ -1676,15 +1676,17 @@ AUTO_ORDER = ("int8", "int6", "mixed")  # most precise first: QUANT=auto keeps t
 
 
 def tensor_group(name: str, t: Tensor) -> str:
-    if not t.is_floating_point() or t.ndim < 2 or t.numel() < QUANT_MIN_NUMEL:
+    if not t.is_floating_point() or t.ndim < 2:
         return "scalars"
     if name.startswith(("tok_emb.", "lm_head.", "value_embeds")):
         return "embedding"
     if ".attn." in name:
         return "attention"
-    if ".router." in name:
+    if ".ffn.router." in name:
         return "router"
-    return "mlp"  # a dense FFN's matrices, or a stack of trained expert matrices
+    if ".ffn." in name:
+        return "mlp"  # a dense FFN's matrices, or a stack of trained expert matrices
+    return "scalars"  # per-layer vectors stacked in a table: skip weights, loop embeddings, scales
 
 
 def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -1756,7 +1758,7 @@ def encode_tensors(state: dict[str, Tensor], scheme: str) -> tuple[bytes, list[d
 
     for name, t in state.items():
         group = tensor_group(name, t)
-        bits = QUANT_SCHEMES[scheme][group]
+        bits = QUANT_SCHEMES[scheme][group] if t.numel() >= QUANT_MIN_NUMEL else None
         entry = {"name": name, "group": group, "shape": list(t.shape)}
         if bits:
             q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits)  # a stack of expert matrices: all rows

@@ -217,3 +217,21 @@ def test_quant_auto_keeps_the_most_precise_scheme_that_fits(tiny_env):
     assert all(g["compressed_bytes"] <= g["stored_bytes"] * 1.01 + 64 for g in groups.values())
     assert re.search(r"^quant:int8 group:mlp params:\d+ fp32_bytes:\d+ stored_bytes:\d+ compressed_bytes:\d+ ratio:",
                      out.stdout, re.M)
+
+
+def test_quant_table_compares_every_scheme_on_a_checkpoint(tiny_env, tmp_path):
+    env = {**tiny_env, "MODEL_DIM": "128", "ITERATIONS": "2", "CHECKPOINT_EVERY_STEPS": "2"}
+    assert run_trainer(env, ROOT).returncode == 0
+    checkpoint = next((ROOT / env["LOG_DIR"]).glob("t_step*.ckpt"))
+    cmd = [sys.executable, str(ROOT / "quant_table.py"), str(checkpoint), "--json", str(tmp_path / "q.json")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "q.json").read_text())
+    assert [(r["scheme"], r["compressor"]) for r in rows] == [("none", "-")] + [
+        (s, c) for s in ("int8", "int6", "mixed") for c in ("zlib", "zstd")]
+    assert rows[0]["val_bpb"] == summary_of(env)["val_bpb"]
+    by = {(r["scheme"], r["compressor"]): r for r in rows}
+    assert by["int6", "zstd"]["bytes_model"] < by["int8", "zstd"]["bytes_model"]
+    assert all(abs(r["delta_bpb"]) < 0.05 for r in rows)
+    bad = subprocess.run(cmd[:2] + [str(tmp_path / "q.json")], capture_output=True, text=True, env=clean_env())
+    assert bad.returncode == 2 and "checkpoint" in bad.stderr and bad.stderr.count("\n") == 1

@@ -1,0 +1,96 @@
+"""Bytes and round-trip bits per byte of every quantization scheme and compressor, on one trained model.
+
+    python quant_table.py CHECKPOINT [--data DIR] [--tokenizer MODEL] [--json OUT]
+
+CHECKPOINT is a train_gpt.py checkpoint (CHECKPOINT_EVERY_STEPS / _SECONDS): it holds the full-precision
+weights, which an artifact no longer does. The model is evaluated at full depth on the validation shards
+of DATA_PATH (the checkpoint's, or --data), unquantized and then through the artifact round trip of each
+scheme (int8, int6, mixed) and compressor (zlib, zstd), timing each export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_gpt  # noqa: E402
+
+
+def load_model(path: Path, data: str | None, tokenizer: str | None) -> tuple[train_gpt.Config, train_gpt.GPT]:
+    ckpt = train_gpt.load_checkpoint(path)
+    overrides = {"data_path": data} if data else {}
+    if tokenizer:
+        overrides["tokenizer_path"] = tokenizer
+    try:
+        cfg = dataclasses.replace(train_gpt.Config(**ckpt["config"]), **overrides)
+        model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as e:
+        raise train_gpt.InputError(f"checkpoint {path}: its model does not load ({str(e).splitlines()[0]})") from None
+    return cfg, model
+
+
+def measure(cfg: train_gpt.Config, model: train_gpt.GPT) -> list[dict]:
+    rt = train_gpt.init_runtime(dataclasses.replace(cfg, compile="0"))
+    sp = train_gpt.load_tokenizer(train_gpt.resolve_tokenizer_path(cfg), cfg.vocab_size)
+    tokens = train_gpt.load_validation_tokens(train_gpt.find_shards(cfg.data_path, "val"), cfg.train_seq_len,
+                                              cfg.vocab_size)
+    evaluator = train_gpt.Evaluator(cfg, rt, tokens, train_gpt.build_byte_tables(sp, cfg.vocab_size), sp.bos_id())
+    model = model.to(rt.device)
+    code = len(Path(train_gpt.__file__).read_bytes())
+    loss, bpb = evaluator.standard(model)
+    rows = [{"scheme": "none", "compressor": "-", "bytes_model": None, "bytes_total": None, "export_s": None,
+             "val_loss": loss, "val_bpb": bpb, "delta_bpb": 0.0}]
+    for scheme in train_gpt.QUANT_SCHEMES:
+        for compressor in ("zlib", "zstd"):
+            t0 = time.perf_counter()
+            blob, _ = train_gpt.build_artifact(model, cfg, scheme, compressor)
+            seconds = time.perf_counter() - t0
+            header, tensors = train_gpt.parse_artifact(blob, f"{scheme}+{compressor}")
+            rebuilt = train_gpt.model_from_artifact(header, tensors, "memory", rt.device)
+            q_loss, q_bpb = evaluator.standard(rebuilt)
+            rows.append({"scheme": scheme, "compressor": compressor, "bytes_model": len(blob),
+                         "bytes_total": len(blob) + code, "export_s": seconds, "val_loss": q_loss, "val_bpb": q_bpb,
+                         "delta_bpb": q_bpb - bpb})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'scheme':<7} {'compressor':<10} {'bytes_model':>12} {'bytes_total':>12} {'export s':>9} "
+             f"{'val_bpb':>8} {'vs fp32':>8}"]
+    for r in rows:
+        size = lambda v: f"{v:>12,}" if v is not None else f"{'-':>12}"  # noqa: E731
+        seconds = f"{r['export_s']:>9.2f}" if r["export_s"] is not None else f"{'-':>9}"
+        lines.append(f"{r['scheme']:<7} {r['compressor']:<10} {size(r['bytes_model'])} {size(r['bytes_total'])} "
+                     f"{seconds} {r['val_bpb']:>8.4f} {r['delta_bpb']:>+8.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data", help="DATA_PATH holding the validation shards (default: the checkpoint's)")
+    parser.add_argument("--tokenizer", help="sentencepiece model for the byte counts (default: the checkpoint's)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        cfg, model = load_model(args.checkpoint, args.data, args.tokenizer)
+        rows = measure(cfg, model)
+    except train_gpt.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(rows))
+    if args.json:
+        train_gpt.write_atomic(args.json, json.dumps(rows, indent=2).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
