@@ -2283,6 +2283,12 @@ def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimi
 
 # The audit: does every distribution sum to one, and does no score look ahead? ------------------
 
+AUDIT_SAMPLES = 64
+AUDIT_CUTS = 3
+AUDIT_TOLERANCE = 1e-5  # scores are computed the same way in both runs; a look-ahead moves them far more
+AUDIT_MAX_SUM_ERROR = 1e-3
+
+
 def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logger, name: str) -> dict:
     """Runs `method` on a prefix of the stream, then again with the tokens after a cut point c
     replaced at random, for a few cuts. Scores of targets before c must not change, nor the
@@ -2316,12 +2322,6 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     log(f"audit {name}: max_prob_sum_error:{result['max_prob_sum_error']:.3e} causal:{str(result['causal']).lower()} "
         f"tokens:{length} cuts:{len(cuts)} {'passed' if result['passed'] else 'FAILED'}")
     return result
-
-
-AUDIT_SAMPLES = 64
-AUDIT_CUTS = 3
-AUDIT_TOLERANCE = 1e-5  # scores are computed the same way in both runs; a look-ahead moves them far more
-AUDIT_MAX_SUM_ERROR = 1e-3
 
 
 EVAL_METHODS = {"standard": standard_method, "sliding": sliding_method, "hedge": hedge_run, "ttt": ttt_run}
