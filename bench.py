@@ -4,6 +4,7 @@
     python bench.py --checkpoint [--shape baseline] [--steps N]   # time checkpoint writes instead
     python bench.py --eval [--shape small] [--eval-tokens N] [--repeats R]  # evaluation methods instead
     python bench.py --export [--shape baseline]   # time quantize + compress of each QUANT scheme instead
+    python bench.py --suite [--steps N] [--json FILE]   # every shape and evaluation method, one table
 
 Prints tokens/s, ms/step, peak memory, and on CUDA the MFU (model FLOPs a token = 6 x matmul
 parameters + 12 x layers x dim x seq, over BENCH_PEAK_TFLOPS, default 790 for an H100's bf16).
@@ -33,7 +34,17 @@ SHAPES = {
     "recurrent": dict(PRESET="recurrent", TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8"),
     "flat12": dict(PRESET="recurrent", NUM_LAYERS="12", DEPTH_SCHEDULE="1@0", NUM_VALUE_EMBEDS="0",
                    TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8"),
+    # A frozen-expert MoE (16 experts, top-2, each half the dense width) and the dense FFN of equal active width.
+    "moe_frozen": dict(VOCAB_SIZE="1024", NUM_LAYERS="9", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4",
+                       TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8", MOE_NUM_EXPERTS="16",
+                       MOE_TOP_K="2", MOE_INIT="sparse", MOE_FROZEN="1"),
+    "dense_ffn": dict(VOCAB_SIZE="1024", NUM_LAYERS="9", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4",
+                      TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8"),
 }
+# The suite on a CPU: every shape at a width and batch two cores get through in seconds a step.
+CPU_SCALE = dict(NUM_LAYERS="4", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="256",
+                 TRAIN_BATCH_TOKENS="8192", GRAD_ACCUM_STEPS="1")
+SUITE = ("baseline", "recurrent", "dense_ffn", "moe_frozen")
 
 
 def random_stream(cfg, folder: Path) -> train_gpt.TokenStream:
@@ -42,9 +53,11 @@ def random_stream(cfg, folder: Path) -> train_gpt.TokenStream:
     return train_gpt.TokenStream([folder / "bench_train_000000.bin"], cfg.vocab_size)
 
 
-def measure(shape: str, steps: int, warmup: int) -> list[dict]:
+def measure(shape: str, steps: int, warmup: int, scale: dict | None = None) -> list[dict]:
     """One row per depth: the shape's full depth, or every depth of its DEPTH_SCHEDULE."""
-    env = {**SHAPES[shape], **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
+    env = {**SHAPES[shape], **(scale or {}), **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
+    if scale and shape == "recurrent":
+        env["NUM_LAYERS"] = "2"  # the preset's 3 shared blocks, at the CPU width, would equal the flat stack's cost
     cfg, _ = train_gpt.load_config(env)
     rt = train_gpt.init_runtime(cfg)
     torch.manual_seed(cfg.seed)
@@ -109,10 +122,10 @@ def measure_checkpoint(shape: str, repeats: int) -> dict:
             "save_s_min": min(saves), "restore_s_median": sorted(loads)[len(loads) // 2], "repeats": repeats}
 
 
-def measure_eval(shape: str, n_tokens: int, repeats: int) -> list[dict]:
+def measure_eval(shape: str, n_tokens: int, repeats: int, scale: dict | None = None) -> list[dict]:
     """Scored tokens/s of standard, sliding and Hedge evaluation (EVAL_STRIDE, default 64) on random
     tokens, timed in turns so that each method sees the same machine; the median of `repeats`."""
-    env = {**SHAPES[shape], "EVAL_STRIDE": "64", "HEDGE_ENABLED": "1",
+    env = {**SHAPES[shape], **(scale or {}), "EVAL_STRIDE": "64", "HEDGE_ENABLED": "1",
            **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
     cfg, _ = train_gpt.load_config(env)
     rt = train_gpt.init_runtime(cfg)
@@ -170,6 +183,37 @@ def measure_export(shape: str) -> list[dict]:
     return rows
 
 
+def run_suite(steps: int, warmup: int, eval_tokens: int, repeats: int) -> list[dict]:
+    """Every named shape and the evaluation methods on this device, as one list of rows. On a CPU
+    the shapes are scaled down (CPU_SCALE) and say so in their names."""
+    scale = None if torch.cuda.is_available() else CPU_SCALE
+    suffix = "" if scale is None else " (cpu scale)"
+    rows = []
+    for shape in SUITE:
+        for row in measure(shape, steps, warmup, scale):
+            rows.append({"name": f"train {row['shape']}{suffix}", "device": row["device"],
+                         "tokens_per_s": row["tokens_per_s"], "ms_per_step": row["ms_per_step"], "mfu": row["mfu"],
+                         "peak_mem_mib": row["peak_mem_mib"], "params": row["params"]})
+    for row in measure_eval("baseline", eval_tokens, repeats, scale):
+        rows.append({"name": f"eval {row['method']}{suffix}", "device": row["device"],
+                     "tokens_per_s": row["tokens_per_s"], "ms_per_step": None, "mfu": None,
+                     "peak_mem_mib": None, "params": None})
+    dense = next(r for r in rows if r["name"].startswith("train dense_ffn"))
+    moe = next(r for r in rows if r["name"].startswith("train moe_frozen"))
+    moe["vs_dense_step_time"] = moe["ms_per_step"] / dense["ms_per_step"]
+    return rows
+
+
+def print_suite(rows: list[dict]):
+    print(f"{'name':<34} {'device':<7} {'tokens/s':>10} {'ms/step':>9} {'MFU':>7} {'peak MiB':>9}")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        ms = f"{r['ms_per_step']:.1f}" if r["ms_per_step"] is not None else "-"
+        peak = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "-"
+        extra = f"  ({r['vs_dense_step_time']:.2f}x dense step time)" if "vs_dense_step_time" in r else ""
+        print(f"{r['name']:<34} {r['device']:<7} {r['tokens_per_s']:>10.0f} {ms:>9} {mfu:>7} {peak:>9}{extra}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -177,6 +221,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--checkpoint", action="store_true", help="time a checkpoint write and restore instead")
+    parser.add_argument("--suite", action="store_true", help="every shape and evaluation method: one table")
     parser.add_argument("--eval", action="store_true", help="time the evaluation methods instead")
     parser.add_argument("--export", action="store_true", help="time quantize + compress of each scheme instead")
     parser.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens --eval scores")
@@ -184,6 +229,12 @@ def main():
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.eval_tokens < 2:
         parser.error("--steps and --repeats must be >= 1, --warmup >= 0, --eval-tokens >= 2")
+    if args.suite:
+        rows = run_suite(args.steps, args.warmup, args.eval_tokens, args.repeats)
+        print_suite(rows)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return
     if args.export:
         rows = measure_export(args.shape)
         print(f"{'shape':<10} {'scheme':<6} {'params':>11} {'bytes_model':>12} {'export s':>9} {'load s':>7}")
