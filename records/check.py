@@ -12,6 +12,7 @@ when every folder passes, 1 with one line per problem otherwise, 2 for a usage e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -20,44 +21,69 @@ import sys
 from pathlib import Path
 
 TRACKS = ("track_10min_16mb", "track_non_record_16mb", "track_cpu_embedded")
+FILES = ("README.md", "submission.json", "train_gpt.py")
 REQUIRED = {"author": str, "github_id": str, "name": str, "blurb": str, "date": str, "val_loss": (int, float),
             "val_bpb": (int, float), "bytes_total": int, "bytes_code": int, "seeds": list}
-DEFAULT_LIMIT = 16_000_000
+OPTIONAL = {"track": str, "metric": str, "record": bool, "previous_record": str, "seed_results": dict}
+DEFAULT_LIMIT = 16_000_000  # every track is a 16 MB (decimal) track
 MIN_IMPROVEMENT = 0.005  # nats, as the challenge asks of a new record
 MAX_P = 0.01
 START, END = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
+
+CONFIG = re.compile(r"^config: (\{.*\})$", re.M)
+SIZES = {"code": re.compile(r"^Code size: (\d+) bytes$", re.M),
+         "total": re.compile(r"^Total submission size \S+: (\d+) bytes$", re.M),
+         "model": re.compile(r"^Serialized model \S+: (\d+) bytes$", re.M)}
+FINAL = re.compile(r"^final_(\S+)_exact val_loss:(\S+) val_bpb:(\S+)$", re.M)
 
 
 class UsageError(Exception):
     pass
 
 
+@dataclasses.dataclass
+class Verdict:
+    problems: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # worth printing even when the folder passes
+    submission: dict | None = None
+
+    def say(self, problem: str):
+        self.problems.append(problem)
+
+
 # Student's t distribution, for the significance of a record claim ---------------------------------
 
+def beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of I_x(a, b), evaluated by the modified Lentz method."""
+    tiny = 1e-300  # stands in for a zero denominator, which would stop the recurrence
+
+    def nonzero(value: float) -> float:
+        return value if abs(value) > tiny else tiny
+
+    c, d = 1.0, 1.0 / nonzero(1.0 - (a + b) * x / (a + 1))
+    result = d
+    for m in range(1, 300):
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        for coefficient in (even, odd):
+            d = 1.0 / nonzero(1.0 + coefficient * d)
+            c = nonzero(1.0 + coefficient / c)
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return result
+
+
 def incomplete_beta(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b), by Lentz's continued fraction."""
+    """The regularized incomplete beta function I_x(a, b)."""
     if x <= 0:
         return 0.0
     if x >= 1:
         return 1.0
     if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below the mean: use the symmetry
         return 1.0 - incomplete_beta(b, a, 1.0 - x)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 300):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            result *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return front * result
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    return math.exp(log_front) / a * beta_fraction(a, b, x)
 
 
 def t_upper_tail(t: float, dof: int) -> float:
@@ -73,228 +99,372 @@ def improvement_p_value(losses: list[float], previous: float) -> tuple[float, fl
     mean = sum(losses) / n
     improvement = previous - mean
     sd = math.sqrt(sum((x - mean) ** 2 for x in losses) / (n - 1))
-    if sd == 0:
+    if sd == 0:  # identical seeds: the t statistic is infinite either way
         return improvement, 0.0 if improvement > MIN_IMPROVEMENT else 1.0
     t = (improvement - MIN_IMPROVEMENT) / (sd / math.sqrt(n))
     return improvement, t_upper_tail(t, n - 1)
 
 
+# submission.json ------------------------------------------------------------------------------
+
+class Figure(float):
+    """A JSON number that remembers how many decimals it was written with, since a figure rounded to
+    4 decimals earns a rounding-sized tolerance and one written in full must match the logs."""
+    decimals: int
+
+
+def parse_figure(text: str) -> Figure:
+    figure = Figure(text)
+    mantissa, _, exponent = text.lower().partition("e")
+    figure.decimals = max(0, len(mantissa.partition(".")[2]) - int(exponent or 0))
+    return figure
+
+
+def agrees(claimed: float, measured: float) -> bool:
+    tolerance = 5e-5 if getattr(claimed, "decimals", 0) <= 4 else 1e-6
+    return abs(claimed - measured) <= tolerance
+
+
+def has_type(value, kind) -> bool:
+    # JSON true/false are Python ints: never let them pass as numbers
+    return isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
+
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type, in the words a submitter knows (never `Figure`)."""
+    for kind, name in ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (list, "list"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def is_seed(value) -> bool:
+    return has_type(value, int)
+
+
+def read_submission(folder: Path, verdict: Verdict) -> dict | None:
+    path = folder / "submission.json"
+    if not path.is_file():
+        return None  # already reported as missing
+    try:
+        submission = json.loads(path.read_text(), parse_float=parse_figure)
+    except ValueError as e:  # bad JSON or bad UTF-8
+        verdict.say(f"submission.json does not parse ({e})")
+        return None
+    if not isinstance(submission, dict):
+        verdict.say("submission.json is not an object")
+        return None
+    return submission
+
+
+def check_types(submission: dict, verdict: Verdict) -> bool:
+    """Whether every field has the type the later checks rely on."""
+    fine = True
+    for key, kind in {**REQUIRED, **OPTIONAL}.items():
+        if key not in submission:
+            if key in REQUIRED:
+                verdict.say(f"submission.json lacks {key}")
+                fine = False
+        elif not has_type(submission[key], kind):
+            verdict.say(f"submission.json {key} has the wrong type ({json_type(submission[key])})")
+            fine = False
+    return fine
+
+
+def check_fields(submission: dict, folder: Path, verdict: Verdict) -> bool:
+    """The fields' values on their own; whether the seeds are usable for comparing with the logs."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", submission["date"]) or not parses_as_date(submission["date"]):
+        verdict.say(f"submission.json date {submission['date']!r} is not an ISO date YYYY-MM-DD")
+    if "track" in submission and submission["track"] != folder.parent.name:
+        verdict.say(f"submission.json track {submission['track']!r} is not the folder's track {folder.parent.name!r}")
+    seeds = submission["seeds"]
+    if not seeds or not all(is_seed(s) for s in seeds) or len(set(seeds)) != len(seeds):
+        verdict.say("submission.json seeds must be a non-empty list of distinct integers")
+        return False
+    return True
+
+
+def parses_as_date(text: str) -> bool:
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
 # Logs -----------------------------------------------------------------------------------------
+
+def log_paths(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix in (".txt", ".log") and p.stem.lower() != "readme")
+
 
 def read_log(path: Path) -> dict:
     """What check.py needs from one of the harness's logs."""
     text = path.read_text(errors="replace")
-    log = {"path": path, "finals": {}}
-    config = re.search(r"^config: (\{.*\})$", text, re.M)
-    if config:
-        try:
-            log["config"] = json.loads(config.group(1))
-        except json.JSONDecodeError:
-            pass
-    for key, pattern in (("code", r"^Code size: (\d+) bytes$"), ("total", r"^Total submission size \S+: (\d+) bytes$"),
-                         ("model", r"^Serialized model \S+: (\d+) bytes$")):
-        found = re.findall(pattern, text, re.M)
+    log = {"path": path, "config": read_config(text), "finals": read_finals(text)}
+    for key, pattern in SIZES.items():
+        found = pattern.findall(text)
         if found:
             log[key] = int(found[-1])
-    for name, loss, bpb in re.findall(r"^final_(\S+)_exact val_loss:(\S+) val_bpb:(\S+)$", text, re.M):
-        log["finals"][name] = (float(loss), float(bpb))
     return log
 
 
+def read_config(text: str) -> dict | None:
+    found = CONFIG.search(text)  # the first: the config the run started with, whatever follows
+    if not found:
+        return None
+    try:
+        config = json.loads(found.group(1))
+    except ValueError:
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def read_finals(text: str) -> list[tuple[str, float, float]]:
+    finals = []
+    for name, loss, bpb in FINAL.findall(text):
+        try:
+            finals.append((name, float(loss), float(bpb)))
+        except ValueError:
+            continue  # not a figure: as if the line were absent, which is then reported
+    return finals
+
+
 def metric_of(log: dict, metric: str | None) -> tuple[float, float] | None:
-    if metric:
-        return log["finals"].get(metric)
-    roundtrips = [name for name in log["finals"] if name.endswith("_roundtrip")]
-    return log["finals"][roundtrips[-1]] if roundtrips else None
+    """(val_loss, val_bpb) of the scored line: the last final line of that name, by default the last
+    round trip through the artifact."""
+    def scored(name: str) -> bool:
+        return name == metric if metric is not None else name.endswith("_roundtrip")
+
+    found = [(loss, bpb) for name, loss, bpb in log["finals"] if scored(name)]
+    return found[-1] if found else None
+
+
+def metric_line(metric: str | None) -> str:
+    return f"final_{metric if metric is not None else '<scheme>_<compressor>_roundtrip'}_exact"
+
+
+def logs_by_seed(logs: list[dict], metric: str | None, verdict: Verdict) -> dict[int, dict]:
+    by_seed = {}
+    for log in logs:
+        name = log["path"].name
+        if log["config"] is None:
+            verdict.say(f"{name} has no config line")
+            continue
+        seed = log["config"].get("seed")
+        if not is_seed(seed):
+            verdict.say(f"{name}'s config has no integer seed")
+            continue
+        if seed in by_seed:
+            verdict.say(f"{name} repeats seed {seed} of {by_seed[seed]['path'].name}")
+            continue
+        by_seed[seed] = log
+        if metric_of(log, metric) is None:
+            verdict.say(f"{name} has no {metric_line(metric)} line")
+    return by_seed
 
 
 # One folder -----------------------------------------------------------------------------------
 
-def repo_root(folder: Path) -> Path:
-    for parent in folder.resolve().parents:
-        if parent.name == "records":
-            return parent.parent
-    raise UsageError(f"{folder}: not inside a records/ folder")
-
-
-def check_folder(folder: Path, seen: tuple = ()) -> tuple[list[str], dict | None]:
-    """Problems with one folder (empty when it passes), and its submission.json."""
-    problems = []
-    say = problems.append
-    if folder.parent.name not in TRACKS:
-        say(f"the folder is not in a track folder ({', '.join(TRACKS)})")
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}_\S+", folder.name):
-        say("the folder name is not YYYY-MM-DD_<name>")
-    for name in ("README.md", "submission.json", "train_gpt.py"):
+def check_folder(folder: Path, seen: tuple = ()) -> Verdict:
+    """Every problem with one folder (none when it passes), and its submission.json."""
+    folder = folder.resolve()
+    verdict = Verdict()
+    check_place(folder, verdict)
+    for name in FILES:
         if not (folder / name).is_file():
-            say(f"{name} is missing")
-    logs = sorted(p for p in folder.iterdir() if p.suffix in (".txt", ".log") and p.is_file())
+            verdict.say(f"{name} is missing")
+    logs = [read_log(p) for p in log_paths(folder)]
     if not logs:
-        say("no train log (*.txt or *.log)")
-    try:
-        submission = json.loads((folder / "submission.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        if (folder / "submission.json").is_file():
-            say(f"submission.json does not parse ({e})")
-        return problems, None
-    if not isinstance(submission, dict):
-        return problems + ["submission.json is not an object"], None
-    for key, kind in REQUIRED.items():
-        if key not in submission:
-            say(f"submission.json lacks {key}")
-        elif isinstance(submission[key], bool) or not isinstance(submission[key], kind):
-            say(f"submission.json {key} has the wrong type ({type(submission[key]).__name__})")
-    if problems:
-        return problems, submission
-    check_fields(submission, folder, say)
-    check_logs(submission, folder, [read_log(p) for p in logs], say, seen)
-    return problems, submission
-
-
-def check_fields(submission: dict, folder: Path, say):
-    try:
-        datetime.date.fromisoformat(submission["date"])
-    except ValueError:
-        say(f"submission.json date {submission['date']!r} is not an ISO date")
-    seeds = submission["seeds"]
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
-        say("submission.json seeds must be a non-empty list of distinct integers")
-    if "track" in submission and submission["track"] != folder.parent.name:
-        say(f"submission.json track {submission['track']!r} is not the folder's track {folder.parent.name!r}")
-
-
-def close(claimed: float, actual: float) -> bool:
-    """Submissions may round to 4 decimals; with more decimals they must match the logs' mean."""
-    decimals = len(repr(float(claimed)).split(".")[1]) if "." in repr(float(claimed)) else 0
-    return abs(claimed - actual) <= (5e-5 if decimals <= 4 else 1e-6)
-
-
-def check_logs(submission: dict, folder: Path, logs: list[dict], say, seen: tuple):
+        verdict.say("no train log (*.txt or *.log)")
+    submission = verdict.submission = read_submission(folder, verdict)
+    if submission is None or not check_types(submission, verdict) or not check_fields(submission, folder, verdict):
+        return verdict
     metric = submission.get("metric")
-    by_seed = {}
+    by_seed = logs_by_seed(logs, metric, verdict)
+    if set(by_seed) != set(submission["seeds"]):
+        verdict.say(f"the logs' seeds {sorted(by_seed)} are not submission.json's seeds "
+                    f"{sorted(submission['seeds'])} (one log a seed)")
+    if by_seed:
+        check_bytes(submission, folder, list(by_seed.values()), verdict)
+    check_seed_results(submission.get("seed_results", {}), by_seed, metric, verdict)
+    measured = [metric_of(log, metric) for log in by_seed.values()]
+    if not measured or None in measured:
+        return verdict  # the missing lines are reported: a mean over the rest would mislead
+    check_means(submission, measured, verdict)
+    if submission.get("record", False):
+        check_record(submission, folder, [loss for loss, _ in measured], verdict, seen)
+    return verdict
+
+
+def check_place(folder: Path, verdict: Verdict):
+    if folder.parent.name not in TRACKS or folder.parent.parent.name != "records":
+        verdict.say(f"the folder is not in records/<track>/ for a track of {', '.join(TRACKS)}")
+    named = re.fullmatch(r"(\d{4}-\d{2}-\d{2})_(.+)", folder.name)
+    if not named or not parses_as_date(named.group(1)):
+        verdict.say("the folder name is not YYYY-MM-DD_<name>")
+
+
+def check_means(submission: dict, measured: list[tuple[float, float]], verdict: Verdict):
+    for index, key in enumerate(("val_loss", "val_bpb")):
+        mean = sum(values[index] for values in measured) / len(measured)
+        if not agrees(submission[key], mean):
+            verdict.say(f"submission.json {key} {submission[key]} disagrees with the logs' mean {mean:.8f}")
+
+
+def check_seed_results(results: dict, by_seed: dict[int, dict], metric: str | None, verdict: Verdict):
+    for key, result in results.items():
+        log = by_seed.get(int(key)) if re.fullmatch(r"-?\d+", key) else None
+        if log is None:
+            verdict.say(f"seed_results names seed {key!r}, which has no log")
+            continue
+        if not isinstance(result, dict):
+            verdict.say(f"seed_results for seed {key} is not an object")
+            continue
+        measured = metric_of(log, metric)
+        if measured is None:
+            continue  # already reported
+        for index, field in enumerate(("val_loss", "val_bpb")):
+            claimed = result.get(field)
+            if field in result and not (has_type(claimed, (int, float)) and agrees(claimed, measured[index])):
+                verdict.say(f"seed_results for seed {key}: {field} {claimed} disagrees with "
+                            f"{log['path'].name}'s {measured[index]:.8f}")
+
+
+def check_bytes(submission: dict, folder: Path, logs: list[dict], verdict: Verdict):
+    code_path = folder / "train_gpt.py"
+    code = len(code_path.read_bytes()) if code_path.is_file() else None
+    if code is not None and submission["bytes_code"] != code:
+        verdict.say(f"submission.json bytes_code {submission['bytes_code']} is not train_gpt.py's size {code}")
     for log in logs:
         name = log["path"].name
-        seed = log.get("config", {}).get("seed")
-        if seed is None:
-            say(f"{name} has no config line with a seed")
-            continue
-        if seed in by_seed:
-            say(f"{name} repeats seed {seed}")
-        by_seed[seed] = log
-        if metric_of(log, metric) is None:
-            say(f"{name} has no final_{metric or '<scheme>_<compressor>_roundtrip'}_exact line")
-    if set(by_seed) != set(submission["seeds"]) or len(logs) != len(submission["seeds"]):
-        say(f"the logs' seeds {sorted(by_seed)} are not submission.json's seeds {sorted(submission['seeds'])} "
-            f"(one log a seed)")
-    values = [metric_of(log, metric) for log in by_seed.values()]
-    if not values or None in values:
-        return
-    losses = [v[0] for v in values]
-    for index, key in ((0, "val_loss"), (1, "val_bpb")):
-        mean = sum(v[index] for v in values) / len(values)
-        if not close(submission[key], mean):
-            say(f"submission.json {key} {submission[key]} disagrees with the logs' mean {mean:.8f}")
-    check_bytes(submission, folder, list(by_seed.values()), say)
-    seed_results = submission.get("seed_results", {})
-    for seed, result in seed_results.items() if isinstance(seed_results, dict) else ():
-        log = by_seed.get(int(seed)) if str(seed).lstrip("-").isdigit() else None
-        if log is None or not isinstance(result, dict):
-            say(f"seed_results names seed {seed}, which has no log")
-            continue
-        loss, bpb = metric_of(log, metric)
-        if ("val_loss" in result and not close(result["val_loss"], loss)) or (
-                "val_bpb" in result and not close(result["val_bpb"], bpb)):
-            say(f"seed_results for seed {seed} disagree with {log['path'].name}")
-    if submission.get("record"):
-        check_record(submission, folder, losses, say, seen)
-
-
-def check_bytes(submission: dict, folder: Path, logs: list[dict], say):
-    code = (folder / "train_gpt.py").read_bytes()
-    if submission["bytes_code"] != len(code):
-        say(f"submission.json bytes_code {submission['bytes_code']} is not train_gpt.py's size {len(code)}")
-    for log in logs:
-        if log.get("code") != len(code):
-            say(f"{log['path'].name} says Code size {log.get('code')}, but train_gpt.py has {len(code)} bytes: "
-                f"not the code that made it")
+        if "code" not in log:
+            verdict.say(f"{name} has no Code size line")
+        elif code is not None and log["code"] != code:
+            verdict.say(f"{name} says Code size {log['code']}, but train_gpt.py has {code} bytes: "
+                        f"not the code that made it")
+        if "total" not in log:
+            verdict.say(f"{name} has no Total submission size line")
     totals = [log for log in logs if "total" in log]
-    if not totals:
-        say("no log has a Total submission size line")
-        return
-    largest = max(totals, key=lambda log: log["total"])
+    if totals:
+        check_total(submission, max(totals, key=lambda log: log["total"]), verdict)
+    check_limit(submission, logs, verdict)
+
+
+def check_total(submission: dict, largest: dict, verdict: Verdict):
+    """bytes_total is the largest seed's, so that every seed's artifact fits."""
+    name = largest["path"].name
     if submission["bytes_total"] != largest["total"]:
-        say(f"submission.json bytes_total {submission['bytes_total']} is not the largest total in the logs "
-            f"({largest['total']}, {largest['path'].name})")
-    if "model" in largest and submission["bytes_total"] - submission["bytes_code"] != largest["model"]:
-        say(f"bytes_total - bytes_code is not {largest['path'].name}'s serialized model ({largest['model']} bytes)")
-    limit = int(largest.get("config", {}).get("artifact_limit_bytes", DEFAULT_LIMIT))
-    limit = min(limit, DEFAULT_LIMIT)
+        verdict.say(f"submission.json bytes_total {submission['bytes_total']} is not the largest total in the "
+                    f"logs ({largest['total']}, {name})")
+    if "model" not in largest:
+        verdict.say(f"{name} has no Serialized model line")
+    elif submission["bytes_total"] - submission["bytes_code"] != largest["model"]:
+        verdict.say(f"bytes_total - bytes_code is not {name}'s serialized model ({largest['model']} bytes)")
+
+
+def check_limit(submission: dict, logs: list[dict], verdict: Verdict):
+    # a run may have been held to a tighter limit, but no track allows more than 16 MB
+    limits = [log["config"].get("artifact_limit_bytes") for log in logs]
+    limit = min([DEFAULT_LIMIT] + [value for value in limits if has_type(value, int)])
     if submission["bytes_total"] > limit:
-        say(f"bytes_total {submission['bytes_total']} is over the limit of {limit} bytes")
+        verdict.say(f"bytes_total {submission['bytes_total']} is over the limit of {limit} bytes")
 
 
-def check_record(submission: dict, folder: Path, losses: list[float], say, seen: tuple):
-    previous_name = submission.get("previous_record")
-    if not isinstance(previous_name, str):
-        say("a record claim must name previous_record (the previous record's folder)")
+def check_record(submission: dict, folder: Path, losses: list[float], verdict: Verdict, seen: tuple):
+    name = submission.get("previous_record")
+    if name is None:
+        verdict.say("a record claim must name previous_record (the previous record's folder)")
         return
-    previous = repo_root(folder) / previous_name
-    if previous.resolve() in seen or previous.resolve() == folder.resolve():
-        say(f"previous_record {previous_name} leads back to this folder")
+    if folder.parent.parent.name != "records":
+        verdict.say(f"previous_record {name} cannot be found: this folder is not in records/<track>/")
+        return
+    previous = (folder.parents[2] / name).resolve()
+    if previous in seen or previous == folder:
+        verdict.say(f"previous_record {name} leads back to this folder")
         return
     if not previous.is_dir():
-        say(f"previous_record {previous_name} does not exist")
+        verdict.say(f"previous_record {name} does not exist")
         return
-    problems, prior = check_folder(previous, seen + (folder.resolve(),))
-    if problems or prior is None:
-        say(f"previous_record {previous_name} does not pass its own checks")
+    prior = check_folder(previous, seen + (folder,))
+    if prior.problems:
+        verdict.say(f"previous_record {name} does not pass its own checks ({prior.problems[0]})")
         return
     if len(losses) < 2:
-        say("a record claim needs at least 2 seeds for its significance (3 are usual)")
+        verdict.say("a record claim needs at least 2 seeds for its significance (3 are usual)")
         return
-    improvement, p = improvement_p_value(losses, float(prior["val_loss"]))
+    improvement, p = improvement_p_value(losses, float(prior.submission["val_loss"]))
+    figures = (f"mean improvement {improvement:.5f} nats over {name} (needs >= {MIN_IMPROVEMENT}), "
+               f"p = {p:.3g} (needs < {MAX_P})")
     if improvement < MIN_IMPROVEMENT or p >= MAX_P:
-        say(f"record claim not shown: mean improvement {improvement:.5f} nats over {previous_name} "
-            f"(needs >= {MIN_IMPROVEMENT}), p = {p:.4f} (needs < {MAX_P})")
+        verdict.say(f"record claim not shown: {figures}")
+    else:
+        verdict.notes.append(f"record claim shown: {figures}")
 
 
 # The leaderboard ------------------------------------------------------------------------------
 
+def cell(text: str) -> str:
+    # a name with | or brackets would break the table or its link
+    return re.sub(r"([|\[\]])", r"\\\1", text)
+
+
+def table(entries: list[tuple[dict, Path]]) -> list[str]:
+    lines = ["| val_bpb | val_loss | bytes_total | seeds | date | name | author |", "|---|---|---|---|---|---|---|"]
+    for s, path in sorted(entries, key=lambda entry: entry[0]["val_bpb"]):
+        lines.append(f"| {s['val_bpb']:.4f} | {s['val_loss']:.4f} | {s['bytes_total']:,} | {len(s['seeds'])} | "
+                     f"{s['date']} | [{cell(s['name'])}]({path.as_posix()}/) | {cell(s['author'])} |")
+    return lines
+
+
 def leaderboard(root: Path) -> tuple[str, list[str]]:
     """The markdown tables of every passing folder, per track, best first; and the failures."""
     failures, rows = [], {track: [] for track in TRACKS}
-    for folder in sorted(root.glob("records/*/*/")):
-        problems, submission = check_folder(folder)
-        if problems:
-            failures += [f"{folder.relative_to(root)}: {p}" for p in problems]
-        elif folder.parent.name in rows:
-            rows[folder.parent.name].append((submission, folder.relative_to(root / "records")))
+    for folder in sorted(p for p in root.glob("records/*/*") if p.is_dir()):
+        verdict = check_folder(folder)
+        if verdict.problems:
+            failures += [f"{folder.relative_to(root)}: {problem}" for problem in verdict.problems]
+        else:
+            rows[folder.parent.name].append((verdict.submission, folder.relative_to(root / "records")))
     parts = []
     for track, entries in rows.items():
-        parts.append(f"### {track}\n")
-        if not entries:
-            parts.append("No submissions yet.\n")
-            continue
-        parts.append("| val_bpb | val_loss | bytes_total | seeds | date | name | author |\n|---|---|---|---|---|---|---|")
-        for s, path in sorted(entries, key=lambda e: e[0]["val_bpb"]):
-            parts.append(f"| {s['val_bpb']:.4f} | {s['val_loss']:.4f} | {s['bytes_total']:,} | {len(s['seeds'])} | "
-                         f"{s['date']} | [{s['name']}]({path.as_posix()}/) | {s['author']} |")
-        parts.append("")
+        parts += [f"### {track}", ""] + (table(entries) if entries else ["No submissions yet."]) + [""]
     return "\n".join(parts).rstrip() + "\n", failures
 
 
-def write_leaderboard(root: Path) -> list[str]:
+def write_leaderboard(root: Path) -> tuple[Path, list[str]]:
     readme = root / "records" / "README.md"
+    if not readme.is_file():
+        raise UsageError(f"{readme}: no such file")
     text = readme.read_text()
-    if START not in text or END not in text:
+    if START not in text or END not in text.split(START, 1)[1]:
         raise UsageError(f"{readme} has no {START} ... {END} markers")
-    table, failures = leaderboard(root)
+    tables, failures = leaderboard(root)
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
     tmp = readme.with_name(readme.name + ".tmp")
-    tmp.write_text(f"{head}{START}\n{table}{END}{tail}")
-    tmp.replace(readme)
-    return failures
+    tmp.write_text(f"{head}{START}\n{tables}{END}{tail}")
+    tmp.replace(readme)  # a reader never sees half a README
+    return readme, failures
+
+
+def check_folders(folders: list[Path]) -> bool:
+    """Prints each folder's verdict; whether all passed."""
+    missing = [str(folder) for folder in folders if not folder.is_dir()]
+    if missing:
+        raise UsageError(f"no such folder: {', '.join(missing)}")
+    passed = True
+    for folder in folders:
+        verdict = check_folder(folder)
+        for problem in verdict.problems:
+            print(f"{folder}: {problem}")
+        if not verdict.problems:
+            print(f"ok {folder}")
+        for note in verdict.notes:
+            print(f"{folder}: {note}")
+        passed = passed and not verdict.problems
+    return passed
 
 
 def main(argv: list[str]) -> int:
@@ -306,24 +476,16 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         if args.leaderboard:
-            failures = write_leaderboard(args.root)
+            if args.folders:
+                raise UsageError("--leaderboard checks every folder: name none")
+            readme, failures = write_leaderboard(args.root)
             for line in failures:
                 print(line, file=sys.stderr)
-            print(f"leaderboard: {args.root / 'records' / 'README.md'}")
+            print(f"leaderboard: {readme}")
             return 1 if failures else 0
         if not args.folders:
             raise UsageError("name at least one record folder (or --leaderboard)")
-        failed = False
-        for folder in args.folders:
-            if not folder.is_dir():
-                raise UsageError(f"{folder}: no such folder")
-            problems, _ = check_folder(folder)
-            for problem in problems:
-                print(f"{folder}: {problem}")
-            if not problems:
-                print(f"ok {folder}")
-            failed = failed or bool(problems)
-        return 1 if failed else 0
+        return 0 if check_folders(args.folders) else 1
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

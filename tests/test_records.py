@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -14,72 +15,40 @@ import check  # noqa: E402
 
 CHECK = [sys.executable, str(ROOT / "records" / "check.py")]
 CODE = b"print('a train_gpt.py')\n"
+SEEDS = (1337, 42, 7)
+PREVIOUS = "records/track_cpu_embedded/2026-11-01_old"
 
 
-def log_text(seed: int, loss: float, bpb: float, model_bytes: int, code: int = len(CODE)) -> str:
+def log_text(seed: int, loss: float, bpb: float, model_bytes: int, code: int = len(CODE),
+             limit: int = 16_000_000) -> str:
     return "\n".join([
-        f'config: {{"seed": {seed}, "artifact_limit_bytes": 16000000, "num_layers": 4}}',
+        f'config: {{"seed": {seed}, "artifact_limit_bytes": {limit}, "num_layers": 4}}',
         "step:10/10 train_loss:1.5000 train_time:100ms step_avg:10.00ms tok_s:1000",
+        f"final_prequant_exact val_loss:{loss - 0.01:.8f} val_bpb:{bpb - 0.01:.8f}",
         f"Serialized model int8+zstd: {model_bytes} bytes",
         f"Code size: {code} bytes",
         f"Total submission size int8+zstd: {model_bytes + code} bytes",
         f"final_int8_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:10ms",
-        f"final_int8_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}", ""])
+        f"final_int8_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
+        f"final_sliding_exact val_loss:{loss - 0.02:.8f} val_bpb:{bpb - 0.02:.8f}", ""])
 
 
 def make_folder(root, name="2026-11-22_x", track="track_cpu_embedded", losses=(1.40, 1.41, 1.39), model_bytes=1000,
                 **overrides):
+    """A passing folder in a fake repo at `root`, with `overrides` applied to its submission.json."""
     folder = root / "records" / track / name
     folder.mkdir(parents=True)
     (folder / "README.md").write_text("# x\n")
     (folder / "train_gpt.py").write_bytes(CODE)
-    seeds = [1337, 42, 7][:len(losses)]
+    seeds = list(SEEDS[:len(losses)])
     for seed, loss in zip(seeds, losses):
         (folder / f"train_seed{seed}.txt").write_text(log_text(seed, loss, loss / 2, model_bytes))
+    mean = sum(losses) / len(losses)
     submission = {"author": "a", "github_id": "a", "name": name, "blurb": "b", "date": "2026-11-22",
-                  "val_loss": round(sum(losses) / len(losses), 8), "val_bpb": round(sum(losses) / len(losses) / 2, 8),
-                  "bytes_total": model_bytes + len(CODE), "bytes_code": len(CODE), "seeds": seeds, **overrides}
+                  "val_loss": round(mean, 8), "val_bpb": round(mean / 2, 8), "bytes_total": model_bytes + len(CODE),
+                  "bytes_code": len(CODE), "seeds": seeds, **overrides}
     (folder / "submission.json").write_text(json.dumps(submission))
     return folder
-
-
-def run(*args):
-    return subprocess.run(CHECK + [str(a) for a in args], capture_output=True, text=True)
-
-
-def test_a_good_folder_passes(tmp_path):
-    out = run(make_folder(tmp_path))
-    assert out.returncode == 0 and out.stdout.startswith("ok "), out.stdout
-
-
-def test_the_committed_records_pass():
-    folders = sorted((ROOT / "records").glob("*/*/"))
-    assert folders
-    out = run(*folders)
-    assert out.returncode == 0, out.stdout
-
-
-@pytest.mark.parametrize("change,expected", [
-    (lambda f: (f / "train_gpt.py").unlink(), "train_gpt.py is missing"),
-    (lambda f: (f / "README.md").unlink(), "README.md is missing"),
-    (lambda f: [p.unlink() for p in f.glob("*.txt")], "no train log"),
-    (lambda f: patch(f, val_bpb="0.7"), "val_bpb has the wrong type"),
-    (lambda f: patch(f, seeds=[1337, 42, 8]), "seeds"),
-    (lambda f: patch(f, val_bpb=0.71), "val_bpb 0.71 disagrees"),
-    (lambda f: patch(f, val_loss=1.4001), "val_loss 1.4001 disagrees"),
-    (lambda f: patch(f, bytes_code=len(CODE) + 1), "bytes_code"),
-    (lambda f: (f / "train_gpt.py").write_bytes(CODE + b"#"), "not the code that made it"),
-    (lambda f: patch(f, bytes_total=999), "bytes_total 999 is not the largest total"),
-    (lambda f: patch(f, date="22/11/2026"), "not an ISO date"),
-    (lambda f: patch(f, track="track_10min_16mb"), "not the folder's track"),
-    (lambda f: patch(f, seed_results={"42": {"val_bpb": 0.1}}), "seed_results for seed 42"),
-    (lambda f: patch(f, metric="sliding"), "no final_sliding_exact line"),
-])
-def test_each_disagreement_is_refused(tmp_path, change, expected):
-    folder = make_folder(tmp_path)
-    change(folder)
-    out = run(folder)
-    assert out.returncode == 1 and expected in out.stdout, out.stdout
 
 
 def patch(folder, **fields):
@@ -87,51 +56,181 @@ def patch(folder, **fields):
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
-def test_an_artifact_over_the_limit_is_refused(tmp_path):
+def patch_literal(folder, key, literal):
+    """Sets a field to a number written exactly as `literal`, which json.dumps would not keep."""
+    path = folder / "submission.json"
+    marker = "@@literal@@"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: marker}).replace(f'"{marker}"', literal))
+
+
+def run(*args, cwd=None):
+    return subprocess.run(CHECK + [str(a) for a in args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_a_good_folder_passes_from_any_directory(tmp_path):
+    folder = make_folder(tmp_path)
+    out = run(folder, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout == f"ok {folder}\n", out.stdout
+    out = run("track_cpu_embedded/2026-11-22_x", cwd=tmp_path / "records")
+    assert out.returncode == 0, out.stdout
+
+
+def test_the_committed_records_pass():
+    folders = sorted(p for p in (ROOT / "records").glob("*/*") if p.is_dir())
+    assert folders
+    out = run(*folders)
+    assert out.returncode == 0, out.stdout
+
+
+def write_log(folder, seed, **changes):
+    (folder / f"train_seed{seed}.txt").write_text(log_text(seed, 1.40, 0.70, 1000, **changes))
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda f: (f / "train_gpt.py").unlink(), "train_gpt.py is missing"),
+    (lambda f: (f / "README.md").unlink(), "README.md is missing"),
+    (lambda f: (f / "submission.json").unlink(), "submission.json is missing"),
+    (lambda f: [p.unlink() for p in f.glob("*.txt")], "no train log"),
+    (lambda f: (f / "submission.json").write_text("{"), "submission.json does not parse"),
+    (lambda f: patch(f, val_bpb="0.7"), "val_bpb has the wrong type (str)"),
+    (lambda f: patch(f, bytes_total=1024.0), "bytes_total has the wrong type (float)"),
+    (lambda f: patch(f, record="yes"), "record has the wrong type (str)"),
+    (lambda f: patch(f, seeds=[True, 42, 7]), "seeds must be a non-empty list of distinct integers"),
+    (lambda f: patch(f, author=None), "author has the wrong type (null)"),
+    (lambda f: patch(f, date="20261122"), "not an ISO date"),
+    (lambda f: patch(f, track="track_10min_16mb"), "not the folder's track"),
+    (lambda f: patch(f, seeds=[1337, 42, 8]), "the logs' seeds [7, 42, 1337] are not submission.json's seeds"),
+    (lambda f: patch(f, seeds=[1337, 42]), "the logs' seeds"),
+    (lambda f: (f / "extra.log").write_text(log_text(42, 1.4, 0.7, 1000)), "repeats seed 42"),
+    (lambda f: (f / "notes.txt").write_text("no config here\n"), "notes.txt has no config line"),
+    (lambda f: patch(f, val_bpb=0.71), "val_bpb 0.71 disagrees with the logs' mean 0.70000000"),
+    (lambda f: patch(f, val_loss=1.4001), "val_loss 1.4001 disagrees"),
+    (lambda f: patch_literal(f, "val_loss", "1.40000200"), "val_loss 1.400002 disagrees"),
+    (lambda f: patch(f, bytes_code=len(CODE) + 1), "bytes_code 25 is not train_gpt.py's size 24"),
+    (lambda f: (f / "train_gpt.py").write_bytes(CODE + b"#"), "not the code that made it"),
+    (lambda f: write_log(f, 42, code=99), "train_seed42.txt says Code size 99"),
+    (lambda f: patch(f, bytes_total=999), "bytes_total 999 is not the largest total"),
+    (lambda f: patch(f, seed_results={"42": {"val_bpb": 0.1}}), "seed_results for seed 42: val_bpb 0.1 disagrees"),
+    (lambda f: patch(f, seed_results={"5": {}}), "seed_results names seed '5', which has no log"),
+    (lambda f: patch(f, metric="swa"), "no final_swa_exact line"),
+    (lambda f: write_log(f, 42, limit=1000), "over the limit of 1000 bytes"),
+])
+def test_each_disagreement_is_refused(tmp_path, change, expected):
+    folder = make_folder(tmp_path)
+    change(folder)
+    out = run(folder)
+    assert out.returncode == 1 and expected in out.stdout, out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_every_problem_is_listed_not_just_the_first(tmp_path):
+    folder = make_folder(tmp_path, name="x")
+    (folder / "README.md").unlink()
+    patch(folder, val_bpb=0.9, bytes_code=1)
+    lines = run(folder).stdout.splitlines()
+    for expected in ("README.md is missing", "YYYY-MM-DD_<name>", "val_bpb 0.9 disagrees", "bytes_code 1 is not"):
+        assert any(expected in line for line in lines), lines
+    assert all(line.startswith(f"{folder}: ") for line in lines)
+
+
+def test_rounded_figures_pass_and_another_metric_can_be_scored(tmp_path):
+    folder = make_folder(tmp_path, losses=(1.40001234, 1.41002345, 1.39003456))
+    patch_literal(folder, "val_loss", "1.4000")  # the mean is 1.40002345: within rounding
+    assert run(folder).returncode == 0
+    patch(folder, metric="sliding", val_loss=1.38002345, val_bpb=round(1.40002345 / 2 - 0.02, 8))
+    out = run(folder)
+    assert out.returncode == 0, out.stdout
+
+
+def test_an_artifact_over_16mb_is_refused(tmp_path):
     out = run(make_folder(tmp_path, model_bytes=16_000_000))
     assert out.returncode == 1 and "over the limit of 16000000 bytes" in out.stdout
 
 
-def test_a_record_claim_needs_enough_improvement_at_p_below_one_percent(tmp_path):
+def claim(tmp_path, name, losses, **fields):
+    return make_folder(tmp_path, name=name, losses=losses, record=True, previous_record=PREVIOUS, **fields)
+
+
+def test_a_real_improvement_passes_and_prints_its_p_value(tmp_path):
     make_folder(tmp_path, name="2026-11-01_old", losses=(1.40, 1.40, 1.40))
-    previous = "records/track_cpu_embedded/2026-11-01_old"
-    good = make_folder(tmp_path, name="2026-11-22_good", losses=(1.380, 1.381, 1.379), record=True,
-                       previous_record=previous)
-    assert run(good).returncode == 0
-    small = make_folder(tmp_path, name="2026-11-22_small", losses=(1.397, 1.396, 1.398), record=True,
-                        previous_record=previous)
-    out = run(small)
-    assert out.returncode == 1 and "record claim not shown" in out.stdout
-    noisy = make_folder(tmp_path, name="2026-11-22_noisy", losses=(1.36, 1.39, 1.37), record=True,
-                        previous_record=previous)
-    out = run(noisy)
-    assert out.returncode == 1 and "p = " in out.stdout
-    unnamed = make_folder(tmp_path, name="2026-11-22_unnamed", record=True)
-    assert "must name previous_record" in run(unnamed).stdout
+    out = run(claim(tmp_path, "2026-11-22_good", (1.380, 1.381, 1.379)))
+    assert out.returncode == 0 and "record claim shown: mean improvement 0.02000" in out.stdout, out.stdout
+    p = float(out.stdout.split("p = ")[1].split()[0])
+    assert 0 < p < 0.01
 
 
-@pytest.mark.parametrize("t,dof,p", [(2.92, 2, 0.05), (6.965, 2, 0.01), (2.326, 10**6, 0.01), (0.0, 4, 0.5),
-                                     (-1.0, 5, 0.8184)])
-def test_student_t_tail(t, dof, p):
-    assert math.isclose(check.t_upper_tail(t, dof), p, abs_tol=2e-4)
+@pytest.mark.parametrize("name,losses,fields,expected", [
+    ("2026-11-22_small", (1.397, 1.396, 1.398), {}, "mean improvement 0.00300"),
+    ("2026-11-22_noisy", (1.36, 1.39, 1.37), {}, "p = 0.0667 (needs < 0.01)"),
+    ("2026-11-22_single", (1.30,), {}, "needs at least 2 seeds"),
+    ("2026-11-22_nowhere", (1.30, 1.30), {"previous_record": "records/track_cpu_embedded/2026-01-01_gone"},
+     "does not exist"),
+])
+def test_a_record_claim_without_a_significant_improvement_is_refused(tmp_path, name, losses, fields, expected):
+    make_folder(tmp_path, name="2026-11-01_old", losses=(1.40, 1.40, 1.40))
+    folder = claim(tmp_path, name, losses)
+    if fields:
+        patch(folder, **fields)
+    out = run(folder)
+    assert out.returncode == 1 and expected in out.stdout, out.stdout
+
+
+def test_a_record_claim_must_name_the_previous_record(tmp_path):
+    out = run(make_folder(tmp_path, record=True))
+    assert out.returncode == 1 and "must name previous_record" in out.stdout, out.stdout
+
+
+def test_a_record_claim_over_a_failing_previous_record_is_refused(tmp_path):
+    old = make_folder(tmp_path, name="2026-11-01_old", losses=(1.40, 1.40, 1.40))
+    patch(old, val_loss=1.5)
+    out = run(claim(tmp_path, "2026-11-22_good", (1.380, 1.381, 1.379)))
+    assert out.returncode == 1 and "does not pass its own checks" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("t,dof,p,tol", [(2.92, 2, 0.05, 2e-4), (6.965, 2, 0.01, 2e-5), (2.326, 10**6, 0.01, 2e-4),
+                                         (0.0, 4, 0.5, 1e-12), (-1.0, 5, 0.8184, 2e-4), (1.0, 1, 0.25, 1e-12)])
+def test_student_t_tail(t, dof, p, tol):
+    assert math.isclose(check.t_upper_tail(t, dof), p, abs_tol=tol)
+
+
+@pytest.mark.parametrize("a,b,x,expected", [(1, 1, 0.3, 0.3), (3, 1, 0.6, 0.6 ** 3), (1, 2, 0.9, 1 - 0.1 ** 2)])
+def test_incomplete_beta_against_closed_forms(a, b, x, expected):
+    assert math.isclose(check.incomplete_beta(a, b, x), expected, rel_tol=1e-12)
+
+
+def fake_repo_with_readme(tmp_path):
+    (tmp_path / "records").mkdir()
+    shutil.copy(ROOT / "records" / "README.md", tmp_path / "records" / "README.md")
+    return (ROOT / "records" / "README.md").read_text()
 
 
 def test_leaderboard_lists_passing_folders_best_first(tmp_path):
-    (tmp_path / "records").mkdir()
-    (tmp_path / "records" / "README.md").write_text("intro\n<!-- leaderboard:start -->\nold\n<!-- leaderboard:end -->\nend\n")
+    original = fake_repo_with_readme(tmp_path)
     make_folder(tmp_path, name="2026-11-20_worse", losses=(1.5, 1.5, 1.5))
-    make_folder(tmp_path, name="2026-11-21_better", losses=(1.2, 1.2, 1.2))
+    make_folder(tmp_path, name="2026-11-21_better", losses=(1.2, 1.2, 1.2), author="b|c")
     broken = make_folder(tmp_path, name="2026-11-22_broken")
     patch(broken, val_bpb=0.1)
-    out = run("--leaderboard", "--root", tmp_path)
-    assert out.returncode == 1 and "2026-11-22_broken" in out.stderr
+    out = run("--leaderboard", "--root", tmp_path, cwd=tmp_path)
+    assert out.returncode == 1 and "2026-11-22_broken: submission.json val_bpb" in out.stderr
     text = (tmp_path / "records" / "README.md").read_text()
-    assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
-    assert text.index("2026-11-21_better") < text.index("2026-11-20_worse") and "broken" not in text
-    assert "### track_10min_16mb\n\nNo submissions yet." in text
+    assert text.split(check.START)[0] == original.split(check.START)[0]
+    assert text.split(check.END)[1] == original.split(check.END)[1]
+    board = text.split(check.START)[1].split(check.END)[0]
+    assert board.index("2026-11-21_better") < board.index("2026-11-20_worse") and "broken" not in board
+    assert "| 0.6000 | 1.2000 | 1,024 | 3 | 2026-11-22 | [2026-11-21_better](track_cpu_embedded/2026-11-21_better/) " \
+           "| b\\|c |" in board
+    assert "### track_10min_16mb\n\nNo submissions yet." in board
+
+
+def test_leaderboard_of_no_folders_says_so(tmp_path):
+    fake_repo_with_readme(tmp_path)
+    assert run("--leaderboard", "--root", tmp_path).returncode == 0
+    board = (tmp_path / "records" / "README.md").read_text().split(check.START)[1].split(check.END)[0]
+    assert board.count("No submissions yet.") == len(check.TRACKS) and "|" not in board
 
 
 def test_usage_errors_exit_2(tmp_path):
     assert run().returncode == 2
     out = run(tmp_path / "nothing")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert run("--leaderboard", "--root", tmp_path).returncode == 2  # no records/README.md
