@@ -33,6 +33,12 @@ export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-256}"
 export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-8192}"
 export GRAD_ACCUM_STEPS="${GRAD_ACCUM_STEPS:-1}"
 export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-180}"
+# torch.compile on the CPU needs a C++ compiler; it costs ~40 s once (in the untimed warm-up steps)
+# and buys ~1.35x the steps in the 180 s (perf_notes.md).
+if command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1; then
+  export COMPILE="${COMPILE:-1}"
+  export WARMUP_STEPS="${WARMUP_STEPS:-2}"
+fi
 export WARMUP_STEPS="${WARMUP_STEPS:-0}"
 export WARMDOWN_ITERS="${WARMDOWN_ITERS:-300}"
 export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-200}"
