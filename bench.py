@@ -47,6 +47,14 @@ CPU_SCALE = dict(NUM_LAYERS="4", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2
 SUITE = ("baseline", "recurrent", "dense_ffn", "moe_frozen")
 
 
+def shape_env(shape: str, *layers: dict) -> dict:
+    """The shape's settings, then each layer of overrides, then this process's env vars (which win)."""
+    env = dict(SHAPES[shape])
+    for layer in layers:
+        env.update(layer)
+    return {**env, **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
+
+
 def random_stream(cfg, folder: Path) -> train_gpt.TokenStream:
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=4 * cfg.train_batch_tokens + 1)
     write_shard(folder / "bench_train_000000.bin", tokens.astype(np.uint16))
@@ -55,7 +63,7 @@ def random_stream(cfg, folder: Path) -> train_gpt.TokenStream:
 
 def measure(shape: str, steps: int, warmup: int, scale: dict | None = None) -> list[dict]:
     """One row per depth: the shape's full depth, or every depth of its DEPTH_SCHEDULE."""
-    env = {**SHAPES[shape], **(scale or {}), **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
+    env = shape_env(shape, scale or {})
     if scale and shape == "recurrent":
         env["NUM_LAYERS"] = "2"  # the preset's 3 shared blocks, at the CPU width, would equal the flat stack's cost
     cfg, _ = train_gpt.load_config(env)
@@ -96,8 +104,8 @@ def measure(shape: str, steps: int, warmup: int, scale: dict | None = None) -> l
 
 def measure_checkpoint(shape: str, repeats: int) -> dict:
     """Time of one checkpoint write (and of a restore) for the shape, optimizer and SWA state filled."""
-    env = {**SHAPES[shape], "TRAIN_BATCH_TOKENS": SHAPES[shape]["TRAIN_SEQ_LEN"], "GRAD_ACCUM_STEPS": "1",
-           "SWA_ENABLED": "1", **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
+    env = shape_env(shape, {"TRAIN_BATCH_TOKENS": SHAPES[shape]["TRAIN_SEQ_LEN"], "GRAD_ACCUM_STEPS": "1",
+                           "SWA_ENABLED": "1"})
     with tempfile.TemporaryDirectory() as tmp:
         cfg, _ = train_gpt.load_config({**env, "LOG_DIR": tmp, "RUN_ID": "bench"})
         rt = train_gpt.init_runtime(cfg)
@@ -125,8 +133,7 @@ def measure_checkpoint(shape: str, repeats: int) -> dict:
 def measure_eval(shape: str, n_tokens: int, repeats: int, scale: dict | None = None) -> list[dict]:
     """Scored tokens/s of standard, sliding and Hedge evaluation (EVAL_STRIDE, default 64) on random
     tokens, timed in turns so that each method sees the same machine; the median of `repeats`."""
-    env = {**SHAPES[shape], **(scale or {}), "EVAL_STRIDE": "64", "HEDGE_ENABLED": "1",
-           **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
+    env = shape_env(shape, scale or {}, {"EVAL_STRIDE": "64", "HEDGE_ENABLED": "1"})
     cfg, _ = train_gpt.load_config(env)
     rt = train_gpt.init_runtime(cfg)
     torch.manual_seed(cfg.seed)
@@ -162,8 +169,7 @@ def measure_eval(shape: str, n_tokens: int, repeats: int, scale: dict | None = N
 def measure_export(shape: str) -> list[dict]:
     """Seconds to quantize (with the clip search), pack and compress the shape's weights, per scheme.
     The weights are random with a trained model's spread; sizes are not representative, times are."""
-    env = {**SHAPES[shape], **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
-    cfg, _ = train_gpt.load_config(env)
+    cfg, _ = train_gpt.load_config(shape_env(shape))
     torch.manual_seed(cfg.seed)
     model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
     with torch.no_grad():
@@ -214,6 +220,11 @@ def print_suite(rows: list[dict]):
         print(f"{r['name']:<34} {r['device']:<7} {r['tokens_per_s']:>10.0f} {ms:>9} {mfu:>7} {peak:>9}{extra}")
 
 
+def write_json(path: Path | None, rows):
+    if path:
+        path.write_text(json.dumps(rows, indent=2))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -232,8 +243,7 @@ def main():
     if args.suite:
         rows = run_suite(args.steps, args.warmup, args.eval_tokens, args.repeats)
         print_suite(rows)
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
         return
     if args.export:
         rows = measure_export(args.shape)
@@ -241,8 +251,7 @@ def main():
         for r in rows:
             print(f"{r['shape']:<10} {r['scheme']:<6} {r['params']:>11,} {r['bytes_model']:>12,} {r['export_s']:>9.2f} "
                   f"{r['load_s']:>7.2f}")
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
         return
     if args.eval:
         rows = measure_eval(args.shape, args.eval_tokens, args.repeats)
@@ -251,16 +260,14 @@ def main():
         for r in rows:
             print(f"{r['method']:<9} {r['device']:<8} {r['seq_len']:>5} {str(r['stride'] or '-'):>6} {r['tokens']:>8} "
                   f"{r['seconds']:>8.2f} {r['tokens_per_s']:>10.0f} {r['time_vs_sliding']:>9.2f}")
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
         return
     if args.checkpoint:
         row = measure_checkpoint(args.shape, max(args.steps, 1))
         print(f"{'shape':<10} {'bytes':>12} {'save s (median)':>16} {'save s (min)':>13} {'restore s':>10}")
         print(f"{row['shape']:<10} {row['checkpoint_bytes']:>12} {row['save_s_median']:>16.3f} "
               f"{row['save_s_min']:>13.3f} {row['restore_s_median']:>10.3f}")
-        if args.json:
-            args.json.write_text(json.dumps(row, indent=2))
+        write_json(args.json, row)
         return
     try:
         rows = measure(args.shape, args.steps, args.warmup)
@@ -273,8 +280,7 @@ def main():
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a (CPU)"
         print(f"{row['shape']:<14} {row['device']:<8} {row['effective_layers']:>6} {row['params']:>10} "
               f"{row['ms_per_step']:>9.1f} {row['tokens_per_s']:>10.0f} {mfu:>10} {row['peak_mem_mib']:>9.0f}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":
