@@ -821,6 +821,9 @@ def random_matrix(rows: int, cols: int, init: str, sparsity: float, gain: float,
     return w.scatter_(0, dropped, 0.0)
 
 
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
     """rows (sorted by expert, expert e owning rows offsets[e-1]:offsets[e]) @ weight[e].
 
@@ -831,9 +834,6 @@ def expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows
     if GROUPED_MM is not None and aligned and rows.dtype in (torch.float32, torch.bfloat16):
         return GROUPED_MM(rows, weight.to(rows.dtype), offs=offsets)
     return padded_expert_matmul(rows, weight.to(rows.dtype), offsets, experts_of_rows)
-
-
-GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def padded_expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
