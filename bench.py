@@ -5,6 +5,7 @@
     python bench.py --eval [--shape small] [--eval-tokens N] [--repeats R]  # evaluation methods instead
     python bench.py --export [--shape baseline]   # time quantize + compress of each QUANT scheme instead
     python bench.py --suite [--steps N] [--json FILE]   # every shape and evaluation method, one table
+    python bench.py --profile [--shape small] [--steps N]   # torch.profiler's operator table of a few steps
 
 Prints tokens/s, ms/step, peak memory, and on CUDA the MFU (model FLOPs a token = 6 x matmul
 parameters + 12 x layers x dim x seq, over BENCH_PEAK_TFLOPS, default 790 for an H100's bf16).
@@ -61,8 +62,8 @@ def random_stream(cfg, folder: Path) -> train_gpt.TokenStream:
     return train_gpt.TokenStream([folder / "bench_train_000000.bin"], cfg.vocab_size)
 
 
-def measure(shape: str, steps: int, warmup: int, scale: dict | None = None) -> list[dict]:
-    """One row per depth: the shape's full depth, or every depth of its DEPTH_SCHEDULE."""
+def build(shape: str, scale: dict | None = None):
+    """The shape's config, runtime, model (and its compiled twin when compiling), optimizers, params."""
     env = shape_env(shape, scale or {})
     if scale and shape == "recurrent":
         env["NUM_LAYERS"] = "2"  # the preset's 3 shared blocks, at the CPU width, would equal the flat stack's cost
@@ -71,8 +72,31 @@ def measure(shape: str, steps: int, warmup: int, scale: dict | None = None) -> l
     torch.manual_seed(cfg.seed)
     model = train_gpt.GPT(**train_gpt.model_kwargs(cfg)).to(rt.device)
     train_model = torch.compile(model) if rt.compile else model
-    optimizers = train_gpt.build_optimizers(model, cfg, rt)
-    params = list(model.parameters())
+    return cfg, rt, model, train_model, train_gpt.build_optimizers(model, cfg, rt), list(model.parameters())
+
+
+def profile(shape: str, steps: int, warmup: int) -> str:
+    """torch.profiler's table (operators by total CPU time) over `steps` training steps after `warmup`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    cfg, rt, model, train_model, optimizers, params = build(shape)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.is_cuda else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        stream = random_stream(cfg, Path(tmp))
+        for step in range(warmup):
+            train_gpt.train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
+        rt.sync()
+        with profiler(activities=activities) as prof:
+            for step in range(warmup, warmup + steps):
+                train_gpt.train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
+            rt.sync()
+    return prof.key_averages().table(sort_by="cuda_time_total" if rt.is_cuda else "cpu_time_total", row_limit=20)
+
+
+def measure(shape: str, steps: int, warmup: int, scale: dict | None = None) -> list[dict]:
+    """One row per depth: the shape's full depth, or every depth of its DEPTH_SCHEDULE."""
+    cfg, rt, model, train_model, optimizers, params = build(shape, scale)
     depths = [r for r, _ in cfg.depth_phases]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,6 +256,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--checkpoint", action="store_true", help="time a checkpoint write and restore instead")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler's operator table over --steps steps")
     parser.add_argument("--suite", action="store_true", help="every shape and evaluation method: one table")
     parser.add_argument("--eval", action="store_true", help="time the evaluation methods instead")
     parser.add_argument("--export", action="store_true", help="time quantize + compress of each scheme instead")
@@ -240,6 +265,9 @@ def main():
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.eval_tokens < 2:
         parser.error("--steps and --repeats must be >= 1, --warmup >= 0, --eval-tokens >= 2")
+    if args.profile:
+        print(profile(args.shape, args.steps, args.warmup))
+        return
     if args.suite:
         rows = run_suite(args.steps, args.warmup, args.eval_tokens, args.repeats)
         print_suite(rows)

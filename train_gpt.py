@@ -1657,7 +1657,7 @@ def restore(cfg: Config, rt: Runtime, path: Path, model: GPT, optimizers, log: L
 
 
 # ----------------------------------------------------------------------------------------------
-# Export: per-row int8 quantization, compression, a self-describing artifact, and loading it back
+# Export: per-group quantization, compression, a self-describing artifact, and loading it back
 # ----------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"PGOLFAR1"
