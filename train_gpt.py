@@ -67,6 +67,8 @@ class Config:
     seed: int = var(1337, "seed of the model init", lo=0, hi=2**63 - 1)
     device: str = var("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
     compile: str = var("auto", "torch.compile the model (auto: on CUDA only; on CPU it needs a C++ compiler and ~40 s)", choices=("auto", "0", "1"))
+    autocast: str = var("auto", "bf16 autocast of the model and bf16 Newton-Schulz (auto: on CUDA only; on a CPU "
+                        "with AMX bf16 tiles it pays, see perf_notes.md)", choices=("auto", "0", "1"))
     log_dir: str = var("logs", "folder for the log, the summary JSON and the artifact")
     # budget and batch
     iterations: int = var(20000, "training steps at most", lo=1)
@@ -405,6 +407,7 @@ class Runtime:
     local_rank: int
     device: torch.device
     compile: bool
+    bf16: bool = False
 
     @property
     def distributed(self) -> bool:
@@ -415,8 +418,8 @@ class Runtime:
         return self.device.type == "cuda"
 
     def autocast(self):
-        # bf16 on CUDA; float32 on CPU, where bf16 matmuls are slow and tests want exact figures.
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.is_cuda else nullcontext()
+        # Off by default on CPU: without AMX, bf16 matmuls are slower there, and tests want float32 figures.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def sync(self):
         if self.is_cuda:
@@ -449,7 +452,8 @@ def init_runtime(cfg: Config) -> Runtime:
         dist.init_process_group("nccl" if want == "cuda" else "gloo", device_id=device if want == "cuda" else None,
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout_seconds))
     use_compile = cfg.compile == "1" or (cfg.compile == "auto" and want == "cuda")
-    return Runtime(rank, world, local_rank, device, use_compile)
+    use_bf16 = cfg.autocast == "1" or (cfg.autocast == "auto" and want == "cuda")
+    return Runtime(rank, world, local_rank, device, use_compile, use_bf16)
 
 
 class Logger:
@@ -1105,10 +1109,10 @@ def parameter_counts(model: GPT) -> dict:
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> Tensor:
     """Approximately orthogonalises grad (pushes its singular values toward 1) with a quintic iteration."""
     a, b, c = NS_COEFFS
-    x = grad.bfloat16() if grad.is_cuda else grad.float()
+    x = grad.to(dtype)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # a stack of matrices (MoE experts) is one each
     transposed = x.size(-2) > x.size(-1)
     if transposed:
@@ -1124,10 +1128,10 @@ class Muon(torch.optim.Optimizer):
     r, r+W, ...; one all-reduce shares the updates, so every rank applies identical ones."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay))
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.ns_dtype = rank, world_size, ns_dtype
 
     @torch.no_grad()
     def step(self):
@@ -1140,7 +1144,7 @@ class Muon(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 direction = self.nesterov_direction(p, group)
                 if i % self.world_size == self.rank:
-                    update = newton_schulz(direction, group["backend_steps"]).float()
+                    update = newton_schulz(direction, group["backend_steps"], self.ns_dtype).float()
                     flat[offset:offset + p.numel()] = update.reshape(-1) * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
                 offset += p.numel()
             if self.world_size > 1:
@@ -1187,7 +1191,8 @@ def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.O
         return [adam]
     matrices = groups["matrices"]
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
-                weight_decay=cfg.muon_wd, rank=rt.rank, world_size=rt.world_size)
+                weight_decay=cfg.muon_wd, rank=rt.rank, world_size=rt.world_size,
+                ns_dtype=torch.bfloat16 if rt.bf16 else torch.float32)
     for group in muon.param_groups:
         group.update(base_lr=cfg.matrix_lr, name="matrices")
     return [adam, muon]
@@ -2407,7 +2412,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     for note in notes:
         log(note)
     log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
-        f"compile:{rt.compile} torch:{torch.__version__}")
+        f"compile:{rt.compile} bf16:{rt.bf16} torch:{torch.__version__}")
 
     tokenizer_path = resolve_tokenizer_path(cfg)
     sp = load_tokenizer(tokenizer_path, cfg.vocab_size)

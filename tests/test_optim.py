@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from train_gpt import GPT, Muon, Runtime, build_optimizers, load_config, lr_scale, model_kwargs, muon_momentum, newton_schulz
+from train_gpt import (GPT, Muon, Runtime, build_optimizers, init_runtime, load_config, lr_scale, model_kwargs, muon_momentum,
+                       newton_schulz)
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (16, 48), (48, 16)])
@@ -17,6 +18,28 @@ def test_newton_schulz_pushes_singular_values_toward_one(shape):
     s = torch.linalg.svdvals(out)
     assert out.shape == g.shape and s.min() > 0.5 and s.max() < 1.3
     assert torch.allclose(out @ v, u * (out @ v).norm(dim=0), atol=1e-4)  # same singular vectors
+
+
+def test_newton_schulz_in_bf16_stays_near_float32():
+    torch.manual_seed(0)
+    g = torch.randn(48, 16)
+    out = newton_schulz(g, steps=5, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - newton_schulz(g, steps=5)).abs().max() < 0.05
+
+
+def test_autocast_setting_runs_the_cpu_model_and_muon_in_bf16():
+    cfg = config(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, train_batch_tokens=1024,
+                 device="cpu", autocast=1)
+    rt = init_runtime(cfg)
+    assert rt.bf16 and not init_runtime(config(device="cpu")).bf16
+    model = GPT(**model_kwargs(cfg))
+    seen = []
+    model.blocks[0].ffn.fc.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with rt.autocast():
+        model.hidden(torch.zeros(1, 8, dtype=torch.long))
+    assert seen == [torch.bfloat16]
+    assert build_optimizers(model, cfg, rt)[-1].ns_dtype == torch.bfloat16
 
 
 def test_muon_applies_orthogonal_update_with_decay():
