@@ -835,9 +835,17 @@ def expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows
     shapes (and torch builds without it) take a padded batched matmul instead."""
     k, n = weight.shape[1:]
     aligned = all((d * rows.element_size()) % 16 == 0 for d in (k, n))
-    if GROUPED_MM is not None and aligned and rows.dtype in (torch.float32, torch.bfloat16):
+    if GROUPED_MM is not None and aligned and grouped_mm_takes(rows):
         return GROUPED_MM(rows, weight.to(rows.dtype), offs=offsets)
     return padded_expert_matmul(rows, weight.to(rows.dtype), offsets, experts_of_rows)
+
+
+def grouped_mm_takes(rows: Tensor) -> bool:
+    """torch's grouped matmul takes bf16 everywhere but float32 only when run eagerly on the CPU:
+    under torch.compile its shape check demands bf16, as CUDA's kernel does."""
+    if rows.dtype == torch.bfloat16:
+        return True
+    return rows.dtype == torch.float32 and rows.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def padded_expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
@@ -900,7 +908,9 @@ class MoE(nn.Module):
         gates = torch.softmax(logits.gather(-1, choice), dim=-1)
         experts = choice.flatten()
         order = torch.argsort(experts, stable=True)
-        counts = torch.bincount(experts, minlength=self.num_experts)
+        # Not bincount: its output's length depends on the data, which breaks the compiled graph.
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
+            0, experts, torch.ones_like(experts))
         offsets = counts.cumsum(0).to(torch.int32)
         sorted_experts = experts[order]
         token = order // self.top_k

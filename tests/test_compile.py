@@ -1,0 +1,59 @@
+"""torch.compile of the training model: one graph per depth phase and no graph breaks.
+
+Traced with the aot_eager backend (forward and backward through AOTAutograd, no C++ compiler), so
+the graph counts are those the inductor backend sees, in seconds instead of minutes."""
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from train_gpt import GPT, load_config, model_kwargs
+
+TINY = dict(VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="16")
+MOE = dict(MOE_NUM_EXPERTS="4", MOE_TOP_K="2")
+
+
+def compiled_steps(env: dict, depths: list[int], bf16: bool) -> tuple[int, int, list[torch.Tensor]]:
+    """Two forward + backward passes at each depth in turn: (graphs compiled, graph breaks, losses)."""
+    torch._dynamo.reset()
+    counters.clear()
+    cfg, _ = load_config({**TINY, **env})
+    torch.manual_seed(0)
+    model = GPT(**model_kwargs(cfg))
+    compiled = torch.compile(model, backend="aot_eager")
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
+    targets = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
+    losses = []
+    for depth in depths:
+        model.set_repeats(depth)
+        for _ in range(2):
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                loss = compiled(idx, targets)
+            loss.backward()
+            losses.append(loss.detach())
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()), losses
+
+
+@pytest.mark.parametrize("env,bf16", [({}, False), ({}, True), (dict(XSA_LAST_N="1", NUM_VALUE_EMBEDS="1"), False),
+                                      (MOE, True), ({**MOE, "MOE_FROZEN": "1", "MOE_INIT": "sparse"}, True)],
+                         ids=["dense", "dense-bf16", "xsa-value-embeds", "moe-bf16", "frozen-moe-bf16"])
+def test_the_model_compiles_to_one_graph_without_breaks(env, bf16):
+    graphs, breaks, _ = compiled_steps(env, [1], bf16)
+    assert (graphs, breaks) == (1, 0)
+
+
+def test_each_depth_phase_costs_exactly_one_recompile():
+    graphs, breaks, _ = compiled_steps(dict(NUM_REPEATS="3"), [1, 2, 3], bf16=True)
+    assert (graphs, breaks) == (3, 0)
+
+
+def test_float32_moe_compiles_and_matches_eager():
+    """Compiled, torch's grouped matmul refuses float32, so the padded matmul runs (with a graph
+    break for its data-dependent capacity); the loss must still equal the eager one."""
+    _, _, compiled_losses = compiled_steps(MOE, [1], bf16=False)
+    cfg, _ = load_config({**TINY, **MOE})
+    torch.manual_seed(0)
+    model = GPT(**model_kwargs(cfg))
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
+    targets = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
+    torch.testing.assert_close(compiled_losses[0], model(idx, targets).detach())
