@@ -46,6 +46,10 @@ if grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null; then
   export AUTOCAST="${AUTOCAST:-1}"
 fi
 export WARMDOWN_ITERS="${WARMDOWN_ITERS:-300}"
+# Tuned at this budget's ~520 steps (perf_notes.md 10-11): together 0.008 bpb lower.
+export NUM_VALUE_EMBEDS="${NUM_VALUE_EMBEDS:-1}"
+export MATRIX_LR="${MATRIX_LR:-0.03}"
+export MUON_MOMENTUM_WARMUP_STEPS="${MUON_MOMENTUM_WARMUP_STEPS:-1000}"
 export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-200}"
 export TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-50}"
 export VAL_BATCH_SIZE="${VAL_BATCH_SIZE:-65536}"
