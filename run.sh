@@ -40,9 +40,10 @@ if command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1; then
   export WARMUP_STEPS="${WARMUP_STEPS:-2}"
 fi
 export WARMUP_STEPS="${WARMUP_STEPS:-0}"
-# A CPU with AMX tiles multiplies bf16 matrices ~10x faster than float32: train in bf16 as on CUDA
-# (~1.45x the steps, perf_notes.md). Without AMX, bf16 is slower, so float32 stays.
-if grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null; then
+# A CPU with native bf16 dot products (AMX tiles, or AVX-512 BF16) multiplies bf16 matrices 7-10x
+# faster than float32: train in bf16 as on CUDA (1.39-1.47x the steps, perf_notes.md 7 and 12).
+# Without them, bf16 is emulated and slower, so float32 stays.
+if grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then
   export AUTOCAST="${AUTOCAST:-1}"
 fi
 export WARMDOWN_ITERS="${WARMDOWN_ITERS:-300}"

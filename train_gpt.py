@@ -68,7 +68,7 @@ class Config:
     device: str = var("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
     compile: str = var("auto", "torch.compile the model (auto: on CUDA only; on CPU it needs a C++ compiler and ~40 s)", choices=("auto", "0", "1"))
     autocast: str = var("auto", "bf16 autocast of the model and bf16 Newton-Schulz (auto: on CUDA only; on a CPU "
-                        "with AMX bf16 tiles it pays, see perf_notes.md)", choices=("auto", "0", "1"))
+                        "with AMX or AVX-512 BF16 it pays, see perf_notes.md)", choices=("auto", "0", "1"))
     log_dir: str = var("logs", "folder for the log, the summary JSON and the artifact")
     # budget and batch
     iterations: int = var(20000, "training steps at most", lo=1)
@@ -418,7 +418,7 @@ class Runtime:
         return self.device.type == "cuda"
 
     def autocast(self):
-        # Off by default on CPU: without AMX, bf16 matmuls are slower there, and tests want float32 figures.
+        # Off by default on CPU: without native bf16 (AMX, AVX-512 BF16) it is slower, and tests want float32 figures.
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def sync(self):
@@ -1134,8 +1134,10 @@ def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32, 
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then an orthogonalised update. Rank r runs Newton-Schulz for parameters
-    r, r+W, ...; one all-reduce shares the updates, so every rank applies identical ones."""
+    """Nesterov momentum, then an orthogonalised update. Matrices of one shape are orthogonalised as
+    one batch (one matmul per Newton-Schulz product instead of one per matrix); rank r takes
+    matrices r, r+W, ... of every shape, and one all-reduce shares the updates, so every rank
+    applies identical ones."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.float32):
@@ -1149,33 +1151,43 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                direction = self.nesterov_direction(p, group)
-                if i % self.world_size == self.rank:
-                    update = newton_schulz(direction, group["backend_steps"], self.ns_dtype).float()
-                    flat[offset:offset + p.numel()] = update.reshape(-1) * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                offset += p.numel()
+            directions = self.nesterov_directions(params, group)
+            offsets = [0]
+            for p in params:
+                offsets.append(offsets[-1] + p.numel())
+            flat = torch.zeros(offsets[-1], device=params[0].device, dtype=torch.float32)
+            for mine in self.shape_batches(params):
+                updates = newton_schulz(torch.stack([directions[i] for i in mine]), group["backend_steps"],
+                                        self.ns_dtype).float()
+                rows, cols = params[mine[0]].shape[-2:]
+                updates *= max(1.0, rows / cols) ** 0.5
+                for i, update in zip(mine, updates):
+                    flat[offsets[i]:offsets[i + 1]] = update.reshape(-1)
             if self.world_size > 1:
                 dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                update = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"])
-                offset += p.numel()
+            updates = [flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype) for i, p in enumerate(params)]
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
 
-    def nesterov_direction(self, p: Tensor, group: dict) -> Tensor:
+    def shape_batches(self, params: list[Tensor]) -> list[list[int]]:
+        """This rank's share of each shape: indices r, r+W, ... of the matrices of that shape."""
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        return [mine for same in by_shape.values() if (mine := same[self.rank::self.world_size])]
+
+    def nesterov_directions(self, params: list[Tensor], group: dict) -> list[Tensor]:
         """Every rank keeps every momentum buffer (gradients are identical after the all-reduce, so are
         the buffers): rank 0 alone can checkpoint them, and a resume may use another world size."""
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad)
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(p.grad)
-        return p.grad.add(buf, alpha=group["momentum"])
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+        grads = [p.grad for p in params]
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_mul_(buffers, group["momentum"])
+        torch._foreach_add_(buffers, grads)
+        return torch._foreach_add(grads, buffers, alpha=group["momentum"])
 
 
 def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.Optimizer]:

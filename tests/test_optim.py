@@ -63,6 +63,36 @@ def test_muon_nesterov_momentum_accumulates():
     assert torch.allclose(opt.state[p]["momentum_buffer"], 1.9 * g)
 
 
+def test_muon_batches_same_shape_matrices_and_matches_one_at_a_time():
+    torch.manual_seed(0)
+    shapes = [(8, 8), (4, 8), (8, 8), (8, 4), (4, 8), (3, 8, 4), (8, 8)]
+    batched = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in batched]
+    opt = Muon(batched, lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.1)
+    singles = [Muon([p], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.1) for p in alone]
+    for _ in range(3):
+        grads = [torch.randn(shape) for shape in shapes]
+        for p, q, g in zip(batched, alone, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        for single in singles:
+            single.step()
+    for p, q in zip(batched, alone):
+        assert torch.allclose(p.detach(), q.detach(), atol=1e-6)
+    assert [len(b) for b in opt.shape_batches(batched)] == [3, 2, 1, 1]
+
+
+def test_muon_shares_every_matrix_to_exactly_one_rank():
+    params = [torch.zeros(shape) for shape in [(8, 8)] * 5 + [(4, 8)] * 2 + [(8, 4)]]
+    owned = []
+    for rank in range(3):
+        opt = Muon([torch.nn.Parameter(p) for p in params], lr=0.1, momentum=0.9, backend_steps=5,
+                   weight_decay=0.0, rank=rank, world_size=3)
+        owned += [i for batch in opt.shape_batches(params) for i in batch]
+        assert all(len({params[i].shape for i in batch}) == 1 for batch in opt.shape_batches(params))
+    assert sorted(owned) == list(range(len(params)))
+
+
 def test_parameter_groups_cover_every_parameter_once():
     cfg, _ = load_config({"VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4",
                           "NUM_KV_HEADS": "2", "TIE_EMBEDDINGS": "0", "TRAIN_BATCH_TOKENS": "1024"})
