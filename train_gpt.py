@@ -1055,11 +1055,14 @@ class GPT(nn.Module):
         raw = raw.float()
         return self.logit_softcap * torch.tanh(raw / self.logit_softcap)
 
-    def forward(self, idx: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """Cross-entropy in nats: the mean (training, plus the MoE balancing losses when their
         coefficients are set) or per token, shaped like targets (evaluation). Targets of -100
-        (padding) are not scored."""
+        (padding) are not scored. Without targets: the final hidden states, so that evaluations
+        which apply the head at a few positions run through the same compiled forward."""
         h, balance = self.hidden(idx)
+        if targets is None:
+            return h
         logits = self.head(h)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         if reduction != "mean":
@@ -2050,7 +2053,7 @@ class Evaluator:
                         loss = model(x, y, reduction="none").float()
                         nll = torch.cat([loss[r, a:b] for r, a, b in rows])
                     else:  # the head and softmax only where scored: a sliding window scores few positions
-                        hidden = model.hidden(x)[0]
+                        hidden = model(x)
                         logits = model.head(torch.cat([hidden[r, a:b] for r, a, b in rows]))
                         logp = F.log_softmax(logits.float(), dim=-1)
                         nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)

@@ -57,3 +57,19 @@ def test_float32_moe_compiles_and_matches_eager():
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
     targets = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
     torch.testing.assert_close(compiled_losses[0], model(idx, targets).detach())
+
+
+def test_the_evaluations_hidden_states_go_through_the_compiled_forward():
+    """Sliding, Hedge and TTT apply the head only where they score: they call the model without
+    targets, which must be the compiled graph (one, no breaks) and equal the eager hidden states."""
+    torch._dynamo.reset()
+    counters.clear()
+    cfg, _ = load_config(TINY)
+    torch.manual_seed(0)
+    model = GPT(**model_kwargs(cfg)).eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
+    with torch.no_grad():
+        hidden = compiled(idx)
+    assert (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())) == (1, 0)
+    torch.testing.assert_close(hidden, model.hidden(idx)[0])

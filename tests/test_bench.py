@@ -1,0 +1,53 @@
+"""bench.py: the suite's goals, its graph count per depth phase, and gpu_check.sh's usage."""
+import subprocess
+
+import pytest
+
+import bench
+from conftest import ROOT
+
+
+def row(name, device="cuda:0", **figures):
+    return {"name": name, "device": device, "mfu": None, "graphs": None, "tokens_per_s": 0.0, **figures}
+
+
+@pytest.mark.parametrize("r,met", [
+    (row("train baseline", mfu=0.46), True),
+    (row("train baseline", mfu=0.44), False),
+    (row("train baseline (cpu scale)", device="cpu"), None),
+    (row("train recurrent@3", mfu=0.41, graphs=1), True),
+    (row("train recurrent@3", mfu=0.41, graphs=2), False),
+    (row("train recurrent@2", mfu=0.39, graphs=1), False),
+    (row("train recurrent@4 (cpu scale)", device="cpu", graphs=1), True),
+    (row("train recurrent@4 (cpu scale)", device="cpu", graphs=3), False),
+    (row("train recurrent@4 (cpu scale)", device="cpu"), None),
+    (row("train moe_frozen", vs_dense_step_time=1.19), True),
+    (row("train moe_frozen (cpu scale)", device="cpu", vs_dense_step_time=1.21), False),
+    (row("eval hedge", tokens_per_s=131_000), True),
+    (row("eval sliding", tokens_per_s=129_000), False),
+    (row("eval hedge (cpu scale)", device="cpu", tokens_per_s=200_000), None),
+    (row("eval standard"), None),
+])
+def test_every_suite_row_is_judged_against_its_goal(r, met):
+    goal, verdict = bench.judge(r)
+    assert verdict is met and goal
+
+
+def test_the_suite_counts_one_graph_per_depth_phase_when_compiling(monkeypatch):
+    """The recurrent shape at CPU scale, compiled with the backend that needs no C++ compiler: each
+    depth phase of the schedule adds exactly one graph."""
+    import torch
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="aot_eager"))
+    for name, value in dict(COMPILE="1", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="16",
+                            TRAIN_BATCH_TOKENS="64", VOCAB_SIZE="64", NUM_VALUE_EMBEDS="0").items():
+        monkeypatch.setenv(name, value)
+    rows = bench.measure("recurrent", steps=1, warmup=1, scale=bench.CPU_SCALE)
+    assert [r["shape"] for r in rows] == ["recurrent@2", "recurrent@3", "recurrent@4"]
+    assert [r["graphs"] for r in rows] == [1, 1, 1]
+
+
+def test_gpu_check_refuses_an_unknown_part():
+    done = subprocess.run(["bash", str(ROOT / "gpu_check.sh"), "everything"], capture_output=True, text=True)
+    assert done.returncode == 2 and "usage" in done.stderr
+    assert subprocess.run(["bash", "-n", str(ROOT / "gpu_check.sh")]).returncode == 0
