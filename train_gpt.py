@@ -1136,6 +1136,9 @@ def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32, 
     return x.mT if transposed else x
 
 
+CPU_BATCH_MAX_SIDE = 192
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then an orthogonalised update. Matrices of one shape are orthogonalised as
     one batch (one matmul per Newton-Schulz product instead of one per matrix); rank r takes
@@ -1160,12 +1163,13 @@ class Muon(torch.optim.Optimizer):
                 offsets.append(offsets[-1] + p.numel())
             flat = torch.zeros(offsets[-1], device=params[0].device, dtype=torch.float32)
             for mine in self.shape_batches(params):
-                updates = newton_schulz(torch.stack([directions[i] for i in mine]), group["backend_steps"],
-                                        self.ns_dtype).float()
+                # A lone matrix is not stacked: as a batch of one it would take the batched-matmul kernel.
+                batch = torch.stack([directions[i] for i in mine]) if len(mine) > 1 else directions[mine[0]]
+                updates = newton_schulz(batch, group["backend_steps"], self.ns_dtype).float().reshape(len(mine), -1)
                 rows, cols = params[mine[0]].shape[-2:]
                 updates *= max(1.0, rows / cols) ** 0.5
                 for i, update in zip(mine, updates):
-                    flat[offsets[i]:offsets[i + 1]] = update.reshape(-1)
+                    flat[offsets[i]:offsets[i + 1]] = update
             if self.world_size > 1:
                 dist.all_reduce(flat)
             updates = [flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype) for i, p in enumerate(params)]
@@ -1174,11 +1178,20 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(params, updates, alpha=-group["lr"])
 
     def shape_batches(self, params: list[Tensor]) -> list[list[int]]:
-        """This rank's share of each shape: indices r, r+W, ... of the matrices of that shape."""
+        """This rank's share of each shape: indices r, r+W, ... of the matrices of that shape, as one
+        batch, except on a CPU for matrices whose smaller side exceeds CPU_BATCH_MAX_SIDE: there a
+        batched matmul is slower than a loop of single ones (perf_notes.md 14)."""
         by_shape: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)
-        return [mine for same in by_shape.values() if (mine := same[self.rank::self.world_size])]
+        batches = []
+        for shape, same in by_shape.items():
+            mine = same[self.rank::self.world_size]
+            if params[same[0]].device.type == "cpu" and min(shape[-2:]) > CPU_BATCH_MAX_SIDE:
+                batches += [[i] for i in mine]
+            elif mine:
+                batches.append(mine)
+        return batches
 
     def nesterov_directions(self, params: list[Tensor], group: dict) -> list[Tensor]:
         """Every rank keeps every momentum buffer (gradients are identical after the all-reduce, so are

@@ -82,6 +82,12 @@ def test_muon_batches_same_shape_matrices_and_matches_one_at_a_time():
     assert [len(b) for b in opt.shape_batches(batched)] == [3, 2, 1, 1]
 
 
+def test_muon_runs_large_matrices_one_at_a_time_on_a_cpu():
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(192, 768)] * 3 + [(256, 512)] * 2]
+    opt = Muon(params, lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.0)
+    assert opt.shape_batches(params) == [[0, 1, 2], [3], [4]]
+
+
 def test_muon_shares_every_matrix_to_exactly_one_rank():
     params = [torch.zeros(shape) for shape in [(8, 8)] * 5 + [(4, 8)] * 2 + [(8, 4)]]
     owned = []
