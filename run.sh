@@ -36,7 +36,7 @@ export GRAD_ACCUM_STEPS="${GRAD_ACCUM_STEPS:-1}"
 # 4.5 minutes on 2 cores, inside the 5-minute goal (perf_notes.md 17).
 export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-220}"
 # torch.compile on the CPU needs a C++ compiler; it costs ~40 s once (in the untimed warm-up steps)
-# and buys ~1.35x the steps in the 180 s (perf_notes.md).
+# and buys ~1.35x the steps (perf_notes.md 1).
 if command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1; then
   export COMPILE="${COMPILE:-1}"
   export WARMUP_STEPS="${WARMUP_STEPS:-2}"

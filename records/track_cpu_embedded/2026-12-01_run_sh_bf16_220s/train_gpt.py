@@ -1,0 +1,2663 @@
+"""Parameter-golf trainer: one file, read top to bottom in the order a run happens.
+
+config -> distributed/device -> data -> model -> optimizers -> training -> checkpoints -> export -> evaluation -> main.
+Launch with `torchrun --standalone --nproc_per_node=N train_gpt.py` (or `python train_gpt.py`);
+every hyperparameter is an env var, `python train_gpt.py --help` lists them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import difflib
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import resource
+import signal
+import struct
+import sys
+import time
+import uuid
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+try:
+    import zstandard
+except ImportError:  # the export falls back to zlib and names it in the log
+    zstandard = None
+
+
+class InputError(Exception):
+    """Bad input from the user (env var, file, shard, artifact): one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: one typed, validated object built from env vars
+# ----------------------------------------------------------------------------------------------
+
+def var(default, help: str, lo=None, hi=None, choices=None):
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = var("", "a named starting configuration (see PRESETS); env vars override it",
+                      choices=("", "baseline", "recurrent", "some_a1", "some_a2", "some_a3", "some_b1", "some_b2",
+                               "some_c1", "some_c2"))
+    # data
+    data_path: str = var("./data/datasets/fineweb10B_sp1024", "folder holding *_train_*.bin and *_val_*.bin shards")
+    tokenizer_path: str = var("", "sentencepiece .model for the bits-per-byte tables "
+                              "(default: DATA_PATH/meta.json's tokenizer, else ./data/tokenizers/fineweb_1024_bpe.model)")
+    vocab_size: int = var(1024, "model vocabulary; every token id must be below it", lo=2, hi=65536)
+    run_id: str = var("", "names logs/<RUN_ID>.txt, .json and the artifact (default: a fresh id)")
+    seed: int = var(1337, "seed of the model init", lo=0, hi=2**63 - 1)
+    device: str = var("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
+    compile: str = var("auto", "torch.compile the model (auto: on CUDA only; on CPU it needs a C++ compiler and ~40 s)", choices=("auto", "0", "1"))
+    autocast: str = var("auto", "bf16 autocast of the model and bf16 Newton-Schulz (auto: on CUDA only; on a CPU "
+                        "with AMX or AVX-512 BF16 it pays, see perf_notes.md)", choices=("auto", "0", "1"))
+    log_dir: str = var("logs", "folder for the log, the summary JSON and the artifact")
+    # budget and batch
+    iterations: int = var(20000, "training steps at most", lo=1)
+    max_wallclock_seconds: float = var(600.0, "training time cap in seconds, excluding validation and warm-up (0 = none)", lo=0.0)
+    train_batch_tokens: int = var(524288, "tokens in one optimizer step over all ranks", lo=1)
+    train_seq_len: int = var(1024, "training sequence length", lo=1)
+    grad_accum_steps: int = var(0, "micro-batches a step per rank (0 = 8 // world size, batch rounded to fit)", lo=0)
+    val_loss_every: int = var(1000, "validate every N steps (0 = only at the end)", lo=0)
+    train_log_every: int = var(200, "log the train loss every N steps (and steps 1-10)", lo=1)
+    val_batch_size: int = var(524288, "tokens a validation forward covers over all ranks", lo=1)
+    doc_mode: bool = var(False, "each training and validation sequence is one document from its BOS, truncated "
+                                "or padded; padding is never scored")
+    epochs: int = var(0, "DOC_MODE: train this many passes over the documents (sets ITERATIONS; 0 = off)", lo=0)
+    train_subset_docs: int = var(0, "DOC_MODE: train on the first N documents only (0 = all)", lo=0)
+    warmup_steps: int = var(20, "untimed priming steps (compile, allocator); weights and optimizer state restored after", lo=0)
+    warmdown_iters: int = var(1200, "linear LR decay to zero over the last N steps of the budget (timed when capped)", lo=0)
+    lr_warmup_steps: int = var(0, "linear LR warm-up over the first N steps", lo=0)
+    # model
+    num_layers: int = var(9, "transformer blocks", lo=1)
+    model_dim: int = var(512, "residual width", lo=2)
+    num_heads: int = var(8, "attention heads", lo=1)
+    num_kv_heads: int = var(4, "key/value heads (grouped-query attention)", lo=1)
+    mlp_mult: float = var(2.0, "MLP hidden width as a multiple of MODEL_DIM", lo=0.0625)
+    tie_embeddings: bool = var(True, "share the input embedding and the output head")
+    logit_softcap: float = var(30.0, "logits -> c * tanh(logits / c)", lo=1e-3)
+    rope_base: float = var(10000.0, "RoPE base frequency", lo=1.0)
+    qk_gain_init: float = var(1.5, "initial per-head gain on the normalised queries", lo=0.0)
+    tied_embed_init_std: float = var(0.005, "std of the tied embedding at init", lo=0.0)
+    activation: str = var("relu2", "MLP activation: relu(x)^2, or leaky_relu(x, 0.5)^2",
+                          choices=("relu2", "leaky_relu2"))
+    # recurrence
+    num_repeats: int = var(1, "passes over the NUM_LAYERS shared blocks at full depth (default: DEPTH_SCHEDULE's last)",
+                           lo=1, hi=64)
+    depth_schedule: str = var("", "passes by fraction of the budget, e.g. 2@0,3@0.4,4@0.65 (empty: NUM_REPEATS throughout)")
+    xsa_last_n: int = var(0, "exclusive self-attention on the last N effective layers", lo=0)
+    num_value_embeds: int = var(0, "token tables added to the attention values of every layer with learned scales",
+                                lo=0, hi=16)
+    # mixture of experts
+    moe_num_experts: int = var(0, "experts per MoE layer (0 = a dense FFN everywhere)", lo=0)
+    moe_top_k: int = var(2, "experts each token is routed to", lo=1)
+    moe_d_ffn: int = var(0, "hidden width of one expert (0 = the dense FFN's width / MOE_TOP_K: the same active width)",
+                         lo=0)
+    moe_granularity: int = var(1, "G: every expert becomes G experts 1/G as wide and top-k grows G-fold (total and "
+                                  "active parameters unchanged)", lo=1)
+    moe_layers: str = var("all", "blocks with an MoE FFN: all, every2 (blocks 1, 3, 5, ...) or a list like 0,2,5")
+    moe_init: str = var("normal", "expert init: normal, orthogonal or sparse, each scaled to unit output variance",
+                        choices=("sparse", "normal", "orthogonal"))
+    moe_sparsity: float = var(0.9, "MOE_INIT=sparse: the fraction of zeros in each column of an expert matrix",
+                              lo=0.0, hi=0.999)
+    moe_frozen: bool = var(False, "experts fixed at their init, regenerated from (SEED, layer, expert): not trained, "
+                                  "not stored")
+    moe_aux_coef: float = var(0.0, "Switch load-balancing loss coefficient (0.01 is usual)", lo=0.0)
+    moe_zloss_coef: float = var(0.0, "router z-loss coefficient (0.001 is usual)", lo=0.0)
+    moe_bias_update: float = var(0.0, "auxiliary-loss-free balancing: per-expert routing biases move this much a step "
+                                      "against the observed load (0.001 is usual; 0 = off)", lo=0.0)
+    # optimizers
+    matrix_optimizer: str = var("muon", "optimizer of the matrices inside blocks: muon, or adam at MATRIX_LR",
+                                choices=("muon", "adam"))
+    matrix_lr: float = var(0.04, "Muon learning rate for the matrices inside blocks", lo=0.0)
+    scalar_lr: float = var(0.04, "Adam learning rate for vectors and scalars", lo=0.0)
+    tied_embed_lr: float = var(0.05, "Adam learning rate for the tied embedding", lo=0.0)
+    embed_lr: float = var(0.6, "Adam learning rate for the untied input embedding", lo=0.0)
+    head_lr: float = var(0.008, "Adam learning rate for the untied output head", lo=0.0)
+    muon_momentum: float = var(0.95, "Muon momentum after warm-up", lo=0.0, hi=0.9999)
+    muon_momentum_warmup_start: float = var(0.85, "Muon momentum at step 0", lo=0.0, hi=0.9999)
+    muon_momentum_warmup_steps: int = var(500, "steps to go from the start momentum to MUON_MOMENTUM", lo=0)
+    muon_backend_steps: int = var(5, "Newton-Schulz iterations", lo=1, hi=20)
+    muon_wd: float = var(0.0, "decoupled weight decay of Muon matrices (p -= lr * wd * p)", lo=0.0)
+    beta1: float = var(0.9, "Adam beta1", lo=0.0, hi=0.9999)
+    beta2: float = var(0.95, "Adam beta2", lo=0.0, hi=0.99999)
+    adam_eps: float = var(1e-8, "Adam epsilon", lo=0.0)
+    grad_clip_norm: float = var(0.0, "clip the global gradient norm (0 = off)", lo=0.0)
+    # weight averaging
+    swa_enabled: bool = var(False, "export and evaluate a float32 average of weight snapshots from the end of training")
+    swa_start_frac: float = var(0.4, "collect snapshots once this fraction of the budget is used", lo=0.0, hi=1.0)
+    swa_every: int = var(50, "a snapshot every N steps (the final weights are always one)", lo=1)
+    ema_decay: float = var(0.0, "instead of SWA: a float32 exponential average of the weights, updated every step "
+                                "at full depth (0 = off)", lo=0.0, hi=0.99999)
+    # evaluation (the final methods run on the model rebuilt from the artifact)
+    eval_seq_len: int = var(0, "window length of the sliding, Hedge and TTT evaluations (0 = TRAIN_SEQ_LEN)", lo=0)
+    eval_stride: int = var(0, "sliding evaluation: windows advance by N tokens and score only those (0 = off); "
+                              "Hedge and TTT use these windows too", lo=0)
+    hedge_enabled: bool = var(False, "Hedge evaluation: an online mixture of the model, n-gram counts of scored "
+                                     "tokens and a tempered model")
+    hedge_eta: float = var(0.1, "Hedge learning rate: log weight -= eta * an expert's mean loss in nats", lo=0.0)
+    hedge_prior: float = var(8.0, "weight of the neural distribution in each n-gram expert, in counts", lo=1e-6)
+    hedge_chunk_tokens: int = var(512, "Hedge weights and counts take in the scored tokens every N targets", lo=1)
+    hedge_table_entries: int = var(1 << 24, "count cells (rows x vocab) of each n-gram expert; more contexts "
+                                             "than rows are hashed", lo=1)
+    ttt_steps: int = var(0, "score-first test-time training: SGD steps on each chunk once it is scored (0 = off)", lo=0)
+    ttt_lr: float = var(0.005, "TTT learning rate, cosine-decayed over the chunks", lo=0.0)
+    ttt_momentum: float = var(0.9, "TTT SGD momentum", lo=0.0, hi=0.9999)
+    ttt_chunk_tokens: int = var(32768, "TTT scores, then trains on, this many targets at a time", lo=1)
+    eval_audit: bool = var(False, "audit every evaluation: distributions sum to 1, no score sees a later token; "
+                                  "a method that fails is not scored")
+    eval_audit_tokens: int = var(16384, "the audit checks the methods on this prefix of the validation stream", lo=2)
+    per_token_loss_every: int = var(0, "save every validation target's loss (float16) every N steps and at the end "
+                                       "to LOG_DIR/<RUN_ID>_per_token/ (0 = off)", lo=0)
+    # export
+    artifact_limit_bytes: int = var(16_000_000, "code + compressed model must fit in this", lo=1)
+    quant: str = var("int8", "artifact precision per tensor group: int8, int6, mixed (see README), or auto: the "
+                             "most precise that fits ARTIFACT_LIMIT_BYTES", choices=("int8", "int6", "mixed", "auto"))
+    # faults
+    checkpoint_every_seconds: float = var(0.0, "checkpoint every N seconds of training time (0 = off)", lo=0.0)
+    checkpoint_every_steps: int = var(0, "checkpoint every N steps (0 = off)", lo=0)
+    resume_from: str = var("", "checkpoint file to continue from, or 'auto' for the newest of this RUN_ID")
+    fault_at_step: int = var(0, "test hook: the process kills itself (SIGKILL) on reaching this step (0 = off)", lo=0)
+    fault_rank: int = var(-1, "with FAULT_AT_STEP, only this rank dies (-1 = every rank)", lo=-1)
+    dist_timeout_seconds: float = var(600.0, "a collective waiting longer than this means another rank died", lo=1.0)
+    dry_run: bool = var(False, "print the config and the parameter accounting (the model on the meta device: "
+                               "nothing allocated, no data read) and exit")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def depth_phases(self) -> list[tuple[int, float]]:
+        """(repeats, starting fraction of the budget) of each phase; one phase at full depth without a schedule."""
+        return parse_depth_schedule(self.depth_schedule) if self.depth_schedule else [(self.num_repeats, 0.0)]
+
+
+CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config)}
+
+def some_preset(dim: int, heads: int, layers: int, experts: int, d_ffn: int, seq: int, batch_seqs: int) -> dict:
+    """A run of the SoME study: frozen sparse experts, only router, attention and embeddings trained,
+    AdamW-like optimisation of everything at 8e-4, 4 epochs over 20,000 documents."""
+    lr = "0.0008"
+    return {"MODEL_DIM": str(dim), "NUM_HEADS": str(heads), "NUM_KV_HEADS": str(heads), "NUM_LAYERS": str(layers),
+            "MOE_NUM_EXPERTS": str(experts), "MOE_D_FFN": str(d_ffn), "MOE_TOP_K": "4", "MOE_INIT": "sparse",
+            "MOE_FROZEN": "1", "VOCAB_SIZE": "8192", "TIE_EMBEDDINGS": "0", "TRAIN_SEQ_LEN": str(seq),
+            "TRAIN_BATCH_TOKENS": str(seq * batch_seqs), "DOC_MODE": "1", "EPOCHS": "4", "TRAIN_SUBSET_DOCS": "20000",
+            "MAX_WALLCLOCK_SECONDS": "0", "MATRIX_OPTIMIZER": "adam", "MATRIX_LR": lr, "SCALAR_LR": lr,
+            "EMBED_LR": lr, "HEAD_LR": lr, "WARMDOWN_ITERS": "0", "VAL_LOSS_EVERY": "0"}
+
+
+PRESETS = {
+    # The challenge's naive baseline: the defaults themselves.
+    "baseline": {},
+    # Progressive-depth recurrence: 3 shared blocks applied up to 4 times (12 effective layers).
+    "recurrent": {"NUM_LAYERS": "3", "MODEL_DIM": "832", "NUM_HEADS": "8", "NUM_KV_HEADS": "4", "MLP_MULT": "2",
+                  "NUM_VALUE_EMBEDS": "2", "XSA_LAST_N": "4", "ACTIVATION": "leaky_relu2",
+                  "DEPTH_SCHEDULE": "2@0,3@0.4,4@0.65", "SWA_ENABLED": "1", "SWA_START_FRAC": "0.4",
+                  "SWA_EVERY": "50", "MUON_WD": "0.04", "GRAD_CLIP_NORM": "0.3", "MATRIX_LR": "0.015",
+                  "SCALAR_LR": "0.015", "TIED_EMBED_LR": "0.018"},
+    # The SoME study's seven runs.
+    "some_a1": some_preset(384, 6, 6, 64, 1024, 512, 128),
+    "some_a2": some_preset(384, 6, 6, 64, 1024, 768, 42),
+    "some_a3": some_preset(384, 6, 6, 64, 1024, 1024, 31),
+    "some_b1": some_preset(384, 8, 8, 128, 1536, 512, 128),
+    "some_b2": some_preset(384, 8, 10, 128, 1536, 512, 128),
+    "some_c1": some_preset(512, 8, 8, 128, 1536, 512, 128),
+    "some_c2": some_preset(768, 8, 8, 128, 1536, 512, 128),
+}
+
+# Set by torchrun, CUDA or the shell; never a typo of ours.
+FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+               "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PATH", "HOME"}
+
+
+class ConfigError(InputError):
+    pass
+
+
+def parse_value(name: str, raw: str, f: dataclasses.Field):
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    meta = f.metadata
+    if kind is bool:
+        low = raw.strip().lower()
+        if low not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
+        return low in ("1", "true", "yes", "on")
+    try:
+        value = kind(raw.strip()) if kind is not int else int(raw.strip(), 10)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r}: expected a finite number")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(meta['choices'])}")
+    if meta["lo"] is not None and value < meta["lo"]:
+        raise ConfigError(f"{name}={raw!r}: must be >= {meta['lo']}")
+    if meta["hi"] is not None and value > meta["hi"]:
+        raise ConfigError(f"{name}={raw!r}: must be <= {meta['hi']}")
+    return value
+
+
+def resolve_batch(values: dict, world_size: int) -> list[str]:
+    """Fill in GRAD_ACCUM_STEPS and make the global batch split evenly; returns notes for the log.
+
+    An explicit GRAD_ACCUM_STEPS must divide the batch exactly. The default (8 // world size, so 1, 2, 4
+    and 8 GPUs see the same global batch) rounds the batch to the nearest size that splits evenly."""
+    batch, seq = values["train_batch_tokens"], values["train_seq_len"]
+    if batch < seq:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be at least TRAIN_SEQ_LEN={seq}")
+    if values["grad_accum_steps"] > 0:
+        unit = world_size * values["grad_accum_steps"] * seq
+        if batch % unit:
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be divisible by world_size*GRAD_ACCUM_STEPS*"
+                              f"TRAIN_SEQ_LEN = {world_size}*{values['grad_accum_steps']}*{seq} = {unit}")
+        return []
+    accum = max(1, min(8 // world_size, batch // (world_size * seq)))
+    sequences = batch // seq
+    if batch % seq == 0 and sequences % world_size == 0:
+        # The global batch splits over the ranks: accumulate in as many micro-batches as divide it.
+        accum = max(a for a in range(1, accum + 1) if (sequences // world_size) % a == 0)
+    values["grad_accum_steps"] = accum
+    unit = world_size * accum * seq
+    if batch % unit == 0:
+        return []
+    values["train_batch_tokens"] = max(1, round(batch / unit)) * unit
+    return [f"train_batch_tokens rounded from {batch} to {values['train_batch_tokens']} so that it splits "
+            f"evenly over world_size:{world_size} x grad_accum_steps:{accum} x train_seq_len:{seq}"]
+
+
+def parse_depth_schedule(text: str) -> list[tuple[int, float]]:
+    """'2@0,3@0.4' -> [(2, 0.0), (3, 0.4)]: passes from each fraction of the budget on."""
+    phases = []
+    for item in text.split(","):
+        repeats, sep, frac = item.strip().partition("@")
+        try:
+            phases.append((int(repeats), float(frac)))
+        except ValueError:
+            raise ConfigError(f"DEPTH_SCHEDULE={text!r}: expected REPEATS@FRACTION items, e.g. 2@0,3@0.4") from None
+        if not sep or phases[-1][0] < 1 or not 0 <= phases[-1][1] < 1:
+            raise ConfigError(f"DEPTH_SCHEDULE={text!r}: each item is REPEATS@FRACTION, repeats >= 1, 0 <= fraction < 1")
+    fracs = [f for _, f in phases]
+    if fracs[0] != 0 or any(b <= a for a, b in zip(fracs, fracs[1:])):
+        raise ConfigError(f"DEPTH_SCHEDULE={text!r}: fractions must start at 0 and increase")
+    return phases
+
+
+def resolve_depth(values: dict, environ):
+    """NUM_REPEATS is the full depth: the schedule's last phase, which every phase must not exceed."""
+    if not values["depth_schedule"]:
+        return
+    phases = parse_depth_schedule(values["depth_schedule"])
+    final = phases[-1][0]
+    if "NUM_REPEATS" in environ and values["num_repeats"] != final:
+        raise ConfigError(f"NUM_REPEATS={values['num_repeats']}: must equal the last phase of "
+                          f"DEPTH_SCHEDULE={values['depth_schedule']!r} ({final})")
+    if max(r for r, _ in phases) > final:
+        raise ConfigError(f"DEPTH_SCHEDULE={values['depth_schedule']!r}: the last phase must be the deepest")
+    values["num_repeats"] = final
+
+
+def check_doc_mode(values: dict, environ):
+    if not values["doc_mode"]:
+        for name in ("epochs", "train_subset_docs"):
+            if values[name]:
+                raise ConfigError(f"{name.upper()}={values[name]}: needs DOC_MODE=1")
+        return
+    if values["epochs"] and "ITERATIONS" in environ:
+        raise ConfigError(f"ITERATIONS={environ['ITERATIONS']}: set EPOCHS or ITERATIONS, not both")
+    for name in ("eval_stride", "hedge_enabled", "ttt_steps"):
+        if values[name]:
+            raise ConfigError(f"{name.upper()}={values[name]}: the stream evaluations do not apply in DOC_MODE, "
+                              f"where every sequence is one document; unset it")
+
+
+def check_moe(values: dict):
+    if not values["moe_num_experts"]:
+        return
+    if values["moe_top_k"] > values["moe_num_experts"]:
+        raise ConfigError(f"MOE_TOP_K={values['moe_top_k']}: must not exceed MOE_NUM_EXPERTS={values['moe_num_experts']}")
+    hidden = max(1, round(values["mlp_mult"] * values["model_dim"]))
+    d_ffn = values["moe_d_ffn"] or max(1, round(hidden / values["moe_top_k"]))
+    if d_ffn % values["moe_granularity"]:
+        raise ConfigError(f"MOE_GRANULARITY={values['moe_granularity']}: must divide the expert width {d_ffn}")
+    parse_moe_layers(values["moe_layers"], values["num_layers"])
+
+
+def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
+    """Config from env vars; returns it with notes (typo warnings, rounding) for the log."""
+    preset = parse_value("PRESET", environ["PRESET"], CONFIG_FIELDS["PRESET"]) if "PRESET" in environ else ""
+    typos = typo_warnings(environ)
+    environ = {**PRESETS.get(preset, {}), **environ}
+    values = {}
+    for name, f in CONFIG_FIELDS.items():
+        values[f.name] = parse_value(name, environ[name], f) if name in environ else f.default
+    notes = typos
+    if values["model_dim"] % values["num_heads"]:
+        raise ConfigError(f"NUM_HEADS={values['num_heads']}: must divide MODEL_DIM={values['model_dim']}")
+    if values["num_heads"] % values["num_kv_heads"]:
+        raise ConfigError(f"NUM_KV_HEADS={values['num_kv_heads']}: must divide NUM_HEADS={values['num_heads']}")
+    if (values["model_dim"] // values["num_heads"]) % 2:
+        raise ConfigError(f"MODEL_DIM={values['model_dim']}: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
+    resolve_depth(values, environ)
+    check_moe(values)
+    check_doc_mode(values, environ)
+    window = values["eval_seq_len"] or values["train_seq_len"]
+    if values["eval_stride"] > window:
+        raise ConfigError(f"EVAL_STRIDE={values['eval_stride']}: must not exceed the eval window "
+                          f"(EVAL_SEQ_LEN or TRAIN_SEQ_LEN = {window})")
+    if values["swa_enabled"] and values["ema_decay"] > 0:
+        raise ConfigError(f"EMA_DECAY={values['ema_decay']}: choose SWA_ENABLED=1 or EMA_DECAY, not both")
+    notes += resolve_batch(values, world_size)
+    if not values["run_id"]:
+        # torchrun gives every rank the same TORCHELASTIC_RUN_ID, so all ranks agree on the name.
+        values["run_id"] = os.environ.get("TORCHELASTIC_RUN_ID", "") or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
+    if any(c in values["run_id"] for c in "/\\") or values["run_id"] in (".", ".."):
+        raise ConfigError(f"RUN_ID={values['run_id']!r}: must be a plain file name")
+    return Config(**values), notes
+
+
+def typo_warnings(environ) -> list[str]:
+    known = list(CONFIG_FIELDS)
+    notes = []
+    for name in sorted(environ):
+        if name in CONFIG_FIELDS or name in FOREIGN_ENV or not name.replace("_", "").isupper():
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        if close:
+            notes.append(f"warning: env var {name} is not a setting of train_gpt.py; did you mean {close[0]}?")
+    return notes
+
+
+def config_help() -> str:
+    lines = ["train_gpt.py settings (env vars):"]
+    for name, f in CONFIG_FIELDS.items():
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        lines.append(f"  {name:<28} {kind:<5} default {f.default!r:<38} {f.metadata['help']}")
+    for name, settings in PRESETS.items():
+        lines.append(f"PRESET={name}: " + (" ".join(f"{k}={v}" for k, v in settings.items()) or "the defaults"))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed + device
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    compile: bool
+    bf16: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        # Off by default on CPU: without native bf16 (AMX, AVX-512 BF16) it is slower, and tests want float32 figures.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def sync(self):
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def all_reduce(self, tensor: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("DEVICE='cuda': no CUDA device is available")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if want == "cuda" else "gloo", device_id=device if want == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_seconds))
+    use_compile = cfg.compile == "1" or (cfg.compile == "auto" and want == "cuda")
+    use_bf16 = cfg.autocast == "1" or (cfg.autocast == "auto" and want == "cuda")
+    return Runtime(rank, world, local_rank, device, use_compile, use_bf16)
+
+
+class Logger:
+    """Writes the log file and the console on rank 0 only."""
+
+    def __init__(self, path: Path | None):
+        self.file = None
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(path, "a", encoding="utf-8")
+            except OSError as e:
+                raise InputError(f"cannot write the log {path}: {e.strerror}") from None
+
+    def __call__(self, msg: str, console: bool = True):
+        if self.file is None:
+            return
+        if console:
+            print(msg, flush=True)
+        self.file.write(msg + "\n")
+        self.file.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: shards, the training token stream, validation tokens, bits-per-byte tables
+# ----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Memory-maps one shard after checking its header against the file size."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(SHARD_HEADER_BYTES)
+    except OSError as e:
+        raise InputError(f"shard {path}: cannot read ({e.strerror})") from None
+    if len(head) < SHARD_HEADER_BYTES:
+        raise InputError(f"shard {path}: truncated header ({size} bytes, need {SHARD_HEADER_BYTES})")
+    header = np.frombuffer(head, dtype="<i4")
+    if header[0] != SHARD_MAGIC:
+        raise InputError(f"shard {path}: wrong magic {header[0]} (expected {SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        raise InputError(f"shard {path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
+    count = int(header[2])
+    if count < 0 or size != SHARD_HEADER_BYTES + 2 * count:
+        raise InputError(f"shard {path}: header declares {count} tokens ({SHARD_HEADER_BYTES + 2 * count} bytes) "
+                         f"but the file has {size} bytes")
+    if count == 0:
+        return np.zeros(0, dtype="<u2")
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int):
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        where = offset + int(np.argmax(tokens >= vocab_size))
+        raise InputError(f"shard {path}: token id {int(tokens[where - offset])} at position {where} "
+                         f">= VOCAB_SIZE={vocab_size}")
+
+
+def find_shards(data_path: str, split: str) -> list[Path]:
+    files = sorted(Path(p) for p in glob.glob(os.path.join(glob.escape(data_path), f"*_{split}_*.bin")))
+    if not files:
+        raise InputError(f"no *_{split}_*.bin shards in DATA_PATH={data_path}: make some with "
+                         f"`python data/prepare.py` or `python data/synthetic.py`, or download the challenge's "
+                         f"with `python data/fineweb.py --variant sp1024`")
+    return files
+
+
+class TokenStream:
+    """The training shards as one endless token stream (it wraps around).
+
+    Step s uses the global batch of sequences starting at s * TRAIN_BATCH_TOKENS; sequence j is
+    tokens [start + j*seq, start + (j+1)*seq + 1). Each (rank, micro-step) reads a contiguous run of
+    them, so a step sees the same tokens whatever the split between ranks and accumulation, and the
+    position of the stream is a function of the step alone."""
+
+    def __init__(self, files: list[Path], vocab_size: int):
+        self.files = files
+        self.shards = [read_shard(f) for f in files]
+        self.vocab_size = vocab_size
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.total = int(self.starts[-1])
+        if self.total < 2:
+            raise InputError(f"training shards hold {self.total} tokens; need at least 2")
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        out = np.empty(length, dtype=np.int64)
+        filled, pos = 0, start % self.total
+        while filled < length:
+            i = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            offset = pos - int(self.starts[i])
+            piece = self.shards[i][offset:offset + length - filled]
+            check_token_ids(piece, self.vocab_size, self.files[i], offset)
+            out[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            pos = (pos + len(piece)) % self.total
+        return out
+
+    def micro_batch(self, cfg: Config, rt: Runtime, step: int, micro: int) -> tuple[Tensor, Tensor]:
+        seqs = cfg.train_batch_tokens // (cfg.train_seq_len * rt.world_size * cfg.grad_accum_steps)
+        first_seq = (micro * rt.world_size + rt.rank) * seqs
+        start = step * cfg.train_batch_tokens + first_seq * cfg.train_seq_len
+        buf = torch.from_numpy(self.read(start, seqs * cfg.train_seq_len + 1))
+        if rt.is_cuda:
+            buf = buf.pin_memory().to(rt.device, non_blocking=True)
+        return buf[:-1].view(seqs, cfg.train_seq_len), buf[1:].view(seqs, cfg.train_seq_len)
+
+
+def document_bounds(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
+    """(start, end) of each document: it starts at a BOS and its targets run to the next BOS, which
+    it predicts (the end of the document); text before the first BOS is no document."""
+    starts = np.flatnonzero(np.asarray(tokens) == bos_id)
+    ends = np.append(starts[1:], len(tokens) - 1)
+    return [(int(a), int(b)) for a, b in zip(starts, ends) if b > a]
+
+
+class DocStream:
+    """DOC_MODE's training data: each sequence is one document from its BOS, truncated to
+    TRAIN_SEQ_LEN targets or padded (pad targets are -100, which the loss skips). An epoch visits
+    the first TRAIN_SUBSET_DOCS documents once in an order drawn from (SEED, epoch); the batch of
+    step s is a function of s alone, as for TokenStream."""
+
+    def __init__(self, files: list[Path], cfg: Config, bos_id: int):
+        self.tokens = np.concatenate([np.asarray(read_shard(f)) for f in files])
+        check_token_ids(self.tokens, cfg.vocab_size, files[0] if len(files) == 1 else "the training shards", 0)
+        docs = document_bounds(self.tokens, bos_id)
+        if cfg.train_subset_docs:
+            docs = docs[:cfg.train_subset_docs]
+        if not docs:
+            raise InputError(f"DOC_MODE: no documents (BOS id {bos_id}) in the training shards")
+        self.docs, self.seed = docs, cfg.seed
+        self.total = len(self.tokens)
+        self.docs_per_step = cfg.train_batch_tokens // cfg.train_seq_len
+        self.steps_per_epoch = math.ceil(len(docs) / self.docs_per_step)
+
+    def step_docs(self, step: int) -> list[int]:
+        """The documents of a step; an epoch's last batch is filled up from the start of its order."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.docs), generator=torch.Generator().manual_seed(self.seed * 1009 + epoch))
+        picks = order[index * self.docs_per_step:(index + 1) * self.docs_per_step].tolist()
+        return picks + order[:self.docs_per_step - len(picks)].tolist()
+
+    def micro_batch(self, cfg: Config, rt: Runtime, step: int, micro: int) -> tuple[Tensor, Tensor]:
+        per = self.docs_per_step // (rt.world_size * cfg.grad_accum_steps)
+        first = (micro * rt.world_size + rt.rank) * per
+        x = torch.zeros(per, cfg.train_seq_len, dtype=torch.long)
+        y = torch.full((per, cfg.train_seq_len), -100, dtype=torch.long)
+        for row, doc in enumerate(self.step_docs(step)[first:first + per]):
+            start, end = self.docs[doc]
+            n = min(end - start, cfg.train_seq_len)
+            piece = torch.from_numpy(self.tokens[start:start + n + 1].astype(np.int64))
+            x[row, :n], y[row, :n] = piece[:-1], piece[1:]
+        return x.to(rt.device), y.to(rt.device)
+
+
+def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> Tensor:
+    """All validation tokens, trimmed as the challenge does to whole sequences plus one target."""
+    parts = []
+    for f in files:
+        tokens = read_shard(f)
+        check_token_ids(tokens, vocab_size, f, 0)
+        parts.append(np.asarray(tokens))
+    tokens = np.concatenate(parts)
+    usable = (len(tokens) - 1) // seq_len * seq_len
+    if usable <= 0:
+        raise InputError(f"validation shards hold {len(tokens)} tokens; need more than TRAIN_SEQ_LEN={seq_len}")
+    return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+
+
+def resolve_tokenizer_path(cfg: Config) -> Path:
+    if cfg.tokenizer_path:
+        return Path(cfg.tokenizer_path)
+    meta = Path(cfg.data_path) / "meta.json"
+    if meta.is_file():
+        try:
+            named = json.loads(meta.read_text()).get("tokenizer")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise InputError(f"{meta}: not valid JSON") from None
+        if named:
+            return Path(named)
+    return Path("./data/tokenizers/fineweb_1024_bpe.model")
+
+
+def load_tokenizer(path: Path, vocab_size: int):
+    import sentencepiece as spm
+
+    if not path.is_file():
+        raise InputError(f"tokenizer {path} not found: set TOKENIZER_PATH to the sentencepiece .model of the data")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError):
+        raise InputError(f"tokenizer {path}: not a sentencepiece model") from None
+    if sp.vocab_size() > vocab_size:
+        raise InputError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+                         f"set VOCAB_SIZE to at least {sp.vocab_size()}")
+    if sp.PieceToId("\u2581") == sp.unk_id():
+        raise InputError(f"tokenizer {path} has no standalone '\u2581' piece: spaces would be counted as "
+                         f"byte-fallback bytes and bits per byte would be wrong")
+    return sp
+
+
+@dataclass
+class ByteTables:
+    """Per token id: UTF-8 bytes of its text, whether it starts with a word's space, whether it is a
+    boundary (control/unknown/unused) token. Sized max(tokenizer vocab, model vocab)."""
+
+    base_bytes: Tensor
+    has_leading_space: Tensor
+    is_boundary: Tensor
+
+    def count(self, prev: Tensor, target: Tensor) -> Tensor:
+        """Bytes credited to each target: a leading space counts unless the previous token is a boundary."""
+        space = self.has_leading_space[target] & ~self.is_boundary[prev]
+        return self.base_bytes[target] + space.to(self.base_bytes.dtype)
+
+    def to(self, device) -> "ByteTables":
+        return ByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+
+
+def build_byte_tables(sp, vocab_size: int) -> ByteTables:
+    size = max(sp.vocab_size(), vocab_size)
+    base = torch.zeros(size, dtype=torch.int32)
+    space = torch.zeros(size, dtype=torch.bool)
+    boundary = torch.ones(size, dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i):
+            continue
+        boundary[i] = False
+        if sp.IsByte(i):
+            base[i] = 1
+            continue
+        piece = sp.IdToPiece(i)
+        if piece.startswith("\u2581"):
+            space[i] = True
+            piece = piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteTables(base, space, boundary)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: GPT with an application plan over physical blocks
+# ----------------------------------------------------------------------------------------------
+
+MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                "tie_embeddings", "logit_softcap", "rope_base", "qk_gain_init", "tied_embed_init_std",
+                "num_repeats", "xsa_last_n", "activation", "num_value_embeds", "moe_num_experts", "moe_top_k",
+                "moe_d_ffn", "moe_granularity", "moe_layers", "moe_init", "moe_frozen", "moe_sparsity", "seed")
+
+
+def model_kwargs(cfg: Config) -> dict:
+    return {name: getattr(cfg, name) for name in MODEL_FIELDS}
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim),
+                             persistent=False)
+
+    def forward(self, seq_len: int, device) -> tuple[Tensor, Tensor]:
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))
+        return freqs.cos()[None, None], freqs.sin()[None, None]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        kv_dim = num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(dim, dim, bias=False)
+        self.c_k = nn.Linear(dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(dim, kv_dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        nn.init.zeros_(self.proj.weight)  # each block starts as the identity on the residual stream
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
+        self.rotary = Rotary(self.head_dim, rope_base)
+
+    def forward(self, x: Tensor, value_embed: Tensor | None = None, exclusive: bool = False) -> Tensor:
+        b, t, d = x.shape
+        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x)
+        if value_embed is not None:
+            v = v + value_embed
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(t, x.device)
+        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = apply_rotary(rms_norm(k), cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        if exclusive:
+            y = exclude_own_value(y, v)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along the position's own value vector.
+
+    y is (B, H, T, D), v is (B, Hkv, T, D); heads of one KV group share their value vector, so y is
+    viewed per group and v broadcast over it instead of repeating v."""
+    b, h, t, d = y.shape
+    groups = v.size(1)
+    unit = F.normalize(v, dim=-1).unsqueeze(2)
+    y = y.view(b, groups, h // groups, t, d)
+    return (y - (y * unit).sum(-1, keepdim=True) * unit).view(b, h, t, d)
+
+
+ACTIVATIONS = {
+    "relu2": lambda x: F.relu(x).square(),
+    "leaky_relu2": lambda x: F.leaky_relu(x, 0.5).square(),
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, activation: str):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
+        self.activation = ACTIVATIONS[activation]
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.activation(self.fc(x)))
+
+
+# Mixture-of-experts FFN: token-choice top-k over many small experts, optionally frozen -------
+
+# E[act(z)^2 ... ] for z ~ N(0, 1): the second moment of each activation, used to give a random
+# expert an output of unit variance: relu(z)^4 has mean 3/2; leaky_relu(z, 0.5)^4 has 3/2 + 3/32.
+ACTIVATION_SECOND_MOMENT = {"relu2": 1.5, "leaky_relu2": 1.5 + 3 / 32}
+
+
+def expert_seed(seed: int, layer: int, expert: int) -> int:
+    """A generator seed per (SEED, layer, expert): any expert can be regenerated alone, anywhere."""
+    digest = hashlib.sha256(f"moe-expert:{seed}:{layer}:{expert}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def random_matrix(rows: int, cols: int, init: str, sparsity: float, gain: float, gen: torch.Generator) -> Tensor:
+    """A (rows, cols) matrix applied as x @ W (fan_in = rows) whose outputs have variance gain² for
+    inputs of unit variance, whatever the scheme. sparse: in every column a `sparsity` fraction of
+    the entries is zero and the rest are N(0, gain² / (density * rows))."""
+    if init == "orthogonal":
+        w = torch.empty(rows, cols)
+        nn.init.orthogonal_(w, generator=gen)
+        return w * gain * math.sqrt(cols / min(rows, cols))
+    if init == "normal":
+        return torch.randn(rows, cols, generator=gen) * gain / math.sqrt(rows)
+    zeros = min(rows - 1, math.ceil(sparsity * rows))
+    w = torch.randn(rows, cols, generator=gen) * gain / math.sqrt((rows - zeros) * 1.0)
+    dropped = torch.rand(rows, cols, generator=gen).topk(zeros, dim=0).indices
+    return w.scatter_(0, dropped, 0.0)
+
+
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
+    """rows (sorted by expert, expert e owning rows offsets[e-1]:offsets[e]) @ weight[e].
+
+    torch's grouped matmul does this in one call; it needs 16-byte aligned strides, so other
+    shapes (and torch builds without it) take a padded batched matmul instead."""
+    k, n = weight.shape[1:]
+    aligned = all((d * rows.element_size()) % 16 == 0 for d in (k, n))
+    if GROUPED_MM is not None and aligned and grouped_mm_takes(rows):
+        return GROUPED_MM(rows, weight.to(rows.dtype), offs=offsets)
+    return padded_expert_matmul(rows, weight.to(rows.dtype), offsets, experts_of_rows)
+
+
+def grouped_mm_takes(rows: Tensor) -> bool:
+    """torch's grouped matmul takes bf16 everywhere but float32 only when run eagerly on the CPU:
+    under torch.compile its shape check demands bf16, as CUDA's kernel does."""
+    if rows.dtype == torch.bfloat16:
+        return True
+    return rows.dtype == torch.float32 and rows.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def padded_expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    capacity = int(counts.max()) if len(rows) else 0
+    slot = torch.arange(len(rows), device=rows.device) - (offsets - counts).long()[experts_of_rows]
+    padded = rows.new_zeros(weight.size(0), capacity, weight.size(1))
+    padded[experts_of_rows, slot] = rows
+    return torch.bmm(padded, weight)[experts_of_rows, slot]
+
+
+class MoE(nn.Module):
+    """Token-choice top-k routing over `num_experts` two-matrix FFNs with biases.
+
+    The router runs in float32; gates are the softmax of the chosen experts' logits. Slots are
+    sorted by expert and run as grouped matmuls. `route_bias` (auxiliary-loss-free balancing)
+    shifts only the choice of experts, never the gates. Frozen experts are buffers left out of the
+    state dict: regenerated from (seed, layer, expert) wherever the model is built."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, d_ffn: int, activation: str, init: str,
+                 frozen: bool, sparsity: float, seed: int, layer: int):
+        super().__init__()
+        self.num_experts, self.top_k, self.frozen = num_experts, top_k, frozen
+        self.init, self.sparsity, self.seed, self.layer = init, sparsity, seed, layer
+        self.activation_name, self.activation = activation, ACTIVATIONS[activation]
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        nn.init.normal_(self.router.weight, std=math.sqrt(0.1 / dim))  # Switch's scale-0.1 router init
+        for name, shape in (("w1", (num_experts, dim, d_ffn)), ("b1", (num_experts, d_ffn)),
+                            ("w2", (num_experts, d_ffn, dim)), ("b2", (num_experts, dim))):
+            if frozen:
+                self.register_buffer(name, torch.empty(shape), persistent=False)
+            else:
+                setattr(self, name, nn.Parameter(torch.empty(shape)))
+        self.register_buffer("route_bias", torch.zeros(num_experts))
+        # Slots routed to each expert since last read: [training, evaluation]; and in this step.
+        self.register_buffer("load", torch.zeros(2, num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("step_load", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        self.draw_experts()
+
+    @torch.no_grad()
+    def draw_experts(self):
+        if self.w1.is_meta:
+            return  # a dry run counts parameters and allocates nothing
+        dim, d_ffn = self.w1.shape[1:]
+        out_gain = 1 / math.sqrt(ACTIVATION_SECOND_MOMENT[self.activation_name])
+        for e in range(self.num_experts):
+            gen = torch.Generator().manual_seed(expert_seed(self.seed, self.layer, e))
+            self.w1[e] = random_matrix(dim, d_ffn, self.init, self.sparsity, 1.0, gen)
+            self.w2[e] = random_matrix(d_ffn, dim, self.init, self.sparsity, out_gain, gen)
+            # Biases as nn.Linear draws them: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+            self.b1[e] = (torch.rand(d_ffn, generator=gen) * 2 - 1) / math.sqrt(dim)
+            self.b2[e] = (torch.rand(dim, generator=gen) * 2 - 1) / math.sqrt(d_ffn)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())
+        choice = (logits + self.route_bias).topk(self.top_k, dim=-1).indices  # (T, k)
+        gates = torch.softmax(logits.gather(-1, choice), dim=-1)
+        experts = choice.flatten()
+        order = torch.argsort(experts, stable=True)
+        # Not bincount: its output's length depends on the data, which breaks the compiled graph.
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
+            0, experts, torch.ones_like(experts))
+        offsets = counts.cumsum(0).to(torch.int32)
+        sorted_experts = experts[order]
+        token = order // self.top_k
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        rows = x[token].to(dtype)
+        h = expert_matmul(rows, self.w1, offsets, sorted_experts) + self.b1[sorted_experts].to(rows.dtype)
+        h = self.activation(h)
+        y = expert_matmul(h, self.w2, offsets, sorted_experts) + self.b2[sorted_experts].to(h.dtype)
+        y = y * gates.flatten()[order, None].to(y.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        with torch.no_grad():
+            self.load[0 if self.training else 1] += counts
+            if self.training:
+                self.step_load += counts
+        return out.view(shape), self.balancing_loss(logits, counts)
+
+    def balancing_loss(self, logits: Tensor, counts: Tensor) -> Tensor:
+        """Switch's load-balancing loss E * sum_i f_i P_i (1 when balanced) and the router z-loss,
+        unweighted; the model applies MOE_AUX_COEF and MOE_ZLOSS_COEF."""
+        probs = torch.softmax(logits, dim=-1)
+        fraction = counts.float() / counts.sum().clamp_min(1)
+        switch = self.num_experts * (fraction * probs.mean(0)).sum()
+        z = logits.logsumexp(-1).square().mean()
+        return torch.stack((switch, z))
+
+    @torch.no_grad()
+    def nudge_route_bias(self, rate: float, load: Tensor):
+        """Auxiliary-loss-free balancing: experts above the mean load become less likely to be chosen."""
+        self.route_bias += rate * torch.sign(load.mean() - load).to(self.route_bias.dtype)
+
+
+class Block(nn.Module):
+    """Attention then the FFN slot, each scaled per channel; resid_mix blends in the embedding x0."""
+
+    def __init__(self, dim: int, attn: nn.Module, ffn: nn.Module):
+        super().__init__()
+        self.attn, self.ffn = attn, ffn
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.ffn_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None, exclusive: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
+        """The new residual stream, and an MoE FFN's (load-balancing, z) losses (None for a dense FFN)."""
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), value_embed, exclusive)
+        out, balance = self.ffn(rms_norm(x)), None
+        if isinstance(self.ffn, MoE):
+            out, balance = out
+        return x + self.ffn_scale.to(x.dtype) * out, balance
+
+
+class GPT(nn.Module):
+    """Token embedding -> physical blocks walked along `plan` -> tied head.
+
+    The plan lists (block, pass) for each effective layer: `num_layers` blocks applied `repeats`
+    times, repeats changing with the depth schedule. A flat stack (one pass) has the baseline's
+    U-Net skips between its halves. A recurrent stack instead gives every effective layer a learned
+    loop embedding (so a block knows which pass it is in) and mixes into each block its own output
+    from the previous pass with per-pass learned scales. Value embeddings, when on, add learned
+    tables of the input tokens to the attention values of every effective layer with learned scales."""
+
+    def __init__(self, vocab_size, num_layers, model_dim, num_heads, num_kv_heads, mlp_mult, tie_embeddings,
+                 logit_softcap, rope_base, qk_gain_init, tied_embed_init_std, num_repeats=1, xsa_last_n=0,
+                 activation="relu2", num_value_embeds=0, moe_num_experts=0, moe_top_k=2, moe_d_ffn=0,
+                 moe_granularity=1, moe_layers="all", moe_init="normal", moe_frozen=False, moe_sparsity=0.9,
+                 seed=1337):
+        super().__init__()
+        self.logit_softcap, self.xsa_last_n = logit_softcap, xsa_last_n
+        self.num_layers, self.max_repeats = num_layers, num_repeats
+        self.balance_coefs = (0.0, 0.0)  # MOE_AUX_COEF, MOE_ZLOSS_COEF: set for training
+        self.tok_emb = nn.Embedding(vocab_size, model_dim)
+        hidden = max(1, int(round(mlp_mult * model_dim)))
+        moe_blocks = parse_moe_layers(moe_layers, num_layers) if moe_num_experts else set()
+        # Granularity G: G times the experts, each 1/G as wide, G times as many chosen per token.
+        d_ffn = (moe_d_ffn or max(1, round(hidden / moe_top_k))) // moe_granularity
+
+        def ffn(layer: int) -> nn.Module:
+            if layer not in moe_blocks:
+                return MLP(model_dim, hidden, activation)
+            return MoE(model_dim, moe_num_experts * moe_granularity, moe_top_k * moe_granularity, d_ffn, activation,
+                       moe_init, moe_frozen, moe_sparsity, seed, layer)
+
+        self.blocks = nn.ModuleList(
+            Block(model_dim, Attention(model_dim, num_heads, num_kv_heads, rope_base, qk_gain_init), ffn(layer))
+            for layer in range(num_layers))
+        depth = num_layers * num_repeats
+        recurrent = num_repeats > 1
+        self.skip_weights = None if recurrent else nn.Parameter(torch.ones(depth // 2, model_dim))
+        self.loop_embeds = nn.Parameter(torch.zeros(depth, model_dim)) if recurrent else None
+        self.repeat_skips = nn.Parameter(torch.zeros(num_repeats - 1, num_layers, model_dim)) if recurrent else None
+        kv_dim = num_kv_heads * (model_dim // num_heads)
+        self.value_embeds = self.value_scales = None
+        if num_value_embeds:
+            self.value_embeds = nn.Parameter(torch.randn(num_value_embeds, vocab_size, kv_dim) * 0.5)
+            self.value_scales = nn.Parameter(torch.full((depth, num_value_embeds), 0.1))
+        if tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(model_dim, vocab_size, bias=False)
+            nn.init.zeros_(self.lm_head.weight)
+        self.set_repeats(num_repeats)
+
+    def set_repeats(self, repeats: int):
+        """The depth to run: the first `repeats` passes. A change triggers one recompile under torch.compile."""
+        if not 1 <= repeats <= self.max_repeats:
+            raise ValueError(f"repeats must be in 1..{self.max_repeats}, got {repeats}")
+        self.repeats = repeats
+        self.plan = [(block, p) for p in range(repeats) for block in range(self.num_layers)]
+
+    def hidden(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The final hidden states, and the MoE layers' (load-balancing, z) losses summed (None if dense)."""
+        x = rms_norm(self.tok_emb(idx))
+        x0, skips, previous, balance = x, [], {}, None
+        tables = None if self.value_embeds is None else self.value_embeds[:, idx].to(x.dtype)  # (E, B, T, kv)
+        n_encoder = len(self.plan) // 2 if self.skip_weights is not None else 0
+        for layer, (block, p) in enumerate(self.plan):
+            if layer >= n_encoder and skips:
+                x = x + self.skip_weights[layer - n_encoder].to(x.dtype) * skips.pop()
+            if self.loop_embeds is not None:
+                x = x + self.loop_embeds[layer].to(x.dtype)
+            if p > 0:
+                x = x + self.repeat_skips[p - 1, block].to(x.dtype) * previous[block]
+            value_embed = None
+            if tables is not None:
+                value_embed = torch.einsum("e,ebtk->btk", self.value_scales[layer].to(x.dtype), tables)
+            x, layer_balance = self.blocks[block](x, x0, value_embed, layer >= len(self.plan) - self.xsa_last_n)
+            if layer_balance is not None:
+                balance = layer_balance if balance is None else balance + layer_balance
+            previous[block] = x
+            if layer < n_encoder:
+                skips.append(x)
+        return rms_norm(x), balance
+
+    def logits(self, idx: Tensor) -> Tensor:
+        return self.head(self.hidden(idx)[0])
+
+    def head(self, h: Tensor) -> Tensor:
+        raw = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+        raw = raw.float()
+        return self.logit_softcap * torch.tanh(raw / self.logit_softcap)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """Cross-entropy in nats: the mean (training, plus the MoE balancing losses when their
+        coefficients are set) or per token, shaped like targets (evaluation). Targets of -100
+        (padding) are not scored. Without targets: the final hidden states, so that evaluations
+        which apply the head at a few positions run through the same compiled forward."""
+        h, balance = self.hidden(idx)
+        if targets is None:
+            return h
+        logits = self.head(h)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        if reduction != "mean":
+            return loss.view_as(targets)
+        aux, z = self.balance_coefs
+        if balance is not None and (aux or z):
+            loss = loss + aux * balance[0] + z * balance[1]
+        return loss
+
+
+def count_matmul_params(model: GPT) -> int:
+    """Matmul weights a token passes through (for MFU): block matrices once per pass (of an MoE
+    layer, the router and top_k experts' two matrices), and the head."""
+    per_pass = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
+    per_pass += sum(m.top_k * (m.w1[0].numel() + m.w2[0].numel()) for m in moe_layers(model))
+    head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
+    return model.repeats * per_pass + head
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def parse_moe_layers(spec: str, num_layers: int) -> set[int]:
+    """'all', 'every2' (blocks 1, 3, 5, ...: every other block, as Switch places them) or '0,2,5'."""
+    if spec == "all":
+        return set(range(num_layers))
+    if spec == "every2":
+        return set(range(1, num_layers, 2))
+    try:
+        layers = {int(item) for item in spec.split(",")}
+    except ValueError:
+        raise ConfigError(f"MOE_LAYERS={spec!r}: expected all, every2 or a list of block indices like 0,2,5") from None
+    if not layers or min(layers) < 0 or max(layers) >= num_layers:
+        raise ConfigError(f"MOE_LAYERS={spec!r}: block indices must be in 0..{num_layers - 1}")
+    return layers
+
+
+def parameter_counts(model: GPT) -> dict:
+    """params_total counts frozen experts too; params_stored is what the artifact holds (frozen
+    experts are regenerated, not stored); params_active_per_token counts top_k experts per MoE layer."""
+    moes = moe_layers(model)
+    experts = [t for m in moes for t in (m.w1, m.b1, m.w2, m.b2)]
+    frozen = sum(t.numel() for m in moes if m.frozen for t in (m.w1, m.b1, m.w2, m.b2))
+    total = sum(p.numel() for p in model.parameters()) + frozen
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    active_experts = sum(m.top_k * sum(t[0].numel() for t in (m.w1, m.b1, m.w2, m.b2)) for m in moes)
+    return {"params_total": total, "params_trainable": trainable, "params_trainable_pct": 100 * trainable / total,
+            "params_active_per_token": total - sum(t.numel() for t in experts) + active_experts,
+            "params_stored": sum(t.numel() for t in model.state_dict().values())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers and schedules
+# ----------------------------------------------------------------------------------------------
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalises grad (pushes its singular values toward 1) with a quintic iteration."""
+    a, b, c = NS_COEFFS
+    x = grad.to(dtype)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # a stack of matrices (MoE experts) is one each
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transposed else x
+
+
+CPU_BATCH_MAX_SIDE = 192
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then an orthogonalised update. Matrices of one shape are orthogonalised as
+    one batch (one matmul per Newton-Schulz product instead of one per matrix); rank r takes
+    matrices r, r+W, ... of every shape, and one all-reduce shares the updates, so every rank
+    applies identical ones."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.float32):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
+        self.rank, self.world_size, self.ns_dtype = rank, world_size, ns_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            directions = self.nesterov_directions(params, group)
+            offsets = [0]
+            for p in params:
+                offsets.append(offsets[-1] + p.numel())
+            flat = torch.zeros(offsets[-1], device=params[0].device, dtype=torch.float32)
+            for mine in self.shape_batches(params):
+                # A lone matrix is not stacked: as a batch of one it would take the batched-matmul kernel.
+                batch = torch.stack([directions[i] for i in mine]) if len(mine) > 1 else directions[mine[0]]
+                updates = newton_schulz(batch, group["backend_steps"], self.ns_dtype).float().reshape(len(mine), -1)
+                rows, cols = params[mine[0]].shape[-2:]
+                updates *= max(1.0, rows / cols) ** 0.5
+                for i, update in zip(mine, updates):
+                    flat[offsets[i]:offsets[i + 1]] = update
+            if self.world_size > 1:
+                dist.all_reduce(flat)
+            updates = [flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype) for i, p in enumerate(params)]
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
+
+    def shape_batches(self, params: list[Tensor]) -> list[list[int]]:
+        """This rank's share of each shape: indices r, r+W, ... of the matrices of that shape, as one
+        batch, except on a CPU for matrices whose smaller side exceeds CPU_BATCH_MAX_SIDE: there a
+        batched matmul is slower than a loop of single ones (perf_notes.md 14)."""
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        batches = []
+        for shape, same in by_shape.items():
+            mine = same[self.rank::self.world_size]
+            if params[same[0]].device.type == "cpu" and min(shape[-2:]) > CPU_BATCH_MAX_SIDE:
+                batches += [[i] for i in mine]
+            elif mine:
+                batches.append(mine)
+        return batches
+
+    def nesterov_directions(self, params: list[Tensor], group: dict) -> list[Tensor]:
+        """Every rank keeps every momentum buffer (gradients are identical after the all-reduce, so are
+        the buffers): rank 0 alone can checkpoint them, and a resume may use another world size."""
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+        grads = [p.grad for p in params]
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_mul_(buffers, group["momentum"])
+        torch._foreach_add_(buffers, grads)
+        return torch._foreach_add(grads, buffers, alpha=group["momentum"])
+
+
+def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.Optimizer]:
+    """Muon (or Adam, MATRIX_OPTIMIZER=adam) for the matrices inside blocks, an MoE layer's stack of
+    expert matrices included; Adam for embeddings, head, vectors and scalars."""
+    groups = {"matrices": [], "embedding": [], "head": [], "scalars": []}
+    for name, p in model.named_parameters():
+        if name.startswith("blocks.") and p.ndim >= 2:
+            groups["matrices"].append(p)
+        elif name in ("tok_emb.weight", "value_embeds"):
+            groups["embedding"].append(p)
+        elif name == "lm_head.weight":
+            groups["head"].append(p)
+        else:
+            groups["scalars"].append(p)
+    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
+    adam_lrs = [("embedding", embed_lr), ("scalars", cfg.scalar_lr), ("head", cfg.head_lr)]
+    if cfg.matrix_optimizer == "adam":
+        adam_lrs.append(("matrices", cfg.matrix_lr))
+    adam_groups = [dict(params=groups[name], lr=lr, base_lr=lr, name=name) for name, lr in adam_lrs if groups[name]]
+    adam = torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.is_cuda)
+    if cfg.matrix_optimizer == "adam":
+        return [adam]
+    matrices = groups["matrices"]
+    muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
+                weight_decay=cfg.muon_wd, rank=rt.rank, world_size=rt.world_size,
+                ns_dtype=torch.bfloat16 if rt.bf16 else torch.float32)
+    for group in muon.param_groups:
+        group.update(base_lr=cfg.matrix_lr, name="matrices")
+    return [adam, muon]
+
+
+def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
+    """LR multiplier: linear warm-up, then 1, then linear warm-down to 0 over the last WARMDOWN_ITERS steps.
+
+    Under a wall-clock cap the warm-down is timed: it starts when the time left is less than
+    WARMDOWN_ITERS steps at the average step time so far (the challenge's rule), or when the
+    step budget says so, whichever comes first."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    if cfg.warmdown_iters == 0:
+        return warm
+    down = min(1.0, max(0.0, (cfg.iterations - step) / cfg.warmdown_iters))
+    if cfg.max_wallclock_seconds > 0 and step > 0:
+        remaining_ms = cfg.max_wallclock_seconds * 1000 - elapsed_ms
+        warmdown_ms = cfg.warmdown_iters * elapsed_ms / step
+        down = min(down, max(0.0, remaining_ms / max(warmdown_ms, 1e-9)))
+    return warm * down
+
+
+def budget_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
+    """The fraction of the budget used: of the wall clock when capped, of the steps, whichever is further."""
+    steps = step / cfg.iterations
+    return max(steps, elapsed_ms / (cfg.max_wallclock_seconds * 1000)) if cfg.max_wallclock_seconds > 0 else steps
+
+
+def muon_momentum(cfg: Config, step: int) -> float:
+    if cfg.muon_momentum_warmup_steps == 0:
+        return cfg.muon_momentum
+    frac = min(1.0, step / cfg.muon_momentum_warmup_steps)
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+
+def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Tensor],
+               optimizers: list[torch.optim.Optimizer], stream: TokenStream, step: int, scale: float) -> Tensor:
+    """One optimizer step over the global batch; returns this rank's mean loss (a tensor, no sync)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+        opt.zero_grad(set_to_none=True)
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            opt.param_groups[0]["momentum"] = muon_momentum(cfg, step)
+    total = torch.zeros((), device=rt.device)
+    for micro in range(cfg.grad_accum_steps):
+        x, y = stream.micro_batch(cfg, rt, step, micro)
+        last = micro == cfg.grad_accum_steps - 1
+        sync = nullcontext() if last or not rt.distributed else train_model.no_sync()
+        with sync, rt.autocast():
+            loss = train_model(x, y)
+        (loss / cfg.grad_accum_steps).backward()
+        total += loss.detach()
+    if cfg.grad_clip_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    # Gradients are all-reduced, so every rank reaches the same verdict; weights stay untouched.
+    if not bool(torch.isfinite(norm)):
+        raise Diverged(step + 1, "loss" if not bool(torch.isfinite(total)) else "gradient", non_finite_group(optimizers))
+    for opt in optimizers:
+        opt.step()
+    for moe in moe_layers(train_model):
+        if cfg.moe_bias_update:
+            # Every rank nudges by the global load, so the biases stay identical across ranks.
+            moe.nudge_route_bias(cfg.moe_bias_update, rt.all_reduce(moe.step_load.clone()))
+        moe.step_load.zero_()
+    return total / cfg.grad_accum_steps
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient: the run stops before the weights are touched."""
+
+    def __init__(self, step: int, what: str, group: str):
+        super().__init__(f"non-finite {what} at step {step} (parameter group: {group})")
+        self.checkpoint: Path | None = None
+
+
+def non_finite_group(optimizers: list[torch.optim.Optimizer]) -> str:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    return f"{group['name']}, tensor {i} of shape {tuple(p.shape)}"
+    return "none: the gradient norm overflowed"
+
+
+def prime(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream: TokenStream, log: Logger):
+    """WARMUP_STEPS untimed steps at every depth the schedule will use, so that compilation stays out
+    of the timed budget; then weights, optimizer state and depth go back."""
+    if cfg.warmup_steps == 0:
+        return
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    saved_repeats = model.repeats
+    params = list(model.parameters())
+    depths = [r for r, _ in cfg.depth_phases]
+    for repeats in depths:
+        model.set_repeats(repeats)
+        for step in range(cfg.warmup_steps):
+            train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
+            if step + 1 in (1, cfg.warmup_steps) or (step + 1) % 10 == 0:
+                log(f"warmup_step:{step + 1}/{cfg.warmup_steps}" + (f" repeats:{repeats}" if cfg.depth_schedule else ""))
+    model.set_repeats(saved_repeats)
+    model.load_state_dict(saved_model)
+    for opt, state in zip(optimizers, saved_opts):
+        opt.load_state_dict(state)
+    for moe in moe_layers(model):
+        moe.load.zero_()  # the warm-up's routing is not the run's
+    rt.sync()
+
+
+class WeightAverage:
+    """A float32 average of weight snapshots: uniform (SWA), or exponential with `decay` (EMA)."""
+
+    def __init__(self, decay: float = 0.0):
+        self.decay = decay
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+        self.last_step = -1
+
+    def add(self, model: nn.Module, step: int):
+        for name, t in model.state_dict().items():
+            t = t.detach().float()
+            if name not in self.sums:
+                self.sums[name] = t.clone()
+            elif self.decay:
+                self.sums[name].lerp_(t, 1 - self.decay)
+            else:
+                self.sums[name] += t
+        self.count += 1
+        self.last_step = step
+
+    def average(self, like: dict[str, Tensor]) -> dict[str, Tensor]:
+        divisor = 1 if self.decay else self.count
+        return {name: (total / divisor).to(like[name].dtype) for name, total in self.sums.items()}
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums, "count": self.count, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict):
+        self.sums, self.count, self.last_step = dict(state["sums"]), int(state["count"]), int(state["last_step"])
+
+
+def averaging_due(cfg: Config, model: GPT, state: "TrainState", elapsed_ms: float) -> bool:
+    """Averages take weights trained at full depth only; EMA every step, SWA every SWA_EVERY late steps."""
+    if model.repeats != model.max_repeats:
+        return False
+    if cfg.ema_decay:
+        return True
+    return (cfg.swa_enabled and state.step % cfg.swa_every == 0
+            and budget_progress(cfg, state.step, elapsed_ms) >= cfg.swa_start_frac)
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from step to step: a checkpoint saves it, a resume restores it."""
+
+    step: int = 0
+    train_ms: float = 0.0
+    checkpoint_ms: float = 0.0  # training time at the last checkpoint
+    average: WeightAverage = field(default_factory=WeightAverage)
+    last_checkpoint: Path | None = None
+    depth_phases: list[dict] = field(default_factory=list)  # {repeats, step, frac} of each depth change
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_ms: float
+    tokens_seen: int
+    val_loss: float
+    val_bpb: float
+    moe: dict | None = None  # expert load over the last logging window (and the last validation's)
+
+
+def load_statistics(counts: Tensor) -> dict:
+    """How evenly slots spread over experts: Gini (0 even, (n-1)/n all on one), Shannon entropy in
+    bits (log2 n even) and 2^H, the effective number of experts; experts that got nothing."""
+    counts = counts.double().cpu()
+    n, total = counts.numel(), counts.sum()
+    share = counts / total
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    gini = float(2 * (ranks * counts.sort().values).sum() / (n * total) - (n + 1) / n)
+    used = share[share > 0]
+    entropy = float(-(used * used.log2()).sum())
+    return {"gini": gini, "entropy": entropy, "effective_experts": 2 ** entropy, "dead": int((counts == 0).sum()),
+            "share": share.tolist()}
+
+
+def moe_statistics(model: nn.Module, rt: Runtime, mode: str) -> dict | None:
+    """Per MoE layer, the load since the last call in `mode` (train or eval), over all ranks; resets it.
+    A collective: every rank calls it at the same point."""
+    moes = moe_layers(model)
+    if not moes:
+        return None
+    row = 0 if mode == "train" else 1
+    counts = rt.all_reduce(torch.stack([m.load[row] for m in moes]))
+    for m in moes:
+        m.load[row].zero_()
+    if not bool(counts.sum() > 0):
+        return None
+    per_layer = [load_statistics(c) for c in counts]
+    return {"layers": [m.layer for m in moes], **{key: [st[key] for st in per_layer] for key in per_layer[0]}}
+
+
+def log_moe(log: "Logger", what: str, stats: dict | None):
+    if stats is None:
+        return
+    fields = [("gini", "{:.3f}"), ("entropy", "{:.3f}"), ("effective_experts", "{:.1f}"), ("dead", "{}")]
+    log(f"moe_{what} layers:{','.join(map(str, stats['layers']))} " + " ".join(
+        f"{'entropy_bits' if key == 'entropy' else key}:{','.join(fmt.format(v) for v in stats[key])}"
+        for key, fmt in fields))
+
+
+def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimizers, stream: TokenStream,
+          evaluator: "Evaluator", log: Logger, state: TrainState) -> TrainResult:
+    params = list(model.parameters())
+    cap_ms = cfg.max_wallclock_seconds * 1000
+    phases = cfg.depth_phases if cfg.depth_schedule else []
+    stop = False
+    val_loss = val_bpb = float("nan")
+    moe_train = moe_val = None
+    epoch_loss_sum, epoch_steps = torch.zeros((), device=rt.device), 0
+    elapsed = state.train_ms
+    rt.sync()
+    t0 = time.perf_counter()
+    try:
+        while True:
+            if phases:
+                # `elapsed` is agreed across ranks, so every rank changes depth at the same step.
+                change_depth(cfg, model, state, phases, budget_progress(cfg, state.step, elapsed), log)
+            last = state.step == cfg.iterations or stop
+            epoch_end = bool(cfg.epochs) and state.step > 0 and state.step % stream.steps_per_epoch == 0
+            validate = last or epoch_end or (cfg.val_loss_every and state.step % cfg.val_loss_every == 0)
+            per_token = cfg.per_token_loss_every and state.step % cfg.per_token_loss_every == 0
+            if validate or per_token:
+                rt.sync()
+                state.train_ms += 1000 * (time.perf_counter() - t0)
+                if validate:
+                    val_loss, val_bpb = evaluator.standard(eval_model)
+                    log(f"step:{state.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                        f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
+                    moe_val = moe_statistics(model, rt, "eval")
+                    log_moe(log, "val", moe_val)
+                if epoch_end:
+                    # A resumed run's first epoch line averages only the steps since the resume.
+                    epoch_loss = float(rt.all_reduce(epoch_loss_sum.clone())) / rt.world_size / max(epoch_steps, 1)
+                    log(f"epoch:{state.step // stream.steps_per_epoch}/{cfg.epochs} train_loss:{epoch_loss:.4f} "
+                        f"val_loss:{val_loss:.4f} val_ppl:{math.exp(min(val_loss, 700)):.2f} val_bpb:{val_bpb:.4f}")
+                    epoch_loss_sum.zero_()
+                    epoch_steps = 0
+                if per_token:
+                    save_per_token(cfg, evaluator, eval_model, f"step_{state.step:06d}", state.step, log)
+                rt.sync()
+                t0 = time.perf_counter()
+            if last:
+                break
+            if cfg.fault_at_step and state.step == cfg.fault_at_step and cfg.fault_rank in (-1, rt.rank):
+                os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no message
+            elapsed = state.train_ms + 1000 * (time.perf_counter() - t0)
+            loss = train_step(cfg, rt, train_model, params, optimizers, stream, state.step,
+                              lr_scale(cfg, state.step, elapsed))
+            state.step += 1
+            epoch_loss_sum += loss.detach()
+            epoch_steps += 1
+            # Every rank must agree on the clock, or LR schedules and the stop would differ between ranks.
+            elapsed = agreed_elapsed_ms(rt, state.train_ms + 1000 * (time.perf_counter() - t0))
+            if state.step <= 10 or state.step % cfg.train_log_every == 0 or state.step == cfg.iterations:
+                loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
+                tok_s = state.step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9)
+                log(f"step:{state.step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
+                    f"step_avg:{elapsed / state.step:.2f}ms tok_s:{tok_s:.0f}")
+                moe_train = moe_statistics(model, rt, "train") or moe_train
+                log_moe(log, "train", moe_train)
+            if averaging_due(cfg, model, state, elapsed):
+                state.average.add(model, state.step)
+            if checkpoint_due(cfg, state, elapsed):
+                rt.sync()
+                state.train_ms = agreed_elapsed_ms(rt, state.train_ms + 1000 * (time.perf_counter() - t0))
+                save_checkpoint(cfg, rt, model, optimizers, state, log)
+                t0 = time.perf_counter()
+            if cap_ms and elapsed >= cap_ms and state.step < cfg.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{state.step}/{cfg.iterations}")
+                stop = True
+    except Diverged as e:
+        e.checkpoint = state.last_checkpoint
+        raise
+    if model.repeats != model.max_repeats:
+        change_depth(cfg, model, state, [(model.max_repeats, 0.0)], 1.0, log)  # evaluate and export at full depth
+    if (cfg.swa_enabled or cfg.ema_decay) and state.average.last_step != state.step:
+        state.average.add(model, state.step)
+    moe_train = moe_statistics(model, rt, "train") or moe_train  # the steps since the last log line
+    moe = None if moe_train is None else {**moe_train, **({"val": moe_val} if moe_val else {})}
+    return TrainResult(state.step, state.train_ms, state.step * cfg.train_batch_tokens, val_loss, val_bpb, moe)
+
+
+def save_per_token(cfg: Config, evaluator: "Evaluator", model: nn.Module, name: str, step: int, log: Logger):
+    """Every validation target's loss, in stream order, for comparing runs token by token."""
+    losses = evaluator.per_token(model)
+    if losses is None:
+        return
+    path = Path(cfg.log_dir) / f"{cfg.run_id}_per_token" / f"{name}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, loss=losses, step=np.int64(step))
+    write_atomic(path, buffer.getvalue())
+    log(f"per_token_loss: {path} tokens:{len(losses)} mean:{float(losses.astype(np.float64).mean()):.4f}")
+
+
+def change_depth(cfg: Config, model: GPT, state: TrainState, phases: list[tuple[int, float]], progress: float,
+                 log: Logger):
+    repeats = [r for r, start in phases if start <= progress][-1]
+    if repeats == model.repeats and state.depth_phases:
+        return
+    model.set_repeats(repeats)
+    state.depth_phases.append({"repeats": repeats, "step": state.step, "frac": progress})
+    state.average = WeightAverage(cfg.ema_decay)  # an average mixes weights of one depth only
+    log(f"depth_phase repeats:{repeats} step:{state.step} frac:{progress:.4f}")
+
+
+def checkpoint_due(cfg: Config, state: TrainState, elapsed_ms: float) -> bool:
+    by_steps = cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0
+    by_time = cfg.checkpoint_every_seconds and elapsed_ms - state.checkpoint_ms >= 1000 * cfg.checkpoint_every_seconds
+    return bool(by_steps or by_time)
+
+
+def check_same_on_all_ranks(rt: Runtime, value, what: str, log: Logger):
+    """An invariant of the collective decisions: a disagreement is a bug, never to pass silently."""
+    values = [None] * rt.world_size
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        raise RuntimeError(f"ranks disagree on {what}: {values}")
+    log(f"{what.replace(' ', '_')}_agreed ranks:{rt.world_size}")
+
+
+def agreed_elapsed_ms(rt: Runtime, local_ms: float) -> float:
+    if not rt.distributed:
+        return local_ms
+    t = torch.tensor([local_ms], device=rt.device, dtype=torch.float64)
+    return float(rt.all_reduce(t, dist.ReduceOp.MAX).item())
+
+
+def peak_memory_mib(rt: Runtime) -> float:
+    if rt.is_cuda:
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: all a run needs to continue exactly, in a checksummed file loaded without pickle code
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_MAGIC = b"PGOLFCK1"
+CHECKPOINTS_KEPT = 2
+# A resume must rebuild the same model on the same token stream. Other settings may change (a lower
+# LR after a divergence, say): the log then says the run is no longer the uninterrupted one.
+RESUME_MUST_MATCH = MODEL_FIELDS + ("train_seq_len", "train_batch_tokens")
+RESUME_FREE = {"run_id", "log_dir", "data_path", "tokenizer_path", "device", "compile", "grad_accum_steps",
+               "val_batch_size", "train_log_every", "resume_from", "fault_at_step", "fault_rank",
+               "checkpoint_every_seconds", "checkpoint_every_steps", "dist_timeout_seconds"}
+
+
+def checkpoint_files(cfg: Config) -> list[Path]:
+    """This run's checkpoints, oldest first (the step is zero-padded into the name)."""
+    return sorted(Path(cfg.log_dir).glob(f"{glob.escape(cfg.run_id)}_step*.ckpt"))
+
+
+def save_checkpoint(cfg: Config, rt: Runtime, model: GPT, optimizers, state: TrainState, log: Logger):
+    """Rank 0 writes after a barrier; every rank learns whether it worked, so none runs on alone."""
+    path = Path(cfg.log_dir) / f"{cfg.run_id}_step{state.step:07d}.ckpt"
+    if rt.distributed:
+        dist.barrier()
+    error = ""
+    if rt.rank == 0:
+        t0 = time.perf_counter()
+        payload = {"format": 1, "config": dataclasses.asdict(cfg), "step": state.step, "train_ms": state.train_ms,
+                   "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+                   "average": state.average.state_dict(), "depth": {"repeats": model.repeats, "phases": state.depth_phases},
+                   "rng": {"torch": torch.get_rng_state(),
+                           "cuda": torch.cuda.get_rng_state_all() if rt.is_cuda else []}}
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        data = buf.getbuffer()
+        try:
+            write_atomic(path, CHECKPOINT_MAGIC + hashlib.sha256(data).digest(), data)
+            for old in checkpoint_files(cfg)[:-CHECKPOINTS_KEPT]:
+                old.unlink(missing_ok=True)
+            log(f"checkpoint: {path} step:{state.step} bytes:{len(data)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        except InputError as e:
+            error = str(e)
+    failed = rt.all_reduce(torch.tensor([1 if error else 0], device=rt.device), dist.ReduceOp.MAX)
+    if int(failed.item()):
+        raise InputError(error or "rank 0 could not write the checkpoint")
+    state.last_checkpoint, state.checkpoint_ms = path, state.train_ms
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"checkpoint {path}: cannot read ({e.strerror})") from None
+    head = len(CHECKPOINT_MAGIC) + 32
+    if len(blob) < head or blob[:len(CHECKPOINT_MAGIC)] != CHECKPOINT_MAGIC:
+        raise InputError(f"checkpoint {path}: not a checkpoint of this harness (bad magic)")
+    data = blob[head:]
+    if hashlib.sha256(data).digest() != blob[len(CHECKPOINT_MAGIC):head]:
+        raise InputError(f"checkpoint {path}: checksum mismatch (truncated or corrupt)")
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:  # the unpickler raises many kinds on bad bytes; the checksum makes this unlikely
+        raise InputError(f"checkpoint {path}: contents do not load") from None
+    needed = {"format", "config", "step", "train_ms", "model", "optimizers", "average", "depth", "rng"}
+    if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or not needed <= set(ckpt):
+        raise InputError(f"checkpoint {path}: not a format-1 checkpoint")
+    return ckpt
+
+
+def resume_path(cfg: Config) -> Path | None:
+    if not cfg.resume_from:
+        return None
+    if cfg.resume_from != "auto":
+        return Path(cfg.resume_from)
+    files = checkpoint_files(cfg)
+    if not files:
+        raise InputError(f"RESUME_FROM=auto: no checkpoint of RUN_ID={cfg.run_id} in {cfg.log_dir}")
+    return files[-1]
+
+
+def restore(cfg: Config, rt: Runtime, path: Path, model: GPT, optimizers, log: Logger) -> TrainState:
+    ckpt = load_checkpoint(path)
+    saved = ckpt["config"]
+    wrong = [f"{n.upper()}={saved.get(n)!r} there, {getattr(cfg, n)!r} here" for n in RESUME_MUST_MATCH
+             if saved.get(n) != getattr(cfg, n)]
+    if wrong:
+        raise InputError(f"checkpoint {path} is from another config: {'; '.join(wrong)}")
+    changed = [n.upper() for n in saved if n not in RESUME_FREE and n not in RESUME_MUST_MATCH
+               and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
+    if changed:
+        log(f"warning: resumed with changed settings {', '.join(changed)}: not the uninterrupted run any more")
+    try:
+        model.load_state_dict(ckpt["model"])
+        for opt, saved_opt in zip(optimizers, ckpt["optimizers"], strict=True):
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(saved_opt)
+            for group, fresh in zip(opt.param_groups, settings):
+                group.update(fresh)  # this run's settings, the checkpoint's moments
+        state = TrainState(step=int(ckpt["step"]), train_ms=float(ckpt["train_ms"]),
+                           checkpoint_ms=float(ckpt["train_ms"]), last_checkpoint=path)
+        state.average = WeightAverage(cfg.ema_decay)
+        state.average.load_state_dict(ckpt["average"])
+        state.average.sums = {k: v.to(rt.device) for k, v in state.average.sums.items()}
+        model.set_repeats(int(ckpt["depth"]["repeats"]))
+        state.depth_phases = [dict(phase) for phase in ckpt["depth"]["phases"]]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if rt.is_cuda and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise InputError(f"checkpoint {path}: does not fit this model ({str(e).splitlines()[0][:120]})") from None
+    log(f"resumed: from {path} step:{state.step} train_time:{state.train_ms:.0f}ms")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: per-group quantization, compression, a self-describing artifact, and loading it back
+# ----------------------------------------------------------------------------------------------
+
+ARTIFACT_MAGIC = b"PGOLFAR1"
+QUANT_MIN_NUMEL = 16_384  # smaller matrices (and every vector) are stored as fp16: their bytes are few
+SCALE_FLOOR = 1e-12  # a larger floor breaks the round trip of near-zero rows in young models
+# GPTQ-lite: each row keeps whichever clip (a quantile of its |w|, interpolated) reconstructs it best.
+CLIP_QUANTILES = (0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
+# Bits per tensor group (None: fp16). Embeddings stay at 8 bits in every scheme: they are the most
+# sensitive to quantization and a small share of the bytes.
+QUANT_SCHEMES = {
+    "int8": {"embedding": 8, "attention": 8, "mlp": 8, "router": 8, "scalars": None},
+    "int6": {"embedding": 8, "attention": 6, "mlp": 6, "router": 8, "scalars": None},
+    "mixed": {"embedding": 8, "attention": 6, "mlp": 5, "router": 8, "scalars": None},
+}
+AUTO_ORDER = ("int8", "int6", "mixed")  # most precise first: QUANT=auto keeps the first that fits
+
+
+def tensor_group(name: str, t: Tensor) -> str:
+    if not t.is_floating_point() or t.ndim < 2:
+        return "scalars"
+    if name.startswith(("tok_emb.", "lm_head.", "value_embeds")):
+        return "embedding"
+    if ".attn." in name:
+        return "attention"
+    if ".ffn.router." in name:
+        return "router"
+    if ".ffn." in name:
+        return "mlp"  # a dense FFN's matrices, or a stack of trained expert matrices
+    return "scalars"  # per-layer vectors stacked in a table: skip weights, loop embeddings, scales
+
+
+def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row integers in [-(2^(b-1)-1), 2^(b-1)-1] with fp16 scales, the clip of each row
+    chosen among CLIP_QUANTILES by squared reconstruction error."""
+    w = w.float()
+    qmax = 2 ** (bits - 1) - 1
+    ordered = w.abs().sort(dim=1).values
+    best_err = best_q = best_scale = None
+    for quantile in CLIP_QUANTILES:
+        position = quantile * (w.size(1) - 1)
+        below = int(position)
+        above = min(below + 1, w.size(1) - 1)
+        clip = torch.lerp(ordered[:, below], ordered[:, above], position - below)
+        exact = (clip / qmax).clamp_min(SCALE_FLOOR)
+        scale = exact.half()
+        # Round the fp16 scale up, never down: a smaller scale would clip more than chosen.
+        scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+        divisor = scale.float().clamp_min(SCALE_FLOOR)[:, None]
+        q = torch.round(w.clamp(-clip[:, None], clip[:, None]) / divisor).clamp(-qmax, qmax)
+        err = (q * divisor - w).square().sum(1)
+        if best_err is None:
+            best_err, best_q, best_scale = err, q, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better[:, None], q, best_q)
+            best_scale = torch.where(better, scale, best_scale)
+    return best_q.to(torch.int8), best_scale
+
+
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def pack_bits(q: Tensor, bits: int) -> Tensor:
+    """Signed b-bit integers, offset to unsigned, 8 values in b bytes (little-endian bit order)."""
+    values = (q.flatten().numpy().astype(np.int64) + 2 ** (bits - 1)).astype(np.uint64)
+    values = np.pad(values, (0, -len(values) % 8)).reshape(-1, 8)
+    words = np.zeros(len(values), dtype=np.uint64)
+    for i in range(8):
+        words |= values[:, i] << np.uint64(bits * i)
+    packed = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits]  # little-endian: the low b bytes
+    return torch.from_numpy(np.ascontiguousarray(packed).reshape(-1))
+
+
+def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
+    groups = packed.numpy().reshape(-1, bits)
+    full = np.zeros((len(groups), 8), dtype=np.uint8)
+    full[:, :bits] = groups
+    words = full.view("<u8").reshape(-1).astype(np.uint64)
+    mask = np.uint64(2 ** bits - 1)
+    values = np.stack([(words >> np.uint64(bits * i)) & mask for i in range(8)], axis=1).reshape(-1)[:count]
+    return torch.from_numpy(values.astype(np.int64) - 2 ** (bits - 1)).to(torch.int8)
+
+
+def encode_tensors(state: dict[str, Tensor], scheme: str) -> tuple[bytes, list[dict]]:
+    """Raw payload and its layout: which bytes hold which tensor, in which encoding."""
+    buf, layout, offset = io.BytesIO(), [], 0
+
+    def put(t: Tensor) -> dict:
+        nonlocal offset
+        data = t.contiguous().cpu().numpy().tobytes()
+        buf.write(data)
+        part = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "offset": offset,
+                "nbytes": len(data)}
+        offset += len(data)
+        return part
+
+    for name, t in state.items():
+        group = tensor_group(name, t)
+        bits = QUANT_SCHEMES[scheme][group] if t.numel() >= QUANT_MIN_NUMEL else None
+        entry = {"name": name, "group": group, "shape": list(t.shape)}
+        if bits:
+            q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits)  # a stack of expert matrices: all rows
+            entry.update(encoding="int_rows", bits=bits, parts=[put(pack_bits(q, bits)), put(scale)])
+        elif t.is_floating_point():
+            entry.update(encoding="fp16", parts=[put(t.half())])
+        else:
+            entry.update(encoding="raw", parts=[put(t)])
+        layout.append(entry)
+    return buf.getvalue(), layout
+
+
+def decode_tensors(payload: bytes, layout: list[dict]) -> dict[str, Tensor]:
+    def get(part: dict) -> Tensor:
+        dtype = getattr(torch, part["dtype"])
+        start, end = part["offset"], part["offset"] + part["nbytes"]
+        if end > len(payload):
+            raise InputError("artifact payload is shorter than its layout says")
+        return torch.frombuffer(bytearray(payload[start:end]), dtype=dtype).reshape(part["shape"])
+
+    state = {}
+    for entry in layout:
+        parts = [get(p) for p in entry["parts"]]
+        shape = entry["shape"]
+        if entry["encoding"] == "int_rows":
+            rows = len(parts[1])
+            q = unpack_bits(parts[0], int(entry["bits"]), math.prod(shape)).view(rows, -1)
+            state[entry["name"]] = dequantize_rows(q, parts[1]).reshape(shape)
+        else:
+            state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
+    return state
+
+
+def group_report(raw: bytes, layout: list[dict], compressor: str) -> dict:
+    """Per tensor group: parameters, bytes as fp32, bytes as stored, and bytes once that group alone
+    is compressed (the artifact compresses all groups together, so these add up to a little more)."""
+    report = {}
+    for entry in layout:
+        row = report.setdefault(entry["group"], {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "chunks": []})
+        row["params"] += math.prod(entry["shape"])
+        row["fp32_bytes"] += 4 * math.prod(entry["shape"])
+        for part in entry["parts"]:
+            row["stored_bytes"] += part["nbytes"]
+            row["chunks"].append(raw[part["offset"]:part["offset"] + part["nbytes"]])
+    for row in report.values():
+        row["compressed_bytes"] = len(compress(b"".join(row.pop("chunks")), compressor)[0])
+        row["ratio"] = row["fp32_bytes"] / max(row["compressed_bytes"], 1)
+    return report
+
+
+def compress(data: bytes, method: str | None = None) -> tuple[bytes, str]:
+    method = method or ("zstd" if zstandard is not None else "zlib")
+    if method == "zstd":
+        return zstandard.ZstdCompressor(level=22).compress(data), "zstd"
+    return zlib.compress(data, 9), "zlib"
+
+
+def decompress(data: bytes, method: str, expected_size: int) -> bytes:
+    try:
+        if method == "zstd":
+            if zstandard is None:
+                raise InputError("artifact is zstd-compressed but the zstandard package is not installed")
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected_size)
+        elif method == "zlib":
+            out = zlib.decompress(data)
+        else:
+            raise InputError(f"artifact uses an unknown compressor {method!r}")
+    except (zlib.error, zstandard.ZstdError if zstandard else zlib.error):
+        raise InputError("artifact payload does not decompress") from None
+    if len(out) != expected_size:
+        raise InputError(f"artifact payload decompressed to {len(out)} bytes, header says {expected_size}")
+    return out
+
+
+def write_atomic(path: Path, *chunks: bytes):
+    """Temp file, fsync, rename: a crash or a full disk never leaves a half-written file under `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:  # written one by one: joining 200 MB of checkpoint would copy it
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {e.strerror}") from None
+
+
+def build_artifact(model: GPT, cfg: Config, scheme: str = "int8", compressor: str | None = None
+                   ) -> tuple[bytes, dict]:
+    """The artifact (magic, header length, JSON header with model config, layout and checksum, then
+    the payload) and the per-group byte report."""
+    raw, layout = encode_tensors({k: v.detach() for k, v in model.state_dict().items()}, scheme)
+    payload, method = compress(raw, compressor)
+    header = json.dumps({"format": 2, "model": model_kwargs(cfg), "quant": scheme, "compressor": method,
+                         "tensors": layout, "raw_bytes": len(raw), "payload_bytes": len(payload),
+                         "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, group_report(raw, layout, method)
+
+
+def write_artifact(path: Path, model: GPT, cfg: Config, scheme: str = "int8") -> tuple[int, str]:
+    blob, _ = build_artifact(model, cfg, scheme)
+    write_atomic(path, blob)
+    return len(blob), parse_artifact(blob, path)[0]["compressor"]
+
+
+def read_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"artifact {path}: cannot read ({e.strerror})") from None
+    return parse_artifact(blob, path)
+
+
+def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
+    """Header and tensors of an artifact, every byte checked before use."""
+    prefix = len(ARTIFACT_MAGIC) + 4
+    if len(blob) < prefix or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+        raise InputError(f"artifact {name}: not an artifact of this harness (bad magic)")
+    (header_len,) = struct.unpack("<I", blob[len(ARTIFACT_MAGIC):prefix])
+    try:
+        header = json.loads(blob[prefix:prefix + header_len])
+        payload = blob[prefix + header_len:]
+        expected_payload, checksum = int(header["payload_bytes"]), header["payload_sha256"]
+        layout, method, raw_bytes = header["tensors"], header["compressor"], int(header["raw_bytes"])
+        if not isinstance(header["model"], dict):
+            raise TypeError("model config is not an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InputError(f"artifact {name}: corrupt or truncated header") from None
+    if len(payload) != expected_payload:
+        raise InputError(f"artifact {name}: truncated (payload {len(payload)} bytes, header says {expected_payload})")
+    if hashlib.sha256(payload).hexdigest() != checksum:
+        raise InputError(f"artifact {name}: checksum mismatch (corrupt file)")
+    try:
+        state = decode_tensors(decompress(payload, method, raw_bytes), layout)
+    except InputError as e:
+        raise InputError(f"artifact {name}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
+        raise InputError(f"artifact {name}: corrupt tensor layout") from None
+    return header, state
+
+
+def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) -> GPT:
+    """A fresh model built from the artifact alone."""
+    try:
+        model = GPT(**header["model"])
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"artifact {name}: its model config does not build a model") from None
+    own = model.state_dict()
+    for key, t in state.items():
+        if key not in own or own[key].shape != t.shape:
+            raise InputError(f"artifact {name}: tensor {key} does not fit this model (another config?)")
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise InputError(f"artifact {name}: tensors missing: {', '.join(missing[:3])}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return model.to(device)
+
+
+def load_artifact_model(path: Path, device) -> GPT:
+    return model_from_artifact(*read_artifact(path), path, device)
+
+
+def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
+    """Rank 0's bytes on every rank: other nodes of a multi-node run cannot read rank 0's disk."""
+    if not rt.distributed:
+        return blob
+    size = torch.tensor([len(blob) if rt.rank == 0 else 0], dtype=torch.int64, device=rt.device)
+    dist.broadcast(size, 0)
+    data = torch.empty(int(size.item()), dtype=torch.uint8, device=rt.device)
+    if rt.rank == 0:
+        data.copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+    dist.broadcast(data, 0)
+    return blob if rt.rank == 0 else data.cpu().numpy().tobytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: one core that scores windows of the validation stream; methods built on it; the audit
+# ----------------------------------------------------------------------------------------------
+# Target i of the validation stream is token i+1, predicted from tokens 0..i. A window is
+# (start, first, stop): the model reads seq_len tokens from `start` and is scored on the targets
+# start+first .. start+stop-1. Every method scores each target exactly once, in stream order per rank.
+
+FULL_VAL_TOKENS = 62_021_632  # the challenge's sp1024 validation split
+EVAL_LIMIT_SECONDS = 600.0
+EVAL_GPUS = 8
+
+
+def sliding_windows(lo: int, hi: int, n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows scoring targets [lo, hi) once each. A window reads seq_len tokens and scores only the
+    targets it adds (at most `stride`); the stream's first window scores all it reads, having no
+    context to wait for. stride = seq_len gives the disjoint windows of standard evaluation."""
+    seq_len = min(seq_len, n_targets)
+    windows, p = [], lo
+    while p < hi:
+        end = min(hi, seq_len if p == 0 else p + stride)
+        start = max(0, end - seq_len)
+        windows.append((start, p - start, end - start))
+        p = end
+    return windows
+
+
+@dataclass
+class Scores:
+    pos: Tensor  # target index of each scored token
+    nll: Tensor  # nats
+    nbytes: Tensor  # bytes each scored token stands for
+
+    @staticmethod
+    def cat(parts: list["Scores"], device) -> "Scores":
+        if not parts:
+            return Scores(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device),
+                          torch.zeros(0, dtype=torch.int32, device=device))
+        return Scores(*(torch.cat([getattr(s, k) for s in parts]) for k in ("pos", "nll", "nbytes")))
+
+
+class Evaluator:
+    """Scores windows of the validation tokens, split across ranks, and reduces to loss and bpb."""
+
+    def __init__(self, cfg: Config, rt: Runtime, val_tokens: Tensor, tables: ByteTables, bos_id: int = -1):
+        self.cfg, self.rt = cfg, rt
+        self.tokens = val_tokens
+        self.tables = tables.to(rt.device)
+        self.bos_id = bos_id
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.tokens) - 1
+
+    def with_tokens(self, tokens: Tensor) -> "Evaluator":
+        """The same evaluator over other tokens: the audit's prefix and its perturbed copies."""
+        return Evaluator(self.cfg, self.rt, tokens, self.tables, self.bos_id)
+
+    def rank_share(self, windows: list) -> list:
+        """A contiguous run of windows per rank, so each rank scores one stretch of the stream in order."""
+        per = math.ceil(len(windows) / self.rt.world_size)
+        return windows[self.rt.rank * per:(self.rt.rank + 1) * per]
+
+    @torch.no_grad()
+    def batches(self, model: nn.Module, windows: list[tuple[int, int, int]], seq_len: int, logprobs: bool = False):
+        """Yields (Scores, log-distributions of the scored targets or None) a forward at a time."""
+        seq_len = min(seq_len, self.n_targets)
+        batch = max(1, self.cfg.val_batch_size // (seq_len * self.rt.world_size))
+        was_training = model.training
+        model.eval()
+        try:
+            for i in range(0, len(windows), batch):
+                chunk = windows[i:i + batch]
+                # A window may read past the stream's end (a document at the end, in DOC_MODE); what it
+                # reads after its last scored target cannot change a causal model's scores.
+                idx = torch.stack([F.pad(self.tokens[s:s + seq_len + 1], (0, max(0, s + seq_len + 1 - len(self.tokens))))
+                                   for s, _, _ in chunk]).to(self.rt.device)
+                x, y = idx[:, :-1], idx[:, 1:]
+                rows = [(r, first, stop) for r, (_, first, stop) in enumerate(chunk)]
+                pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in chunk]).to(self.rt.device)
+                target = torch.cat([y[r, a:b] for r, a, b in rows])
+                logp = None
+                scores_all = all(first == 0 and stop == seq_len for _, first, stop in chunk)
+                with self.rt.autocast():
+                    if scores_all and not logprobs:
+                        loss = model(x, y, reduction="none").float()
+                        nll = torch.cat([loss[r, a:b] for r, a, b in rows])
+                    else:  # the head and softmax only where scored: a sliding window scores few positions
+                        hidden = model(x)
+                        logits = model.head(torch.cat([hidden[r, a:b] for r, a, b in rows]))
+                        logp = F.log_softmax(logits.float(), dim=-1)
+                        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                        logp = logp if logprobs else None
+                counted = self.tables.count(x, y)
+                yield Scores(pos, nll, torch.cat([counted[r, a:b] for r, a, b in rows])), logp
+        finally:
+            model.train(was_training)
+
+    def score(self, model: nn.Module, windows: list, seq_len: int) -> Scores:
+        return Scores.cat([s for s, _ in self.batches(model, windows, seq_len)], self.rt.device)
+
+    def reduce(self, scores: Scores) -> tuple[float, float]:
+        sums = torch.stack([scores.nll.double().sum(), torch.tensor(float(scores.nll.numel()), device=self.rt.device,
+                            dtype=torch.float64), scores.nbytes.double().sum()])
+        loss_sum, count, byte_sum = self.rt.all_reduce(sums).tolist()
+        val_loss = loss_sum / count
+        return val_loss, loss_sum / math.log(2) / byte_sum
+
+    def val_bytes(self) -> int:
+        """Bytes of the targets standard evaluation scores: the bpb denominator."""
+        pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in self.standard_windows()])
+        return int(self.tables.count(self.tokens[pos].to(self.rt.device), self.tokens[pos + 1].to(self.rt.device)).sum())
+
+    def standard_windows(self) -> list:
+        """Disjoint windows of TRAIN_SEQ_LEN; in DOC_MODE one window a document, from its BOS, scoring
+        at most TRAIN_SEQ_LEN targets (the end of the document included)."""
+        seq = self.cfg.train_seq_len
+        if self.cfg.doc_mode:
+            return [(a, 0, min(b - a, seq)) for a, b in document_bounds(self.tokens.numpy(), self.bos_id)]
+        return sliding_windows(0, self.n_targets, self.n_targets, seq, seq)
+
+    def standard(self, model: nn.Module) -> tuple[float, float]:
+        return self.reduce(self.score(model, self.rank_share(self.standard_windows()), self.cfg.train_seq_len))
+
+    def per_token(self, model: nn.Module) -> np.ndarray | None:
+        """Every target's loss in stream order, gathered on rank 0 (None elsewhere)."""
+        nll = self.score(model, self.rank_share(self.standard_windows()), self.cfg.train_seq_len).nll
+        if self.rt.distributed:
+            sizes = [torch.zeros(1, dtype=torch.long, device=self.rt.device) for _ in range(self.rt.world_size)]
+            dist.all_gather(sizes, torch.tensor([nll.numel()], device=self.rt.device))
+            width = max(int(s) for s in sizes)
+            padded = [torch.zeros(width, device=self.rt.device) for _ in sizes]
+            dist.all_gather(padded, F.pad(nll, (0, width - nll.numel())))
+            nll = torch.cat([p[:int(s)] for p, s in zip(padded, sizes)])
+        return nll.cpu().numpy().astype(np.float16) if self.rt.rank == 0 else None
+
+
+@dataclass
+class MethodRun:
+    """One method's pass over (this rank's share of) the stream."""
+
+    scores: Scores
+    captured: dict[int, Tensor]  # target index -> the whole next-token distribution it was scored with
+    max_sum_error: float  # the largest |sum p - 1| over the distributions this run measured
+    info: dict = field(default_factory=dict)
+
+
+def prob_sum_error(probs: Tensor) -> Tensor:
+    """The largest |sum p - 1| over rows, kept on the device so a hot loop need not wait for it."""
+    if not probs.numel():
+        return torch.zeros((), dtype=torch.float64, device=probs.device)
+    return (probs.sum(-1, dtype=torch.float64) - 1).abs().max()
+
+
+def capture_rows(captured: dict, pos: Tensor, probs: Tensor, wanted: set[int]):
+    for row, p in enumerate(pos.tolist()):
+        if p in wanted:
+            captured[p] = probs[row].detach().float().cpu()
+
+
+def neural_run(ev: Evaluator, model: nn.Module, windows: list, seq_len: int, capture: set[int]) -> MethodRun:
+    """Scores windows with the model alone; log-distributions are built only where the audit asks."""
+    parts, captured = [], {}
+    for scores, logp in ev.batches(model, windows, seq_len, logprobs=bool(capture)):
+        parts.append(scores)
+        if capture:
+            capture_rows(captured, scores.pos, logp.exp(), capture)
+    error = float(prob_sum_error(torch.stack(list(captured.values())))) if captured else 0.0
+    return MethodRun(Scores.cat(parts, ev.rt.device), captured, error)
+
+
+def eval_seq_len(cfg: Config) -> int:
+    return cfg.eval_seq_len or cfg.train_seq_len
+
+
+def method_windows(cfg: Config, ev: Evaluator, lo: int, hi: int) -> list:
+    """Windows of the eval methods: sliding ones with EVAL_STRIDE, else disjoint at EVAL_SEQ_LEN."""
+    seq = eval_seq_len(cfg)
+    return sliding_windows(lo, hi, ev.n_targets, seq, cfg.eval_stride or seq)
+
+
+def standard_method(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int]) -> MethodRun:
+    return neural_run(ev, model, ev.rank_share(ev.standard_windows()), cfg.train_seq_len, capture)
+
+
+def sliding_method(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int]) -> MethodRun:
+    windows = sliding_windows(0, ev.n_targets, ev.n_targets, eval_seq_len(cfg), cfg.eval_stride)
+    return neural_run(ev, model, ev.rank_share(windows), eval_seq_len(cfg), capture)
+
+
+# Hedge: an online mixture of experts, each a normalised distribution over the whole vocabulary ---
+
+class NeuralExpert:
+    name = "neural"
+
+    def probs(self, pos: Tensor, logp: Tensor) -> Tensor:
+        return logp.exp()
+
+    def observe(self, pos: Tensor):
+        pass
+
+
+class TemperedExpert:
+    """The neural distribution sharpened where the model is sure and flattened where it is not:
+    temperature 0.7 + 0.6 * H / ln V, H the entropy of the neural distribution at that position."""
+
+    name = "tempered"
+
+    def probs(self, pos: Tensor, logp: Tensor) -> Tensor:
+        entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+        temperature = 0.7 + 0.6 * entropy / math.log(logp.size(-1))
+        return torch.softmax(logp / temperature, dim=-1)
+
+    def observe(self, pos: Tensor):
+        pass
+
+
+class NgramExpert:
+    """N-gram counts of the scored tokens only, smoothed toward the neural distribution: with n
+    counts in the context, p(v) = (count(v) + prior * p_neural(v)) / (n + prior), so an unseen
+    context falls back to the model and a well-seen one follows its counts. A context (the last
+    order-1 tokens) selects a row of counts, hashed when there are more contexts than rows; each row
+    is normalised over all V tokens, so a hash collision blurs the estimate but never breaks it."""
+
+    def __init__(self, tokens: Tensor, order: int, vocab_size: int, prior: float, max_entries: int):
+        self.name = ("unigram", "bigram", "trigram")[order - 1] if order <= 3 else f"{order}gram"
+        self.tokens, self.order, self.vocab_size, self.prior = tokens, order, vocab_size, prior
+        contexts = (vocab_size + 1) ** (order - 1)  # V stands for "before the stream's start"
+        self.rows = min(contexts, max(1, max_entries // vocab_size))
+        self.hashed = self.rows < contexts
+        self.counts = torch.zeros(self.rows, vocab_size, dtype=torch.int32, device=tokens.device)
+
+    def row(self, pos: Tensor) -> Tensor:
+        key = torch.zeros_like(pos)
+        for back in range(self.order - 1):
+            earlier = pos - back
+            # Before the stream's start the context holds V, an id no token has.
+            token = torch.where(earlier >= 0, self.tokens[earlier.clamp_min(0)], self.vocab_size)
+            key = key * (self.vocab_size + 1) + token
+        if self.hashed:
+            key = (key * 0x9E3779B1) % 2_147_483_629 % self.rows
+        return key % self.rows
+
+    def probs(self, pos: Tensor, logp: Tensor) -> Tensor:
+        weights = self.counts[self.row(pos)].float() + self.prior * logp.exp()
+        return weights / weights.sum(-1, keepdim=True)
+
+    def observe(self, pos: Tensor):
+        ones = torch.ones_like(pos, dtype=torch.int32)
+        self.counts.index_put_((self.row(pos), self.tokens[pos + 1]), ones, accumulate=True)
+
+
+def hedge_experts(cfg: Config, tokens: Tensor) -> list:
+    ngrams = [NgramExpert(tokens, order, cfg.vocab_size, cfg.hedge_prior, cfg.hedge_table_entries) for order in (1, 2, 3)]
+    return [NeuralExpert(), *ngrams, TemperedExpert()]
+
+
+def hedge_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int], experts: list | None = None) -> MethodRun:
+    """Score first, then learn: each block of HEDGE_CHUNK_TOKENS targets is scored by the mixture
+    as it stands, and only then do the weights (Hedge: log w -= eta * mean expert loss) and the
+    n-gram counts see those targets. Each rank starts its stretch with counts of every token before
+    it, which precede all it scores; its weights start from the prior."""
+    tokens = ev.tokens.to(ev.rt.device)
+    experts = experts if experts is not None else hedge_experts(cfg, tokens)
+    windows = ev.rank_share(method_windows(cfg, ev, 0, ev.n_targets))
+    if windows:
+        before = torch.arange(windows[0][0] + windows[0][1], device=ev.rt.device)
+        for block in before.split(1 << 20):
+            for expert in experts:
+                expert.observe(block)
+    # The neural expert starts with most of the weight: the count tables begin empty.
+    log_w = torch.tensor([2.0 if isinstance(e, NeuralExpert) else 0.0 for e in experts], device=ev.rt.device)
+    parts, captured = [], {}
+    max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)
+    for scores, logp in ev.batches(model, windows, eval_seq_len(cfg), logprobs=True):
+        nll = []
+        for rows in torch.arange(len(scores.pos), device=ev.rt.device).split(cfg.hedge_chunk_tokens):
+            pos = scores.pos[rows]
+            probs = torch.stack([e.probs(pos, logp[rows]) for e in experts])  # [experts, tokens, V]
+            mixture = torch.einsum("e,etv->tv", torch.softmax(log_w, 0), probs)
+            target = tokens[pos + 1].unsqueeze(-1)
+            nll.append(-mixture.gather(-1, target).squeeze(-1).clamp_min(1e-38).log())
+            max_error = torch.maximum(max_error, prob_sum_error(mixture))
+            if capture:
+                capture_rows(captured, pos, mixture, capture)
+            expert_nll = -probs.gather(-1, target.expand(len(experts), -1, 1)).squeeze(-1).clamp_min(1e-38).log()
+            log_w = log_w - cfg.hedge_eta * expert_nll.mean(1)
+            log_w = log_w - log_w.logsumexp(0)
+            for expert in experts:
+                expert.observe(pos)
+        parts.append(Scores(scores.pos, torch.cat(nll), scores.nbytes))
+    weights = {e.name: round(w, 6) for e, w in zip(experts, torch.softmax(log_w, 0).tolist())}
+    return MethodRun(Scores.cat(parts, ev.rt.device), captured, float(max_error), {"weights": weights})
+
+
+# Score-first test-time training ----------------------------------------------------------------
+
+def ttt_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int]) -> MethodRun:
+    """Chunk by chunk: score the chunk, then train on it (never the last), so no score depends on a
+    token the model has trained on. The weights are restored afterwards."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
+    n_chunks = math.ceil(ev.n_targets / cfg.ttt_chunk_tokens)
+    runs = []
+    try:
+        for k in range(n_chunks):
+            lo, hi = k * cfg.ttt_chunk_tokens, min(ev.n_targets, (k + 1) * cfg.ttt_chunk_tokens)
+            windows = ev.rank_share(method_windows(cfg, ev, lo, hi))
+            runs.append(neural_run(ev, model, windows, eval_seq_len(cfg), capture))
+            if k + 1 < n_chunks:
+                lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * k / (n_chunks - 1)))
+                ttt_adapt(cfg, ev, model, params, optimizer, lo, hi, lr)
+    finally:
+        model.load_state_dict(saved)
+    captured = {p: d for run in runs for p, d in run.captured.items()}
+    return MethodRun(Scores.cat([r.scores for r in runs], ev.rt.device), captured,
+                     max((r.max_sum_error for r in runs), default=0.0))
+
+
+def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimizer, lo: int, hi: int, lr: float):
+    """TTT_STEPS full-batch SGD steps on the chunk's targets, rows of TRAIN_SEQ_LEN split over ranks."""
+    seq = min(cfg.train_seq_len, hi - lo)
+    starts = list(range(lo, hi - seq + 1, seq))
+    mine = starts[ev.rt.rank::ev.rt.world_size]
+    total_tokens = len(starts) * seq
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    for _ in range(cfg.ttt_steps):
+        optimizer.zero_grad(set_to_none=False)
+        rows_per_forward = max(1, cfg.val_batch_size // (seq * ev.rt.world_size))
+        for i in range(0, len(mine), rows_per_forward):
+            idx = torch.stack([ev.tokens[s:s + seq + 1] for s in mine[i:i + rows_per_forward]]).to(ev.rt.device)
+            with ev.rt.autocast():
+                loss = model(idx[:, :-1], idx[:, 1:], reduction="none").float().sum() / total_tokens
+            loss.backward()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            ev.rt.all_reduce(p.grad)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# The audit: does every distribution sum to one, and does no score look ahead? ------------------
+
+AUDIT_SAMPLES = 64
+AUDIT_CUTS = 3
+AUDIT_TOLERANCE = 1e-5  # scores are computed the same way in both runs; a look-ahead moves them far more
+AUDIT_MAX_SUM_ERROR = 1e-3
+
+
+def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logger, name: str) -> dict:
+    """Runs `method` on a prefix of the stream, then again with the tokens after a cut point c
+    replaced at random, for a few cuts. Scores of targets before c must not change, nor the
+    distribution the target c was scored with. Distributions are measured at sampled targets."""
+    length = min(ev.n_targets, max(cfg.eval_audit_tokens, 2 * cfg.ttt_chunk_tokens if cfg.ttt_steps else 0))
+    prefix = ev.with_tokens(ev.tokens[:length + 1])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampled = set(torch.randint(0, length, (AUDIT_SAMPLES,), generator=gen).tolist())
+    cuts = sorted(torch.randint(length // 8, length, (AUDIT_CUTS,), generator=gen).tolist())
+    base = method(cfg, prefix, model, sampled | set(cuts))
+    error = base.max_sum_error
+    causal = True
+    for cut in cuts:
+        tokens = prefix.tokens.clone()
+        noise = torch.randint(1, cfg.vocab_size, (length - cut,), generator=gen)
+        tokens[cut + 1:] = (tokens[cut + 1:] + noise) % cfg.vocab_size  # every later token differs
+        perturbed = method(cfg, prefix.with_tokens(tokens), model, {cut})
+        error = max(error, perturbed.max_sum_error)
+        before = base.scores.pos < cut
+        same = torch.equal(base.scores.pos, perturbed.scores.pos) and torch.allclose(
+            base.scores.nll[before], perturbed.scores.nll[before], rtol=0, atol=AUDIT_TOLERANCE)
+        if cut in base.captured:
+            same = same and cut in perturbed.captured and torch.allclose(
+                base.captured[cut], perturbed.captured[cut], rtol=0, atol=AUDIT_TOLERANCE)
+        causal = causal and bool(same)
+    flags = ev.rt.all_reduce(torch.tensor([error, 0.0 if causal else 1.0], device=ev.rt.device,
+                                          dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+    result = {"max_prob_sum_error": flags[0], "causal": flags[1] == 0, "tokens": length,
+              "sampled_positions": len(sampled), "cuts": cuts}
+    result["passed"] = result["causal"] and result["max_prob_sum_error"] < AUDIT_MAX_SUM_ERROR
+    log(f"audit {name}: max_prob_sum_error:{result['max_prob_sum_error']:.3e} causal:{str(result['causal']).lower()} "
+        f"tokens:{length} cuts:{len(cuts)} {'passed' if result['passed'] else 'FAILED'}")
+    return result
+
+
+EVAL_METHODS = {"standard": standard_method, "sliding": sliding_method, "hedge": hedge_run, "ttt": ttt_run}
+
+
+def enabled_methods(cfg: Config) -> list[str]:
+    return (["sliding"] * bool(cfg.eval_stride) + ["hedge"] * cfg.hedge_enabled + ["ttt"] * bool(cfg.ttt_steps))
+
+
+def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger, standard_ms: float) -> dict:
+    """Audits (when asked) and runs every enabled method on the round-trip model; logs each and
+    estimates whether the whole evaluation would fit the challenge's limit on the full split."""
+    out, audits, eval_ms = {}, {}, {"standard": standard_ms}
+    names = enabled_methods(cfg)
+    if cfg.eval_audit:
+        for name in ["standard"] + names:
+            audits[name] = audit_method(cfg, ev, model, EVAL_METHODS[name], log, name)
+    for name in names:
+        if cfg.eval_audit and not audits[name]["passed"]:
+            out[f"{name}_val_bpb"] = None
+            log(f"final_{name} FAILED its audit: not scored")
+            continue
+        ev.rt.sync()
+        t0 = time.perf_counter()
+        run = EVAL_METHODS[name](cfg, ev, model, set())
+        loss, bpb = ev.reduce(run.scores)
+        ev.rt.sync()
+        eval_ms[name] = 1000 * (time.perf_counter() - t0)
+        out.update({f"{name}_val_loss": loss, f"{name}_val_bpb": bpb})
+        if run.info.get("weights"):
+            out[f"{name}_weights"] = run.info["weights"]
+            log(f"{name}_weights: " + " ".join(f"{k}:{v:.4f}" for k, v in run.info["weights"].items()))
+        log(f"final_{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms[name]:.0f}ms")
+        log(f"final_{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    out["eval_ms"] = eval_ms
+    out["eval_fit"] = eval_fit(ev, eval_ms)
+    log(f"total_eval_time:{sum(eval_ms.values()) / 1000:.1f}s estimated_full_split_8gpu:"
+        f"{out['eval_fit']['estimated_full_split_s']:.1f}s fits_{EVAL_LIMIT_SECONDS:.0f}s:"
+        f"{str(out['eval_fit']['fits']).lower()}")
+    if audits:
+        out["audit"] = {"max_prob_sum_error": max(a["max_prob_sum_error"] for a in audits.values()),
+                        "causal": all(a["causal"] for a in audits.values()),
+                        "passed": all(a["passed"] for a in audits.values()), "methods": audits}
+    return out
+
+
+def eval_fit(ev: Evaluator, eval_ms: dict) -> dict:
+    """Each method took ms here for n_targets on world_size devices of this kind; the full split on
+    8 of them takes that much longer per token and that much shorter per device."""
+    scale = FULL_VAL_TOKENS / ev.n_targets * ev.rt.world_size / EVAL_GPUS
+    estimate = sum(eval_ms.values()) / 1000 * scale
+    return {"estimated_full_split_s": estimate, "fits": estimate <= EVAL_LIMIT_SECONDS,
+            "basis": f"{ev.n_targets} targets on {ev.rt.world_size} x {ev.rt.device.type}, "
+                     f"scaled to {FULL_VAL_TOKENS} on {EVAL_GPUS}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def source_floor(data_path: str, log: Logger) -> dict:
+    """What DATA_PATH/meta.json says about the validation text: its UTF-8 bytes and, for the synthetic
+    corpus, its true information content (no honest model can score below it)."""
+    meta_path = Path(data_path) / "meta.json"
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{meta_path}: not valid JSON") from None
+    out = {}
+    if isinstance(meta, dict) and meta.get("val_utf8_bytes"):
+        out["val_utf8_bytes"] = int(meta["val_utf8_bytes"])
+        if meta.get("val_entropy_bits") is not None:
+            out["source_bpb"] = float(meta["val_entropy_bits"]) / out["val_utf8_bytes"]
+            log(f"source_entropy: val_entropy_bits:{meta['val_entropy_bits']:.1f} source_bpb:{out['source_bpb']:.4f}")
+    return out
+
+
+def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
+    torch.manual_seed(cfg.seed)
+    log(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
+    for note in notes:
+        log(note)
+    log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
+        f"compile:{rt.compile} bf16:{rt.bf16} torch:{torch.__version__}")
+
+    tokenizer_path = resolve_tokenizer_path(cfg)
+    sp = load_tokenizer(tokenizer_path, cfg.vocab_size)
+    tables = build_byte_tables(sp, cfg.vocab_size)
+    train_files, val_files = find_shards(cfg.data_path, "train"), find_shards(cfg.data_path, "val")
+    if cfg.doc_mode and sp.bos_id() < 0:
+        raise InputError(f"DOC_MODE: tokenizer {tokenizer_path} has no BOS piece to find documents by")
+    stream = DocStream(train_files, cfg, sp.bos_id()) if cfg.doc_mode else TokenStream(train_files, cfg.vocab_size)
+    if cfg.epochs:
+        cfg = dataclasses.replace(cfg, iterations=cfg.epochs * stream.steps_per_epoch)
+        log(f"epochs:{cfg.epochs} docs:{len(stream.docs)} docs_per_step:{stream.docs_per_step} "
+            f"steps_per_epoch:{stream.steps_per_epoch} iterations:{cfg.iterations}")
+    val_tokens = load_validation_tokens(val_files, cfg.train_seq_len, cfg.vocab_size)
+    evaluator = Evaluator(cfg, rt, val_tokens, tables, sp.bos_id())
+    val_bytes = evaluator.val_bytes()
+    log(f"val_bpb:enabled tokenizer_path={tokenizer_path}")
+    log(f"train_loader:dataset:{cfg.data_path} train_shards:{len(train_files)} tokens:{stream.total}")
+    log(f"val_loader:shards:{len(val_files)} tokens:{len(val_tokens) - 1} val_bytes:{val_bytes}")
+    floor = source_floor(cfg.data_path, log)
+
+    model = GPT(**model_kwargs(cfg)).to(rt.device)
+    model.balance_coefs = (cfg.moe_aux_coef, cfg.moe_zloss_coef)
+    counts = parameter_counts(model)
+    log(f"model_params:{counts['params_total']} trainable:{counts['params_trainable']}")
+    log(format_parameter_counts(counts))
+    compiled = torch.compile(model) if rt.compile else model
+    train_model = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.is_cuda else None,
+                                          broadcast_buffers=False, find_unused_parameters=has_one_pass_phase(cfg)
+                                          ) if rt.distributed else compiled
+    optimizers = build_optimizers(model, cfg, rt)
+    log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
+        f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
+
+    resume = resume_path(cfg)
+    train_state = restore(cfg, rt, resume, model, optimizers, log) if resume else TrainState(
+        average=WeightAverage(cfg.ema_decay))
+    prime(cfg, rt, model, train_model, optimizers, stream, log)
+    result = train(cfg, rt, model, train_model, compiled, optimizers, stream, evaluator, log, train_state)
+    if rt.distributed and cfg.depth_schedule:
+        check_same_on_all_ranks(rt, [(p["repeats"], p["step"]) for p in train_state.depth_phases], "depth phases", log)
+    peak = peak_memory_mib(rt)
+    if rt.is_cuda:
+        log(f"peak memory allocated: {peak:.0f} MiB reserved: {torch.cuda.max_memory_reserved(rt.device) // 2**20} MiB")
+    else:
+        log(f"peak memory rss: {peak:.0f} MiB")
+    averaged = {}
+    if cfg.swa_enabled or cfg.ema_decay:
+        kind = "swa" if cfg.swa_enabled else "ema"
+        model.load_state_dict(train_state.average.average(model.state_dict()))
+        averaged = {"raw_val_loss": result.val_loss, "raw_val_bpb": result.val_bpb,
+                    f"{kind}_snapshots": train_state.average.count}
+        result.val_loss, result.val_bpb = evaluator.standard(compiled)
+        log(f"{kind}: snapshots:{train_state.average.count} raw val_bpb:{averaged['raw_val_bpb']:.4f} "
+            f"averaged val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f}")
+    log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+    if cfg.per_token_loss_every:
+        save_per_token(cfg, evaluator, compiled, "final", result.steps, log)
+
+    exported, roundtrip = export_and_round_trip(cfg, rt, model, evaluator, log)
+    evaluated = final_evaluations(cfg, evaluator, roundtrip, log, exported["roundtrip_eval_ms"])
+    scored = [evaluated.get(f"{name}_val_bpb") for name in enabled_methods(cfg)]
+    lowest = min([result.val_bpb, exported["roundtrip_val_bpb"]] + [b for b in scored if b is not None])
+    if "source_bpb" in floor:
+        # Below the true entropy of the text is impossible for an honest evaluation: a bug, not a record.
+        floor["below_source_entropy"] = lowest < floor["source_bpb"]
+        if floor["below_source_entropy"]:
+            log(f"WARNING below_source_entropy: val_bpb {lowest:.4f} < source_bpb {floor['source_bpb']:.4f}: "
+                f"the evaluation is wrong")
+
+    summary = {
+        "run_id": cfg.run_id, "world_size": rt.world_size, "device": str(rt.device),
+        "config": dataclasses.asdict(cfg), "steps": result.steps, "train_time_ms": result.train_time_ms,
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_s": result.tokens_seen / max(result.train_time_ms / 1000, 1e-9),
+        **counts,
+        "val_loss": result.val_loss, "val_bpb": result.val_bpb, "val_bytes": val_bytes,
+        "val_tokens": len(val_tokens) - 1, "peak_mem_mib": peak, **exported, **evaluated, **floor, **averaged,
+        **({"depth_phases": train_state.depth_phases} if cfg.depth_schedule else {}),
+        **({"moe": result.moe} if result.moe else {}),
+    }
+    return summary
+
+
+def format_parameter_counts(counts: dict) -> str:
+    return (f"params: total:{counts['params_total']} trainable:{counts['params_trainable']} "
+            f"({counts['params_trainable_pct']:.2f}%) active_per_token:{counts['params_active_per_token']} "
+            f"stored:{counts['params_stored']}")
+
+
+def dry_run(cfg: Config, notes: list[str]) -> int:
+    """The config and the parameter accounting, from a model on the meta device: nothing allocated."""
+    print(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
+    for note in notes:
+        print(note)
+    with torch.device("meta"):
+        model = GPT(**model_kwargs(cfg))
+    counts = parameter_counts(model)
+    print(format_parameter_counts(counts))
+    print(f"dry_run: {json.dumps(counts)}")
+    return 0
+
+
+def has_one_pass_phase(cfg: Config) -> bool:
+    """A one-pass phase of a recurrent model leaves its cross-pass skips without a gradient, which
+    DDP must be told to expect."""
+    return cfg.num_repeats > 1 and min(r for r, _ in cfg.depth_phases) == 1
+
+
+def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evaluator, log: Logger
+                          ) -> tuple[dict, nn.Module]:
+    """Rank 0 builds the artifact of each scheme tried (QUANT=auto: the most precise first, until one
+    fits); every rank rebuilds a model from each one's bytes alone and evaluates it. The last one
+    tried is written. Returns the figures and its model, which the other final evaluations use."""
+    artifact_path = Path(cfg.log_dir) / f"{cfg.run_id}.ptz"
+    bytes_code = len(Path(__file__).read_bytes())
+    tried = []
+    for scheme in AUTO_ORDER if cfg.quant == "auto" else (cfg.quant,):
+        blob, groups = build_artifact(model, cfg, scheme) if rt.rank == 0 else (None, None)
+        blob = share_from_rank0(rt, blob)
+        header, tensors = parse_artifact(blob, artifact_path)
+        method = header["compressor"]
+        t_eval = time.perf_counter()
+        roundtrip = model_from_artifact(header, tensors, artifact_path, rt.device)
+        roundtrip = torch.compile(roundtrip) if rt.compile else roundtrip
+        rt_loss, rt_bpb = evaluator.standard(roundtrip)
+        eval_ms = 1000 * (time.perf_counter() - t_eval)
+        bytes_total = len(blob) + bytes_code
+        tried.append({"scheme": scheme, "compressor": method, "bytes_model": len(blob), "bytes_total": bytes_total,
+                      "fits": bytes_total <= cfg.artifact_limit_bytes, "roundtrip_val_loss": rt_loss,
+                      "roundtrip_val_bpb": rt_bpb, "groups": groups})
+        if rt.rank == 0:
+            for group, row in groups.items():
+                log(f"quant:{scheme} group:{group} params:{row['params']} fp32_bytes:{row['fp32_bytes']} "
+                    f"stored_bytes:{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} "
+                    f"ratio:{row['ratio']:.2f}")
+        log(f"quant:{scheme}+{method} bytes_total:{bytes_total} fits:{str(tried[-1]['fits']).lower()} "
+            f"roundtrip_val_bpb:{rt_bpb:.4f}")
+        if tried[-1]["fits"]:
+            break
+    if rt.rank == 0:
+        write_atomic(artifact_path, blob)
+    name = f"{scheme}+{method}"
+    over = bytes_total > cfg.artifact_limit_bytes
+    log(f"Serialized model {name}: {len(blob)} bytes")
+    log(f"Code size: {bytes_code} bytes")
+    log(f"Total submission size {name}: {bytes_total} bytes")
+    if cfg.quant == "auto":
+        log(f"quant:auto chose {scheme}" + ("" if not over else ": nothing fits, the smallest is written"))
+    if over:
+        log(f"WARNING over_limit: bytes_total {bytes_total} exceeds ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes} "
+            f"by {bytes_total - cfg.artifact_limit_bytes} bytes: this run cannot be a submission")
+    log(f"final_{scheme}_{method}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} eval_time:{eval_ms:.0f}ms")
+    log(f"final_{scheme}_{method}_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
+    return {"roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "bytes_model": len(blob),
+            "bytes_code": bytes_code, "bytes_total": bytes_total, "over_limit": over, "compressor": method,
+            "quant": {"scheme": scheme, "tried": tried}, "artifact_path": str(artifact_path),
+            "roundtrip_eval_ms": eval_ms}, roundtrip
+
+
+def main() -> int:
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print(config_help())
+        return 0
+    unknown = [arg for arg in sys.argv[1:] if arg != "--dry-run"]
+    if unknown:
+        print(f"error: unknown argument {unknown[0]!r}: settings are env vars (see --help); the only flag is --dry-run",
+              file=sys.stderr)
+        return 2
+    environ = {**os.environ, **({"DRY_RUN": "1"} if "--dry-run" in sys.argv[1:] else {})}
+    try:
+        cfg, notes = load_config(environ, world_size_from_env())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.dry_run:
+        return dry_run(cfg, notes)
+    rt = log = None
+    try:
+        rt = init_runtime(cfg)
+        log = Logger(Path(cfg.log_dir) / f"{cfg.run_id}.txt" if rt.rank == 0 else None)
+        summary = run(cfg, rt, log, notes)
+        if rt.rank == 0:
+            write_atomic(Path(cfg.log_dir) / f"{cfg.run_id}.json", json.dumps(summary, indent=2).encode())
+            log(f"summary: {Path(cfg.log_dir) / f'{cfg.run_id}.json'}")
+        audit_failed = not summary.get("audit", {}).get("passed", True)  # written down, then refused
+        if rt.distributed:
+            dist.barrier()  # no rank may leave while another still talks to it: gloo aborts on a closed peer
+            dist.destroy_process_group()
+        return 4 if audit_failed else 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        if log is not None:
+            log(f"error: {e}; last good checkpoint: {e.checkpoint or 'none'}")
+            log(f"to continue with a lower learning rate: RESUME_FROM={e.checkpoint or '<a checkpoint>'} RUN_ID="
+                f"{cfg.run_id} MATRIX_LR={cfg.matrix_lr / 2:g} SCALAR_LR={cfg.scalar_lr / 2:g} "
+                f"TIED_EMBED_LR={cfg.tied_embed_lr / 2:g} (and CHECKPOINT_EVERY_STEPS to checkpoint more often)")
+        return 3
+    except (RuntimeError, dist.DistError) as e:
+        if rt is None or not rt.distributed:
+            raise
+        # A peer that died leaves its collectives unanswered: say so instead of a bare traceback.
+        print(f"error: rank {rt.rank}: a collective with the other ranks failed ({str(e).splitlines()[0][:160]}); "
+              f"another rank probably died or hung: see its output", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
