@@ -857,6 +857,24 @@ def padded_expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_
     return torch.bmm(padded, weight)[experts_of_rows, slot]
 
 
+class SlotGather(torch.autograd.Function):
+    """rows[order // k], where `order` is a permutation of the slots (k per row): the backward gathers
+    the gradient back by `inverse` and sums each row's k slots, instead of autograd's scatter-add,
+    which compiles to atomic adds (slow on a CPU, nondeterministic on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, order: Tensor, inverse: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return rows[order // k] if k > 1 else rows[order]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        grad = grad[inverse]
+        return grad.view(-1, ctx.k, grad.size(-1)).sum(1) if ctx.k > 1 else grad, None, None, None
+
+
 class MoE(nn.Module):
     """Token-choice top-k routing over `num_experts` two-matrix FFNs with biases.
 
@@ -913,14 +931,14 @@ class MoE(nn.Module):
             0, experts, torch.ones_like(experts))
         offsets = counts.cumsum(0).to(torch.int32)
         sorted_experts = experts[order]
-        token = order // self.top_k
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=x.device))
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        rows = x[token].to(dtype)
+        rows = SlotGather.apply(x.to(dtype), order, inverse, self.top_k)  # slot t*k + j is token t's j-th choice
         h = expert_matmul(rows, self.w1, offsets, sorted_experts) + self.b1[sorted_experts].to(rows.dtype)
         h = self.activation(h)
         y = expert_matmul(h, self.w2, offsets, sorted_experts) + self.b2[sorted_experts].to(h.dtype)
-        y = y * gates.flatten()[order, None].to(y.dtype)
-        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        y = SlotGather.apply(y, inverse, order, 1).view(-1, self.top_k, y.size(-1))  # back in slot order
+        out = (y.to(x.dtype) * gates.unsqueeze(-1).to(x.dtype)).sum(1)
         with torch.no_grad():
             self.load[0 if self.training else 1] += counts
             if self.training:
