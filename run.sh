@@ -17,7 +17,9 @@ if [ "$gpus" -gt 0 ]; then
 fi
 
 synthetic=./data/synthetic
+embedded=0
 if [ -z "${DATA_PATH:-}" ]; then
+  embedded=1
   export DATA_PATH="$synthetic/shards"
   if ! compgen -G "$DATA_PATH/*_train_*.bin" >/dev/null; then
     python data/synthetic.py --out "$synthetic/docs" --docs 20000 --seed 1337
@@ -49,10 +51,13 @@ if grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then
   export AUTOCAST="${AUTOCAST:-1}"
 fi
 export WARMDOWN_ITERS="${WARMDOWN_ITERS:-300}"
-# Tuned at this budget's 380-540 steps (perf_notes.md 10-11, 16).
-export NUM_VALUE_EMBEDS="${NUM_VALUE_EMBEDS:-1}"
-export MATRIX_LR="${MATRIX_LR:-0.02}"
-export MUON_MOMENTUM_WARMUP_STEPS="${MUON_MOMENTUM_WARMUP_STEPS:-1000}"
+# Tuned on the embedded corpus at this budget's 380-540 steps (perf_notes.md 10-11, 16). On other
+# data they can hurt (a small real text overfits with them: perf_notes.md 19), so they apply only there.
+if [ "$embedded" = 1 ]; then
+  export NUM_VALUE_EMBEDS="${NUM_VALUE_EMBEDS:-1}"
+  export MATRIX_LR="${MATRIX_LR:-0.02}"
+  export MUON_MOMENTUM_WARMUP_STEPS="${MUON_MOMENTUM_WARMUP_STEPS:-1000}"
+fi
 export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-200}"
 export TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-50}"
 export VAL_BATCH_SIZE="${VAL_BATCH_SIZE:-65536}"

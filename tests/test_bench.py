@@ -51,3 +51,22 @@ def test_gpu_check_refuses_an_unknown_part():
     done = subprocess.run(["bash", str(ROOT / "gpu_check.sh"), "everything"], capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
     assert subprocess.run(["bash", "-n", str(ROOT / "gpu_check.sh")]).returncode == 0
+
+
+def run_sh_config(env: dict) -> dict:
+    import json
+    import os
+    done = subprocess.run(["bash", str(ROOT / "run.sh")], capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1", **env})
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("config: "))
+    return json.loads(line[len("config: "):])
+
+
+def test_run_sh_keeps_the_corpus_tuned_settings_off_a_users_data(tmp_path):
+    """The value embedding, Muon LR and momentum warm-up tuned on the embedded corpus overfit a small
+    real text (perf_notes.md 19): on a DATA_PATH of the user's, the harness's defaults hold."""
+    cfg = run_sh_config({"DATA_PATH": str(tmp_path)})
+    assert (cfg["num_value_embeds"], cfg["matrix_lr"], cfg["muon_momentum_warmup_steps"]) == (0, 0.04, 500)
+    assert (cfg["model_dim"], cfg["max_wallclock_seconds"]) == (192, 220.0)
+    assert run_sh_config({"DATA_PATH": str(tmp_path), "MATRIX_LR": "0.01"})["matrix_lr"] == 0.01
