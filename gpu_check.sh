@@ -2,8 +2,8 @@
 # The GPU checklist (correctness, throughput against the challenge's own script, the benchmark suite)
 # in one command, on a machine with a CUDA GPU:
 #
-#   bash gpu_check.sh [all|correctness|reference|suite]   # default all; each part alone fits a
-#                                                          # 10-minute slot
+#   bash gpu_check.sh [all|correctness|reference|suite]   # default all; each part alone is sized for a
+#                                                          # 10-minute slot (not yet timed on a GPU)
 #
 # Everything goes under $OUT (default ./gpu_out); a table of figures beside their goals comes last.
 # The side-by-side needs the challenge's root train_gpt.py at reference/train_gpt.py (git-ignored,
