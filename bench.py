@@ -119,17 +119,22 @@ def measure(shape: str, steps: int, warmup: int, scale: dict | None = None) -> l
             rt.sync()
             seconds = time.perf_counter() - t0
             tokens_per_s = steps * cfg.train_batch_tokens / seconds
-            layers = cfg.num_layers * repeats
-            flops_per_token = 6 * train_gpt.count_matmul_params(model) + 12 * layers * cfg.model_dim * cfg.train_seq_len
-            peak = float(os.environ.get("BENCH_PEAK_TFLOPS", "790")) * 1e12
             rows.append({"shape": shape if len(depths) == 1 else f"{shape}@{repeats}", "device": str(rt.device),
-                         "compile": rt.compile, "steps": steps, "effective_layers": layers,
+                         "compile": rt.compile, "steps": steps, "effective_layers": cfg.num_layers * repeats,
                          "ms_per_step": 1000 * seconds / steps, "tokens_per_s": tokens_per_s,
-                         "mfu": tokens_per_s * flops_per_token / peak if rt.is_cuda else None,
+                         "mfu": mfu(cfg, model, tokens_per_s) if rt.is_cuda else None,
                          "peak_mem_mib": train_gpt.peak_memory_mib(rt), "params": sum(p.numel() for p in params),
                          "graphs": compiled_graphs() - graphs_before if rt.compile else None,
                          "torch_threads": torch.get_num_threads()})
     return rows
+
+
+def mfu(cfg, model, tokens_per_s: float) -> float:
+    """Model FLOPs utilisation at the model's current depth: 6 x matmul parameters + 12 x layers x
+    dim x seq FLOPs a token, over BENCH_PEAK_TFLOPS (default 790, an H100's bf16)."""
+    layers = cfg.num_layers * model.repeats
+    flops_per_token = 6 * train_gpt.count_matmul_params(model) + 12 * layers * cfg.model_dim * cfg.train_seq_len
+    return tokens_per_s * flops_per_token / (float(os.environ.get("BENCH_PEAK_TFLOPS", "790")) * 1e12)
 
 
 def compiled_graphs() -> int:

@@ -81,10 +81,10 @@ if [ -f "$out/ours.out" ] && [ -f "$out/reference.out" ]; then
   python - "$out/reference.out" "$out/ours.out" <<'PY'
 import re, sys
 sys.path.insert(0, ".")
+import bench
 import train_gpt
 cfg, _ = train_gpt.load_config({})
 model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
-flops = 6 * train_gpt.count_matmul_params(model) + 12 * cfg.num_layers * cfg.model_dim * cfg.train_seq_len
 avg = {}
 for name, path in zip(("reference", "ours"), sys.argv[1:]):
     found = re.findall(r"^step:80/80 .*step_avg:([0-9.]+)ms", open(path).read(), re.M)
@@ -93,7 +93,7 @@ for name, path in zip(("reference", "ours"), sys.argv[1:]):
         continue
     avg[name] = float(found[-1])
     tokens_per_s = cfg.train_batch_tokens / (avg[name] / 1000)
-    print(f"{name:<10} step_avg {avg[name]:9.2f} ms  {tokens_per_s:10.0f} tokens/s  MFU {100 * tokens_per_s * flops / 790e12:5.1f}%")
+    print(f"{name:<10} step_avg {avg[name]:9.2f} ms  {tokens_per_s:10.0f} tokens/s  MFU {100 * bench.mfu(cfg, model, tokens_per_s):5.1f}%")
 if len(avg) == 2:
     ratio = avg["reference"] / avg["ours"]
     print(f"ours / reference tokens/s: {ratio:.3f}x (goal >= 1.3x: {'met' if ratio >= 1.3 else 'NOT met'})")

@@ -1,4 +1,6 @@
-"""bench.py: the suite's goals, its graph count per depth phase, and gpu_check.sh's usage."""
+"""bench.py: the suite's goals, its graph count per depth phase, MFU, and gpu_check.sh's usage."""
+import json
+import os
 import subprocess
 
 import pytest
@@ -47,6 +49,19 @@ def test_the_suite_counts_one_graph_per_depth_phase_when_compiling(monkeypatch):
     assert [r["graphs"] for r in rows] == [1, 1, 1]
 
 
+def test_mfu_counts_the_matmuls_and_attention_of_the_current_depth(monkeypatch):
+    import train_gpt
+    monkeypatch.setenv("BENCH_PEAK_TFLOPS", "1")
+    cfg, _ = train_gpt.load_config(dict(VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
+                                        NUM_KV_HEADS="1", TRAIN_SEQ_LEN="16", NUM_REPEATS="3"))
+    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
+    for repeats in (1, 3):
+        model.set_repeats(repeats)
+        per_pass = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
+        flops = 6 * (repeats * per_pass + 64 * 32) + 12 * (2 * repeats) * 32 * 16
+        assert bench.mfu(cfg, model, 1e12) == pytest.approx(flops)
+
+
 def test_gpu_check_refuses_an_unknown_part():
     done = subprocess.run(["bash", str(ROOT / "gpu_check.sh"), "everything"], capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
@@ -54,8 +69,6 @@ def test_gpu_check_refuses_an_unknown_part():
 
 
 def run_sh_config(env: dict) -> dict:
-    import json
-    import os
     done = subprocess.run(["bash", str(ROOT / "run.sh")], capture_output=True, text=True,
                           env={**os.environ, "DRY_RUN": "1", **env})
     assert done.returncode == 0, done.stderr
