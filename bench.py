@@ -6,6 +6,7 @@
     python bench.py --export [--shape baseline]   # time quantize + compress of each QUANT scheme instead
     python bench.py --suite [--steps N] [--json FILE]   # every shape and evaluation method, one table
     python bench.py --profile [--shape small] [--steps N]   # torch.profiler's operator table of a few steps
+    python bench.py --optimizer [--shape small] [--steps N]   # Muon's step: same-shape batches vs one at a time
 
 Prints tokens/s, ms/step, peak memory, and on CUDA the MFU (model FLOPs a token = 6 x matmul
 parameters + 12 x layers x dim x seq, over BENCH_PEAK_TFLOPS, default 790 for an H100's bf16).
@@ -83,7 +84,10 @@ def profile(shape: str, steps: int, warmup: int) -> str:
     """torch.profiler's table (operators by total CPU time) over `steps` training steps after `warmup`."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
+    import torch._inductor.config
 
+    # Names each compiled CPU kernel in the table instead of one opaque "CompiledFxGraph" row.
+    torch._inductor.config.cpp.enable_kernel_profile = True
     cfg, rt, model, train_model, optimizers, params = build(shape)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.is_cuda else [])
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,6 +145,33 @@ def compiled_graphs() -> int:
     """Graphs torch.compile has built in this process: one more per depth phase means one recompile."""
     from torch._dynamo.utils import counters
     return counters["stats"]["unique_graphs"]
+
+
+def measure_optimizer(shape: str, repeats: int) -> dict:
+    """Muon's step on the shape's matrices (random gradients) as the harness runs it, against the
+    same matrices stepped one Muon per matrix (no same-shape batches), in turns; medians of `repeats`."""
+    cfg, rt, model, _, optimizers, _ = build(shape)
+    muon = next(opt for opt in optimizers if isinstance(opt, train_gpt.Muon))
+    matrices = [p for group in muon.param_groups for p in group["params"]]
+    singles = [train_gpt.Muon([p], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
+                              weight_decay=cfg.muon_wd, ns_dtype=muon.ns_dtype) for p in matrices]
+    for p in matrices:
+        p.grad = torch.randn_like(p)
+    times = {"batched": [], "one_at_a_time": []}
+    for i in range(repeats + 1):  # the first round warms up and is not counted
+        for name, steps in (("batched", [muon]), ("one_at_a_time", singles)):
+            rt.sync()
+            t0 = time.perf_counter()
+            for opt in steps:
+                opt.step()
+            rt.sync()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {"shape": shape, "device": str(rt.device), "matrices": len(matrices),
+            "batches": len(muon.shape_batches(matrices)), "batched_ms": 1000 * median["batched"],
+            "one_at_a_time_ms": 1000 * median["one_at_a_time"],
+            "speedup": median["one_at_a_time"] / median["batched"]}
 
 
 def measure_checkpoint(shape: str, repeats: int) -> dict:
@@ -301,6 +332,8 @@ def main():
     parser.add_argument("--profile", action="store_true", help="torch.profiler's operator table over --steps steps")
     parser.add_argument("--suite", action="store_true", help="every shape and evaluation method: one table")
     parser.add_argument("--eval", action="store_true", help="time the evaluation methods instead")
+    parser.add_argument("--optimizer", action="store_true",
+                        help="time Muon's step, same-shape batches against one matrix at a time, instead")
     parser.add_argument("--export", action="store_true", help="time quantize + compress of each scheme instead")
     parser.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens --eval scores")
     parser.add_argument("--repeats", type=int, default=3, help="--eval times each method this often (median)")
@@ -331,6 +364,14 @@ def main():
             print(f"{r['method']:<9} {r['device']:<8} {r['seq_len']:>5} {str(r['stride'] or '-'):>6} {r['tokens']:>8} "
                   f"{r['seconds']:>8.2f} {r['tokens_per_s']:>10.0f} {r['time_vs_sliding']:>9.2f}")
         write_json(args.json, rows)
+        return
+    if args.optimizer:
+        row = measure_optimizer(args.shape, max(args.steps, 1))
+        print(f"{'shape':<10} {'device':<8} {'matrices':>8} {'batches':>7} {'batched ms':>10} {'one at a time ms':>16} "
+              f"{'speedup':>7}")
+        print(f"{row['shape']:<10} {row['device']:<8} {row['matrices']:>8} {row['batches']:>7} {row['batched_ms']:>10.1f} "
+              f"{row['one_at_a_time_ms']:>16.1f} {row['speedup']:>7.2f}")
+        write_json(args.json, row)
         return
     if args.checkpoint:
         row = measure_checkpoint(args.shape, max(args.steps, 1))

@@ -62,6 +62,14 @@ def test_mfu_counts_the_matmuls_and_attention_of_the_current_depth(monkeypatch):
         assert bench.mfu(cfg, model, 1e12) == pytest.approx(flops)
 
 
+def test_the_optimizer_benchmark_times_batched_muon_against_one_matrix_at_a_time(monkeypatch):
+    for name, value in dict(MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", VOCAB_SIZE="64").items():
+        monkeypatch.setenv(name, value)
+    row = bench.measure_optimizer("small", repeats=1)
+    assert row["matrices"] == 4 * 7 and row["batches"] == 5  # 4 blocks: q, k, v, out, fc, proj, resid_mix
+    assert row["batched_ms"] > 0 and row["one_at_a_time_ms"] > 0 and row["speedup"] > 0
+
+
 def test_gpu_check_refuses_an_unknown_part():
     done = subprocess.run(["bash", str(ROOT / "gpu_check.sh"), "everything"], capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
