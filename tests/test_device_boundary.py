@@ -1,0 +1,72 @@
+"""The harness on a device that is not the host (tests/imitated_device.py): what would crash or
+stall on CUDA crashes here too.
+
+Training, checkpoint save and restore, export and the artifact round trip, per-token dumps, every
+evaluation method (Hedge's tables included) and their audits run end to end with every tensor the
+harness puts on its device living there; a `.numpy()` on one, or an op mixing it with host
+tensors, fails the test. The training step is held to one device-to-host transfer."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import imitated_device
+import train_gpt
+
+# Wide enough that the embedding and the attention matrices are quantized (QUANT_MIN_NUMEL), not stored as fp16.
+EVERYTHING = {"MODEL_DIM": "128", "EVAL_STRIDE": "32", "HEDGE_ENABLED": "1", "HEDGE_CHUNK_TOKENS": "64", "TTT_STEPS": "1",
+              "TTT_CHUNK_TOKENS": "512", "EVAL_AUDIT": "1", "EVAL_AUDIT_TOKENS": "600", "PER_TOKEN_LOSS_EVERY": "3",
+              "CHECKPOINT_EVERY_STEPS": "3", "SWA_ENABLED": "1", "SWA_EVERY": "1", "SWA_START_FRAC": "0"}
+
+
+def run_on_device(env: dict, dev: torch.device) -> dict:
+    cfg, notes = train_gpt.load_config(env)
+    rt = train_gpt.Runtime(rank=0, world_size=1, local_rank=0, device=dev, compile=False)
+    log = train_gpt.Logger(Path(cfg.log_dir) / f"{cfg.run_id}.txt")
+    return train_gpt.run(cfg, rt, log, notes)
+
+
+@pytest.fixture
+def device(monkeypatch):
+    with imitated_device.DeviceFactories():
+        yield imitated_device.imitate_cuda(monkeypatch, train_gpt)
+
+
+def test_the_imitated_device_fails_where_cuda_fails(device):
+    t = torch.ones(3).to(device)
+    with pytest.raises(TypeError):
+        t.numpy()
+    with pytest.raises(RuntimeError, match="same device"):
+        t + torch.ones(3)
+    assert (t + torch.tensor(1.0)).device == device  # a 0-dim host tensor is a scalar, as on CUDA
+    assert t[torch.tensor([0, 2])].device == device  # host indices are moved, as on CUDA
+    imitated_device.TRANSFERS.clear()
+    assert t.sum().item() == 3 and t.tolist() == [1, 1, 1] and t.cpu().numpy().sum() == 3
+    assert imitated_device.TRANSFERS == ["item", "tolist", "to_host"]
+
+
+def test_a_whole_run_with_every_evaluation_crosses_the_device_boundary_cleanly(tiny_env, device):
+    summary = run_on_device({**tiny_env, **EVERYTHING}, device)
+    assert summary["audit"]["passed"], summary["audit"]
+    for name in ("roundtrip", "sliding", "hedge", "ttt"):
+        assert summary[f"{name}_val_bpb"] > 0
+    logs = Path(tiny_env["LOG_DIR"])
+    assert (logs / "t.ptz").stat().st_size == summary["bytes_model"]
+    assert len(list((logs / "t_per_token").glob("*.npz"))) >= 2
+    checkpoint = sorted(logs.glob("t_step*.ckpt"))[-1]
+
+    # A resume on the device: the checkpoint's tensors come back onto it, and the run finishes.
+    resumed = run_on_device({**tiny_env, **EVERYTHING, "RUN_ID": "r", "RESUME_FROM": str(checkpoint)}, device)
+    assert resumed["steps"] == summary["steps"]
+    assert resumed["roundtrip_val_bpb"] == pytest.approx(summary["roundtrip_val_bpb"], abs=1e-4)
+
+
+def test_the_artifact_of_a_model_on_the_device_round_trips(tiny_env, device):
+    cfg, _ = train_gpt.load_config({**tiny_env, "MODEL_DIM": "128"})
+    torch.manual_seed(0)
+    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
+    host_blob, _ = train_gpt.build_artifact(model, cfg, "int6")
+    blob, _ = train_gpt.build_artifact(model.to(device), cfg, "int6")
+    assert blob == host_blob  # the same bytes whichever device the weights are on
