@@ -1289,8 +1289,10 @@ def muon_momentum(cfg: Config, step: int) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Tensor],
-               optimizers: list[torch.optim.Optimizer], stream: TokenStream, step: int, scale: float) -> Tensor:
-    """One optimizer step over the global batch; returns this rank's mean loss (a tensor, no sync)."""
+               optimizers: list[torch.optim.Optimizer], stream: TokenStream, step: int, scale: float,
+               clock_ms=lambda: 0.0) -> tuple[Tensor, float]:
+    """One optimizer step over the global batch; returns this rank's mean loss (a tensor) and the
+    training time all ranks agree on, read from `clock_ms` before the optimizers step."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
@@ -1311,8 +1313,13 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    # Gradients are all-reduced, so every rank reaches the same verdict; weights stay untouched.
-    if not bool(torch.isfinite(norm)):
+    # The step's one host sync: the ranks agree on the clock (so LR schedules and the stop agree) and
+    # learn whether the gradient is finite, before any weight moves.
+    verdict = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    verdict[0] = clock_ms()
+    verdict[1] = (~torch.isfinite(norm)).double()
+    elapsed_ms, non_finite = rt.all_reduce(verdict, dist.ReduceOp.MAX).tolist()
+    if non_finite:
         raise Diverged(step + 1, "loss" if not bool(torch.isfinite(total)) else "gradient", non_finite_group(optimizers))
     for opt in optimizers:
         opt.step()
@@ -1321,7 +1328,7 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
             # Every rank nudges by the global load, so the biases stay identical across ranks.
             moe.nudge_route_bias(cfg.moe_bias_update, rt.all_reduce(moe.step_load.clone()))
         moe.step_load.zero_()
-    return total / cfg.grad_accum_steps
+    return total / cfg.grad_accum_steps, elapsed_ms
 
 
 class Diverged(Exception):
@@ -1514,14 +1521,13 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
                 break
             if cfg.fault_at_step and state.step == cfg.fault_at_step and cfg.fault_rank in (-1, rt.rank):
                 os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no message
-            elapsed = state.train_ms + 1000 * (time.perf_counter() - t0)
-            loss = train_step(cfg, rt, train_model, params, optimizers, stream, state.step,
-                              lr_scale(cfg, state.step, elapsed))
+            # `elapsed` is the clock the ranks agreed on in the previous step, so their LRs are identical.
+            loss, elapsed = train_step(cfg, rt, train_model, params, optimizers, stream, state.step,
+                                       lr_scale(cfg, state.step, elapsed),
+                                       lambda: state.train_ms + 1000 * (time.perf_counter() - t0))
             state.step += 1
             epoch_loss_sum += loss.detach()
             epoch_steps += 1
-            # Every rank must agree on the clock, or LR schedules and the stop would differ between ranks.
-            elapsed = agreed_elapsed_ms(rt, state.train_ms + 1000 * (time.perf_counter() - t0))
             if state.step <= 10 or state.step % cfg.train_log_every == 0 or state.step == cfg.iterations:
                 loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
                 tok_s = state.step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9)

@@ -70,3 +70,32 @@ def test_the_artifact_of_a_model_on_the_device_round_trips(tiny_env, device):
     host_blob, _ = train_gpt.build_artifact(model, cfg, "int6")
     blob, _ = train_gpt.build_artifact(model.to(device), cfg, "int6")
     assert blob == host_blob  # the same bytes whichever device the weights are on
+
+
+def test_a_training_step_waits_for_the_device_once(tiny_env, device, monkeypatch):
+    """On steps that neither log nor validate, the loop's only device-to-host transfer is the step's
+    agreement on the clock and the finite-gradient verdict, also when the ranks all-reduce it."""
+    monkeypatch.setattr(train_gpt.Runtime, "distributed", property(lambda self: True))
+    monkeypatch.setattr(train_gpt.dist, "all_reduce", lambda tensor, op=None: None)  # one rank: a no-op
+    real_step = train_gpt.train_step
+
+    def marked_step(*args, **kwargs):
+        imitated_device.TRANSFERS.append("step")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_gpt, "train_step", marked_step)
+    env = {**tiny_env, "ITERATIONS": "16", "TRAIN_LOG_EVERY": "1000", "WARMUP_STEPS": "0", "GRAD_ACCUM_STEPS": "1"}
+    cfg, _ = train_gpt.load_config(env)
+    rt = train_gpt.Runtime(rank=0, world_size=1, local_rank=0, device=device, compile=False)
+    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg)).to(device)
+    stream = train_gpt.TokenStream(train_gpt.find_shards(cfg.data_path, "train"), cfg.vocab_size)
+    evaluator = train_gpt.Evaluator(cfg, rt, torch.arange(129) % cfg.vocab_size,
+                                    train_gpt.ByteTables(torch.ones(cfg.vocab_size, dtype=torch.int32),
+                                                         *[torch.zeros(cfg.vocab_size, dtype=torch.bool)] * 2))
+    imitated_device.TRANSFERS.clear()
+    train_gpt.train(cfg, rt, model, model, model, train_gpt.build_optimizers(model, cfg, rt), stream, evaluator,
+                    train_gpt.Logger(None), train_gpt.TrainState())
+    steps = " ".join(imitated_device.TRANSFERS).split("step")[1:]
+    assert len(steps) == 16
+    quiet = steps[10:15]  # steps 11-15: no log line (steps 1-10 and the last log), no validation
+    assert all(s.split() == ["tolist"] for s in quiet), quiet
