@@ -76,7 +76,7 @@ def build(shape: str, scale: dict | None = None):
         # Each shape compiles afresh: all shapes share GPT.forward's code, and dynamo stops recompiling
         # one function after a few shapes, falling back to eager.
         torch._dynamo.reset()
-    train_model = torch.compile(model) if rt.compile else model
+    train_model = train_gpt.compile_fn(model) if rt.compile else model
     return cfg, rt, model, train_model, train_gpt.build_optimizers(model, cfg, rt), list(model.parameters())
 
 
@@ -142,9 +142,8 @@ def mfu(cfg, model, tokens_per_s: float) -> float:
 
 
 def compiled_graphs() -> int:
-    """Graphs torch.compile has built in this process: one more per depth phase means one recompile."""
-    from torch._dynamo.utils import counters
-    return counters["stats"]["unique_graphs"]
+    """Graphs of the model's forward built so far: one more per depth phase means one recompile."""
+    return train_gpt.compile_report()["per_function"]["GPT.forward"]
 
 
 def measure_optimizer(shape: str, repeats: int) -> dict:
@@ -210,7 +209,7 @@ def measure_eval(shape: str, n_tokens: int, repeats: int, scale: dict | None = N
     rt = train_gpt.init_runtime(cfg)
     torch.manual_seed(cfg.seed)
     model = train_gpt.GPT(**train_gpt.model_kwargs(cfg)).to(rt.device)
-    model = torch.compile(model) if rt.compile else model
+    model = train_gpt.compile_fn(model) if rt.compile else model
     tokens = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, size=n_tokens + 1))
     ones = torch.ones(cfg.vocab_size, dtype=torch.int32)
     no = torch.zeros(cfg.vocab_size, dtype=torch.bool)

@@ -431,6 +431,40 @@ class Runtime:
         return tensor
 
 
+# torch.compile keeps its graphs per code object and, past its recompile limit (8 by default), runs
+# the code eagerly without an error. GPT.forward alone serves training at every depth, evaluation
+# with and without targets, TTT's training mode and the reloaded model: a recurrent run with every
+# evaluation needs 10 to 20. The limit is set far above that, and the log counts the graphs.
+COMPILE_GRAPH_LIMIT = 64
+
+
+def compile_fn(fn):
+    """Static shapes: each shape its own graph, counted, instead of slower dynamic-shape graphs."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_GRAPH_LIMIT)
+    return torch.compile(fn, dynamic=False)
+
+
+def compile_report() -> dict:
+    """Graphs compiled for each function the harness compiles, recompiles (graphs after a function's
+    first) and graph breaks; `eager_fallback` names the functions that reached the limit."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    graphs = {f.__qualname__: len(_debug_get_cache_entry_list(f.__code__)) for f in (GPT.forward, newton_schulz)}
+    limit = torch._dynamo.config.cache_size_limit
+    return {"graphs": sum(graphs.values()), "recompiles": sum(max(0, n - 1) for n in graphs.values()),
+            "graph_breaks": sum(counters["graph_break"].values()), "per_function": graphs,
+            "eager_fallback": [name for name, n in graphs.items() if n >= limit]}
+
+
+def log_compile(log: "Logger", report: dict):
+    log(f"compile: {report['graphs']} graphs, {report['recompiles']} recompiles, {report['graph_breaks']} graph breaks "
+        f"(" + " ".join(f"{name}:{n}" for name, n in report["per_function"].items()) + ")")
+    for name in report["eager_fallback"]:
+        log(f"WARNING compile_limit: {name} reached {torch._dynamo.config.cache_size_limit} graphs; later calls run "
+            f"eagerly (slow): see which shapes recompile with TORCH_LOGS=recompiles")
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -1164,10 +1198,12 @@ class Muon(torch.optim.Optimizer):
     applies identical ones."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.float32):
+                 rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.float32, compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay))
         self.rank, self.world_size, self.ns_dtype = rank, world_size, ns_dtype
+        # Compiled, the iteration's ~15 small kernels a shape batch fuse into a few: one graph per batch shape.
+        self.orthogonalise = compile_fn(newton_schulz) if compile else newton_schulz
 
     @torch.no_grad()
     def step(self):
@@ -1183,7 +1219,7 @@ class Muon(torch.optim.Optimizer):
             for mine in self.shape_batches(params):
                 # A lone matrix is not stacked: as a batch of one it would take the batched-matmul kernel.
                 batch = torch.stack([directions[i] for i in mine]) if len(mine) > 1 else directions[mine[0]]
-                updates = newton_schulz(batch, group["backend_steps"], self.ns_dtype).float().reshape(len(mine), -1)
+                updates = self.orthogonalise(batch, group["backend_steps"], self.ns_dtype).float().reshape(len(mine), -1)
                 rows, cols = params[mine[0]].shape[-2:]
                 updates *= max(1.0, rows / cols) ** 0.5
                 for i, update in zip(mine, updates):
@@ -1248,7 +1284,7 @@ def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.O
     matrices = groups["matrices"]
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
                 weight_decay=cfg.muon_wd, rank=rt.rank, world_size=rt.world_size,
-                ns_dtype=torch.bfloat16 if rt.bf16 else torch.float32)
+                ns_dtype=torch.bfloat16 if rt.bf16 else torch.float32, compile=rt.compile)
     for group in muon.param_groups:
         group.update(base_lr=cfg.matrix_lr, name="matrices")
     return [adam, muon]
@@ -2071,16 +2107,18 @@ class Evaluator:
     def batches(self, model: nn.Module, windows: list[tuple[int, int, int]], seq_len: int, logprobs: bool = False):
         """Yields (Scores, log-distributions of the scored targets or None) a forward at a time."""
         seq_len = min(seq_len, self.n_targets)
-        batch = max(1, self.cfg.val_batch_size // (seq_len * self.rt.world_size))
+        batch = self.rows_per_forward(len(windows), seq_len)
         was_training = model.training
         model.eval()
         try:
             for i in range(0, len(windows), batch):
                 chunk = windows[i:i + batch]
                 # A window may read past the stream's end (a document at the end, in DOC_MODE); what it
-                # reads after its last scored target cannot change a causal model's scores.
+                # reads after its last scored target cannot change a causal model's scores. Compiled, a
+                # short last batch is padded with copies of its last window, never scored.
+                reads = chunk + chunk[-1:] * (batch - len(chunk)) if self.rt.compile else chunk
                 idx = torch.stack([F.pad(self.tokens[s:s + seq_len + 1], (0, max(0, s + seq_len + 1 - len(self.tokens))))
-                                   for s, _, _ in chunk]).to(self.rt.device)
+                                   for s, _, _ in reads]).to(self.rt.device)
                 x, y = idx[:, :-1], idx[:, 1:]
                 rows = [(r, first, stop) for r, (_, first, stop) in enumerate(chunk)]
                 pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in chunk]).to(self.rt.device)
@@ -2101,6 +2139,12 @@ class Evaluator:
                 yield Scores(pos, nll, torch.cat([counted[r, a:b] for r, a, b in rows])), logp
         finally:
             model.train(was_training)
+
+    def rows_per_forward(self, n_rows: int, seq_len: int) -> int:
+        """VAL_BATCH_SIZE tokens over all ranks; compiled, a power of two, so that the graphs' static
+        batch sizes are few whatever the number of windows (a prefix for the audit, a TTT chunk)."""
+        most = max(1, self.cfg.val_batch_size // (seq_len * self.rt.world_size))
+        return min(most, 1 << (max(n_rows, 1) - 1).bit_length()) if self.rt.compile else most
 
     def score(self, model: nn.Module, windows: list, seq_len: int) -> Scores:
         return Scores.cat([s for s, _ in self.batches(model, windows, seq_len)], self.rt.device)
@@ -2333,13 +2377,18 @@ def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimi
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
+    batch = ev.rows_per_forward(len(mine), seq)
     for _ in range(cfg.ttt_steps):
         optimizer.zero_grad(set_to_none=False)
-        rows_per_forward = max(1, cfg.val_batch_size // (seq * ev.rt.world_size))
-        for i in range(0, len(mine), rows_per_forward):
-            idx = torch.stack([ev.tokens[s:s + seq + 1] for s in mine[i:i + rows_per_forward]]).to(ev.rt.device)
+        for i in range(0, len(mine), batch):
+            rows = mine[i:i + batch]
+            idx = torch.stack([ev.tokens[s:s + seq + 1] for s in rows]).to(ev.rt.device)
+            x, y = idx[:, :-1], idx[:, 1:]
+            if ev.rt.compile and len(rows) < batch:  # a static shape: padding rows whose targets are skipped
+                x = torch.cat([x, x[-1:].expand(batch - len(rows), -1)])
+                y = F.pad(y, (0, 0, 0, batch - len(rows)), value=-100)
             with ev.rt.autocast():
-                loss = model(idx[:, :-1], idx[:, 1:], reduction="none").float().sum() / total_tokens
+                loss = model(x, y, reduction="none").float().sum() / total_tokens
             loss.backward()
         for p in params:
             if p.grad is None:
@@ -2502,7 +2551,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     counts = parameter_counts(model)
     log(f"model_params:{counts['params_total']} trainable:{counts['params_trainable']}")
     log(format_parameter_counts(counts))
-    compiled = torch.compile(model) if rt.compile else model
+    compiled = compile_fn(model) if rt.compile else model
     train_model = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.is_cuda else None,
                                           broadcast_buffers=False, find_unused_parameters=has_one_pass_phase(cfg)
                                           ) if rt.distributed else compiled
@@ -2537,6 +2586,9 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
 
     exported, roundtrip = export_and_round_trip(cfg, rt, model, evaluator, log)
     evaluated = final_evaluations(cfg, evaluator, roundtrip, log, exported["roundtrip_eval_ms"])
+    compiled_graphs = compile_report() if rt.compile else None
+    if compiled_graphs:
+        log_compile(log, compiled_graphs)
     scored = [evaluated.get(f"{name}_val_bpb") for name in enabled_methods(cfg)]
     lowest = min([result.val_bpb, exported["roundtrip_val_bpb"]] + [b for b in scored if b is not None])
     if "source_bpb" in floor:
@@ -2555,7 +2607,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         "val_loss": result.val_loss, "val_bpb": result.val_bpb, "val_bytes": val_bytes,
         "val_tokens": len(val_tokens) - 1, "peak_mem_mib": peak, **exported, **evaluated, **floor, **averaged,
         **({"depth_phases": train_state.depth_phases} if cfg.depth_schedule else {}),
-        **({"moe": result.moe} if result.moe else {}),
+        **({"moe": result.moe} if result.moe else {}), **({"compile": compiled_graphs} if compiled_graphs else {}),
     }
     return summary
 
@@ -2600,7 +2652,7 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evalu
         method = header["compressor"]
         t_eval = time.perf_counter()
         roundtrip = model_from_artifact(header, tensors, artifact_path, rt.device)
-        roundtrip = torch.compile(roundtrip) if rt.compile else roundtrip
+        roundtrip = compile_fn(roundtrip) if rt.compile else roundtrip
         rt_loss, rt_bpb = evaluator.standard(roundtrip)
         eval_ms = 1000 * (time.perf_counter() - t_eval)
         bytes_total = len(blob) + bytes_code

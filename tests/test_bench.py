@@ -40,7 +40,7 @@ def test_the_suite_counts_one_graph_per_depth_phase_when_compiling(monkeypatch):
     depth phase of the schedule adds exactly one graph."""
     import torch
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="aot_eager"))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="aot_eager", **kw))
     for name, value in dict(COMPILE="1", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="16",
                             TRAIN_BATCH_TOKENS="64", VOCAB_SIZE="64", NUM_VALUE_EMBEDS="0").items():
         monkeypatch.setenv(name, value)

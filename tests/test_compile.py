@@ -73,3 +73,32 @@ def test_the_evaluations_hidden_states_go_through_the_compiled_forward():
         hidden = compiled(idx)
     assert (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())) == (1, 0)
     torch.testing.assert_close(hidden, model.hidden(idx)[0])
+
+
+def test_a_recurrent_run_with_every_evaluation_compiles_the_graphs_it_plans(tiny_env, monkeypatch):
+    """The recurrent preset at CPU scale through training (3 depth phases), SWA, export, the round
+    trip and sliding + Hedge + TTT with their audits: every graph is counted in the log and the
+    summary, none falls back to eager, none breaks. GPT.forward's 9 graphs: training at depths 2, 3
+    and 4 (16 rows); standard scoring (64 rows), which the trained, averaged and reloaded models
+    share; hidden states of 16 rows (the audit's standard prefix, TTT chunks), 32 (the sliding and
+    Hedge audits), 64 (sliding and Hedge) and 8 (TTT's last, shorter chunk); TTT's training mode (8
+    rows). Newton-Schulz: one graph per matrix shape (5, resid_mix's 2 x 32 included)."""
+    import train_gpt
+    from pathlib import Path
+
+    torch._dynamo.reset()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", **kw))
+    env = {**tiny_env, "PRESET": "recurrent", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+           "MATRIX_LR": "0.02", "EVAL_STRIDE": "32", "HEDGE_ENABLED": "1", "TTT_STEPS": "1",
+           "TTT_CHUNK_TOKENS": "512", "EVAL_AUDIT": "1", "EVAL_AUDIT_TOKENS": "600", "GRAD_ACCUM_STEPS": "1"}
+    cfg, notes = train_gpt.load_config(env)
+    rt = train_gpt.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), compile=True)
+    log = train_gpt.Logger(Path(cfg.log_dir) / "t.txt")
+    summary = train_gpt.run(cfg, rt, log, notes)
+    assert [p["repeats"] for p in summary["depth_phases"]] == [2, 3, 4]
+    assert summary["audit"]["passed"]
+    report = summary["compile"]
+    assert report["per_function"] == {"GPT.forward": 9, "newton_schulz": 5}, report
+    assert (report["graphs"], report["recompiles"], report["graph_breaks"], report["eager_fallback"]) == (14, 12, 0, [])
+    assert "compile: 14 graphs, 12 recompiles, 0 graph breaks" in (Path(cfg.log_dir) / "t.txt").read_text()
