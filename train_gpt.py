@@ -746,6 +746,12 @@ def model_kwargs(cfg: Config) -> dict:
     return {name: getattr(cfg, name) for name in MODEL_FIELDS}
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """bf16 under autocast: the residual stream and the embedding output then move half the bytes,
+    as the challenge's bf16 model does, while the weights stay float32 for the optimizers."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
@@ -966,8 +972,7 @@ class MoE(nn.Module):
         offsets = counts.cumsum(0).to(torch.int32)
         sorted_experts = experts[order]
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=x.device))
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        rows = SlotGather.apply(x.to(dtype), order, inverse, self.top_k)  # slot t*k + j is token t's j-th choice
+        rows = SlotGather.apply(x.to(compute_dtype(x)), order, inverse, self.top_k)  # slot t*k + j is token t's j-th choice
         h = expert_matmul(rows, self.w1, offsets, sorted_experts) + self.b1[sorted_experts].to(rows.dtype)
         h = self.activation(h)
         y = expert_matmul(h, self.w2, offsets, sorted_experts) + self.b2[sorted_experts].to(h.dtype)
@@ -1077,7 +1082,8 @@ class GPT(nn.Module):
 
     def hidden(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
         """The final hidden states, and the MoE layers' (load-balancing, z) losses summed (None if dense)."""
-        x = rms_norm(self.tok_emb(idx))
+        x = self.tok_emb(idx)
+        x = rms_norm(x.to(compute_dtype(x)))
         x0, skips, previous, balance = x, [], {}, None
         tables = None if self.value_embeds is None else self.value_embeds[:, idx].to(x.dtype)  # (E, B, T, kv)
         n_encoder = len(self.plan) // 2 if self.skip_weights is not None else 0
@@ -1215,11 +1221,12 @@ class Muon(torch.optim.Optimizer):
             offsets = [0]
             for p in params:
                 offsets.append(offsets[-1] + p.numel())
-            flat = torch.zeros(offsets[-1], device=params[0].device, dtype=torch.float32)
+            # In Newton-Schulz's dtype: bf16 updates lose nothing in a bf16 buffer, and its all-reduce halves.
+            flat = torch.zeros(offsets[-1], device=params[0].device, dtype=self.ns_dtype)
             for mine in self.shape_batches(params):
                 # A lone matrix is not stacked: as a batch of one it would take the batched-matmul kernel.
                 batch = torch.stack([directions[i] for i in mine]) if len(mine) > 1 else directions[mine[0]]
-                updates = self.orthogonalise(batch, group["backend_steps"], self.ns_dtype).float().reshape(len(mine), -1)
+                updates = self.orthogonalise(batch, group["backend_steps"], self.ns_dtype).reshape(len(mine), -1)
                 rows, cols = params[mine[0]].shape[-2:]
                 updates *= max(1.0, rows / cols) ** 0.5
                 for i, update in zip(mine, updates):

@@ -171,3 +171,18 @@ def test_value_embeddings_reach_the_values_and_learn():
     x = torch.randint(0, 64, (2, 8))
     model(x, x).backward()
     assert model.value_embeds.grad.abs().sum() > 0 and model.value_scales.grad.abs().sum() > 0
+
+
+def test_under_bf16_autocast_the_residual_stream_is_bf16_and_the_weights_stay_float32():
+    """As the challenge's bf16 model: activations move half the bytes; the optimizers keep float32 weights."""
+    cfg, _ = load_config(dict(VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1",
+                              NUM_VALUE_EMBEDS="1", XSA_LAST_N="1"))
+    torch.manual_seed(0)
+    model = GPT(**model_kwargs(cfg))
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", torch.bfloat16):
+        hidden = model(idx)
+        loss = model(idx, idx)
+    assert hidden.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert abs(loss.item() - model(idx, idx).item()) < 0.02
