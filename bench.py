@@ -13,6 +13,7 @@ parameters + 12 x layers x dim x seq, over BENCH_PEAK_TFLOPS, default 790 for an
 Env vars override the shape (e.g. MODEL_DIM=384 python bench.py)."""
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -126,19 +127,51 @@ def measure(shape: str, steps: int, warmup: int, scale: dict | None = None) -> l
             rows.append({"shape": shape if len(depths) == 1 else f"{shape}@{repeats}", "device": str(rt.device),
                          "compile": rt.compile, "steps": steps, "effective_layers": cfg.num_layers * repeats,
                          "ms_per_step": 1000 * seconds / steps, "tokens_per_s": tokens_per_s,
-                         "mfu": mfu(cfg, model, tokens_per_s) if rt.is_cuda else None,
+                         "mfu": mfu(cfg, model, tokens_per_s, peak_tflops()[0]) if rt.is_cuda else None,
+                         "mfu_peak": "{:g} TFLOP/s, {}".format(*peak_tflops()) if rt.is_cuda else None,
                          "peak_mem_mib": train_gpt.peak_memory_mib(rt), "params": sum(p.numel() for p in params),
                          "graphs": compiled_graphs() - graphs_before if rt.compile else None,
                          "torch_threads": torch.get_num_threads()})
     return rows
 
 
-def mfu(cfg, model, tokens_per_s: float) -> float:
+# Dense bf16 tensor-core peaks from the datasheets, by a piece of the CUDA device's name.
+DATASHEET_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def peak_tflops() -> tuple[float, str]:
+    """The peak MFU divides by, and where it comes from."""
+    if "BENCH_PEAK_TFLOPS" in os.environ:
+        return float(os.environ["BENCH_PEAK_TFLOPS"]), "BENCH_PEAK_TFLOPS"
+    return device_peak_tflops(torch.cuda.get_device_name())
+
+
+@functools.lru_cache(maxsize=None)
+def device_peak_tflops(name: str) -> tuple[float, str]:
+    for piece, tflops in DATASHEET_TFLOPS:
+        if piece in name:
+            return tflops, f"{name} datasheet dense bf16"
+    return measured_matmul_tflops(), f"{name} measured 8192^3 bf16 matmul"
+
+
+def measured_matmul_tflops(n: int = 8192, repeats: int = 20) -> float:
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def mfu(cfg, model, tokens_per_s: float, peak: float) -> float:
     """Model FLOPs utilisation at the model's current depth: 6 x matmul parameters + 12 x layers x
-    dim x seq FLOPs a token, over BENCH_PEAK_TFLOPS (default 790, an H100's bf16)."""
+    dim x seq FLOPs a token, over `peak` TFLOP/s."""
     layers = cfg.num_layers * model.repeats
     flops_per_token = 6 * train_gpt.count_matmul_params(model) + 12 * layers * cfg.model_dim * cfg.train_seq_len
-    return tokens_per_s * flops_per_token / (float(os.environ.get("BENCH_PEAK_TFLOPS", "790")) * 1e12)
+    return tokens_per_s * flops_per_token / (peak * 1e12)
 
 
 def compiled_graphs() -> int:
@@ -260,26 +293,31 @@ def measure_export(shape: str) -> list[dict]:
     return rows
 
 
-def run_suite(steps: int, warmup: int, eval_tokens: int, repeats: int) -> list[dict]:
-    """Every named shape and the evaluation methods on this device, as one list of rows. On a CPU
-    the shapes are scaled down (CPU_SCALE) and say so in their names."""
+def run_suite(steps: int, warmup: int, eval_tokens: int, repeats: int, done=lambda row: None) -> list[dict]:
+    """Every named shape and the evaluation methods on this device, as one list of rows, each handed
+    to `done` as soon as it is measured and judged. On a CPU the shapes are scaled down (CPU_SCALE)
+    and say so in their names."""
     scale = None if torch.cuda.is_available() else CPU_SCALE
     suffix = "" if scale is None else " (cpu scale)"
     rows = []
+
+    def finish(row: dict):
+        if row["name"].startswith("train moe_frozen"):
+            dense = next(r for r in rows if r["name"].startswith("train dense_ffn"))
+            row["vs_dense_step_time"] = row["ms_per_step"] / dense["ms_per_step"]
+        row["goal"], row["met"] = judge(row)
+        rows.append(row)
+        done(row)
+
     for shape in SUITE:
         for row in measure(shape, steps, warmup, scale):
-            rows.append({"name": f"train {row['shape']}{suffix}", "device": row["device"],
-                         "tokens_per_s": row["tokens_per_s"], "ms_per_step": row["ms_per_step"], "mfu": row["mfu"],
-                         "peak_mem_mib": row["peak_mem_mib"], "params": row["params"], "graphs": row["graphs"]})
+            finish({"name": f"train {row['shape']}{suffix}", "device": row["device"],
+                    "tokens_per_s": row["tokens_per_s"], "ms_per_step": row["ms_per_step"], "mfu": row["mfu"],
+                    "peak_mem_mib": row["peak_mem_mib"], "params": row["params"], "graphs": row["graphs"],
+                    "mfu_peak": row["mfu_peak"]})
     for row in measure_eval("baseline", eval_tokens, repeats, scale):
-        rows.append({"name": f"eval {row['method']}{suffix}", "device": row["device"],
-                     "tokens_per_s": row["tokens_per_s"], "ms_per_step": None, "mfu": None,
-                     "peak_mem_mib": None, "params": None})
-    dense = next(r for r in rows if r["name"].startswith("train dense_ffn"))
-    moe = next(r for r in rows if r["name"].startswith("train moe_frozen"))
-    moe["vs_dense_step_time"] = moe["ms_per_step"] / dense["ms_per_step"]
-    for row in rows:
-        row["goal"], row["met"] = judge(row)
+        finish({"name": f"eval {row['method']}{suffix}", "device": row["device"], "tokens_per_s": row["tokens_per_s"],
+                "ms_per_step": None, "mfu": None, "peak_mem_mib": None, "params": None})
     return rows
 
 
@@ -302,18 +340,25 @@ def judge(row: dict) -> tuple[str, bool | None]:
     return "-", None
 
 
-def print_suite(rows: list[dict]):
-    print(f"{'name':<34} {'device':<7} {'tokens/s':>10} {'ms/step':>9} {'MFU':>7} {'peak MiB':>9} {'graphs':>6}  "
-          f"{'goal':<38} met")
-    for r in rows:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        ms = f"{r['ms_per_step']:.1f}" if r["ms_per_step"] is not None else "-"
-        peak = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "-"
-        graphs = str(r["graphs"]) if r.get("graphs") is not None else "-"
-        goal = r["goal"] + (f" ({r['vs_dense_step_time']:.2f}x)" if "vs_dense_step_time" in r else "")
-        met = {True: "yes", False: "NO", None: "n/a"}[r["met"]]
-        print(f"{r['name']:<34} {r['device']:<7} {r['tokens_per_s']:>10.0f} {ms:>9} {mfu:>7} {peak:>9} {graphs:>6}  "
-              f"{goal:<38} {met}")
+SUITE_HEADER = (f"{'name':<34} {'device':<7} {'tokens/s':>10} {'ms/step':>9} {'MFU':>7} {'peak MiB':>9} {'graphs':>6}  "
+                f"{'goal':<38} met")
+
+
+def print_suite_row(r: dict):
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    ms = f"{r['ms_per_step']:.1f}" if r["ms_per_step"] is not None else "-"
+    peak = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "-"
+    graphs = str(r["graphs"]) if r.get("graphs") is not None else "-"
+    goal = r["goal"] + (f" ({r['vs_dense_step_time']:.2f}x)" if "vs_dense_step_time" in r else "")
+    met = {True: "yes", False: "NO", None: "n/a"}[r["met"]]
+    print(f"{r['name']:<34} {r['device']:<7} {r['tokens_per_s']:>10.0f} {ms:>9} {mfu:>7} {peak:>9} {graphs:>6}  "
+          f"{goal:<38} {met}", flush=True)
+
+
+def print_mfu_peak(rows: list[dict]):
+    peaks = {r["mfu_peak"] for r in rows if r.get("mfu_peak")}
+    for peak in sorted(peaks):
+        print(f"MFU is against {peak}")
 
 
 def write_json(path: Path | None, rows):
@@ -343,8 +388,9 @@ def main():
         print(profile(args.shape, args.steps, args.warmup))
         return
     if args.suite:
-        rows = run_suite(args.steps, args.warmup, args.eval_tokens, args.repeats)
-        print_suite(rows)
+        print(SUITE_HEADER, flush=True)
+        rows = run_suite(args.steps, args.warmup, args.eval_tokens, args.repeats, print_suite_row)
+        print_mfu_peak(rows)
         write_json(args.json, rows)
         return
     if args.export:
@@ -390,6 +436,7 @@ def main():
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a (CPU)"
         print(f"{row['shape']:<14} {row['device']:<8} {row['effective_layers']:>6} {row['params']:>10} "
               f"{row['ms_per_step']:>9.1f} {row['tokens_per_s']:>10.0f} {mfu:>10} {row['peak_mem_mib']:>9.0f}")
+    print_mfu_peak(rows)
     write_json(args.json, rows)
 
 

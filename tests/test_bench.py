@@ -59,7 +59,7 @@ def test_mfu_counts_the_matmuls_and_attention_of_the_current_depth(monkeypatch):
         model.set_repeats(repeats)
         per_pass = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
         flops = 6 * (repeats * per_pass + 64 * 32) + 12 * (2 * repeats) * 32 * 16
-        assert bench.mfu(cfg, model, 1e12) == pytest.approx(flops)
+        assert bench.mfu(cfg, model, 1e12, bench.peak_tflops()[0]) == pytest.approx(flops)
 
 
 def test_the_optimizer_benchmark_times_batched_muon_against_one_matrix_at_a_time(monkeypatch):
@@ -91,3 +91,21 @@ def test_run_sh_keeps_the_corpus_tuned_settings_off_a_users_data(tmp_path):
     assert (cfg["num_value_embeds"], cfg["matrix_lr"], cfg["muon_momentum_warmup_steps"]) == (0, 0.04, 500)
     assert (cfg["model_dim"], cfg["max_wallclock_seconds"]) == (192, 220.0)
     assert run_sh_config({"DATA_PATH": str(tmp_path), "MATRIX_LR": "0.01"})["matrix_lr"] == 0.01
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
+                                       ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0)])
+def test_mfu_divides_by_the_datasheet_peak_of_the_device_found_and_names_it(monkeypatch, name, peak):
+    monkeypatch.delenv("BENCH_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda device=None: name)
+    tflops, source = bench.peak_tflops()
+    assert tflops == peak and name in source and "datasheet" in source
+
+
+def test_an_unknown_device_is_measured_and_the_env_var_wins(monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(bench, "measured_matmul_tflops", lambda: 123.0)
+    monkeypatch.delenv("BENCH_PEAK_TFLOPS", raising=False)
+    assert bench.peak_tflops() == (123.0, "Some GPU measured 8192^3 bf16 matmul")
+    monkeypatch.setenv("BENCH_PEAK_TFLOPS", "500")
+    assert bench.peak_tflops() == (500.0, "BENCH_PEAK_TFLOPS")
