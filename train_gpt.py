@@ -367,8 +367,10 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
         raise ConfigError(f"EMA_DECAY={values['ema_decay']}: choose SWA_ENABLED=1 or EMA_DECAY, not both")
     notes += resolve_batch(values, world_size)
     if not values["run_id"]:
-        # torchrun gives every rank the same TORCHELASTIC_RUN_ID, so all ranks agree on the name.
-        values["run_id"] = os.environ.get("TORCHELASTIC_RUN_ID", "") or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
+        # torchrun gives every rank the same TORCHELASTIC_RUN_ID, so all ranks agree on the name; without
+        # --rdzv_id a multi-node launch's is "none", which every such run would share.
+        elastic = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        values["run_id"] = elastic if elastic not in ("", "none") else time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     if any(c in values["run_id"] for c in "/\\") or values["run_id"] in (".", ".."):
         raise ConfigError(f"RUN_ID={values['run_id']!r}: must be a plain file name")
     return Config(**values), notes

@@ -2,11 +2,13 @@
 
 import json
 import re
+import socket
+import subprocess
 import sys
 
 import numpy as np
 
-from conftest import ROOT, run_trainer
+from conftest import ROOT, clean_env, run_trainer
 
 
 def train_losses(stdout: str) -> list[float]:
@@ -47,3 +49,51 @@ def test_evaluation_methods_split_over_two_ranks_agree_with_one(tiny_env):
     with np.load(logs / "two_per_token" / "final.npz") as x, np.load(logs / "one_per_token" / "final.npz") as y:
         assert len(x["loss"]) == len(y["loss"]) == a["val_tokens"]
         assert np.abs(x["loss"].astype(np.float32) - y["loss"].astype(np.float32)).max() < 1e-2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_under_c10d_rendezvous_match_one_process_and_only_global_rank_0_writes(tiny_env, tmp_path):
+    """Two launchers as two one-GPU nodes (`torchrun --nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d`),
+    each with a LOG_DIR of its own as separate machines would have: the loss curve equals one process
+    accumulating twice, and only the node that got global rank 0 writes anything (both have LOCAL_RANK 0)."""
+    env = {**tiny_env, "ITERATIONS": "6", "WARMUP_STEPS": "0", "GRAD_CLIP_NORM": "1.0", "GRAD_ACCUM_STEPS": "1"}
+    port = free_port()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes",
+                str(ROOT / "train_gpt.py")]
+    nodes = [subprocess.Popen(launcher, cwd=ROOT, env={**clean_env(), **env, "RUN_ID": "mn", "LOG_DIR": str(tmp_path / d)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in ("a", "b")]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
+    one = run_trainer({**env, "GRAD_ACCUM_STEPS": "2", "RUN_ID": "one"}, ROOT)
+    assert one.returncode == 0, one.stderr[-2000:]
+    written = [sorted(p.name for p in (tmp_path / d).glob("*")) if (tmp_path / d).exists() else [] for d in ("a", "b")]
+    assert sorted(map(len, written))[0] == 0, written
+    assert {"mn.txt", "mn.json", "mn.ptz"} <= set(written[0] + written[1])
+    stdout = next(out for out, _ in outputs if "world_size:2" in out)
+    a, b = train_losses(stdout), train_losses(one.stdout)
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 2e-3
+
+
+def test_the_local_rank_picks_the_gpu_and_a_rendezvous_without_an_id_gets_a_fresh_run_id(monkeypatch):
+    """On node 2 of 2 with 8 GPUs each, global rank 9 is local rank 1: it must take cuda:1, not cuda:9."""
+    import torch
+    import train_gpt
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(train_gpt.dist, "init_process_group", lambda *a, **k: None)
+    for name, value in dict(RANK="9", LOCAL_RANK="1", WORLD_SIZE="16", TORCHELASTIC_RUN_ID="none").items():
+        monkeypatch.setenv(name, value)
+    cfg, _ = train_gpt.load_config({"DEVICE": "cuda"}, world_size=16)
+    rt = train_gpt.init_runtime(cfg)
+    assert (rt.rank, rt.local_rank, rt.world_size, rt.device) == (9, 1, 16, torch.device("cuda", 1))
+    assert chosen == [torch.device("cuda", 1)]
+    assert cfg.run_id != "none"
