@@ -2431,7 +2431,13 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     for cut in cuts:
         tokens = prefix.tokens.clone()
         noise = torch.randint(1, cfg.vocab_size, (length - cut,), generator=gen)
-        tokens[cut + 1:] = (tokens[cut + 1:] + noise) % cfg.vocab_size  # every later token differs
+        later = tokens[cut + 1:]
+        changed = (later + noise) % cfg.vocab_size  # every later token differs
+        if cfg.doc_mode:
+            # Documents must keep their bounds, which decide the windows: BOS stays, and nothing becomes one.
+            changed = torch.where(changed == ev.bos_id, (changed + 1) % cfg.vocab_size, changed)
+            changed = torch.where(later == ev.bos_id, later, changed)
+        tokens[cut + 1:] = changed
         perturbed = method(cfg, prefix.with_tokens(tokens), model, {cut})
         error = max(error, perturbed.max_sum_error)
         before = base.scores.pos < cut

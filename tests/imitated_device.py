@@ -126,9 +126,13 @@ def register():
     global _registered, _library
     if _registered:
         return
-    from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+    from torch.utils.backend_registration import _DummyBackendModule, _setup_privateuseone_for_python_backend
 
-    _setup_privateuseone_for_python_backend(NAME)
+    class Backend(_DummyBackendModule):
+        def get_amp_supported_dtype(self):  # torch.autocast(device_type) asks the backend
+            return [torch.float16, torch.bfloat16]
+
+    _setup_privateuseone_for_python_backend(NAME, backend_module=Backend())
     _library = torch.library.Library("_", "IMPL")
     _library.fallback(_factory, dispatch_key="PrivateUse1", with_keyset=True)
     _registered = True

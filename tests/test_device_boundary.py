@@ -99,3 +99,14 @@ def test_a_training_step_waits_for_the_device_once(tiny_env, device, monkeypatch
     assert len(steps) == 16
     quiet = steps[10:15]  # steps 11-15: no log line (steps 1-10 and the last log), no validation
     assert all(s.split() == ["tolist"] for s in quiet), quiet
+
+
+def test_moe_and_document_mode_cross_the_device_boundary_cleanly(tiny_env, device):
+    """Frozen experts regenerated on the host and moved, routing biases nudged by the all-reduced load,
+    per-layer load statistics, and DOC_MODE's padded batches, all on the device."""
+    env = {**tiny_env, "MODEL_DIM": "128", "MOE_NUM_EXPERTS": "4", "MOE_TOP_K": "2", "MOE_FROZEN": "1",
+           "MOE_INIT": "sparse", "MOE_BIAS_UPDATE": "0.001", "MOE_AUX_COEF": "0.01", "DOC_MODE": "1",
+           "TRAIN_BATCH_TOKENS": "512", "EVAL_AUDIT": "1", "QUANT": "auto"}
+    summary = run_on_device(env, device)
+    assert summary["audit"]["passed"]
+    assert len(summary["moe"]["gini"]) == 2 and summary["roundtrip_val_bpb"] > 0

@@ -235,3 +235,12 @@ def test_quant_table_compares_every_scheme_on_a_checkpoint(tiny_env, tmp_path):
     assert all(abs(r["delta_bpb"]) < 0.05 for r in rows)
     bad = subprocess.run(cmd[:2] + [str(tmp_path / "q.json")], capture_output=True, text=True, env=clean_env())
     assert bad.returncode == 2 and "checkpoint" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_the_audit_of_doc_mode_keeps_the_documents_and_passes_an_honest_model(tiny_env):
+    """The audit's perturbed tokens must not move a BOS: DOC_MODE's windows follow the documents, and
+    a moved boundary changed which targets were scored, which read as a look-ahead (exit 4)."""
+    done = run_trainer({**tiny_env, "DOC_MODE": "1", "TRAIN_BATCH_TOKENS": "512", "EVAL_AUDIT": "1", "ITERATIONS": "3"},
+                       ROOT)
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
+    assert "audit standard:" in done.stdout and "causal:true" in done.stdout
