@@ -186,7 +186,7 @@ def measure_optimizer(shape: str, repeats: int) -> dict:
     muon = next(opt for opt in optimizers if isinstance(opt, train_gpt.Muon))
     matrices = [p for group in muon.param_groups for p in group["params"]]
     singles = [train_gpt.Muon([p], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
-                              weight_decay=cfg.muon_wd, ns_dtype=muon.ns_dtype) for p in matrices]
+                              weight_decay=cfg.muon_wd, ns_dtype=muon.ns_dtype, compile=rt.compile) for p in matrices]
     for p in matrices:
         p.grad = torch.randn_like(p)
     times = {"batched": [], "one_at_a_time": []}

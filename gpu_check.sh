@@ -44,9 +44,9 @@ timed() {
 # side-by-side (for its tokenizer) use.
 corpus() {
   compgen -G "$out/synthetic_shards/*_train_*.bin" >/dev/null && return 0
-  python data/synthetic.py --out "$out/synthetic" --docs 6000 --seed 1337 &&
+  python data/synthetic.py --out "$out/synthetic" --docs 4000 --seed 1337 &&
     python data/prepare.py --input "$out/synthetic/synthetic.jsonl" --out "$out/synthetic_shards" --vocab-size 1024 \
-      --val-docs 300
+      --val-docs 200
 }
 
 correctness() {
@@ -56,7 +56,7 @@ correctness() {
   # XSA, value embeddings, SWA; sliding, Hedge and TTT, each audited.
   env TORCH_LOGS=graph_breaks,recompiles DATA_PATH="$shards" VOCAB_SIZE=1024 PRESET=recurrent NUM_LAYERS=2 MODEL_DIM=256 \
     NUM_HEADS=4 NUM_KV_HEADS=2 DEPTH_SCHEDULE=1@0,2@0.5 XSA_LAST_N=2 TRAIN_SEQ_LEN=512 TRAIN_BATCH_TOKENS=65536 \
-    MAX_WALLCLOCK_SECONDS=30 WARMUP_STEPS=3 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 VAL_BATCH_SIZE=131072 \
+    MAX_WALLCLOCK_SECONDS=20 WARMUP_STEPS=2 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 VAL_BATCH_SIZE=131072 \
     EVAL_STRIDE=64 HEDGE_ENABLED=1 TTT_STEPS=1 TTT_CHUNK_TOKENS=8192 EVAL_AUDIT=1 LOG_DIR="$out" \
     RUN_ID=gpu_correctness python train_gpt.py > "$out/gpu_correctness.out" 2>&1
 }
