@@ -820,9 +820,15 @@ def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
     return (y - (y * unit).sum(-1, keepdim=True) * unit).view(b, h, t, d)
 
 
+def squared(x: Tensor) -> Tensor:
+    """x * x, not x.square(): square is pow, which CUDA's autocast runs in float32, so a bf16 hidden
+    activation would come out float32 (twice the bytes, and the MoE's grouped matmul refuses it)."""
+    return x * x
+
+
 ACTIVATIONS = {
-    "relu2": lambda x: F.relu(x).square(),
-    "leaky_relu2": lambda x: F.leaky_relu(x, 0.5).square(),
+    "relu2": lambda x: squared(F.relu(x)),
+    "leaky_relu2": lambda x: squared(F.leaky_relu(x, 0.5)),
 }
 
 
@@ -979,7 +985,7 @@ class MoE(nn.Module):
         h = self.activation(h)
         y = expert_matmul(h, self.w2, offsets, sorted_experts) + self.b2[sorted_experts].to(h.dtype)
         y = SlotGather.apply(y, inverse, order, 1).view(-1, self.top_k, y.size(-1))  # back in slot order
-        out = (y.to(x.dtype) * gates.unsqueeze(-1).to(x.dtype)).sum(1)
+        out = (y * gates.unsqueeze(-1).to(y.dtype)).sum(1)  # in the compute dtype, as a dense FFN's output
         with torch.no_grad():
             self.load[0 if self.training else 1] += counts
             if self.training:
@@ -1085,7 +1091,7 @@ class GPT(nn.Module):
     def hidden(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
         """The final hidden states, and the MoE layers' (load-balancing, z) losses summed (None if dense)."""
         x = self.tok_emb(idx)
-        x = rms_norm(x.to(compute_dtype(x)))
+        x = rms_norm(x).to(compute_dtype(x))  # cast after the norm: CUDA's autocast may run rms_norm in float32
         x0, skips, previous, balance = x, [], {}, None
         tables = None if self.value_embeds is None else self.value_embeds[:, idx].to(x.dtype)  # (E, B, T, kv)
         n_encoder = len(self.plan) // 2 if self.skip_weights is not None else 0

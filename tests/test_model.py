@@ -186,3 +186,30 @@ def test_under_bf16_autocast_the_residual_stream_is_bf16_and_the_weights_stay_fl
     assert hidden.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert abs(loss.item() - model(idx, idx).item()) < 0.02
+
+
+def aten_ops(fn, *args) -> set[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn(*args)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["relu2", "leaky_relu2"])
+def test_the_activations_stay_bf16_under_cudas_autocast(name):
+    """CUDA's autocast runs some ops in float32 (pow, softmax, rms_norm, ...) where the CPU's does not,
+    so a CPU test under autocast cannot see them. An activation made of such an op (x.square() is pow)
+    turns the bf16 hidden layer float32 on CUDA; the MoE's grouped matmul then refuses it."""
+    from train_gpt import ACTIVATIONS
+
+    ops = aten_ops(ACTIVATIONS[name], torch.randn(4, 8, dtype=torch.bfloat16))
+    upcast = [op for op in ops if torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCUDA")]
+    assert not upcast, upcast
