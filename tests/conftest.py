@@ -12,6 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import imitated_device  # noqa: E402
+
+# Before any backward pass: autograd's engine sizes its per-device queues once, at its first use.
+imitated_device.register()
+
 WORDS = ("the a cat dog bird sat ran flew over under near big small red blue green house tree river "
          "stone happy sad quick slow and but because when then morning evening light dark friend "
          "café naïve über").split()
