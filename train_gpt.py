@@ -2419,6 +2419,7 @@ def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimi
 AUDIT_SAMPLES = 64
 AUDIT_CUTS = 3
 AUDIT_TOLERANCE = 1e-5  # scores are computed the same way in both runs; a look-ahead moves them far more
+AUDIT_NOISE_FACTOR = 10  # ... than this many times the run-to-run noise of a method that is not deterministic
 AUDIT_MAX_SUM_ERROR = 1e-3
 
 
@@ -2432,6 +2433,13 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     sampled = set(torch.randint(0, length, (AUDIT_SAMPLES,), generator=gen).tolist())
     cuts = sorted(torch.randint(length // 8, length, (AUDIT_CUTS,), generator=gen).tolist())
     base = method(cfg, prefix, model, sampled | set(cuts))
+    # The same tokens again: a method that trains (TTT) differs from itself on a GPU, whose atomic
+    # additions come in any order, and a cut must move a score by more than that to count against it.
+    again = method(cfg, prefix, model, set(cuts))
+    gaps = [float((base.scores.nll - again.scores.nll).abs().max())] if base.scores.nll.numel() else []
+    gaps += [float((base.captured[c] - again.captured[c]).abs().max()) for c in cuts if c in base.captured]
+    repeat_noise = max(gaps, default=0.0)
+    tolerance = max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * repeat_noise)
     error = base.max_sum_error
     causal = True
     for cut in cuts:
@@ -2448,18 +2456,18 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
         error = max(error, perturbed.max_sum_error)
         before = base.scores.pos < cut
         same = torch.equal(base.scores.pos, perturbed.scores.pos) and torch.allclose(
-            base.scores.nll[before], perturbed.scores.nll[before], rtol=0, atol=AUDIT_TOLERANCE)
+            base.scores.nll[before], perturbed.scores.nll[before], rtol=0, atol=tolerance)
         if cut in base.captured:
             same = same and cut in perturbed.captured and torch.allclose(
-                base.captured[cut], perturbed.captured[cut], rtol=0, atol=AUDIT_TOLERANCE)
+                base.captured[cut], perturbed.captured[cut], rtol=0, atol=tolerance)
         causal = causal and bool(same)
     flags = ev.rt.all_reduce(torch.tensor([error, 0.0 if causal else 1.0], device=ev.rt.device,
                                           dtype=torch.float64), dist.ReduceOp.MAX).tolist()
     result = {"max_prob_sum_error": flags[0], "causal": flags[1] == 0, "tokens": length,
-              "sampled_positions": len(sampled), "cuts": cuts}
+              "sampled_positions": len(sampled), "cuts": cuts, "repeat_noise": repeat_noise, "tolerance": tolerance}
     result["passed"] = result["causal"] and result["max_prob_sum_error"] < AUDIT_MAX_SUM_ERROR
     log(f"audit {name}: max_prob_sum_error:{result['max_prob_sum_error']:.3e} causal:{str(result['causal']).lower()} "
-        f"tokens:{length} cuts:{len(cuts)} {'passed' if result['passed'] else 'FAILED'}")
+        f"tokens:{length} cuts:{len(cuts)} repeat_noise:{repeat_noise:.1e} {'passed' if result['passed'] else 'FAILED'}")
     return result
 
 
