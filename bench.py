@@ -136,7 +136,8 @@ def measure(shape: str, steps: int, warmup: int, scale: dict | None = None) -> l
 
 
 # Dense bf16 tensor-core peaks from the datasheets, by a piece of the CUDA device's name.
-DATASHEET_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+DATASHEET_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("A100", 312.0))
 
 
 def peak_tflops() -> tuple[float, str]:

@@ -2593,6 +2593,8 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         average=WeightAverage(cfg.ema_decay))
     prime(cfg, rt, model, train_model, optimizers, stream, log)
     result = train(cfg, rt, model, train_model, compiled, optimizers, stream, evaluator, log, train_state)
+    if rt.compile:
+        log_compile(log, compile_report())  # training's graphs; evaluation adds its own, counted at the end
     if rt.distributed and cfg.depth_schedule:
         check_same_on_all_ranks(rt, [(p["repeats"], p["step"]) for p in train_state.depth_phases], "depth phases", log)
     peak = peak_memory_mib(rt)

@@ -94,7 +94,8 @@ def test_run_sh_keeps_the_corpus_tuned_settings_off_a_users_data(tmp_path):
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
-                                       ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0)])
+                                       ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200 NVL", 835.0),
+                                       ("NVIDIA A100-SXM4-80GB", 312.0)])
 def test_mfu_divides_by_the_datasheet_peak_of_the_device_found_and_names_it(monkeypatch, name, peak):
     monkeypatch.delenv("BENCH_PEAK_TFLOPS", raising=False)
     monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda device=None: name)
