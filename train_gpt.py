@@ -749,9 +749,17 @@ def model_kwargs(cfg: Config) -> dict:
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """bf16 under autocast: the residual stream and the embedding output then move half the bytes,
-    as the challenge's bf16 model does, while the weights stay float32 for the optimizers."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+# Under autocast on these, the residual stream is bf16, as in the challenge's bf16 model: every norm,
+# add and scale moves half the bytes (the weights stay float32 for the optimizers). Not on a CPU,
+# where bf16 elementwise work is converted to float32 and back: 10-18% slower a step (perf_notes 23).
+BF16_RESIDUAL_DEVICES = ("cuda",)
+
+
+def residual_dtype(x: Tensor) -> torch.dtype:
+    return compute_dtype(x) if x.device.type in BF16_RESIDUAL_DEVICES else x.dtype
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -1091,7 +1099,7 @@ class GPT(nn.Module):
     def hidden(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
         """The final hidden states, and the MoE layers' (load-balancing, z) losses summed (None if dense)."""
         x = self.tok_emb(idx)
-        x = rms_norm(x).to(compute_dtype(x))  # cast after the norm: CUDA's autocast may run rms_norm in float32
+        x = rms_norm(x).to(residual_dtype(x))  # cast after the norm: CUDA's autocast may run rms_norm in float32
         x0, skips, previous, balance = x, [], {}, None
         tables = None if self.value_embeds is None else self.value_embeds[:, idx].to(x.dtype)  # (E, B, T, kv)
         n_encoder = len(self.plan) // 2 if self.skip_weights is not None else 0
