@@ -1903,6 +1903,8 @@ def decode_tensors(payload: bytes, layout: list[dict]) -> dict[str, Tensor]:
         start, end = part["offset"], part["offset"] + part["nbytes"]
         if end > len(payload):
             raise InputError("artifact payload is shorter than its layout says")
+        if start == end:  # torch.frombuffer refuses an empty buffer; a 0-element tensor (one block's skips) is legal
+            return torch.empty(part["shape"], dtype=dtype)
         return torch.frombuffer(bytearray(payload[start:end]), dtype=dtype).reshape(part["shape"])
 
     state = {}

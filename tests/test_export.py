@@ -148,3 +148,22 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         write_atomic(target, b"data")
     write_atomic(tmp_path / "ok.bin", b"data")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.bin"]
+
+
+SMALLEST = dict(VOCAB_SIZE="2", MODEL_DIM="2", NUM_HEADS="1", NUM_KV_HEADS="1", MLP_MULT="0.5", NUM_LAYERS="1")
+KINDS = {"flat": {}, "recurrent": dict(NUM_REPEATS="2"), "moe": dict(MOE_NUM_EXPERTS="1", MOE_TOP_K="1"),
+         "frozen_moe": dict(MOE_NUM_EXPERTS="1", MOE_TOP_K="1", MOE_FROZEN="1"), "untied": dict(TIE_EMBEDDINGS="0"),
+         "value_embeds_xsa": dict(NUM_VALUE_EMBEDS="1", XSA_LAST_N="1")}
+
+
+@pytest.mark.parametrize("scheme", sorted(train_gpt.QUANT_SCHEMES))
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_smallest_legal_model_of_every_kind_exports_and_reloads(kind, scheme):
+    """One block, width 2, vocab 2: a flat stack of one block has no U-Net skips (a 0 x dim tensor),
+    which the artifact must carry as it carries any other."""
+    cfg, _ = load_config({**SMALLEST, **KINDS[kind]})
+    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
+    header, tensors = train_gpt.parse_artifact(train_gpt.build_artifact(model, cfg, scheme)[0], "memory")
+    reloaded = train_gpt.model_from_artifact(header, tensors, "memory", "cpu")
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    torch.testing.assert_close(reloaded(idx, idx), model(idx, idx), atol=1e-2, rtol=0)
