@@ -2331,25 +2331,43 @@ def hedge_experts(cfg: Config, tokens: Tensor) -> list:
 
 
 def hedge_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int], experts: list | None = None) -> MethodRun:
-    """Score first, then learn: each block of HEDGE_CHUNK_TOKENS targets is scored by the mixture
-    as it stands, and only then do the weights (Hedge: log w -= eta * mean expert loss) and the
-    n-gram counts see those targets. Each rank starts its stretch with counts of every token before
-    it, which precede all it scores; its weights start from the prior."""
+    """Score first, then learn, in blocks of HEDGE_CHUNK_TOKENS targets aligned to the stream (block
+    k holds targets k*N .. (k+1)*N-1): each target is scored by the mixture as it stood when its
+    block began, and only once the block is over do the weights (Hedge: log w -= eta * the experts'
+    mean loss) and the n-gram counts take in its targets. The blocks are the stream's, not a batch's
+    or a rank's, so the counts never depend on VAL_BATCH_SIZE or the world size: a rank starts with
+    the counts of every block before the one it starts in, and takes that block in whole when it
+    ends (its targets before the rank's stretch were scored by the rank before). The weights start
+    from the prior on every rank, so with eta > 0 they differ between world sizes."""
     tokens = ev.tokens.to(ev.rt.device)
     experts = experts if experts is not None else hedge_experts(cfg, tokens)
     windows = ev.rank_share(method_windows(cfg, ev, 0, ev.n_targets))
-    if windows:
-        before = torch.arange(windows[0][0] + windows[0][1], device=ev.rt.device)
-        for block in before.split(1 << 20):
-            for expert in experts:
-                expert.observe(block)
+    size = cfg.hedge_chunk_tokens
     # The neural expert starts with most of the weight: the count tables begin empty.
     log_w = torch.tensor([2.0 if isinstance(e, NeuralExpert) else 0.0 for e in experts], device=ev.rt.device)
-    parts, captured = [], {}
+    parts, captured, block_losses = [], {}, []
     max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)
+    cursor = windows[0][0] + windows[0][1] if windows else 0  # the next target to score: this rank's are contiguous
+    end = windows[-1][0] + windows[-1][2] if windows else 0
+    block = cursor // size
+    observe_all(experts, torch.arange(block * size, device=ev.rt.device))
+
+    def finish_block():
+        nonlocal log_w
+        if block_losses:
+            log_w = log_w - cfg.hedge_eta * torch.cat(block_losses, 1).mean(1)
+            log_w = log_w - log_w.logsumexp(0)
+        observe_all(experts, torch.arange(block * size, min((block + 1) * size, end), device=ev.rt.device))
+        block_losses.clear()
+
     for scores, logp in ev.batches(model, windows, eval_seq_len(cfg), logprobs=True):
-        nll = []
-        for rows in torch.arange(len(scores.pos), device=ev.rt.device).split(cfg.hedge_chunk_tokens):
+        nll, first = [], cursor
+        while cursor < first + len(scores.pos):
+            if cursor // size != block:
+                finish_block()
+                block = cursor // size
+            stop = min(first + len(scores.pos), (block + 1) * size)
+            rows = slice(cursor - first, stop - first)
             pos = scores.pos[rows]
             probs = torch.stack([e.probs(pos, logp[rows]) for e in experts])  # [experts, tokens, V]
             mixture = torch.einsum("e,etv->tv", torch.softmax(log_w, 0), probs)
@@ -2358,14 +2376,18 @@ def hedge_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int], e
             max_error = torch.maximum(max_error, prob_sum_error(mixture))
             if capture:
                 capture_rows(captured, pos, mixture, capture)
-            expert_nll = -probs.gather(-1, target.expand(len(experts), -1, 1)).squeeze(-1).clamp_min(1e-38).log()
-            log_w = log_w - cfg.hedge_eta * expert_nll.mean(1)
-            log_w = log_w - log_w.logsumexp(0)
-            for expert in experts:
-                expert.observe(pos)
+            block_losses.append(-probs.gather(-1, target.expand(len(experts), -1, 1)).squeeze(-1).clamp_min(1e-38).log())
+            cursor = stop
         parts.append(Scores(scores.pos, torch.cat(nll), scores.nbytes))
+    finish_block()
     weights = {e.name: round(w, 6) for e, w in zip(experts, torch.softmax(log_w, 0).tolist())}
     return MethodRun(Scores.cat(parts, ev.rt.device), captured, float(max_error), {"weights": weights})
+
+
+def observe_all(experts: list, positions: Tensor):
+    for block in positions.split(1 << 20):
+        for expert in experts:
+            expert.observe(block)
 
 
 # Score-first test-time training ----------------------------------------------------------------

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from test_model import randomize, tiny_model
-from train_gpt import (EVAL_METHODS, ByteTables, Evaluator, Logger, NeuralExpert, NgramExpert, Runtime, audit_method,
-                       final_evaluations, hedge_experts, hedge_run, load_config, sliding_method, sliding_windows,
+from train_gpt import (EVAL_METHODS, ByteTables, Evaluator, Logger, NeuralExpert, NgramExpert, Runtime, Scores,
+                       audit_method, final_evaluations, hedge_experts, hedge_run, load_config, sliding_method, sliding_windows,
                        standard_method, ttt_run)
 
 CPU = Runtime(0, 1, 0, torch.device("cpu"), False)
@@ -174,6 +174,26 @@ def test_hedge_mixture_is_normalised_and_scores_only_after_its_counts_are_causal
     assert torch.allclose(nll, run.scores.nll, atol=1e-5)
     # The repeated phrase is learnt by the counts: Hedge beats the model alone on this stream.
     assert ev.reduce(run.scores)[0] < ev.reduce(sliding_method(cfg, ev, model, set()).scores)[0]
+
+
+@pytest.mark.parametrize("chunk", [7, 40])
+def test_hedge_scores_do_not_move_with_the_batch_size_or_the_world_size(chunk):
+    """With the weights fixed (HEDGE_ETA=0) a target's Hedge loss depends only on the stream: its
+    blocks are the stream's, so 1 or 3 ranks and 2 or 5 windows a forward give the same losses."""
+    model = randomize(tiny_model())
+    runs = {}
+    for world in (1, 3):
+        for rows in (2, 5):
+            cfg = config(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_ETA=0, HEDGE_CHUNK_TOKENS=chunk,
+                         VAL_BATCH_SIZE=rows * 16 * world)
+            ranks = [hedge_run(cfg, evaluator(cfg, 16 * 20 + 1, Runtime(r, world, 0, torch.device("cpu"), False)),
+                               model, set()).scores for r in range(world)]
+            runs[world, rows] = Scores.cat(ranks, "cpu")
+    one = runs[1, 5]
+    assert one.pos.tolist() == list(range(16 * 20))
+    for run in runs.values():
+        assert torch.equal(run.pos, one.pos)
+        torch.testing.assert_close(run.nll, one.nll, atol=1e-5, rtol=0)
 
 
 def audit(cfg, ev, model, method, name="m"):
