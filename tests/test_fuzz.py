@@ -32,16 +32,36 @@ def mutations(blob: bytes, rng: random.Random):
 
 
 def test_shard_loader(tmp_path):
+    """Damaged shards are refused, or read as exactly what their header and size say; targeted damage
+    to each header field is always refused."""
     good = tmp_path / "good_train_000000.bin"
     write_shard(good, np.arange(1, 500, dtype=np.uint16))
+    blob = good.read_bytes()
     path = tmp_path / "fuzz_train_000000.bin"
-    for blob in mutations(good.read_bytes(), random.Random(1)):
-        path.write_bytes(blob)
+    refused = 0
+    for damaged in mutations(blob, random.Random(1)):
+        path.write_bytes(damaged)
         try:
             tokens = read_shard(path)
             train_gpt.check_token_ids(tokens, 512, path, 0)
         except InputError:
-            pass
+            refused += 1
+            continue
+        header = np.frombuffer(damaged[:train_gpt.SHARD_HEADER_BYTES], dtype="<i4")
+        assert (header[0], header[1]) == (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION)
+        assert len(damaged) == train_gpt.SHARD_HEADER_BYTES + 2 * int(header[2]) == train_gpt.SHARD_HEADER_BYTES + 2 * len(tokens)
+        assert np.array_equal(np.asarray(tokens), np.frombuffer(damaged[train_gpt.SHARD_HEADER_BYTES:], dtype="<u2"))
+    assert refused > CASES // 2
+    header = np.frombuffer(blob[:train_gpt.SHARD_HEADER_BYTES], dtype="<i4").copy()
+    for field, value in ((0, 1), (1, 2), (2, 498), (2, 500), (2, -1)):  # magic, version, token count
+        bad = header.copy()
+        bad[field] = value
+        path.write_bytes(bad.tobytes() + blob[train_gpt.SHARD_HEADER_BYTES:])
+        with pytest.raises(InputError):
+            read_shard(path)
+    path.write_bytes(blob[:100])
+    with pytest.raises(InputError, match="truncated header"):
+        read_shard(path)
 
 
 def test_artifact_loader(tmp_path):
@@ -62,17 +82,23 @@ def test_artifact_loader(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint_blob():
-    buf = io.BytesIO()
-    torch.save({"format": 1, "step": 3, "model": {"w": torch.randn(40, 40)}}, buf)
-    data = buf.getvalue()
     import hashlib
 
+    buf = io.BytesIO()
+    torch.save({"format": 1, "config": {}, "step": 3, "train_ms": 1.0, "model": {"w": torch.randn(40, 40)},
+                "optimizers": [], "average": {}, "depth": {}, "rng": {}}, buf)
+    data = buf.getvalue()
     return CHECKPOINT_MAGIC + hashlib.sha256(data).digest() + data
 
 
 def test_checkpoint_loader(tmp_path, checkpoint_blob):
+    """The undamaged checkpoint loads; every damaged copy of it is refused with one clean error."""
     path = tmp_path / "fuzz.ckpt"
+    path.write_bytes(checkpoint_blob)
+    assert load_checkpoint(path)["step"] == 3
     for damaged in mutations(checkpoint_blob, random.Random(3)):
+        if damaged == checkpoint_blob:
+            continue
         path.write_bytes(damaged)
         with pytest.raises(InputError):
             load_checkpoint(path)
