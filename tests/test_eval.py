@@ -176,6 +176,27 @@ def test_hedge_mixture_is_normalised_and_scores_only_after_its_counts_are_causal
     assert ev.reduce(run.scores)[0] < ev.reduce(sliding_method(cfg, ev, model, set()).scores)[0]
 
 
+def test_hedge_scores_each_block_with_counts_of_the_earlier_blocks_only():
+    """Each target's Hedge loss equals a direct computation with fixed weights (HEDGE_ETA=0): experts
+    whose counts took in every target before the target's block, and none of its block or after."""
+    cfg = config(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_ETA=0, HEDGE_CHUNK_TOKENS=8)
+    ev = evaluator(cfg)
+    model = randomize(tiny_model())
+    run = hedge_run(cfg, ev, model, set())
+    windows = sliding_windows(0, ev.n_targets, ev.n_targets, 16, 4)
+    logp = torch.cat([lp for _, lp in ev.batches(model, windows, 16, logprobs=True)])
+    prior = torch.softmax(torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0]), 0)
+    expected = []
+    for start in range(0, ev.n_targets, 8):
+        experts = hedge_experts(cfg, ev.tokens)
+        for expert in experts:
+            expert.observe(torch.arange(start))
+        pos = torch.arange(start, min(start + 8, ev.n_targets))
+        mixture = torch.einsum("e,etv->tv", prior, torch.stack([e.probs(pos, logp[pos]) for e in experts]))
+        expected.append(-mixture.gather(-1, ev.tokens[pos + 1].unsqueeze(-1)).squeeze(-1).log())
+    torch.testing.assert_close(run.scores.nll, torch.cat(expected), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("chunk", [7, 40])
 def test_hedge_scores_do_not_move_with_the_batch_size_or_the_world_size(chunk):
     """With the weights fixed (HEDGE_ETA=0) a target's Hedge loss depends only on the stream: its
