@@ -2510,14 +2510,20 @@ def enabled_methods(cfg: Config) -> list[str]:
     return (["sliding"] * bool(cfg.eval_stride) + ["hedge"] * cfg.hedge_enabled + ["ttt"] * bool(cfg.ttt_steps))
 
 
-def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger, standard_ms: float) -> dict:
-    """Audits (when asked) and runs every enabled method on the round-trip model; logs each and
-    estimates whether the whole evaluation would fit the challenge's limit on the full split."""
-    out, audits, eval_ms = {}, {}, {"standard": standard_ms}
+def run_audits(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger) -> dict:
+    """With EVAL_AUDIT=1, every method's audit on the round-trip model, before anything is scored."""
+    if not cfg.eval_audit:
+        return {}
+    return {name: audit_method(cfg, ev, model, EVAL_METHODS[name], log, name) for name in ["standard"] + enabled_methods(cfg)}
+
+
+def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger, standard_ms: float,
+                      audits: dict) -> dict:
+    """Runs every enabled method that passed its audit (or every one, unaudited) on the round-trip
+    model; logs each and estimates whether the whole evaluation would fit the challenge's limit on
+    the full split."""
+    out, eval_ms = {}, {"standard": standard_ms}
     names = enabled_methods(cfg)
-    if cfg.eval_audit:
-        for name in ["standard"] + names:
-            audits[name] = audit_method(cfg, ev, model, EVAL_METHODS[name], log, name)
     for name in names:
         if cfg.eval_audit and not audits[name]["passed"]:
             out[f"{name}_val_bpb"] = None
@@ -2643,17 +2649,27 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         result.val_loss, result.val_bpb = evaluator.standard(compiled)
         log(f"{kind}: snapshots:{train_state.average.count} raw val_bpb:{averaged['raw_val_bpb']:.4f} "
             f"averaged val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f}")
-    log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
     if cfg.per_token_loss_every:
         save_per_token(cfg, evaluator, compiled, "final", result.steps, log)
 
     exported, roundtrip = export_and_round_trip(cfg, rt, model, evaluator, log)
-    evaluated = final_evaluations(cfg, evaluator, roundtrip, log, exported["roundtrip_eval_ms"])
+    # Nothing is scored before the audits: the standard method's audit decides the headline lines.
+    audits = run_audits(cfg, evaluator, roundtrip, log)
+    withheld = {}
+    if audits.get("standard", {"passed": True})["passed"]:
+        log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+        log_roundtrip(log, exported)
+    else:
+        log("final_prequant and final_roundtrip FAILED their audit (standard): not scored")
+        result.val_loss = result.val_bpb = None
+        exported.update(roundtrip_val_loss=None, roundtrip_val_bpb=None)
+        withheld = {"withheld": "the standard evaluation failed its audit: val_bpb and roundtrip_val_bpb not scored"}
+    evaluated = final_evaluations(cfg, evaluator, roundtrip, log, exported["roundtrip_eval_ms"], audits)
     compiled_graphs = compile_report() if rt.compile else None
     if compiled_graphs:
         log_compile(log, compiled_graphs)
     scored = [evaluated.get(f"{name}_val_bpb") for name in enabled_methods(cfg)]
-    lowest = min([result.val_bpb, exported["roundtrip_val_bpb"]] + [b for b in scored if b is not None])
+    lowest = min([b for b in [result.val_bpb, exported["roundtrip_val_bpb"]] + scored if b is not None], default=math.inf)
     if "source_bpb" in floor:
         # Below the true entropy of the text is impossible for an honest evaluation: a bug, not a record.
         floor["below_source_entropy"] = lowest < floor["source_bpb"]
@@ -2668,7 +2684,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         "tokens_per_s": result.tokens_seen / max(result.train_time_ms / 1000, 1e-9),
         **counts,
         "val_loss": result.val_loss, "val_bpb": result.val_bpb, "val_bytes": val_bytes,
-        "val_tokens": len(val_tokens) - 1, "peak_mem_mib": peak, **exported, **evaluated, **floor, **averaged,
+        "val_tokens": len(val_tokens) - 1, "peak_mem_mib": peak, **exported, **evaluated, **floor, **averaged, **withheld,
         **({"depth_phases": train_state.depth_phases} if cfg.depth_schedule else {}),
         **({"moe": result.moe} if result.moe else {}), **({"compile": compiled_graphs} if compiled_graphs else {}),
     }
@@ -2743,12 +2759,17 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evalu
     if over:
         log(f"WARNING over_limit: bytes_total {bytes_total} exceeds ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes} "
             f"by {bytes_total - cfg.artifact_limit_bytes} bytes: this run cannot be a submission")
-    log(f"final_{scheme}_{method}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} eval_time:{eval_ms:.0f}ms")
-    log(f"final_{scheme}_{method}_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
     return {"roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "bytes_model": len(blob),
             "bytes_code": bytes_code, "bytes_total": bytes_total, "over_limit": over, "compressor": method,
             "quant": {"scheme": scheme, "tried": tried}, "artifact_path": str(artifact_path),
             "roundtrip_eval_ms": eval_ms}, roundtrip
+
+
+def log_roundtrip(log: Logger, exported: dict):
+    name = f"{exported['quant']['scheme']}_{exported['compressor']}"
+    loss, bpb = exported["roundtrip_val_loss"], exported["roundtrip_val_bpb"]
+    log(f"final_{name}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{exported['roundtrip_eval_ms']:.0f}ms")
+    log(f"final_{name}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
 
 
 def main() -> int:

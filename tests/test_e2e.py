@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -244,3 +245,27 @@ def test_the_audit_of_doc_mode_keeps_the_documents_and_passes_an_honest_model(ti
                        ROOT)
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
     assert "audit standard:" in done.stdout and "causal:true" in done.stdout
+
+
+def test_a_failed_standard_audit_leaves_no_headline_number(tiny_env, monkeypatch):
+    """With EVAL_AUDIT=1 the audits come first: when the standard evaluation fails its audit, neither
+    the pre-quantization nor the round-trip line carries a number, and the summary says why."""
+    import torch
+
+    import train_gpt
+
+    def leaky_standard(cfg, ev, model, capture):
+        run = train_gpt.standard_method(cfg, ev, model, capture)
+        ahead = ev.tokens[(run.scores.pos + 2).clamp(max=len(ev.tokens) - 1)].to(run.scores.nll.device)
+        run.scores.nll = run.scores.nll + 0.1 * (ahead % 7)  # reads the target after its own
+        return run
+
+    monkeypatch.setitem(train_gpt.EVAL_METHODS, "standard", leaky_standard)
+    cfg, notes = train_gpt.load_config({**tiny_env, "EVAL_AUDIT": "1", "EVAL_STRIDE": "32"})
+    rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
+    summary = train_gpt.run(cfg, rt, train_gpt.Logger(Path(cfg.log_dir) / "t.txt"), notes)
+    text = (Path(cfg.log_dir) / "t.txt").read_text()
+    assert "audit standard:" in text and "FAILED their audit (standard): not scored" in text
+    assert not re.search(r"^final_(prequant|int8_\w+_roundtrip)\S* val_loss:", text, re.M), text[-800:]
+    assert summary["val_bpb"] is None and summary["roundtrip_val_bpb"] is None and "standard" in summary["withheld"]
+    assert summary["sliding_val_bpb"] > 0  # the other methods passed their audits and are scored

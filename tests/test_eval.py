@@ -8,8 +8,8 @@ import torch
 
 from test_model import randomize, tiny_model
 from train_gpt import (EVAL_METHODS, ByteTables, Evaluator, Logger, NeuralExpert, NgramExpert, Runtime, Scores,
-                       audit_method, final_evaluations, hedge_experts, hedge_run, load_config, sliding_method, sliding_windows,
-                       standard_method, ttt_run)
+                       audit_method, final_evaluations, hedge_experts, hedge_run, load_config, run_audits, sliding_method,
+                       sliding_windows, standard_method, ttt_run)
 
 CPU = Runtime(0, 1, 0, torch.device("cpu"), False)
 V = 64
@@ -285,7 +285,8 @@ def test_a_method_that_fails_its_audit_is_not_scored(monkeypatch):
         return hedge_run(cfg, ev, model, capture, experts=[NeuralExpert(), LeakyExpert(tokens)])
 
     monkeypatch.setitem(EVAL_METHODS, "hedge", leaky_hedge)
-    out = final_evaluations(cfg, evaluator(cfg), randomize(tiny_model()), Logger(None), 1.0)
+    ev, model = evaluator(cfg), randomize(tiny_model())
+    out = final_evaluations(cfg, ev, model, Logger(None), 1.0, run_audits(cfg, ev, model, Logger(None)))
     assert out["hedge_val_bpb"] is None and "hedge_val_loss" not in out
     assert out["sliding_val_bpb"] > 0
     assert out["audit"]["passed"] is False and out["audit"]["causal"] is False
