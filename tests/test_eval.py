@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from test_model import randomize, tiny_model
 from train_gpt import (EVAL_METHODS, ByteTables, Evaluator, Logger, NeuralExpert, NgramExpert, Runtime, Scores,
@@ -265,6 +266,35 @@ def test_the_audit_tolerates_a_methods_own_run_to_run_noise_but_still_catches_a_
         10 * honest["repeat_noise"])
     assert audit(cfg, ev, model, sliding_method)["repeat_noise"] == 0.0  # deterministic: the 1e-5 tolerance stays
     assert not audit(cfg, ev, model, jittery(sliding_method, 1e-4, leak=True))["causal"]
+
+
+class TargetBiased(torch.nn.Module):
+    """A model whose scored path (forward with targets) adds 5 to the target's logit; its hidden
+    states and head, which the distributions come from, are honest."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.head = inner, inner.head
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        if targets is None:
+            return self.inner(idx)
+        logits = self.inner.head(self.inner.hidden(idx)[0]) + 5 * F.one_hot(targets, V)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction).view_as(targets)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_audit_runs_the_scored_path_and_catches_a_score_that_saw_its_target(seed):
+    cfg = config(EVAL_AUDIT_TOKENS=150, SEED=seed)
+    ev, model = evaluator(cfg), randomize(tiny_model())
+    honest = audit(cfg, ev, model, standard_method)
+    assert honest["passed"] and honest["score_gap"] < 1e-4
+    biased = audit(cfg, ev, TargetBiased(model), standard_method)
+    assert not biased["passed"] and biased["score_gap"] > 1
+    def headline(m):
+        return ev.reduce(standard_method(cfg, ev, m, set()).scores)[0]
+
+    assert headline(TargetBiased(model)) < headline(model)  # the bias is a (false) gain in the headline
 
 
 def test_the_audit_catches_a_mixture_that_does_not_sum_to_one():
