@@ -2129,8 +2129,11 @@ class Evaluator:
         return windows[self.rt.rank * per:(self.rt.rank + 1) * per]
 
     @torch.no_grad()
-    def batches(self, model: nn.Module, windows: list[tuple[int, int, int]], seq_len: int, logprobs: bool = False):
-        """Yields (Scores, log-distributions of the scored targets or None) a forward at a time."""
+    def batches(self, model: nn.Module, windows: list[tuple[int, int, int]], seq_len: int, logprobs: bool = False,
+                scored_path: bool = True):
+        """Yields (Scores, log-distributions of the scored targets or None) a forward at a time. Whole
+        windows are scored by the model's loss with targets unless `scored_path` is off (a method that
+        scores from the distributions alone, as Hedge does, needs only those)."""
         seq_len = min(seq_len, self.n_targets)
         batch = self.rows_per_forward(len(windows), seq_len)
         was_training = model.training
@@ -2149,16 +2152,16 @@ class Evaluator:
                 pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in chunk]).to(self.rt.device)
                 target = torch.cat([y[r, a:b] for r, a, b in rows])
                 logp = None
-                scores_all = all(first == 0 and stop == seq_len for _, first, stop in chunk)
+                by_loss = scored_path and all(first == 0 and stop == seq_len for _, first, stop in chunk)
                 with self.rt.autocast():
-                    if scores_all:  # the scored path of whole windows, which the audit also runs
+                    if by_loss:  # the scored path of whole windows, which the audit also runs
                         loss = model(x, y, reduction="none").float()
                         nll = torch.cat([loss[r, a:b] for r, a, b in rows])
-                    if logprobs or not scores_all:  # the head and softmax only where scored
+                    if logprobs or not by_loss:  # the head and softmax only where scored
                         hidden = model(x)
                         logits = model.head(torch.cat([hidden[r, a:b] for r, a, b in rows]))
                         logp = F.log_softmax(logits.float(), dim=-1)
-                        if not scores_all:
+                        if not by_loss:
                             nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
                         logp = logp if logprobs else None
                 counted = self.tables.count(x, y)
@@ -2365,7 +2368,7 @@ def hedge_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int], e
         observe_all(experts, torch.arange(block * size, min((block + 1) * size, end), device=ev.rt.device))
         block_losses.clear()
 
-    for scores, logp in ev.batches(model, windows, eval_seq_len(cfg), logprobs=True):
+    for scores, logp in ev.batches(model, windows, eval_seq_len(cfg), logprobs=True, scored_path=False):
         nll, first = [], cursor
         while cursor < first + len(scores.pos):
             if cursor // size != block:
