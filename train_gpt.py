@@ -663,18 +663,33 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> 
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 
+def read_meta(data_path: str) -> dict:
+    """DATA_PATH/meta.json, which data/prepare.py writes beside its shards ({} when there is none)."""
+    path = Path(data_path) / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{path}: not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: not a JSON object")
+    return meta
+
+
 def resolve_tokenizer_path(cfg: Config) -> Path:
     if cfg.tokenizer_path:
         return Path(cfg.tokenizer_path)
-    meta = Path(cfg.data_path) / "meta.json"
-    if meta.is_file():
-        try:
-            named = json.loads(meta.read_text()).get("tokenizer")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise InputError(f"{meta}: not valid JSON") from None
-        if named:
-            return Path(named)
-    return Path("./data/tokenizers/fineweb_1024_bpe.model")
+    return Path(read_meta(cfg.data_path).get("tokenizer") or "./data/tokenizers/fineweb_1024_bpe.model")
+
+
+def check_tokenizer_identity(data_path: str, path: Path):
+    """Bytes per token come from the tokenizer: another one than the shards were made with would
+    score the right tokens against the wrong text."""
+    expected = read_meta(data_path).get("tokenizer_sha256")
+    if expected and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        raise InputError(f"tokenizer {path} is not the one the shards in DATA_PATH={data_path} were made with "
+                         f"(meta.json's tokenizer_sha256 {expected[:12]}...): set TOKENIZER_PATH to that one")
 
 
 def load_tokenizer(path: Path, vocab_size: int):
@@ -2584,15 +2599,9 @@ def eval_fit(ev: Evaluator, eval_ms: dict) -> dict:
 def source_floor(data_path: str, log: Logger) -> dict:
     """What DATA_PATH/meta.json says about the validation text: its UTF-8 bytes and, for the synthetic
     corpus, its true information content (no honest model can score below it)."""
-    meta_path = Path(data_path) / "meta.json"
-    if not meta_path.is_file():
-        return {}
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{meta_path}: not valid JSON") from None
+    meta = read_meta(data_path)
     out = {}
-    if isinstance(meta, dict) and meta.get("val_utf8_bytes"):
+    if meta.get("val_utf8_bytes"):
         out["val_utf8_bytes"] = int(meta["val_utf8_bytes"])
         if meta.get("val_entropy_bits") is not None:
             out["source_bpb"] = float(meta["val_entropy_bits"]) / out["val_utf8_bytes"]
@@ -2610,6 +2619,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
 
     tokenizer_path = resolve_tokenizer_path(cfg)
     sp = load_tokenizer(tokenizer_path, cfg.vocab_size)
+    check_tokenizer_identity(cfg.data_path, tokenizer_path)
     tables = build_byte_tables(sp, cfg.vocab_size)
     train_files, val_files = find_shards(cfg.data_path, "train"), find_shards(cfg.data_path, "val")
     if cfg.doc_mode and sp.bos_id() < 0:
@@ -2626,6 +2636,10 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     log(f"train_loader:dataset:{cfg.data_path} train_shards:{len(train_files)} tokens:{stream.total}")
     log(f"val_loader:shards:{len(val_files)} tokens:{len(val_tokens) - 1} val_bytes:{val_bytes}")
     floor = source_floor(cfg.data_path, log)
+    if "val_utf8_bytes" in floor and abs(val_bytes - floor["val_utf8_bytes"]) > 0.02 * floor["val_utf8_bytes"]:
+        log(f"WARNING val_bytes_mismatch: the scored targets stand for {val_bytes} bytes, meta.json's validation "
+            f"text has {floor['val_utf8_bytes']} ({val_bytes / floor['val_utf8_bytes'] - 1:+.1%}): this bpb is not "
+            f"the text's")
 
     model = GPT(**model_kwargs(cfg)).to(rt.device)
     model.balance_coefs = (cfg.moe_aux_coef, cfg.moe_zloss_coef)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -422,8 +423,10 @@ def prepare(inputs: list[Path], out_dir: Path, tokenizer: Path | None, vocab_siz
         if sp is None:
             sp = trained_tokenizer(documents(inputs, separator), val_docs, vocab_size, stage / "tokenizer")
         stats = tokenize_to_shards(sp, documents(inputs, separator), val_docs, stage, shard_tokens)
+        model_bytes = (tokenizer if tokenizer is not None else stage / "tokenizer.model").read_bytes()
+        # The trainer refuses another tokenizer with these shards: its byte counts would be another text's.
         meta = {**stats, "vocab_size": sp.vocab_size(), "tokenizer": str(model), "bos_id": BOS_ID,
-                "inputs": [str(p.resolve()) for p in inputs]}
+                "tokenizer_sha256": hashlib.sha256(model_bytes).hexdigest(), "inputs": [str(p.resolve()) for p in inputs]}
         atomic_write(stage / "meta.json", [json.dumps(meta, indent=2).encode() + b"\n"])
         publish(stage, out_dir)
         return meta

@@ -269,3 +269,31 @@ def test_a_failed_standard_audit_leaves_no_headline_number(tiny_env, monkeypatch
     assert not re.search(r"^final_(prequant|int8_\w+_roundtrip)\S* val_loss:", text, re.M), text[-800:]
     assert summary["val_bpb"] is None and summary["roundtrip_val_bpb"] is None and "standard" in summary["withheld"]
     assert summary["sliding_val_bpb"] > 0  # the other methods passed their audits and are scored
+
+
+def test_a_tokenizer_other_than_the_shards_was_made_with_is_refused(tiny_env, tmp_path):
+    """meta.json names the tokenizer's SHA-256: another one would count another text's bytes (exit 2)."""
+    import hashlib
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_env["DATA_PATH"], data)
+    right = hashlib.sha256(Path(tiny_env["TOKENIZER_PATH"]).read_bytes()).hexdigest()
+    for sha, refused in (("0" * 64, True), (right, False)):
+        (data / "meta.json").write_text(json.dumps({"tokenizer_sha256": sha}))
+        done = run_trainer({**tiny_env, "DATA_PATH": str(data), "ITERATIONS": "1"}, ROOT)
+        assert (done.returncode == 2) == refused, done.stderr[-500:]
+        assert ("is not the one the shards" in done.stderr) == refused
+
+
+def test_validation_bytes_far_from_the_texts_are_flagged(tiny_env, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_env["DATA_PATH"], data)
+    summary = None
+    for utf8_bytes, flagged in ((10**6, True), (None, False)):
+        if utf8_bytes is None:  # the text's own byte count, from the run that was flagged
+            utf8_bytes = summary["val_bytes"]
+        (data / "meta.json").write_text(json.dumps({"val_utf8_bytes": utf8_bytes}))
+        done = run_trainer({**tiny_env, "DATA_PATH": str(data), "ITERATIONS": "1"}, ROOT)
+        assert done.returncode == 0, done.stderr[-500:]
+        assert ("WARNING val_bytes_mismatch" in done.stdout) == flagged
+        summary = summary_of(tiny_env)

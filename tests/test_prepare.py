@@ -1,6 +1,7 @@
 """data/prepare.py: the shard writer, text to shards, the validation split, meta.json, refusals."""
 
 import gzip
+import hashlib
 import json
 import random
 import subprocess
@@ -132,6 +133,7 @@ def test_jsonl_with_a_trained_tokenizer(tmp_path):
     assert out.returncode == 0, out.stderr
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
     assert meta["tokenizer"] == str((tmp_path / "o" / "tokenizer.model").resolve())
+    assert meta["tokenizer_sha256"] == hashlib.sha256(Path(meta["tokenizer"]).read_bytes()).hexdigest()
     assert (tmp_path / "o" / "tokenizer.vocab").is_file()
     trained = spm.SentencePieceProcessor(model_file=meta["tokenizer"])
     space = trained.piece_to_id("\u2581")
@@ -183,6 +185,7 @@ def test_txt_blank_lines_and_a_given_tokenizer(tmp_path, tokenizer_model, sp):
     assert shard_docs(tmp_path / "o", "val", sp) == [" ".join(d.split()) for d in docs[:20]]
     assert shard_docs(tmp_path / "o", "train", sp) == [" ".join(d.split()) for d in docs[20:]]
     assert meta["tokenizer"] == str(tokenizer_model.resolve()) and "val_entropy_bits" not in meta
+    assert meta["tokenizer_sha256"] == hashlib.sha256(tokenizer_model.read_bytes()).hexdigest()
     assert not (tmp_path / "o" / "tokenizer.model").exists()
 
 
