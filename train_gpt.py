@@ -677,21 +677,6 @@ def read_meta(data_path: str) -> dict:
     return meta
 
 
-def resolve_tokenizer_path(cfg: Config) -> Path:
-    if cfg.tokenizer_path:
-        return Path(cfg.tokenizer_path)
-    return Path(read_meta(cfg.data_path).get("tokenizer") or "./data/tokenizers/fineweb_1024_bpe.model")
-
-
-def check_tokenizer_identity(data_path: str, path: Path):
-    """Bytes per token come from the tokenizer: another one than the shards were made with would
-    score the right tokens against the wrong text."""
-    expected = read_meta(data_path).get("tokenizer_sha256")
-    if expected and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
-        raise InputError(f"tokenizer {path} is not the one the shards in DATA_PATH={data_path} were made with "
-                         f"(meta.json's tokenizer_sha256 {expected[:12]}...): set TOKENIZER_PATH to that one")
-
-
 def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
 
@@ -709,6 +694,19 @@ def load_tokenizer(path: Path, vocab_size: int):
         raise InputError(f"tokenizer {path} has no standalone '\u2581' piece: spaces would be counted as "
                          f"byte-fallback bytes and bits per byte would be wrong")
     return sp
+
+
+def resolve_tokenizer(cfg: Config, meta: dict):
+    """(path, tokenizer) the byte tables come from: TOKENIZER_PATH, else the one DATA_PATH's meta.json
+    names, else the challenge's. Refused when meta.json's SHA-256 says the shards were made with
+    another: its byte counts would score the right tokens against the wrong text."""
+    path = Path(cfg.tokenizer_path or meta.get("tokenizer") or "./data/tokenizers/fineweb_1024_bpe.model")
+    sp = load_tokenizer(path, cfg.vocab_size)
+    expected = meta.get("tokenizer_sha256")
+    if expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        raise InputError(f"tokenizer {path} is not the one the shards in DATA_PATH={cfg.data_path} were made with "
+                         f"(meta.json's tokenizer_sha256 {expected[:12]}...): set TOKENIZER_PATH to that one")
+    return path, sp
 
 
 @dataclass
@@ -2596,13 +2594,17 @@ def eval_fit(ev: Evaluator, eval_ms: dict) -> dict:
 # main
 # ----------------------------------------------------------------------------------------------
 
-def source_floor(data_path: str, log: Logger) -> dict:
-    """What DATA_PATH/meta.json says about the validation text: its UTF-8 bytes and, for the synthetic
-    corpus, its true information content (no honest model can score below it)."""
-    meta = read_meta(data_path)
+def source_floor(meta: dict, val_bytes: int, log: Logger) -> dict:
+    """What DATA_PATH/meta.json says about the validation text: its UTF-8 bytes (checked against the
+    bytes the scored targets stand for) and, for the synthetic corpus, its true information content
+    (no honest model can score below it)."""
     out = {}
     if meta.get("val_utf8_bytes"):
         out["val_utf8_bytes"] = int(meta["val_utf8_bytes"])
+        if abs(val_bytes - out["val_utf8_bytes"]) > 0.02 * out["val_utf8_bytes"]:
+            log(f"WARNING val_bytes_mismatch: the scored targets stand for {val_bytes} bytes, meta.json's validation "
+                f"text has {out['val_utf8_bytes']} ({val_bytes / out['val_utf8_bytes'] - 1:+.1%}): this bpb is not "
+                f"the text's")
         if meta.get("val_entropy_bits") is not None:
             out["source_bpb"] = float(meta["val_entropy_bits"]) / out["val_utf8_bytes"]
             log(f"source_entropy: val_entropy_bits:{meta['val_entropy_bits']:.1f} source_bpb:{out['source_bpb']:.4f}")
@@ -2617,9 +2619,8 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
         f"compile:{rt.compile} bf16:{rt.bf16} torch:{torch.__version__}")
 
-    tokenizer_path = resolve_tokenizer_path(cfg)
-    sp = load_tokenizer(tokenizer_path, cfg.vocab_size)
-    check_tokenizer_identity(cfg.data_path, tokenizer_path)
+    meta = read_meta(cfg.data_path)
+    tokenizer_path, sp = resolve_tokenizer(cfg, meta)
     tables = build_byte_tables(sp, cfg.vocab_size)
     train_files, val_files = find_shards(cfg.data_path, "train"), find_shards(cfg.data_path, "val")
     if cfg.doc_mode and sp.bos_id() < 0:
@@ -2635,11 +2636,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     log(f"val_bpb:enabled tokenizer_path={tokenizer_path}")
     log(f"train_loader:dataset:{cfg.data_path} train_shards:{len(train_files)} tokens:{stream.total}")
     log(f"val_loader:shards:{len(val_files)} tokens:{len(val_tokens) - 1} val_bytes:{val_bytes}")
-    floor = source_floor(cfg.data_path, log)
-    if "val_utf8_bytes" in floor and abs(val_bytes - floor["val_utf8_bytes"]) > 0.02 * floor["val_utf8_bytes"]:
-        log(f"WARNING val_bytes_mismatch: the scored targets stand for {val_bytes} bytes, meta.json's validation "
-            f"text has {floor['val_utf8_bytes']} ({val_bytes / floor['val_utf8_bytes'] - 1:+.1%}): this bpb is not "
-            f"the text's")
+    floor = source_floor(meta, val_bytes, log)
 
     model = GPT(**model_kwargs(cfg)).to(rt.device)
     model.balance_coefs = (cfg.moe_aux_coef, cfg.moe_zloss_coef)

@@ -253,13 +253,9 @@ def test_a_failed_standard_audit_leaves_no_headline_number(tiny_env, monkeypatch
     import torch
 
     import train_gpt
+    from test_eval import jittery
 
-    def leaky_standard(cfg, ev, model, capture):
-        run = train_gpt.standard_method(cfg, ev, model, capture)
-        ahead = ev.tokens[(run.scores.pos + 2).clamp(max=len(ev.tokens) - 1)].to(run.scores.nll.device)
-        run.scores.nll = run.scores.nll + 0.1 * (ahead % 7)  # reads the target after its own
-        return run
-
+    leaky_standard = jittery(train_gpt.standard_method, 0.0, leak=True)  # reads the target after its own
     monkeypatch.setitem(train_gpt.EVAL_METHODS, "standard", leaky_standard)
     cfg, notes = train_gpt.load_config({**tiny_env, "EVAL_AUDIT": "1", "EVAL_STRIDE": "32"})
     rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
