@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import functools
 import difflib
 import glob
 import hashlib
@@ -165,6 +166,8 @@ class Config:
     eval_audit: bool = var(False, "audit every evaluation: distributions sum to 1, no score sees a later token; "
                                   "a method that fails is not scored")
     eval_audit_tokens: int = var(16384, "the audit checks the methods on this prefix of the validation stream", lo=2)
+    eval_audit_positions: int = var(2048, "... and checks every one of its first N positions on its own", lo=1)
+    eval_audit_seed: int = var(0, "seed of the audit's cut points and replaced tokens (0 = a fresh one each run)", lo=0)
     per_token_loss_every: int = var(0, "save every validation target's loss (float16) every N steps and at the end "
                                        "to LOG_DIR/<RUN_ID>_per_token/ (0 = off)", lo=0)
     # export
@@ -725,6 +728,38 @@ class ByteTables:
 
     def to(self, device) -> "ByteTables":
         return ByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+
+
+def decoded_bytes(sp):
+    """Counts the bytes targets stand for from the tokenizer's own decoder, not the byte tables, so the
+    audit can compare the two. The challenge's rule: boundary tokens (control, unknown, unused) stand
+    for nothing, and the first space after one is not counted. Each text is decoded after a fixed
+    piece, as the decoder drops the spaces a text starts with. Returns (bytes, slack): a run of targets
+    that ends inside a character of byte pieces decodes that character as U+FFFD, up to 3 bytes off."""
+    boundary = {i for i in range(sp.vocab_size()) if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)}
+    spaced = {i for i in range(sp.vocab_size()) if sp.IdToPiece(i).startswith("\u2581")}
+    anchor = next(i for i in range(sp.vocab_size()) if i not in boundary | spaced and not sp.IsByte(i))
+
+    def text(ids: list[int]) -> int:
+        return len(sp.decode([anchor] + ids).encode()) - len(sp.decode([anchor]).encode())
+
+    def count(tokens: Tensor, positions: Tensor) -> tuple[int, int]:
+        total, slack, ids = 0, 0, tokens.tolist()
+        starts = np.flatnonzero(np.diff(positions.numpy(), prepend=-2) != 1)
+        for a, b in zip(starts, [*starts[1:], len(positions)]):
+            context, targets = ids[int(positions[a])], ids[int(positions[a]) + 1:int(positions[b - 1]) + 2]
+            segment = [] if context in boundary else [context]
+            total -= text(segment)
+            for token in targets:
+                if token in boundary:
+                    total, segment = total + text(segment), []
+                else:
+                    total -= not segment and token in spaced
+                    segment.append(token)
+            total += text(segment)
+            slack += 3 * sp.IsByte(targets[-1])
+        return total, slack
+    return count
 
 
 def build_byte_tables(sp, vocab_size: int) -> ByteTables:
@@ -2122,11 +2157,13 @@ class Scores:
 class Evaluator:
     """Scores windows of the validation tokens, split across ranks, and reduces to loss and bpb."""
 
-    def __init__(self, cfg: Config, rt: Runtime, val_tokens: Tensor, tables: ByteTables, bos_id: int = -1):
+    def __init__(self, cfg: Config, rt: Runtime, val_tokens: Tensor, tables: ByteTables, bos_id: int = -1,
+                 text_bytes=None):
         self.cfg, self.rt = cfg, rt
         self.tokens = val_tokens
         self.tables = tables.to(rt.device)
         self.bos_id = bos_id
+        self.text_bytes = text_bytes  # (tokens, positions) -> the bytes the targets there decode to (the audit's count)
 
     @property
     def n_targets(self) -> int:
@@ -2134,19 +2171,24 @@ class Evaluator:
 
     def with_tokens(self, tokens: Tensor) -> "Evaluator":
         """The same evaluator over other tokens: the audit's prefix and its perturbed copies."""
-        return Evaluator(self.cfg, self.rt, tokens, self.tables, self.bos_id)
+        return Evaluator(self.cfg, self.rt, tokens, self.tables, self.bos_id, self.text_bytes)
 
     def rank_share(self, windows: list) -> list:
         """A contiguous run of windows per rank, so each rank scores one stretch of the stream in order."""
         per = math.ceil(len(windows) / self.rt.world_size)
         return windows[self.rt.rank * per:(self.rt.rank + 1) * per]
 
+    @functools.cached_property
+    def device_tokens(self) -> Tensor:
+        return self.tokens.to(self.rt.device)
+
+    def targets(self, pos: Tensor) -> Tensor:
+        return self.device_tokens[pos + 1]
+
     @torch.no_grad()
-    def batches(self, model: nn.Module, windows: list[tuple[int, int, int]], seq_len: int, logprobs: bool = False,
-                scored_path: bool = True):
-        """Yields (Scores, log-distributions of the scored targets or None) a forward at a time. Whole
-        windows are scored by the model's loss with targets unless `scored_path` is off (a method that
-        scores from the distributions alone, as Hedge does, needs only those)."""
+    def distributions(self, model: nn.Module, windows: list[tuple[int, int, int]], seq_len: int):
+        """Yields (target positions, log next-token distributions) a forward at a time, from the windows'
+        tokens alone: a window ends at its last scored position, so no target is ever in the model's input."""
         seq_len = min(seq_len, self.n_targets)
         batch = self.rows_per_forward(len(windows), seq_len)
         was_training = model.training
@@ -2155,30 +2197,16 @@ class Evaluator:
             for i in range(0, len(windows), batch):
                 chunk = windows[i:i + batch]
                 # A window may read past the stream's end (a document at the end, in DOC_MODE); what it
-                # reads after its last scored target cannot change a causal model's scores. Compiled, a
-                # short last batch is padded with copies of its last window, never scored.
+                # reads after its last scored position cannot change a causal model's distributions.
+                # Compiled, a short last batch is padded with copies of its last window, never scored.
                 reads = chunk + chunk[-1:] * (batch - len(chunk)) if self.rt.compile else chunk
-                idx = torch.stack([F.pad(self.tokens[s:s + seq_len + 1], (0, max(0, s + seq_len + 1 - len(self.tokens))))
-                                   for s, _, _ in reads]).to(self.rt.device)
-                x, y = idx[:, :-1], idx[:, 1:]
-                rows = [(r, first, stop) for r, (_, first, stop) in enumerate(chunk)]
+                x = torch.stack([F.pad(self.tokens[s:s + seq_len], (0, max(0, s + seq_len - len(self.tokens))))
+                                 for s, _, _ in reads]).to(self.rt.device)
                 pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in chunk]).to(self.rt.device)
-                target = torch.cat([y[r, a:b] for r, a, b in rows])
-                logp = None
-                by_loss = scored_path and all(first == 0 and stop == seq_len for _, first, stop in chunk)
                 with self.rt.autocast():
-                    if by_loss:  # the scored path of whole windows, which the audit also runs
-                        loss = model(x, y, reduction="none").float()
-                        nll = torch.cat([loss[r, a:b] for r, a, b in rows])
-                    if logprobs or not by_loss:  # the head and softmax only where scored
-                        hidden = model(x)
-                        logits = model.head(torch.cat([hidden[r, a:b] for r, a, b in rows]))
-                        logp = F.log_softmax(logits.float(), dim=-1)
-                        if not by_loss:
-                            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-                        logp = logp if logprobs else None
-                counted = self.tables.count(x, y)
-                yield Scores(pos, nll, torch.cat([counted[r, a:b] for r, a, b in rows])), logp
+                    hidden = model(x)
+                    logits = model.head(torch.cat([hidden[r, a:b] for r, (_, a, b) in enumerate(chunk)]))
+                yield pos, F.log_softmax(logits.float(), dim=-1)
         finally:
             model.train(was_training)
 
@@ -2189,7 +2217,7 @@ class Evaluator:
         return min(most, 1 << (max(n_rows, 1) - 1).bit_length()) if self.rt.compile else most
 
     def score(self, model: nn.Module, windows: list, seq_len: int) -> Scores:
-        return Scores.cat([s for s, _ in self.batches(model, windows, seq_len)], self.rt.device)
+        return score_first(self, self.distributions(model, windows, seq_len)).scores
 
     def reduce(self, scores: Scores) -> tuple[float, float]:
         sums = torch.stack([scores.nll.double().sum(), torch.tensor(float(scores.nll.numel()), device=self.rt.device,
@@ -2210,6 +2238,10 @@ class Evaluator:
         if self.cfg.doc_mode:
             return [(a, 0, min(b - a, seq)) for a, b in document_bounds(self.tokens.numpy(), self.bos_id)]
         return sliding_windows(0, self.n_targets, self.n_targets, seq, seq)
+
+    def scored_fraction(self) -> float:
+        """The share of the stream's targets standard evaluation scores: below 1 only in DOC_MODE."""
+        return sum(stop - first for _, first, stop in self.standard_windows()) / self.n_targets
 
     def standard(self, model: nn.Module) -> tuple[float, float]:
         return self.reduce(self.score(model, self.rank_share(self.standard_windows()), self.cfg.train_seq_len))
@@ -2233,9 +2265,8 @@ class MethodRun:
 
     scores: Scores
     captured: dict[int, Tensor]  # target index -> the whole next-token distribution it was scored with
-    max_sum_error: float  # the largest |sum p - 1| over the distributions this run measured
+    max_sum_error: float  # the largest |sum p - 1| over every distribution scored, where measured
     info: dict = field(default_factory=dict)
-    score_gap: float = 0.0  # the largest |scored loss - (-log p(target))| of that distribution, where measured
 
 
 def prob_sum_error(probs: Tensor) -> Tensor:
@@ -2245,24 +2276,30 @@ def prob_sum_error(probs: Tensor) -> Tensor:
     return (probs.sum(-1, dtype=torch.float64) - 1).abs().max()
 
 
-def capture_rows(captured: dict, pos: Tensor, probs: Tensor, wanted: set[int]):
-    for row, p in enumerate(pos.tolist()):
-        if p in wanted:
-            captured[p] = probs[row].detach().float().cpu()
-
-
-def neural_run(ev: Evaluator, model: nn.Module, windows: list, seq_len: int, capture: set[int]) -> MethodRun:
-    """Scores windows with the model alone; log-distributions are built only where the audit asks."""
-    parts, captured, gap = [], {}, 0.0
-    for scores, logp in ev.batches(model, windows, seq_len, logprobs=bool(capture)):
-        parts.append(scores)
-        if capture:
-            capture_rows(captured, scores.pos, logp.exp(), capture)
-            # The score must be the distribution's, read at the target: a score the target itself moved is not.
-            target = ev.tokens[scores.pos.cpu() + 1].to(logp.device)
-            gap = max(gap, float((scores.nll + logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)).abs().max()))
-    error = float(prob_sum_error(torch.stack(list(captured.values())))) if captured else 0.0
-    return MethodRun(Scores.cat(parts, ev.rt.device), captured, error, score_gap=gap)
+def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> MethodRun:
+    """The one scorer, and the only code that reads a target before its method has been scored on it.
+    A method is a generator: it yields (positions, log next-token distributions) from what it has been
+    told so far, and each yield returns the targets of those positions, once they are scored. Its
+    return value is the run's info. With `capture` (the audit), every distribution's sum is measured
+    and those at the captured positions are kept. Bytes come from the byte tables, not the method."""
+    parts, captured = [], {}
+    max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)
+    try:
+        pos, logp = next(method)
+        while True:
+            target = ev.targets(pos)
+            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            parts.append(Scores(pos, nll, ev.tables.count(ev.device_tokens[pos], target)))
+            if capture is not None:
+                probs = logp.exp()
+                max_error = torch.maximum(max_error, prob_sum_error(probs))
+                for row, p in enumerate(pos.tolist()):
+                    if p in capture:
+                        captured[p] = probs[row].float().cpu()
+            pos, logp = method.send(target)
+    except StopIteration as finished:
+        info = finished.value or {}
+    return MethodRun(Scores.cat(parts, ev.rt.device), captured, float(max_error), info)
 
 
 def eval_seq_len(cfg: Config) -> int:
@@ -2275,13 +2312,13 @@ def method_windows(cfg: Config, ev: Evaluator, lo: int, hi: int) -> list:
     return sliding_windows(lo, hi, ev.n_targets, seq, cfg.eval_stride or seq)
 
 
-def standard_method(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int]) -> MethodRun:
-    return neural_run(ev, model, ev.rank_share(ev.standard_windows()), cfg.train_seq_len, capture)
+def standard_method(cfg: Config, ev: Evaluator, model: nn.Module):
+    return (yield from ev.distributions(model, ev.rank_share(ev.standard_windows()), cfg.train_seq_len))
 
 
-def sliding_method(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int]) -> MethodRun:
+def sliding_method(cfg: Config, ev: Evaluator, model: nn.Module):
     windows = sliding_windows(0, ev.n_targets, ev.n_targets, eval_seq_len(cfg), cfg.eval_stride)
-    return neural_run(ev, model, ev.rank_share(windows), eval_seq_len(cfg), capture)
+    return (yield from ev.distributions(model, ev.rank_share(windows), eval_seq_len(cfg)))
 
 
 # Hedge: an online mixture of experts, each a normalised distribution over the whole vocabulary ---
@@ -2351,7 +2388,7 @@ def hedge_experts(cfg: Config, tokens: Tensor) -> list:
     return [NeuralExpert(), *ngrams, TemperedExpert()]
 
 
-def hedge_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int], experts: list | None = None) -> MethodRun:
+def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | None = None):
     """Score first, then learn, in blocks of HEDGE_CHUNK_TOKENS targets aligned to the stream (block
     k holds targets k*N .. (k+1)*N-1): each target is scored by the mixture as it stood when its
     block began, and only once the block is over do the weights (Hedge: log w -= eta * the experts'
@@ -2360,14 +2397,12 @@ def hedge_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int], e
     the counts of every block before the one it starts in, and takes that block in whole when it
     ends (its targets before the rank's stretch were scored by the rank before). The weights start
     from the prior on every rank, so with eta > 0 they differ between world sizes."""
-    tokens = ev.tokens.to(ev.rt.device)
-    experts = experts if experts is not None else hedge_experts(cfg, tokens)
+    experts = experts if experts is not None else hedge_experts(cfg, ev.device_tokens)
     windows = ev.rank_share(method_windows(cfg, ev, 0, ev.n_targets))
     size = cfg.hedge_chunk_tokens
     # The neural expert starts with most of the weight: the count tables begin empty.
     log_w = torch.tensor([2.0 if isinstance(e, NeuralExpert) else 0.0 for e in experts], device=ev.rt.device)
-    parts, captured, block_losses = [], {}, []
-    max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)
+    block_losses = []
     cursor = windows[0][0] + windows[0][1] if windows else 0  # the next target to score: this rank's are contiguous
     end = windows[-1][0] + windows[-1][2] if windows else 0
     block = cursor // size
@@ -2381,28 +2416,23 @@ def hedge_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int], e
         observe_all(experts, torch.arange(block * size, min((block + 1) * size, end), device=ev.rt.device))
         block_losses.clear()
 
-    for scores, logp in ev.batches(model, windows, eval_seq_len(cfg), logprobs=True, scored_path=False):
-        nll, first = [], cursor
-        while cursor < first + len(scores.pos):
+    for scored, logp in ev.distributions(model, windows, eval_seq_len(cfg)):
+        first = cursor
+        while cursor < first + len(scored):
             if cursor // size != block:
                 finish_block()
                 block = cursor // size
-            stop = min(first + len(scores.pos), (block + 1) * size)
+            stop = min(first + len(scored), (block + 1) * size)
             rows = slice(cursor - first, stop - first)
-            pos = scores.pos[rows]
+            pos = scored[rows]
             probs = torch.stack([e.probs(pos, logp[rows]) for e in experts])  # [experts, tokens, V]
             mixture = torch.einsum("e,etv->tv", torch.softmax(log_w, 0), probs)
-            target = tokens[pos + 1].unsqueeze(-1)
-            nll.append(-mixture.gather(-1, target).squeeze(-1).clamp_min(1e-38).log())
-            max_error = torch.maximum(max_error, prob_sum_error(mixture))
-            if capture:
-                capture_rows(captured, pos, mixture, capture)
-            block_losses.append(-probs.gather(-1, target.expand(len(experts), -1, 1)).squeeze(-1).clamp_min(1e-38).log())
+            target = yield pos, mixture.clamp_min(1e-38).log()
+            block_losses.append(-probs.gather(-1, target.view(1, -1, 1).expand(len(experts), -1, 1)).squeeze(-1)
+                                .clamp_min(1e-38).log())
             cursor = stop
-        parts.append(Scores(scores.pos, torch.cat(nll), scores.nbytes))
     finish_block()
-    weights = {e.name: round(w, 6) for e, w in zip(experts, torch.softmax(log_w, 0).tolist())}
-    return MethodRun(Scores.cat(parts, ev.rt.device), captured, float(max_error), {"weights": weights})
+    return {"weights": {e.name: round(w, 6) for e, w in zip(experts, torch.softmax(log_w, 0).tolist())}}
 
 
 def observe_all(experts: list, positions: Tensor):
@@ -2413,28 +2443,23 @@ def observe_all(experts: list, positions: Tensor):
 
 # Score-first test-time training ----------------------------------------------------------------
 
-def ttt_run(cfg: Config, ev: Evaluator, model: nn.Module, capture: set[int]) -> MethodRun:
+def ttt_method(cfg: Config, ev: Evaluator, model: nn.Module):
     """Chunk by chunk: score the chunk, then train on it (never the last), so no score depends on a
     token the model has trained on. The weights are restored afterwards."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
     n_chunks = math.ceil(ev.n_targets / cfg.ttt_chunk_tokens)
-    runs = []
     try:
         for k in range(n_chunks):
             lo, hi = k * cfg.ttt_chunk_tokens, min(ev.n_targets, (k + 1) * cfg.ttt_chunk_tokens)
-            windows = ev.rank_share(method_windows(cfg, ev, lo, hi))
-            runs.append(neural_run(ev, model, windows, eval_seq_len(cfg), capture))
+            yield from ev.distributions(model, ev.rank_share(method_windows(cfg, ev, lo, hi)), eval_seq_len(cfg))
             if k + 1 < n_chunks:
                 lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * k / (n_chunks - 1)))
                 ttt_adapt(cfg, ev, model, params, optimizer, lo, hi, lr)
     finally:
         model.load_state_dict(saved)
-    captured = {p: d for run in runs for p, d in run.captured.items()}
-    return MethodRun(Scores.cat([r.scores for r in runs], ev.rt.device), captured,
-                     max((r.max_sum_error for r in runs), default=0.0),
-                     score_gap=max((r.score_gap for r in runs), default=0.0))
+    return {}
 
 
 def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimizer, lo: int, hi: int, lr: float):
@@ -2470,67 +2495,195 @@ def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimi
 
 # The audit: does every distribution sum to one, and does no score look ahead? ------------------
 
-AUDIT_SAMPLES = 64
-AUDIT_CUTS = 3
+AUDIT_STRATA = 8  # cut points: one drawn in each eighth of the audited prefix, and each rank's first position
 AUDIT_TOLERANCE = 1e-5  # scores are computed the same way in both runs; a look-ahead moves them far more
 AUDIT_NOISE_FACTOR = 10  # ... than this many times the run-to-run noise of a method that is not deterministic
 AUDIT_MAX_SUM_ERROR = 1e-3
-# Scored loss against -log p(target) of the distribution from the context alone, where the two paths
-# differ (whole windows): 2e-6 nats in a compiled bf16 CPU run; a score that saw its target, far more.
-AUDIT_MAX_SCORE_GAP = 0.02
+AUDIT_PLAIN_EVERY = 8  # one unperturbed copy in this many measures how a row moves with its place in a batch
 
 
-def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logger, name: str) -> dict:
-    """Runs `method` on a prefix of the stream, then again with the tokens after a cut point c
-    replaced at random, for a few cuts. Scores of targets before c must not change, nor the
-    distribution the target c was scored with. Distributions are measured at sampled targets."""
+def replace_after(cfg: Config, ev: Evaluator, tokens: Tensor, cut: int, gen: torch.Generator) -> Tensor:
+    """`tokens` with every token after position `cut` replaced by another. In DOC_MODE BOS stays and
+    nothing becomes one, so documents keep the bounds that decide the windows."""
+    later = tokens[cut + 1:]
+    changed = (later + torch.randint(1, cfg.vocab_size, later.shape, generator=gen)) % cfg.vocab_size
+    if cfg.doc_mode:
+        changed = torch.where(changed == ev.bos_id, (changed + 1) % cfg.vocab_size, changed)
+        changed = torch.where(later == ev.bos_id, later, changed)
+    return torch.cat([tokens[:cut + 1], changed])
+
+
+def window_check(cfg: Config, ev: Evaluator, model: nn.Module, windows: list, seq_len: int, positions: int,
+                 gen: torch.Generator) -> dict:
+    """Every position t below `positions`, in the window that scores it: the window with every token
+    after t replaced must give t the distribution the whole window gives it, from the function every
+    method scores with. One perturbed copy of the window a position, batched (a leak at any single
+    position is caught here with certainty); unperturbed copies measure how far a row moves with its
+    place in a batch, which sets the tolerance."""
+    seq_len = min(seq_len, ev.n_targets)
+    covering = [w for w in windows if w[0] + w[1] < positions]
+    reference = score_first(ev, ev.distributions(model, covering, seq_len), capture=set(range(positions))).captured
+    mine = ev.rank_share([(s, t) for s, first, stop in covering for t in range(first, stop) if s + t < positions])
+    copies, copy_windows, copy_targets, plain = [], [], [], []
+    for k, (start, offset) in enumerate(mine):
+        window = F.pad(ev.tokens[start:start + seq_len], (0, max(0, start + seq_len - len(ev.tokens))))
+        for perturbed in (True, False) if k % AUDIT_PLAIN_EVERY == 0 else (True,):
+            copy_windows.append((len(copies) * seq_len, offset, offset + 1))
+            copies.append(replace_after(cfg, ev, window, offset, gen) if perturbed else window)
+            copy_targets.append(start + offset)
+            plain.append(not perturbed)
+    change = noise = torch.zeros((), dtype=torch.float64)
+    if copies:
+        copy_ev = ev.with_tokens(torch.cat(copies + [copies[-1][:1]]))
+        rows = torch.cat([logp for _, logp in copy_ev.distributions(model, copy_windows, seq_len)]).exp().cpu()
+        gaps = torch.stack([(row - reference[t]).abs().max() for row, t in zip(rows, copy_targets)]).double()
+        is_plain = torch.tensor(plain)
+        change, noise = gaps[~is_plain].max(), gaps[is_plain].max()
+    change, noise = ev.rt.all_reduce(torch.stack([change, noise]).to(ev.rt.device), dist.ReduceOp.MAX).tolist()
+    tolerance = max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * noise)
+    return {"positions": min(positions, ev.n_targets), "max_change": change, "noise": noise,
+            "causal": change <= tolerance}
+
+
+class RevealingEvaluator(Evaluator):
+    """The audit's stream for what a method learns as it goes: while the method predicts the first
+    `rows` positions of `own` (the positions this rank scores), one position at a time, every later
+    target of this rank is replaced, and the true ones come back only as the scorer scores them. A
+    method that reads ahead of its scores reads the replacements, and its distributions move. Other
+    ranks' targets stay true (what a rank may learn once the others have scored, as TTT does; a rank
+    reading the others' future is a cut point's to catch), and so do the windows (window_check's)."""
+
+    def __init__(self, ev: Evaluator, own: Tensor, rows: int, gen: torch.Generator):
+        start = int(own[0]) if len(own) else 0
+        hidden = torch.zeros(len(ev.tokens), dtype=torch.bool)
+        hidden[own.cpu() + 1] = True
+        hidden[:start + 1] = False
+        tokens = torch.where(hidden, replace_after(ev.cfg, ev, ev.tokens, start, gen), ev.tokens)
+        super().__init__(ev.cfg, ev.rt, tokens, ev.tables, ev.bos_id, ev.text_bytes)
+        self.truth, self.known = ev.with_tokens(ev.tokens), start
+        self.until = int(own[rows - 1]) + 1 if rows else start
+
+    def reveal(self, last: int):
+        if last > self.known:
+            span = slice(self.known + 1, last + 1)
+            self.tokens[span] = self.truth.tokens[span]
+            if "device_tokens" in self.__dict__:
+                self.device_tokens[span] = self.truth.tokens[span].to(self.rt.device)
+            self.known = last
+
+    def targets(self, pos: Tensor) -> Tensor:
+        self.reveal(int(pos.max()) + 1)
+        return super().targets(pos)
+
+    def distributions(self, model: nn.Module, windows: list, seq_len: int):
+        for pos, logp in self.truth.distributions(model, windows, seq_len):
+            if int(pos[0]) >= self.until:
+                self.reveal(len(self.tokens) - 1)
+                yield pos, logp
+                continue
+            for row in range(len(pos)):
+                self.reveal(int(pos[row]))
+                yield pos[row:row + 1], logp[row:row + 1]
+
+
+def audit_seed(cfg: Config, rt: Runtime) -> int:
+    """EVAL_AUDIT_SEED, or a fresh seed rank 0 draws for every rank: cut points that follow from SEED
+    are points a model could be fitted around."""
+    seed = cfg.eval_audit_seed or 1 + int.from_bytes(os.urandom(3), "little")
+    return int(rt.all_reduce(torch.tensor(float(seed if rt.rank == 0 else 0), dtype=torch.float64, device=rt.device)))
+
+
+def rank_starts(rt: Runtime, scores: Scores) -> list[int]:
+    """Every rank's first scored position, where a rank that took in its own targets early would show."""
+    first = torch.zeros(rt.world_size, dtype=torch.float64, device=rt.device)
+    if scores.pos.numel():
+        first[rt.rank] = scores.pos[0].double() + 1
+    return [int(p) - 1 for p in rt.all_reduce(first).tolist() if p > 0]
+
+
+def audit_layout(cfg: Config, ev: Evaluator, name: str) -> tuple[list, int]:
+    """The windows and length a method scores with: the standard method's own, or the eval methods'."""
+    if name == "standard":
+        return ev.standard_windows(), cfg.train_seq_len
+    return method_windows(cfg, ev, 0, ev.n_targets), eval_seq_len(cfg)
+
+
+def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logger, name: str,
+                 seed: int | None = None, checked: dict | None = None) -> dict:
+    """`method` on a prefix of the stream, through the scorer as the final evaluation runs it. Every
+    distribution it scores sums to one. No position's distribution moves when the tokens after it
+    change: checked for the model's windows at each of the first EVAL_AUDIT_POSITIONS positions
+    (window_check), for what the method learns as it goes at each of its rank's first
+    EVAL_AUDIT_POSITIONS positions (a RevealingEvaluator run), and for both at cut points (one drawn in
+    each eighth of the prefix, and every rank's first position), where the run is repeated with the
+    tokens after the cut replaced: no earlier score and not the distribution at the cut may move. The
+    bytes the scored targets stand for match the tokenizer's decoded text. `checked` keeps the window
+    checks for the methods of the same windows."""
+    t0 = time.perf_counter()
     length = min(ev.n_targets, max(cfg.eval_audit_tokens, 2 * cfg.ttt_chunk_tokens if cfg.ttt_steps else 0))
     prefix = ev.with_tokens(ev.tokens[:length + 1])
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sampled = set(torch.randint(0, length, (AUDIT_SAMPLES,), generator=gen).tolist())
-    cuts = sorted(torch.randint(length // 8, length, (AUDIT_CUTS,), generator=gen).tolist())
-    base = method(cfg, prefix, model, sampled | set(cuts))
+    seed = audit_seed(cfg, ev.rt) if seed is None else seed
+    gen = torch.Generator().manual_seed(seed)
+    edges = [length * k // AUDIT_STRATA for k in range(AUDIT_STRATA + 1)]
+    drawn = {int(torch.randint(a, b, (), generator=gen)) for a, b in zip(edges, edges[1:]) if b > a}
+    base = score_first(prefix, method(cfg, prefix, model), capture=drawn)
+    cuts = sorted(drawn | set(rank_starts(ev.rt, base.scores)))
+    watched = base.scores.pos[:cfg.eval_audit_positions].tolist()  # this rank's first scored positions
     # The same tokens again: a method that trains (TTT) differs from itself on a GPU, whose atomic
     # additions come in any order, and a cut must move a score by more than that to count against it.
-    again = method(cfg, prefix, model, set(cuts))
+    again = score_first(prefix, method(cfg, prefix, model), capture=set(cuts) | set(watched))
     gaps = [float((base.scores.nll - again.scores.nll).abs().max())] if base.scores.nll.numel() else []
-    gaps += [float((base.captured[c] - again.captured[c]).abs().max()) for c in cuts if c in base.captured]
-    repeat_noise = max(gaps, default=0.0)
+    gaps += [float((base.captured[c] - again.captured[c]).abs().max()) for c in drawn if c in base.captured]
+    repeat_noise = float(ev.rt.all_reduce(torch.tensor(max(gaps, default=0.0), dtype=torch.float64,
+                                                        device=ev.rt.device), dist.ReduceOp.MAX))
     tolerance = max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * repeat_noise)
-    error = base.max_sum_error
-    causal = True
+    error = max(base.max_sum_error, again.max_sum_error)
+    moved = []
     for cut in cuts:
-        tokens = prefix.tokens.clone()
-        noise = torch.randint(1, cfg.vocab_size, (length - cut,), generator=gen)
-        later = tokens[cut + 1:]
-        changed = (later + noise) % cfg.vocab_size  # every later token differs
-        if cfg.doc_mode:
-            # Documents must keep their bounds, which decide the windows: BOS stays, and nothing becomes one.
-            changed = torch.where(changed == ev.bos_id, (changed + 1) % cfg.vocab_size, changed)
-            changed = torch.where(later == ev.bos_id, later, changed)
-        tokens[cut + 1:] = changed
-        perturbed = method(cfg, prefix.with_tokens(tokens), model, {cut})
+        perturbed = score_first(prefix, method(cfg, prefix.with_tokens(replace_after(cfg, ev, prefix.tokens, cut, gen)),
+                                               model), capture={cut})
         error = max(error, perturbed.max_sum_error)
-        before = base.scores.pos < cut
-        same = torch.equal(base.scores.pos, perturbed.scores.pos) and torch.allclose(
-            base.scores.nll[before], perturbed.scores.nll[before], rtol=0, atol=tolerance)
-        if cut in base.captured:
+        before = again.scores.pos < cut
+        same = torch.equal(again.scores.pos, perturbed.scores.pos) and torch.allclose(
+            again.scores.nll[before], perturbed.scores.nll[before], rtol=0, atol=tolerance)
+        if cut in again.captured:
             same = same and cut in perturbed.captured and torch.allclose(
-                base.captured[cut], perturbed.captured[cut], rtol=0, atol=tolerance)
-        causal = causal and bool(same)
-    flags = ev.rt.all_reduce(torch.tensor([error, 0.0 if causal else 1.0, base.score_gap], device=ev.rt.device,
+                again.captured[cut], perturbed.captured[cut], rtol=0, atol=tolerance)
+        if not same:
+            moved.append(cut)
+    revealing = RevealingEvaluator(prefix, base.scores.pos, len(watched), gen)
+    revealed = score_first(revealing, method(cfg, revealing, model), capture=set(watched))
+    reveal_change = max([float((revealed.captured[p] - again.captured[p]).abs().max()) if p in revealed.captured
+                         else math.inf for p in watched], default=0.0)
+    error = max(error, revealed.max_sum_error)
+    checked = {} if checked is None else checked
+    if (name == "standard") not in checked:
+        checked[name == "standard"] = window_check(cfg, prefix, model, *audit_layout(cfg, prefix, name),
+                                                   cfg.eval_audit_positions, gen)
+    windows = checked[name == "standard"]
+    decoded = prefix.text_bytes(prefix.tokens, base.scores.pos.cpu()) if prefix.text_bytes else (0, 0)
+    counted = torch.tensor([float(base.scores.nbytes.sum()), *decoded], dtype=torch.float64, device=ev.rt.device)
+    flags = ev.rt.all_reduce(torch.tensor([error, float(bool(moved)), reveal_change], device=ev.rt.device,
                                           dtype=torch.float64), dist.ReduceOp.MAX).tolist()
-    result = {"max_prob_sum_error": flags[0], "causal": flags[1] == 0, "score_gap": flags[2], "tokens": length,
-              "sampled_positions": len(sampled), "cuts": cuts, "repeat_noise": repeat_noise, "tolerance": tolerance}
+    counted, decoded, slack = ev.rt.all_reduce(counted).tolist()
+    bytes_gap = abs(counted - decoded) if prefix.text_bytes else 0.0
+    result = {"max_prob_sum_error": flags[0], "causal": flags[1] == 0 and flags[2] <= tolerance and windows["causal"],
+              "reveal_change": flags[2], "tokens": length,
+              "seed": seed, "cuts": cuts, "moved_at": moved, "repeat_noise": repeat_noise, "tolerance": tolerance,
+              "window_check": windows, "bytes": {"counted": counted, "decoded": decoded, "slack": slack}
+              if prefix.text_bytes else None, "bytes_gap": bytes_gap}
     result["passed"] = (result["causal"] and result["max_prob_sum_error"] < AUDIT_MAX_SUM_ERROR
-                        and result["score_gap"] <= AUDIT_MAX_SCORE_GAP)
+                        and bytes_gap <= slack)
+    result["seconds"] = time.perf_counter() - t0
     log(f"audit {name}: max_prob_sum_error:{result['max_prob_sum_error']:.3e} causal:{str(result['causal']).lower()} "
-        f"score_gap:{result['score_gap']:.1e} tokens:{length} cuts:{len(cuts)} repeat_noise:{repeat_noise:.1e} "
+        f"positions:{windows['positions']} window_change:{windows['max_change']:.1e} reveal_change:{flags[2]:.1e} "
+        f"tokens:{length} cuts:{len(cuts)} "
+        f"repeat_noise:{repeat_noise:.1e} bytes_gap:{bytes_gap:.0f} seed:{seed} time:{result['seconds']:.1f}s "
         f"{'passed' if result['passed'] else 'FAILED'}")
     return result
 
 
-EVAL_METHODS = {"standard": standard_method, "sliding": sliding_method, "hedge": hedge_run, "ttt": ttt_run}
+EVAL_METHODS = {"standard": standard_method, "sliding": sliding_method, "hedge": hedge_method, "ttt": ttt_method}
 
 
 def enabled_methods(cfg: Config) -> list[str]:
@@ -2541,7 +2694,9 @@ def run_audits(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger) -> dic
     """With EVAL_AUDIT=1, every method's audit on the round-trip model, before anything is scored."""
     if not cfg.eval_audit:
         return {}
-    return {name: audit_method(cfg, ev, model, EVAL_METHODS[name], log, name) for name in ["standard"] + enabled_methods(cfg)}
+    seed, checked = audit_seed(cfg, ev.rt), {}
+    return {name: audit_method(cfg, ev, model, EVAL_METHODS[name], log, name, seed, checked)
+            for name in ["standard"] + enabled_methods(cfg)}
 
 
 def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger, standard_ms: float,
@@ -2558,7 +2713,7 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
             continue
         ev.rt.sync()
         t0 = time.perf_counter()
-        run = EVAL_METHODS[name](cfg, ev, model, set())
+        run = score_first(ev, EVAL_METHODS[name](cfg, ev, model))
         loss, bpb = ev.reduce(run.scores)
         ev.rt.sync()
         eval_ms[name] = 1000 * (time.perf_counter() - t0)
@@ -2614,6 +2769,7 @@ def source_floor(meta: dict, val_bytes: int, log: Logger) -> dict:
 def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     torch.manual_seed(cfg.seed)
     log(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
+    log(f"Code sha256: {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}")  # what records/check.py ties logs to
     for note in notes:
         log(note)
     log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
@@ -2631,12 +2787,18 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         log(f"epochs:{cfg.epochs} docs:{len(stream.docs)} docs_per_step:{stream.docs_per_step} "
             f"steps_per_epoch:{stream.steps_per_epoch} iterations:{cfg.iterations}")
     val_tokens = load_validation_tokens(val_files, cfg.train_seq_len, cfg.vocab_size)
-    evaluator = Evaluator(cfg, rt, val_tokens, tables, sp.bos_id())
+    evaluator = Evaluator(cfg, rt, val_tokens, tables, sp.bos_id(), decoded_bytes(sp))
     val_bytes = evaluator.val_bytes()
     log(f"val_bpb:enabled tokenizer_path={tokenizer_path}")
+    log(f"tokenizer: {tokenizer_path} sha256:{hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()}")
     log(f"train_loader:dataset:{cfg.data_path} train_shards:{len(train_files)} tokens:{stream.total}")
     log(f"val_loader:shards:{len(val_files)} tokens:{len(val_tokens) - 1} val_bytes:{val_bytes}")
     floor = source_floor(meta, val_bytes, log)
+    if cfg.doc_mode:
+        floor["scored_fraction"] = evaluator.scored_fraction()
+        log(f"doc_mode: standard evaluation scores each document's first {cfg.train_seq_len} targets, "
+            f"scored_fraction:{floor['scored_fraction']:.4f} of the stream's: not comparable with a stream's bpb")
+    scored = f" scored_fraction:{floor['scored_fraction']:.4f}" if cfg.doc_mode else ""
 
     model = GPT(**model_kwargs(cfg)).to(rt.device)
     model.balance_coefs = (cfg.moe_aux_coef, cfg.moe_zloss_coef)
@@ -2682,8 +2844,8 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     audits = run_audits(cfg, evaluator, roundtrip, log)
     withheld = {}
     if audits.get("standard", {"passed": True})["passed"]:
-        log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
-        log_roundtrip(log, exported)
+        log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}{scored}")
+        log_roundtrip(log, exported, scored)
     else:
         log("final_prequant and final_roundtrip FAILED their audit (standard): not scored")
         result.val_loss = result.val_bpb = None
@@ -2790,11 +2952,11 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evalu
             "roundtrip_eval_ms": eval_ms}, roundtrip
 
 
-def log_roundtrip(log: Logger, exported: dict):
+def log_roundtrip(log: Logger, exported: dict, scored: str = ""):
     name = f"{exported['quant']['scheme']}_{exported['compressor']}"
     loss, bpb = exported["roundtrip_val_loss"], exported["roundtrip_val_bpb"]
     log(f"final_{name}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{exported['roundtrip_eval_ms']:.0f}ms")
-    log(f"final_{name}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    log(f"final_{name}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}{scored}")
 
 
 def main() -> int:
@@ -2822,13 +2984,17 @@ def main() -> int:
         if rt.rank == 0:
             write_atomic(Path(cfg.log_dir) / f"{cfg.run_id}.json", json.dumps(summary, indent=2).encode())
             log(f"summary: {Path(cfg.log_dir) / f'{cfg.run_id}.json'}")
-        audit_failed = not summary.get("audit", {}).get("passed", True)  # written down, then refused
+        code = 4 if not summary.get("audit", {}).get("passed", True) else 0  # written down, then refused
+        log(f"exit:{code}")
         if rt.distributed:
             dist.barrier()  # no rank may leave while another still talks to it: gloo aborts on a closed peer
             dist.destroy_process_group()
-        return 4 if audit_failed else 0
+        return code
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
+        if log is not None:
+            log(f"error: {e}", console=False)
+            log("exit:2", console=False)
         return 2
     except Diverged as e:
         if log is not None:
@@ -2836,6 +3002,7 @@ def main() -> int:
             log(f"to continue with a lower learning rate: RESUME_FROM={e.checkpoint or '<a checkpoint>'} RUN_ID="
                 f"{cfg.run_id} MATRIX_LR={cfg.matrix_lr / 2:g} SCALAR_LR={cfg.scalar_lr / 2:g} "
                 f"TIED_EMBED_LR={cfg.tied_embed_lr / 2:g} (and CHECKPOINT_EVERY_STEPS to checkpoint more often)")
+            log("exit:3")
         return 3
     except (RuntimeError, dist.DistError) as e:
         if rt is None or not rt.distributed:

@@ -4,9 +4,10 @@
     python records/check.py --leaderboard [--root REPO]
 
 A folder passes when its files are there, submission.json's figures are what its logs say (the mean
-of the seeds' final lines) and what its train_gpt.py weighs, the total fits the byte limit, and a
-record claim beats the previous record by at least 0.005 nats at p < 0.01 over its seeds. Exit 0
-when every folder passes, 1 with one line per problem otherwise, 2 for a usage error.
+of the seeds' final lines, of the artifact's round trip or of an audited method) and its
+train_gpt.py is the code every log ran (SHA-256), no log reports a failure, the total fits the byte
+limit, and a record claim beats the track's best by at least 0.005 nats at p < 0.01 over its seeds.
+Exit 0 when every folder passes, 1 with one line per problem otherwise, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import re
@@ -29,12 +31,26 @@ DEFAULT_LIMIT = 16_000_000  # every track is a 16 MB (decimal) track
 MIN_IMPROVEMENT = 0.005  # nats, as the challenge asks of a new record
 MAX_P = 0.01
 START, END = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
+STREAM_TRACKS = ("track_10min_16mb", "track_non_record_16mb")  # scored on the whole stream, never DOC_MODE
+AUDITED_METHODS = ("sliding", "hedge", "ttt")  # scorable only where every log's audit of them passed
+# Folders whose logs predate the `Code sha256` and `exit:` lines: their code is pinned here by its
+# SHA-256 instead, and their logs are tied to it by size as before.
+PINNED = {"track_cpu_embedded/2026-11-22_run_sh_default":
+          "8ab031a102e77657c8aed33ff532d4632c6c89f1ecb12a8de13df0f4a342ab7d",
+          "track_cpu_embedded/2026-12-01_run_sh_bf16_220s":
+          "bfd88a08752213ae2f103524be4bd36cc9513b19996d60a10d705e96be80b350"}
 
 CONFIG = re.compile(r"^config: (\{.*\})$", re.M)
 SIZES = {"code": re.compile(r"^Code size: (\d+) bytes$", re.M),
          "total": re.compile(r"^Total submission size \S+: (\d+) bytes$", re.M),
          "model": re.compile(r"^Serialized model \S+: (\d+) bytes$", re.M)}
-FINAL = re.compile(r"^final_(\S+)_exact val_loss:(\S+) val_bpb:(\S+)$", re.M)
+FINAL = re.compile(r"^final_(\S+)_exact val_loss:(\S+) val_bpb:(\S+)(?: .*)?$", re.M)
+CODE_SHA = re.compile(r"^Code sha256: ([0-9a-f]{64})$", re.M)
+TOKENIZER = re.compile(r"^tokenizer: \S+ sha256:([0-9a-f]{64})$", re.M)
+TOKENIZER_PATH = re.compile(r"^val_bpb:enabled tokenizer_path=(\S+)$", re.M)
+AUDIT = re.compile(r"^audit (\S+): .* (passed|FAILED)$", re.M)
+FAILURE = re.compile(r"^(?:.*\bFAILED\b.*|WARNING .*|error: .*)$", re.M)
+EXIT = re.compile(r"^exit:(\d+)$", re.M)
 
 
 class UsageError(Exception):
@@ -46,6 +62,7 @@ class Verdict:
     problems: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)  # worth printing even when the folder passes
     submission: dict | None = None
+    tokenizer: str | None = None  # what its logs scored with, when they agree
 
     def say(self, problem: str):
         self.problems.append(problem)
@@ -92,16 +109,18 @@ def t_upper_tail(t: float, dof: int) -> float:
     return tail if t >= 0 else 1.0 - tail
 
 
-def improvement_p_value(losses: list[float], previous: float) -> tuple[float, float]:
+def improvement_p_value(losses: list[float], previous: float, margin: float = MIN_IMPROVEMENT
+                        ) -> tuple[float, float | None]:
     """Mean improvement over the previous record, and the one-sided p-value of it being at least
-    MIN_IMPROVEMENT (one-sample t-test of the seeds' losses against previous - MIN_IMPROVEMENT)."""
+    `margin` (one-sample t-test of the seeds' losses against previous - margin); None when the
+    seeds' losses are all equal, which leaves nothing to measure the noise by."""
     n = len(losses)
     mean = sum(losses) / n
     improvement = previous - mean
     sd = math.sqrt(sum((x - mean) ** 2 for x in losses) / (n - 1))
-    if sd == 0:  # identical seeds: the t statistic is infinite either way
-        return improvement, 0.0 if improvement > MIN_IMPROVEMENT else 1.0
-    t = (improvement - MIN_IMPROVEMENT) / (sd / math.sqrt(n))
+    if sd == 0:
+        return improvement, None
+    t = (improvement - margin) / (sd / math.sqrt(n))
     return improvement, t_upper_tail(t, n - 1)
 
 
@@ -202,12 +221,21 @@ def log_paths(folder: Path) -> list[Path]:
 def read_log(path: Path) -> dict:
     """What check.py needs from one of the harness's logs."""
     text = path.read_text(errors="replace")
-    log = {"path": path, "config": read_config(text), "finals": read_finals(text)}
+    log = {"path": path, "config": read_config(text), "finals": read_finals(text),
+           "audits": {name: verdict == "passed" for name, verdict in AUDIT.findall(text)},
+           "failures": FAILURE.findall(text), "exits": [int(code) for code in EXIT.findall(text)],
+           "code_sha256": CODE_SHA.findall(text), "tokenizer": read_tokenizer(text)}
     for key, pattern in SIZES.items():
         found = pattern.findall(text)
         if found:
             log[key] = int(found[-1])
     return log
+
+
+def read_tokenizer(text: str) -> str | None:
+    """The tokenizer a log scored with: its SHA-256, or for a log from before that line, its file name."""
+    found = TOKENIZER.search(text) or TOKENIZER_PATH.search(text)
+    return (found.group(1) if found.re is TOKENIZER else Path(found.group(1)).name) if found else None
 
 
 def read_config(text: str) -> dict | None:
@@ -282,6 +310,9 @@ def check_folder(folder: Path, seen: tuple = ()) -> Verdict:
     if submission is None or not check_types(submission, verdict) or not check_fields(submission, folder, verdict):
         return verdict
     metric = submission.get("metric")
+    if not check_metric(metric, logs, verdict):
+        return verdict
+    check_runs(folder, logs, verdict)
     by_seed = logs_by_seed(logs, metric, verdict)
     if set(by_seed) != set(submission["seeds"]):
         verdict.say(f"the logs' seeds {sorted(by_seed)} are not submission.json's seeds "
@@ -294,8 +325,42 @@ def check_folder(folder: Path, seen: tuple = ()) -> Verdict:
         return verdict  # the missing lines are reported: a mean over the rest would mislead
     check_means(submission, measured, verdict)
     if submission.get("record", False):
-        check_record(submission, folder, [loss for loss, _ in measured], verdict, seen)
+        check_record(submission, folder, measured, verdict, seen)
     return verdict
+
+
+def check_metric(metric: str | None, logs: list[dict], verdict: Verdict) -> bool:
+    """A score is the artifact's round trip, or a method whose audit passed in every log: never the
+    unquantized model, nor a method nothing checked."""
+    if metric is None or metric.endswith("_roundtrip"):
+        return True
+    if metric not in AUDITED_METHODS:
+        verdict.say(f"metric {metric!r} is not a score: the artifact's round trip (the default) or an audited "
+                    f"method ({', '.join(AUDITED_METHODS)})")
+        return False
+    for log in logs:
+        if not log["audits"].get(metric):
+            verdict.say(f"{log['path'].name} has no passed audit of {metric} (EVAL_AUDIT=1): it cannot be the score")
+    return True
+
+
+def check_runs(folder: Path, logs: list[dict], verdict: Verdict):
+    """Every run finished cleanly, reported no failure or warning, and scored what its track scores."""
+    pinned = f"{folder.parent.name}/{folder.name}" in PINNED
+    for log in logs:
+        name = log["path"].name
+        for line in log["failures"]:
+            verdict.say(f"{name} reports: {line[:160]}")
+        if not pinned and not log["exits"]:
+            verdict.say(f"{name} has no exit: line: the run did not finish")
+        elif log["exits"] and log["exits"][-1] != 0:
+            verdict.say(f"{name} ended with exit:{log['exits'][-1]}")
+        if folder.parent.name in STREAM_TRACKS and log["config"] and log["config"].get("doc_mode"):
+            verdict.say(f"{name} ran with DOC_MODE, which scores part of each document: not a {folder.parent.name} score")
+    tokenizers = {log["tokenizer"] for log in logs}
+    if len(tokenizers) > 1:
+        verdict.say(f"the logs scored with different tokenizers ({', '.join(sorted(map(str, tokenizers)))})")
+    verdict.tokenizer = tokenizers.pop() if len(tokenizers) == 1 else None
 
 
 def check_place(folder: Path, verdict: Verdict):
@@ -335,6 +400,8 @@ def check_seed_results(results: dict, by_seed: dict[int, dict], metric: str | No
 def check_bytes(submission: dict, folder: Path, logs: list[dict], verdict: Verdict):
     code_path = folder / "train_gpt.py"
     code = len(code_path.read_bytes()) if code_path.is_file() else None
+    if code is not None:
+        check_code_identity(folder, hashlib.sha256(code_path.read_bytes()).hexdigest(), logs, verdict)
     if code is not None and submission["bytes_code"] != code:
         verdict.say(f"submission.json bytes_code {submission['bytes_code']} is not train_gpt.py's size {code}")
     for log in logs:
@@ -350,6 +417,22 @@ def check_bytes(submission: dict, folder: Path, logs: list[dict], verdict: Verdi
     if totals:
         check_total(submission, max(totals, key=lambda log: log["total"]), verdict)
     check_limit(submission, logs, verdict)
+
+
+def check_code_identity(folder: Path, sha: str, logs: list[dict], verdict: Verdict):
+    """The folder's train_gpt.py is the code each log ran, by the SHA-256 the run logged at its start."""
+    pinned = PINNED.get(f"{folder.parent.name}/{folder.name}")
+    if pinned:
+        if sha != pinned:
+            verdict.say(f"train_gpt.py (SHA-256 {sha[:12]}...) is not the code pinned for this folder")
+        return
+    for log in logs:
+        name = log["path"].name
+        if not log["code_sha256"]:
+            verdict.say(f"{name} has no Code sha256 line")
+        elif log["code_sha256"][-1] != sha:
+            verdict.say(f"{name} ran code with SHA-256 {log['code_sha256'][-1][:12]}..., not this train_gpt.py "
+                        f"({sha[:12]}...)")
 
 
 def check_total(submission: dict, largest: dict, verdict: Verdict):
@@ -372,10 +455,11 @@ def check_limit(submission: dict, logs: list[dict], verdict: Verdict):
         verdict.say(f"bytes_total {submission['bytes_total']} is over the limit of {limit} bytes")
 
 
-def check_record(submission: dict, folder: Path, losses: list[float], verdict: Verdict, seen: tuple):
+def check_record(submission: dict, folder: Path, measured: list[tuple[float, float]], verdict: Verdict,
+                 seen: tuple):
     name = submission.get("previous_record")
     if name is None:
-        verdict.say("a record claim must name previous_record (the previous record's folder)")
+        verdict.say("a record claim must name previous_record (the track's best folder before it)")
         return
     if folder.parent.parent.name != "records":
         verdict.say(f"previous_record {name} cannot be found: this folder is not in records/<track>/")
@@ -391,16 +475,48 @@ def check_record(submission: dict, folder: Path, losses: list[float], verdict: V
     if prior.problems:
         verdict.say(f"previous_record {name} does not pass its own checks ({prior.problems[0]})")
         return
-    if len(losses) < 2:
+    best = track_best(folder, submission["date"], seen + (folder,))
+    if best is not None and best[0] != previous:
+        verdict.say(f"previous_record {name} is not the track's best before this claim: "
+                    f"{best[0].relative_to(folder.parents[2]).as_posix()} (val_bpb {best[1]['val_bpb']})")
+        return
+    if len(measured) < 2:
         verdict.say("a record claim needs at least 2 seeds for its significance (3 are usual)")
         return
-    improvement, p = improvement_p_value(losses, float(prior.submission["val_loss"]))
-    figures = (f"mean improvement {improvement:.5f} nats over {name} (needs >= {MIN_IMPROVEMENT}), "
+    losses, bpbs = [loss for loss, _ in measured], [bpb for _, bpb in measured]
+    if verdict.tokenizer is not None and verdict.tokenizer == prior.tokenizer:
+        values, against, margin, unit = losses, float(prior.submission["val_loss"]), MIN_IMPROVEMENT, "nats"
+    else:
+        # Nats per token of two tokenizers are not comparable: bits per byte are, and the margin in
+        # them is 0.005 nats at this claim's own bytes per token.
+        values, against, unit = bpbs, float(prior.submission["val_bpb"]), "bits per byte (the tokenizers differ)"
+        margin = MIN_IMPROVEMENT * sum(bpbs) / sum(losses)
+    improvement, p = improvement_p_value(values, against, margin)
+    if p is None:
+        verdict.say(f"record claim not shown: the seeds' scores are all equal ({values[0]}), which leaves no "
+                    f"spread to measure significance by (did the seeds change anything?)")
+        return
+    figures = (f"mean improvement {improvement:.5f} {unit} over {name} (needs >= {margin:.5f}), "
                f"p = {p:.3g} (needs < {MAX_P})")
-    if improvement < MIN_IMPROVEMENT or p >= MAX_P:
+    if improvement < margin or p >= MAX_P:
         verdict.say(f"record claim not shown: {figures}")
     else:
         verdict.notes.append(f"record claim shown: {figures}")
+
+
+def track_best(folder: Path, date: str, seen: tuple) -> tuple[Path, dict] | None:
+    """The passing folder of `folder`'s track, other than it, dated no later than `date`, with the
+    lowest val_bpb: the record a claim on that date must beat."""
+    best = None
+    for other in sorted(p.resolve() for p in folder.parent.iterdir() if p.is_dir()):
+        if other == folder or other in seen:
+            continue
+        verdict = check_folder(other, seen)
+        if verdict.problems or verdict.submission["date"] > date:
+            continue
+        if best is None or verdict.submission["val_bpb"] < best[1]["val_bpb"]:
+            best = (other, verdict.submission)
+    return best
 
 
 # The leaderboard ------------------------------------------------------------------------------

@@ -32,23 +32,27 @@ def test_two_ranks_match_one_rank_with_accumulation(tiny_env):
 def test_evaluation_methods_split_over_two_ranks_agree_with_one(tiny_env):
     """Sliding and TTT are the same computation split differently. Hedge weights are learnt per rank
     from its own stretch, so with HEDGE_ETA=0 (weights fixed) Hedge must agree too: that checks that
-    each rank's count tables start from exactly the tokens before its stretch. Every audit passes."""
-    env = {**tiny_env, "ITERATIONS": "4", "WARMUP_STEPS": "0", "EVAL_STRIDE": "16", "HEDGE_ENABLED": "1",
+    each rank's count tables start from exactly the tokens before its stretch. Every audit passes.
+    The learning rates are 0, so both runs evaluate the very same weights (trained ones would differ
+    by the order in which two ranks sum gradients): the figures then agree to float rounding, and
+    TTT's, whose gradients are summed over the ranks, within 1e-4."""
+    env = {**tiny_env, "ITERATIONS": "2", "WARMUP_STEPS": "0", "EVAL_STRIDE": "16", "HEDGE_ENABLED": "1",
            "HEDGE_CHUNK_TOKENS": "64", "HEDGE_ETA": "0", "TTT_STEPS": "1", "TTT_CHUNK_TOKENS": "512", "EVAL_AUDIT": "1",
-           "EVAL_AUDIT_TOKENS": "700", "PER_TOKEN_LOSS_EVERY": "4"}
+           "EVAL_AUDIT_TOKENS": "700", "PER_TOKEN_LOSS_EVERY": "2", "MATRIX_LR": "0", "SCALAR_LR": "0",
+           "TIED_EMBED_LR": "0"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     two = run_trainer({**env, "GRAD_ACCUM_STEPS": "1", "RUN_ID": "two"}, ROOT, launcher=launcher)
     one = run_trainer({**env, "GRAD_ACCUM_STEPS": "2", "RUN_ID": "one"}, ROOT)
     assert two.returncode == 0 and one.returncode == 0, two.stderr[-2000:] + one.stderr[-2000:]
     logs = ROOT / env["LOG_DIR"]
     a, b = (json.loads((logs / f"{r}.json").read_text()) for r in ("two", "one"))
-    assert abs(a["sliding_val_bpb"] - b["sliding_val_bpb"]) < 2e-3
-    assert abs(a["ttt_val_bpb"] - b["ttt_val_bpb"]) < 2e-3
-    assert abs(a["hedge_val_bpb"] - b["hedge_val_bpb"]) < 2e-3
+    assert abs(a["sliding_val_bpb"] - b["sliding_val_bpb"]) < 1e-6
+    assert abs(a["hedge_val_bpb"] - b["hedge_val_bpb"]) < 1e-6
+    assert abs(a["ttt_val_bpb"] - b["ttt_val_bpb"]) < 1e-4
     assert a["audit"]["passed"] and a["audit"]["causal"] and b["audit"]["passed"]
     with np.load(logs / "two_per_token" / "final.npz") as x, np.load(logs / "one_per_token" / "final.npz") as y:
         assert len(x["loss"]) == len(y["loss"]) == a["val_tokens"]
-        assert np.abs(x["loss"].astype(np.float32) - y["loss"].astype(np.float32)).max() < 1e-2
+        assert np.abs(x["loss"].astype(np.float32) - y["loss"].astype(np.float32)).max() < 5e-3  # a float16 step
 
 
 def free_port() -> int:

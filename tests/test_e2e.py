@@ -1,5 +1,6 @@
 """End to end on the CPU: a few steps through export and round trip, and each bad input's exit code."""
 
+import hashlib
 import json
 import math
 import re
@@ -38,6 +39,12 @@ def test_cpu_run_trains_exports_and_round_trips(tiny_env):
     assert re.search(r"^step:6/6 val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} train_time:\d+ms", log, re.M)
     final = re.search(r"^final_int8_zstd_roundtrip_exact val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})$", log, re.M)
     assert final and float(final.group(2)) == round(summary["roundtrip_val_bpb"], 8)
+    # What records/check.py ties a log to: the code and tokenizer that ran, and how the run ended.
+    code_sha = hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
+    tokenizer_sha = hashlib.sha256(Path(tiny_env["TOKENIZER_PATH"]).read_bytes()).hexdigest()
+    assert re.search(rf"^Code sha256: {code_sha}$", log, re.M) and re.search(rf"^tokenizer: \S+ sha256:{tokenizer_sha}$",
+                                                                            log, re.M)
+    assert log.rstrip().endswith("exit:0")
     first = float(re.search(r"^step:1/6 train_loss:(\S+)", log, re.M).group(1))
     last = float(re.search(r"^step:6/6 train_loss:(\S+)", log, re.M).group(1))
     assert last < first
@@ -245,6 +252,11 @@ def test_the_audit_of_doc_mode_keeps_the_documents_and_passes_an_honest_model(ti
                        ROOT)
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
     assert "audit standard:" in done.stdout and "causal:true" in done.stdout
+    # Only each document's first TRAIN_SEQ_LEN targets are scored: the lines and the summary say how many.
+    fraction = summary_of(tiny_env)["scored_fraction"]
+    assert 0.5 < fraction < 1
+    assert re.search(rf"^final_prequant_exact val_loss:\S+ val_bpb:\S+ scored_fraction:{fraction:.4f}$", done.stdout, re.M)
+    assert re.search(rf"^final_int8_zstd_roundtrip_exact .* scored_fraction:{fraction:.4f}$", done.stdout, re.M)
 
 
 def test_a_failed_standard_audit_leaves_no_headline_number(tiny_env, monkeypatch):

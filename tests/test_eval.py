@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from test_model import randomize, tiny_model
 from train_gpt import (EVAL_METHODS, ByteTables, Evaluator, Logger, NeuralExpert, NgramExpert, Runtime, Scores,
-                       audit_method, final_evaluations, hedge_experts, hedge_run, load_config, run_audits, sliding_method,
-                       sliding_windows, standard_method, ttt_run)
+                       audit_method, final_evaluations, hedge_experts, hedge_method, load_config, run_audits, score_first,
+                       sliding_method, sliding_windows, standard_method, ttt_method)
 
 CPU = Runtime(0, 1, 0, torch.device("cpu"), False)
 V = 64
@@ -85,14 +85,14 @@ def test_sliding_eval_at_stride_seq_len_equals_standard_eval():
     cfg = config(EVAL_STRIDE=16)
     model = randomize(tiny_model())
     ev = evaluator(cfg)
-    assert ev.reduce(sliding_method(cfg, ev, model, set()).scores) == ev.standard(model)
+    assert ev.reduce(score_first(ev, sliding_method(cfg, ev, model)).scores) == ev.standard(model)
 
 
 def test_sliding_eval_scores_each_target_with_more_context():
     cfg = config(EVAL_STRIDE=4)
     model = randomize(tiny_model())
     ev = evaluator(cfg)
-    run = sliding_method(cfg, ev, model, set())
+    run = score_first(ev, sliding_method(cfg, ev, model))
     assert run.scores.pos.tolist() == list(range(ev.n_targets))
     # Target 20 (token 21) is scored by the window reading tokens 8..23: 13 tokens of context, not 5.
     window = ev.tokens[8:25]
@@ -157,7 +157,7 @@ def test_hedge_weights_move_toward_the_expert_with_lower_loss():
     ev = evaluator(cfg)
     counts = torch.bincount(ev.tokens, minlength=V).float() + 0.5
     good, bad = FixedExpert("good", counts / counts.sum()), FixedExpert("bad", counts ** -2 / (counts ** -2).sum())
-    run = hedge_run(cfg, ev, randomize(tiny_model()), set(), experts=[NeuralExpert(), good, bad])
+    run = score_first(ev, hedge_method(cfg, ev, randomize(tiny_model()), experts=[NeuralExpert(), good, bad]))
     weights = run.info["weights"]
     prior = torch.softmax(torch.tensor([2.0, 0.0, 0.0]), 0).tolist()  # the neural expert starts ahead
     assert weights["good"] > 0.5 > prior[1] and weights["bad"] < prior[2] and weights["neural"] < prior[0]
@@ -168,13 +168,13 @@ def test_hedge_mixture_is_normalised_and_scores_only_after_its_counts_are_causal
     cfg = config(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_CHUNK_TOKENS=8)
     ev = evaluator(cfg)
     model = randomize(tiny_model())
-    run = hedge_run(cfg, ev, model, set(range(ev.n_targets)))
+    run = score_first(ev, hedge_method(cfg, ev, model), set(range(ev.n_targets)))
     assert run.max_sum_error < 1e-5
     assert run.scores.pos.tolist() == list(range(ev.n_targets))
     nll = -torch.stack([run.captured[p][ev.tokens[p + 1]] for p in range(ev.n_targets)]).log()
     assert torch.allclose(nll, run.scores.nll, atol=1e-5)
     # The repeated phrase is learnt by the counts: Hedge beats the model alone on this stream.
-    assert ev.reduce(run.scores)[0] < ev.reduce(sliding_method(cfg, ev, model, set()).scores)[0]
+    assert ev.reduce(run.scores)[0] < ev.reduce(score_first(ev, sliding_method(cfg, ev, model)).scores)[0]
 
 
 def test_hedge_scores_each_block_with_counts_of_the_earlier_blocks_only():
@@ -183,9 +183,9 @@ def test_hedge_scores_each_block_with_counts_of_the_earlier_blocks_only():
     cfg = config(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_ETA=0, HEDGE_CHUNK_TOKENS=8)
     ev = evaluator(cfg)
     model = randomize(tiny_model())
-    run = hedge_run(cfg, ev, model, set())
+    run = score_first(ev, hedge_method(cfg, ev, model))
     windows = sliding_windows(0, ev.n_targets, ev.n_targets, 16, 4)
-    logp = torch.cat([lp for _, lp in ev.batches(model, windows, 16, logprobs=True)])
+    logp = torch.cat([lp for _, lp in ev.distributions(model, windows, 16)])
     prior = torch.softmax(torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0]), 0)
     expected = []
     for start in range(0, ev.n_targets, 8):
@@ -208,8 +208,8 @@ def test_hedge_scores_do_not_move_with_the_batch_size_or_the_world_size(chunk):
         for rows in (2, 5):
             cfg = config(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_ETA=0, HEDGE_CHUNK_TOKENS=chunk,
                          VAL_BATCH_SIZE=rows * 16 * world)
-            ranks = [hedge_run(cfg, evaluator(cfg, 16 * 20 + 1, Runtime(r, world, 0, torch.device("cpu"), False)),
-                               model, set()).scores for r in range(world)]
+            ranks = [score_first(ev, hedge_method(cfg, ev, model)).scores for ev in (
+                evaluator(cfg, 16 * 20 + 1, Runtime(r, world, 0, torch.device("cpu"), False)) for r in range(world))]
             runs[world, rows] = Scores.cat(ranks, "cpu")
     one = runs[1, 5]
     assert one.pos.tolist() == list(range(16 * 20))
@@ -236,9 +236,8 @@ def test_the_audit_catches_a_leaky_expert():
     cfg = config(EVAL_STRIDE=4, HEDGE_CHUNK_TOKENS=8, EVAL_AUDIT_TOKENS=150)
     ev = evaluator(cfg)
 
-    def leaky_hedge(cfg, ev, model, capture):
-        tokens = ev.tokens.to(ev.rt.device)
-        return hedge_run(cfg, ev, model, capture, experts=hedge_experts(cfg, tokens) + [LeakyExpert(tokens)])
+    def leaky_hedge(cfg, ev, model):
+        return hedge_method(cfg, ev, model, experts=hedge_experts(cfg, ev.tokens) + [LeakyExpert(ev.tokens)])
 
     result = audit(cfg, ev, randomize(tiny_model()), leaky_hedge)
     assert result["max_prob_sum_error"] < 1e-5  # it is a distribution: only the look-ahead is wrong
@@ -246,15 +245,21 @@ def test_the_audit_catches_a_leaky_expert():
 
 
 def jittery(method, size: float, leak: bool = False):
-    """`method` whose scores differ from run to run by up to `size` nats, as TTT's on a GPU do (atomic
-    additions in any order); with `leak`, every score also reads the next target."""
-    def run(cfg, ev, model, capture):
-        out = method(cfg, ev, model, capture)
-        out.scores.nll = out.scores.nll + size * torch.rand(out.scores.nll.shape)
-        if leak:
-            ahead = ev.tokens[(out.scores.pos + 2).clamp(max=len(ev.tokens) - 1)]  # the target after this one
-            out.scores.nll = out.scores.nll + 0.1 * (ahead % 7)
-        return out
+    """`method` whose distributions differ from run to run by up to `size` (in log-probability), as
+    TTT's do on a GPU (atomic additions in any order); with `leak`, every distribution also reads the
+    token after its target."""
+    def run(cfg, ev, model):
+        inner = method(cfg, ev, model)
+        try:
+            pos, logp = next(inner)
+            while True:
+                logp = logp + size * torch.rand(logp.shape)
+                if leak:
+                    ahead = ev.tokens[(pos + 2).clamp(max=len(ev.tokens) - 1)]  # the target after this one
+                    logp = torch.log_softmax(logp + 0.1 * F.one_hot(ahead % 7, logp.size(-1)), -1)
+                pos, logp = inner.send((yield pos, logp))
+        except StopIteration as finished:
+            return finished.value
     return run
 
 
@@ -262,15 +267,15 @@ def test_the_audit_tolerates_a_methods_own_run_to_run_noise_but_still_catches_a_
     cfg = config(EVAL_STRIDE=4, EVAL_AUDIT_TOKENS=150)
     ev, model = evaluator(cfg), randomize(tiny_model())
     honest = audit(cfg, ev, model, jittery(sliding_method, 1e-4))
-    assert honest["passed"] and 5e-5 < honest["repeat_noise"] <= 1e-4 and honest["tolerance"] == pytest.approx(
+    assert honest["passed"] and 1e-6 < honest["repeat_noise"] <= 1e-4 and honest["tolerance"] == pytest.approx(
         10 * honest["repeat_noise"])
     assert audit(cfg, ev, model, sliding_method)["repeat_noise"] == 0.0  # deterministic: the 1e-5 tolerance stays
     assert not audit(cfg, ev, model, jittery(sliding_method, 1e-4, leak=True))["causal"]
 
 
 class TargetBiased(torch.nn.Module):
-    """A model whose scored path (forward with targets) adds 5 to the target's logit; its hidden
-    states and head, which the distributions come from, are honest."""
+    """A model whose loss with targets adds 5 to the target's logit; its hidden states and head, which
+    the distributions come from, are honest."""
 
     def __init__(self, inner):
         super().__init__()
@@ -283,25 +288,25 @@ class TargetBiased(torch.nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction).view_as(targets)
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_the_audit_runs_the_scored_path_and_catches_a_score_that_saw_its_target(seed):
-    cfg = config(EVAL_AUDIT_TOKENS=150, SEED=seed)
+def test_no_evaluation_gives_the_model_a_target_so_a_loss_that_reads_it_changes_no_score():
+    """Item 1 of issue 16: a loss with targets that adds 5 to the target's logit took the headline
+    from 3.18 to 0.48 bpb while the audit passed. Every method now scores the distribution the model
+    gives from its input alone: that loss is never called, and no score moves."""
+    cfg = config(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_CHUNK_TOKENS=8, TTT_STEPS=1, TTT_CHUNK_TOKENS=48)
     ev, model = evaluator(cfg), randomize(tiny_model())
-    honest = audit(cfg, ev, model, standard_method)
-    assert honest["passed"] and honest["score_gap"] < 1e-4
-    biased = audit(cfg, ev, TargetBiased(model), standard_method)
-    assert not biased["passed"] and biased["score_gap"] > 1
-    def headline(m):
-        return ev.reduce(standard_method(cfg, ev, m, set()).scores)[0]
-
-    assert headline(TargetBiased(model)) < headline(model)  # the bias is a (false) gain in the headline
+    biased = TargetBiased(model)
+    x, y = ev.tokens[None, :16], ev.tokens[None, 1:17]
+    assert biased(x, y, "none").mean() < model(x, y, "none").mean() - 1  # the bias would be a false gain
+    for name in ("standard", "sliding", "hedge"):
+        honest = score_first(ev, EVAL_METHODS[name](cfg, ev, model)).scores.nll
+        assert torch.equal(score_first(ev, EVAL_METHODS[name](cfg, ev, biased)).scores.nll, honest)
 
 
 def test_the_audit_catches_a_mixture_that_does_not_sum_to_one():
     cfg = config(EVAL_STRIDE=4, HEDGE_CHUNK_TOKENS=8, EVAL_AUDIT_TOKENS=150)
 
-    def inflated_hedge(cfg, ev, model, capture):
-        return hedge_run(cfg, ev, model, capture, experts=[NeuralExpert(), UnnormalisedExpert("x", None)])
+    def inflated_hedge(cfg, ev, model):
+        return hedge_method(cfg, ev, model, experts=[NeuralExpert(), UnnormalisedExpert("x", None)])
 
     result = audit(cfg, evaluator(cfg), randomize(tiny_model()), inflated_hedge)
     assert result["causal"] and result["max_prob_sum_error"] > 0.1 and not result["passed"]
@@ -310,9 +315,8 @@ def test_the_audit_catches_a_mixture_that_does_not_sum_to_one():
 def test_a_method_that_fails_its_audit_is_not_scored(monkeypatch):
     cfg = config(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_CHUNK_TOKENS=8, EVAL_AUDIT=1, EVAL_AUDIT_TOKENS=150)
 
-    def leaky_hedge(cfg, ev, model, capture):
-        tokens = ev.tokens.to(ev.rt.device)
-        return hedge_run(cfg, ev, model, capture, experts=[NeuralExpert(), LeakyExpert(tokens)])
+    def leaky_hedge(cfg, ev, model):
+        return hedge_method(cfg, ev, model, experts=[NeuralExpert(), LeakyExpert(ev.tokens)])
 
     monkeypatch.setitem(EVAL_METHODS, "hedge", leaky_hedge)
     ev, model = evaluator(cfg), randomize(tiny_model())
@@ -328,8 +332,8 @@ def test_ttt_scores_each_chunk_before_training_on_it_and_restores_the_model():
     ev = evaluator(cfg)
     model = randomize(tiny_model())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plain = standard_method(cfg, ev, model, set()).scores
-    adapted = ttt_run(cfg, ev, model, set()).scores
+    plain = score_first(ev, standard_method(cfg, ev, model)).scores
+    adapted = score_first(ev, ttt_method(cfg, ev, model)).scores
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert adapted.pos.tolist() == plain.pos.tolist()
     first = adapted.pos < 64

@@ -234,3 +234,4 @@ def test_doc_mode_evaluation_scores_each_document_once_without_padding():
     scores = ev.score(GPT(**model_kwargs(cfg)), ev.standard_windows(), 6)
     assert scores.pos.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 13, 14, 15, 16, 17]
     assert ev.val_bytes() == 14
+    assert ev.scored_fraction() == 14 / 18  # positions 9-12, past the second document's first 6 targets, are not

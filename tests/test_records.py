@@ -1,5 +1,6 @@
 """records/check.py: a folder passes only when its submission.json is what its logs and code say."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -17,35 +18,44 @@ CHECK = [sys.executable, str(ROOT / "records" / "check.py")]
 CODE = b"print('a train_gpt.py')\n"
 SEEDS = (1337, 42, 7)
 PREVIOUS = "records/track_cpu_embedded/2026-11-01_old"
+TOKENIZER = "ab" * 32
 
 
 def log_text(seed: int, loss: float, bpb: float, model_bytes: int, code: int = len(CODE),
-             limit: int = 16_000_000) -> str:
+             limit: int = 16_000_000, sha: str = hashlib.sha256(CODE).hexdigest(), tokenizer: str = TOKENIZER,
+             doc_mode: bool = False, audits: dict | None = None, extra: tuple = (), end: str = "exit:0") -> str:
+    audits = {"standard": "passed", "sliding": "passed", **(audits or {})}
     return "\n".join([
-        f'config: {{"seed": {seed}, "artifact_limit_bytes": {limit}, "num_layers": 4}}',
+        f'config: {{"seed": {seed}, "artifact_limit_bytes": {limit}, "num_layers": 4, "doc_mode": {json.dumps(doc_mode)}}}',
+        f"Code sha256: {sha}",
+        f"tokenizer: ./tok.model sha256:{tokenizer}",
         "step:10/10 train_loss:1.5000 train_time:100ms step_avg:10.00ms tok_s:1000",
+        *(f"audit {name}: max_prob_sum_error:1.0e-07 causal:true {verdict}" for name, verdict in audits.items()),
+        *extra,
         f"final_prequant_exact val_loss:{loss - 0.01:.8f} val_bpb:{bpb - 0.01:.8f}",
         f"Serialized model int8+zstd: {model_bytes} bytes",
         f"Code size: {code} bytes",
         f"Total submission size int8+zstd: {model_bytes + code} bytes",
         f"final_int8_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:10ms",
         f"final_int8_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
-        f"final_sliding_exact val_loss:{loss - 0.02:.8f} val_bpb:{bpb - 0.02:.8f}", ""])
+        f"final_sliding_exact val_loss:{loss - 0.02:.8f} val_bpb:{bpb - 0.02:.8f}", *([end] if end else []), ""])
 
 
 def make_folder(root, name="2026-11-22_x", track="track_cpu_embedded", losses=(1.40, 1.41, 1.39), model_bytes=1000,
-                **overrides):
-    """A passing folder in a fake repo at `root`, with `overrides` applied to its submission.json."""
+                bpb_per_nat=0.5, log=None, **overrides):
+    """A passing folder in a fake repo at `root`, with `overrides` applied to its submission.json and
+    `log` to its logs."""
     folder = root / "records" / track / name
     folder.mkdir(parents=True)
     (folder / "README.md").write_text("# x\n")
     (folder / "train_gpt.py").write_bytes(CODE)
     seeds = list(SEEDS[:len(losses)])
     for seed, loss in zip(seeds, losses):
-        (folder / f"train_seed{seed}.txt").write_text(log_text(seed, loss, loss / 2, model_bytes))
+        (folder / f"train_seed{seed}.txt").write_text(log_text(seed, loss, loss * bpb_per_nat, model_bytes,
+                                                                **(log or {})))
     mean = sum(losses) / len(losses)
     submission = {"author": "a", "github_id": "a", "name": name, "blurb": "b", "date": "2026-11-22",
-                  "val_loss": round(mean, 8), "val_bpb": round(mean / 2, 8), "bytes_total": model_bytes + len(CODE),
+                  "val_loss": round(mean, 8), "val_bpb": round(mean * bpb_per_nat, 8), "bytes_total": model_bytes + len(CODE),
                   "bytes_code": len(CODE), "seeds": seeds, **overrides}
     (folder / "submission.json").write_text(json.dumps(submission))
     return folder
@@ -112,7 +122,7 @@ def write_log(folder, seed, **changes):
     (lambda f: patch(f, bytes_total=999), "bytes_total 999 is not the largest total"),
     (lambda f: patch(f, seed_results={"42": {"val_bpb": 0.1}}), "seed_results for seed 42: val_bpb 0.1 disagrees"),
     (lambda f: patch(f, seed_results={"5": {}}), "seed_results names seed '5', which has no log"),
-    (lambda f: patch(f, metric="swa"), "no final_swa_exact line"),
+    (lambda f: patch(f, metric="int6_lzma_roundtrip"), "no final_int6_lzma_roundtrip_exact line"),
     (lambda f: write_log(f, 42, limit=1000), "over the limit of 1000 bytes"),
 ])
 def test_each_disagreement_is_refused(tmp_path, change, expected):
@@ -148,7 +158,7 @@ def test_an_artifact_over_16mb_is_refused(tmp_path):
 
 
 def claim(tmp_path, name, losses, **fields):
-    return make_folder(tmp_path, name=name, losses=losses, record=True, previous_record=PREVIOUS, **fields)
+    return make_folder(tmp_path, name=name, losses=losses, record=True, **{"previous_record": PREVIOUS, **fields})
 
 
 def test_a_real_improvement_passes_and_prints_its_p_value(tmp_path):
@@ -234,3 +244,96 @@ def test_usage_errors_exit_2(tmp_path):
     out = run(tmp_path / "nothing")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert run("--leaderboard", "--root", tmp_path).returncode == 2  # no records/README.md
+
+
+# The fooling cases of issue 16: each was passed by the old checker --------------------------------
+
+@pytest.mark.parametrize("metric", ["prequant", "swa", "int8_zstd"])
+def test_the_unquantized_model_or_any_unaudited_line_is_not_a_score(tmp_path, metric):
+    folder = make_folder(tmp_path)
+    patch(folder, metric=metric)
+    out = run(folder)
+    assert out.returncode == 1 and f"metric {metric!r} is not a score" in out.stdout, out.stdout
+
+
+def test_a_method_is_a_score_only_where_every_log_passed_its_audit(tmp_path):
+    folder = make_folder(tmp_path)
+    patch(folder, metric="sliding", val_loss=1.38, val_bpb=0.68)
+    assert run(folder).returncode == 0
+    write_log(folder, 42, audits={"sliding": "FAILED"})
+    assert "train_seed42.txt has no passed audit of sliding" in run(folder).stdout
+    (folder / "train_seed42.txt").write_text(log_text(42, 1.40, 0.70, 1000).replace("audit sliding", "audit other"))
+    out = run(folder)
+    assert out.returncode == 1 and "train_seed42.txt has no passed audit of sliding" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("extra,end,expected", [
+    (("audit hedge: max_prob_sum_error:1.0e-07 causal:false FAILED",), "exit:4", "reports: audit hedge"),
+    (("final_hedge FAILED its audit: not scored",), "exit:0", "reports: final_hedge FAILED"),
+    (("WARNING below_source_entropy: val_bpb 0.4000 < source_bpb 0.4377: the evaluation is wrong",), "exit:0",
+     "reports: WARNING below_source_entropy"),
+    (("WARNING val_bytes_mismatch: the scored targets stand for 10 bytes",), "exit:0", "reports: WARNING val_bytes"),
+    ((), "exit:4", "ended with exit:4"),
+    ((), "", "has no exit: line: the run did not finish"),
+    (("error: rank 1: a collective with the other ranks failed",), "exit:0", "reports: error: rank 1"),
+])
+def test_a_log_that_reports_a_failure_or_did_not_finish_is_refused(tmp_path, extra, end, expected):
+    folder = make_folder(tmp_path)
+    write_log(folder, 42, extra=extra, end=end)
+    out = run(folder)
+    assert out.returncode == 1 and expected in out.stdout, out.stdout
+
+
+def test_code_of_the_same_size_but_other_bytes_is_refused(tmp_path):
+    folder = make_folder(tmp_path)
+    (folder / "train_gpt.py").write_bytes(CODE.replace(b"a", b"b"))
+    out = run(folder)
+    assert out.returncode == 1 and "ran code with SHA-256" in out.stdout and "Code size" not in out.stdout, out.stdout
+    write_log(folder, 42, sha="")
+    assert "train_seed42.txt has no Code sha256 line" in run(folder).stdout
+
+
+def test_a_claim_must_beat_the_tracks_best_not_an_older_record(tmp_path):
+    """A 1.35 claim against an old 1.40 while 1.30 stands passed with p = 8e-5."""
+    make_folder(tmp_path, name="2026-11-01_old", losses=(1.40, 1.41, 1.39), date="2026-11-01")
+    make_folder(tmp_path, name="2026-11-10_best", losses=(1.30, 1.31, 1.29), date="2026-11-10")
+    out = run(claim(tmp_path, "2026-11-22_claim", (1.350, 1.351, 1.349)))
+    assert out.returncode == 1 and ("previous_record records/track_cpu_embedded/2026-11-01_old is not the track's "
+                                    "best before this claim: records/track_cpu_embedded/2026-11-10_best") in out.stdout
+    # A folder dated after the claim does not count against it.
+    make_folder(tmp_path, name="2026-12-01_later", losses=(1.20, 1.21, 1.19), date="2026-12-01")
+    out = run(claim(tmp_path, "2026-11-23_claim", (1.250, 1.251, 1.249), previous_record=PREVIOUS.replace(
+        "2026-11-01_old", "2026-11-10_best")))
+    assert out.returncode == 0 and "record claim shown" in out.stdout, out.stdout
+
+
+def test_identical_seed_losses_show_no_significance(tmp_path):
+    make_folder(tmp_path, name="2026-11-01_old", losses=(1.40, 1.40, 1.40))
+    out = run(claim(tmp_path, "2026-11-22_same", (1.30, 1.30, 1.30)))
+    assert out.returncode == 1 and "scores are all equal (1.3)" in out.stdout, out.stdout
+
+
+def test_claims_across_tokenizers_are_tested_in_bits_per_byte(tmp_path):
+    """Fewer nats per token with a tokenizer of shorter tokens is no gain: bits per byte decide."""
+    make_folder(tmp_path, name="2026-11-01_old", losses=(1.40, 1.40, 1.40))
+    other = {"tokenizer": "cd" * 32}
+    out = run(claim(tmp_path, "2026-11-22_short_tokens", (1.20, 1.21, 1.19), bpb_per_nat=0.6, log=other))
+    assert out.returncode == 1 and "bits per byte (the tokenizers differ)" in out.stdout, out.stdout
+    out = run(claim(tmp_path, "2026-11-23_better_bytes", (1.30, 1.31, 1.29), bpb_per_nat=0.5 * 1.30 / 1.40 * 0.9,
+                    log=other))
+    assert out.returncode == 0 and "bits per byte (the tokenizers differ)" in out.stdout, out.stdout
+
+
+def test_logs_of_different_tokenizers_are_refused(tmp_path):
+    folder = make_folder(tmp_path)
+    write_log(folder, 42, tokenizer="cd" * 32)
+    out = run(folder)
+    assert out.returncode == 1 and "the logs scored with different tokenizers" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("track,refused", [("track_10min_16mb", True), ("track_non_record_16mb", True),
+                                           ("track_cpu_embedded", False)])
+def test_doc_mode_is_refused_on_the_stream_tracks(tmp_path, track, refused):
+    folder = make_folder(tmp_path, track=track, log={"doc_mode": True})
+    out = run(folder)
+    assert (out.returncode == 1 and "ran with DOC_MODE" in out.stdout) == refused, out.stdout
