@@ -1177,14 +1177,14 @@ class GPT(nn.Module):
         raw = raw.float()
         return self.logit_softcap * torch.tanh(raw / self.logit_softcap)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean", last: int = 0) -> Tensor:
         """Cross-entropy in nats: the mean (training, plus the MoE balancing losses when their
-        coefficients are set) or per token, shaped like targets (evaluation). Targets of -100
-        (padding) are not scored. Without targets: the final hidden states, so that evaluations
-        which apply the head at a few positions run through the same compiled forward."""
+        coefficients are set) or per token, shaped like targets (TTT's training). Targets of -100
+        (padding) are not scored. Without targets, what evaluation scores: the log next-token
+        distributions of each row's `last` positions (0: all), in one compiled graph with the head."""
         h, balance = self.hidden(idx)
         if targets is None:
-            return h
+            return F.log_softmax(self.head(h[:, -last:] if last else h), dim=-1)
         logits = self.head(h)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         if reduction != "mean":
@@ -2203,10 +2203,17 @@ class Evaluator:
                 x = torch.stack([F.pad(self.tokens[s:s + seq_len], (0, max(0, s + seq_len - len(self.tokens))))
                                  for s, _, _ in reads]).to(self.rt.device)
                 pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in chunk]).to(self.rt.device)
+                # The model gives the distributions of each row's last positions: all of a whole
+                # window, a stride of a sliding one (whose scored targets end the window). Their
+                # number is a power of two, so the compiled graphs are few whatever the windows.
+                last = min(seq_len, 1 << (seq_len - min(first for _, first, _ in chunk) - 1).bit_length())
+                skip = seq_len - last
                 with self.rt.autocast():
-                    hidden = model(x)
-                    logits = model.head(torch.cat([hidden[r, a:b] for r, (_, a, b) in enumerate(chunk)]))
-                yield pos, F.log_softmax(logits.float(), dim=-1)
+                    logp = model(x, last=last).float()
+                if all(first == 0 and stop == seq_len for _, first, stop in chunk):
+                    yield pos, logp[:len(chunk)].flatten(0, 1)
+                else:
+                    yield pos, torch.cat([logp[r, a - skip:b - skip] for r, (_, a, b) in enumerate(chunk)])
         finally:
             model.train(was_training)
 

@@ -59,9 +59,9 @@ def test_float32_moe_compiles_and_matches_eager():
     torch.testing.assert_close(compiled_losses[0], model(idx, targets).detach())
 
 
-def test_the_evaluations_hidden_states_go_through_the_compiled_forward():
-    """Sliding, Hedge and TTT apply the head only where they score: they call the model without
-    targets, which must be the compiled graph (one, no breaks) and equal the eager hidden states."""
+def test_the_evaluations_distributions_go_through_the_compiled_forward():
+    """Every evaluation scores the log-distributions the model gives without targets, of each row's last
+    positions: one compiled graph (no breaks) with the head inside, equal to the eager model's."""
     torch._dynamo.reset()
     counters.clear()
     cfg, _ = load_config(TINY)
@@ -70,19 +70,21 @@ def test_the_evaluations_hidden_states_go_through_the_compiled_forward():
     compiled = torch.compile(model, backend="aot_eager")
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
     with torch.no_grad():
-        hidden = compiled(idx)
+        logp = compiled(idx, last=5)
     assert (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())) == (1, 0)
-    torch.testing.assert_close(hidden, model.hidden(idx)[0])
+    torch.testing.assert_close(logp, torch.log_softmax(model.logits(idx)[:, -5:], -1))
 
 
 def test_a_recurrent_run_with_every_evaluation_compiles_the_graphs_it_plans(tiny_env, monkeypatch):
     """The recurrent preset at CPU scale through training (3 depth phases), SWA, export, the round
     trip and sliding + Hedge + TTT with their audits: every graph is counted in the log and the
-    summary, none falls back to eager, none breaks. GPT.forward's 8 graphs: training at depths 2, 3
-    and 4 (16 rows) and TTT's training mode (8 rows); hidden states (no evaluation passes targets) of
-    64 rows (standard scoring of the trained, averaged and reloaded models, sliding and Hedge, the
-    audit's window copies), 16 (the audit's standard prefix, TTT chunks), 32 (the sliding and Hedge
-    audits) and 8 (TTT's last, shorter chunk). Newton-Schulz: one graph
+    summary, none falls back to eager, none breaks. GPT.forward's 10 graphs: training at depths 2, 3
+    and 4 (16 rows) and TTT's training mode (8 rows); the log-distributions evaluation scores (no
+    evaluation passes targets) of all 64 positions of 64 rows (standard scoring of the trained,
+    averaged and reloaded models, the first batch of sliding and Hedge, the audit's window copies),
+    of 16 rows (the audit's standard prefix) and of 32 (the first batch of the sliding and Hedge
+    audits); of a stride's 32 positions of 64 rows (sliding and Hedge), 16 (TTT chunks, the audits'
+    later batches) and 8 (TTT's last, shorter chunk). Newton-Schulz: one graph
     per matrix shape (5, resid_mix's 2 x 32 included)."""
     import train_gpt
     from pathlib import Path
@@ -100,6 +102,6 @@ def test_a_recurrent_run_with_every_evaluation_compiles_the_graphs_it_plans(tiny
     assert [p["repeats"] for p in summary["depth_phases"]] == [2, 3, 4]
     assert summary["audit"]["passed"]
     report = summary["compile"]
-    assert report["per_function"] == {"GPT.forward": 8, "newton_schulz": 5}, report
-    assert (report["graphs"], report["recompiles"], report["graph_breaks"], report["eager_fallback"]) == (13, 11, 0, [])
-    assert "compile: 13 graphs, 11 recompiles, 0 graph breaks" in (Path(cfg.log_dir) / "t.txt").read_text()
+    assert report["per_function"] == {"GPT.forward": 10, "newton_schulz": 5}, report
+    assert (report["graphs"], report["recompiles"], report["graph_breaks"], report["eager_fallback"]) == (15, 13, 0, [])
+    assert "compile: 15 graphs, 13 recompiles, 0 graph breaks" in (Path(cfg.log_dir) / "t.txt").read_text()

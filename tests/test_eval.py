@@ -281,9 +281,9 @@ class TargetBiased(torch.nn.Module):
         super().__init__()
         self.inner, self.head = inner, inner.head
 
-    def forward(self, idx, targets=None, reduction="mean"):
+    def forward(self, idx, targets=None, reduction="mean", last=0):
         if targets is None:
-            return self.inner(idx)
+            return self.inner(idx, last=last)
         logits = self.inner.head(self.inner.hidden(idx)[0]) + 5 * F.one_hot(targets, V)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction).view_as(targets)
 

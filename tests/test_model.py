@@ -188,7 +188,7 @@ def test_under_bf16_autocast_the_residual_stream_is_bf16_on_a_gpu_and_the_weight
     model = GPT(**model_kwargs(cfg))
     idx = torch.randint(0, 64, (2, 16))
     with torch.autocast("cpu", torch.bfloat16):
-        hidden = model(idx)
+        hidden = model.hidden(idx)[0]
         loss = model(idx, idx)
     assert hidden.dtype == (torch.bfloat16 if bf16_residual else torch.float32)
     assert all(p.dtype == torch.float32 for p in model.parameters())
