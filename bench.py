@@ -249,20 +249,25 @@ def measure_eval(shape: str, n_tokens: int, repeats: int, scale: dict | None = N
     no = torch.zeros(cfg.vocab_size, dtype=torch.bool)
     ev = train_gpt.Evaluator(cfg, rt, tokens, train_gpt.ByteTables(ones, no, no))
     methods = ["standard", "sliding", "hedge"]
+
+    def score(name: str, evaluator) -> int:
+        return train_gpt.score_first(evaluator, train_gpt.EVAL_METHODS[name](cfg, evaluator, model)).scores.nll.numel()
+
     for name in methods:  # compilation and allocator warm-up, outside the timing
-        train_gpt.EVAL_METHODS[name](cfg, ev.with_tokens(tokens[:2 * cfg.train_seq_len + 1]), model, set())
-    times = {name: [] for name in methods}
+        score(name, ev.with_tokens(tokens[:2 * cfg.train_seq_len + 1]))
+    times, scored = {name: [] for name in methods}, {}
     for _ in range(repeats):
         for name in methods:
             rt.sync()
             t0 = time.perf_counter()
-            train_gpt.EVAL_METHODS[name](cfg, ev, model, set())
+            scored[name] = score(name, ev)
             rt.sync()
             times[name].append(time.perf_counter() - t0)
     rows = []
     for name in methods:
         seconds = sorted(times[name])[len(times[name]) // 2]
-        rows.append({"method": name, "device": str(rt.device), "tokens": n_tokens, "seconds": seconds,
+        rows.append({"method": name, "device": str(rt.device), "tokens": n_tokens, "scored": scored[name],
+                     "seconds": seconds,
                      "tokens_per_s": n_tokens / seconds, "stride": cfg.eval_stride if name != "standard" else None,
                      "seq_len": train_gpt.eval_seq_len(cfg) if name != "standard" else cfg.train_seq_len})
     sliding = next(r for r in rows if r["method"] == "sliding")["seconds"]

@@ -110,3 +110,11 @@ def test_an_unknown_device_is_measured_and_the_env_var_wins(monkeypatch):
     assert bench.peak_tflops() == (123.0, "Some GPU measured 8192^3 bf16 matmul")
     monkeypatch.setenv("BENCH_PEAK_TFLOPS", "500")
     assert bench.peak_tflops() == (500.0, "BENCH_PEAK_TFLOPS")
+
+
+def test_the_evaluation_benchmark_scores_every_token_with_each_method():
+    """A benchmark that times a method without running it (a generator never consumed) reads as fast."""
+    tiny = dict(NUM_LAYERS="1", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64",
+                VAL_BATCH_SIZE="4096", COMPILE="0")
+    rows = bench.measure_eval("small", 1000, 1, scale=tiny)
+    assert [(r["method"], r["scored"]) for r in rows] == [("standard", 1000), ("sliding", 1000), ("hedge", 1000)]
