@@ -39,7 +39,7 @@ def load_model(path: Path, data: str | None, tokenizer: str | None) -> tuple[tra
 
 def measure(cfg: train_gpt.Config, model: train_gpt.GPT) -> list[dict]:
     rt = train_gpt.init_runtime(dataclasses.replace(cfg, compile="0"))
-    _, sp = train_gpt.resolve_tokenizer(cfg, train_gpt.read_meta(cfg.data_path))
+    _, sp, _ = train_gpt.resolve_tokenizer(cfg, train_gpt.read_meta(cfg.data_path))
     tokens = train_gpt.load_validation_tokens(train_gpt.find_shards(cfg.data_path, "val"), cfg.train_seq_len,
                                               cfg.vocab_size)
     evaluator = train_gpt.Evaluator(cfg, rt, tokens, train_gpt.build_byte_tables(sp, cfg.vocab_size), sp.bos_id())

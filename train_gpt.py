@@ -700,16 +700,17 @@ def load_tokenizer(path: Path, vocab_size: int):
 
 
 def resolve_tokenizer(cfg: Config, meta: dict):
-    """(path, tokenizer) the byte tables come from: TOKENIZER_PATH, else the one DATA_PATH's meta.json
-    names, else the challenge's. Refused when meta.json's SHA-256 says the shards were made with
-    another: its byte counts would score the right tokens against the wrong text."""
+    """(path, tokenizer, its SHA-256) the byte tables come from: TOKENIZER_PATH, else the one
+    DATA_PATH's meta.json names, else the challenge's. Refused when meta.json's SHA-256 says the shards
+    were made with another: its byte counts would score the right tokens against the wrong text."""
     path = Path(cfg.tokenizer_path or meta.get("tokenizer") or "./data/tokenizers/fineweb_1024_bpe.model")
     sp = load_tokenizer(path, cfg.vocab_size)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
     expected = meta.get("tokenizer_sha256")
-    if expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+    if expected and sha != expected:
         raise InputError(f"tokenizer {path} is not the one the shards in DATA_PATH={cfg.data_path} were made with "
                          f"(meta.json's tokenizer_sha256 {expected[:12]}...): set TOKENIZER_PATH to that one")
-    return path, sp
+    return path, sp, sha
 
 
 @dataclass
@@ -2320,12 +2321,12 @@ def method_windows(cfg: Config, ev: Evaluator, lo: int, hi: int) -> list:
 
 
 def standard_method(cfg: Config, ev: Evaluator, model: nn.Module):
-    return (yield from ev.distributions(model, ev.rank_share(ev.standard_windows()), cfg.train_seq_len))
+    yield from ev.distributions(model, ev.rank_share(ev.standard_windows()), cfg.train_seq_len)
 
 
 def sliding_method(cfg: Config, ev: Evaluator, model: nn.Module):
     windows = sliding_windows(0, ev.n_targets, ev.n_targets, eval_seq_len(cfg), cfg.eval_stride)
-    return (yield from ev.distributions(model, ev.rank_share(windows), eval_seq_len(cfg)))
+    yield from ev.distributions(model, ev.rank_share(windows), eval_seq_len(cfg))
 
 
 # Hedge: an online mixture of experts, each a normalised distribution over the whole vocabulary ---
@@ -2466,7 +2467,6 @@ def ttt_method(cfg: Config, ev: Evaluator, model: nn.Module):
                 ttt_adapt(cfg, ev, model, params, optimizer, lo, hi, lr)
     finally:
         model.load_state_dict(saved)
-    return {}
 
 
 def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimizer, lo: int, hi: int, lr: float):
@@ -2574,8 +2574,7 @@ class RevealingEvaluator(Evaluator):
         if last > self.known:
             span = slice(self.known + 1, last + 1)
             self.tokens[span] = self.truth.tokens[span]
-            if "device_tokens" in self.__dict__:
-                self.device_tokens[span] = self.truth.tokens[span].to(self.rt.device)
+            self.device_tokens[span] = self.truth.tokens[span].to(self.rt.device)
             self.known = last
 
     def targets(self, pos: Tensor) -> Tensor:
@@ -2783,7 +2782,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         f"compile:{rt.compile} bf16:{rt.bf16} torch:{torch.__version__}")
 
     meta = read_meta(cfg.data_path)
-    tokenizer_path, sp = resolve_tokenizer(cfg, meta)
+    tokenizer_path, sp, tokenizer_sha = resolve_tokenizer(cfg, meta)
     tables = build_byte_tables(sp, cfg.vocab_size)
     train_files, val_files = find_shards(cfg.data_path, "train"), find_shards(cfg.data_path, "val")
     if cfg.doc_mode and sp.bos_id() < 0:
@@ -2797,7 +2796,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     evaluator = Evaluator(cfg, rt, val_tokens, tables, sp.bos_id(), decoded_bytes(sp))
     val_bytes = evaluator.val_bytes()
     log(f"val_bpb:enabled tokenizer_path={tokenizer_path}")
-    log(f"tokenizer: {tokenizer_path} sha256:{hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()}")
+    log(f"tokenizer: {tokenizer_path} sha256:{tokenizer_sha}")
     log(f"train_loader:dataset:{cfg.data_path} train_shards:{len(train_files)} tokens:{stream.total}")
     log(f"val_loader:shards:{len(val_files)} tokens:{len(val_tokens) - 1} val_bytes:{val_bytes}")
     floor = source_floor(meta, val_bytes, log)
