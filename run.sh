@@ -35,24 +35,24 @@ export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-256}"
 export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-8192}"
 export GRAD_ACCUM_STEPS="${GRAD_ACCUM_STEPS:-1}"
 # 220 s of training keeps the whole job (corpus, tokenizer, compile, export, round trip) near
-# 4.5 minutes on 2 cores, inside the 5-minute goal (perf_notes.md 17).
+# 4.5 minutes on 2 cores, inside the 5-minute goal (docs/perf_notes.md 17).
 export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-220}"
 # torch.compile on the CPU needs a C++ compiler; it costs ~40 s once (in the untimed warm-up steps)
-# and buys ~1.35x the steps (perf_notes.md 1).
+# and buys ~1.35x the steps (docs/perf_notes.md 1).
 if command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1; then
   export COMPILE="${COMPILE:-1}"
   export WARMUP_STEPS="${WARMUP_STEPS:-2}"
 fi
 export WARMUP_STEPS="${WARMUP_STEPS:-0}"
 # A CPU with native bf16 dot products (AMX tiles, or AVX-512 BF16) multiplies bf16 matrices 7-10x
-# faster than float32: train in bf16 as on CUDA (1.39-1.47x the steps, perf_notes.md 7 and 12).
+# faster than float32: train in bf16 as on CUDA (1.39-1.47x the steps, docs/perf_notes.md 7 and 12).
 # Without them, bf16 is emulated and slower, so float32 stays.
 if grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then
   export AUTOCAST="${AUTOCAST:-1}"
 fi
 export WARMDOWN_ITERS="${WARMDOWN_ITERS:-300}"
-# Tuned on the embedded corpus at this budget's 380-540 steps (perf_notes.md 10-11, 16). On other
-# data they can hurt (a small real text overfits with them: perf_notes.md 19), so they apply only there.
+# Tuned on the embedded corpus at this budget's 380-540 steps (docs/perf_notes.md 10-11, 16). On other
+# data they can hurt (a small real text overfits with them: docs/perf_notes.md 19), so they apply only there.
 if [ "$embedded" = 1 ]; then
   export NUM_VALUE_EMBEDS="${NUM_VALUE_EMBEDS:-1}"
   export MATRIX_LR="${MATRIX_LR:-0.02}"

@@ -69,7 +69,7 @@ class Config:
     device: str = var("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
     compile: str = var("auto", "torch.compile the model (auto: on CUDA only; on CPU it needs a C++ compiler and ~40 s)", choices=("auto", "0", "1"))
     autocast: str = var("auto", "bf16 autocast of the model and bf16 Newton-Schulz (auto: on CUDA only; on a CPU "
-                        "with AMX or AVX-512 BF16 it pays, see perf_notes.md)", choices=("auto", "0", "1"))
+                        "with AMX or AVX-512 BF16 it pays, see docs/perf_notes.md)", choices=("auto", "0", "1"))
     log_dir: str = var("logs", "folder for the log, the summary JSON and the artifact")
     # budget and batch
     iterations: int = var(20000, "training steps at most", lo=1)
@@ -1306,7 +1306,7 @@ class Muon(torch.optim.Optimizer):
     def shape_batches(self, params: list[Tensor]) -> list[list[int]]:
         """This rank's share of each shape: indices r, r+W, ... of the matrices of that shape, as one
         batch, except on a CPU for matrices whose smaller side exceeds CPU_BATCH_MAX_SIDE: there a
-        batched matmul is slower than a loop of single ones (perf_notes.md 14)."""
+        batched matmul is slower than a loop of single ones (docs/perf_notes.md 14)."""
         by_shape: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)

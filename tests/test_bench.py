@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -71,9 +72,9 @@ def test_the_optimizer_benchmark_times_batched_muon_against_one_matrix_at_a_time
 
 
 def test_gpu_check_refuses_an_unknown_part():
-    done = subprocess.run(["bash", str(ROOT / "gpu_check.sh"), "everything"], capture_output=True, text=True)
+    done = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "everything"], capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
-    assert subprocess.run(["bash", "-n", str(ROOT / "gpu_check.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(ROOT / "tools" / "gpu_check.sh")]).returncode == 0
 
 
 def run_sh_config(env: dict) -> dict:
@@ -118,3 +119,10 @@ def test_the_evaluation_benchmark_scores_every_token_with_each_method():
                 VAL_BATCH_SIZE="4096", COMPILE="0")
     rows = bench.measure_eval("small", 1000, 1, scale=tiny)
     assert [(r["method"], r["scored"]) for r in rows] == [("standard", 1000), ("sliding", 1000), ("hedge", 1000)]
+
+
+@pytest.mark.parametrize("tool", ["bench.py", "quant_table.py", "compare_per_token.py", "gpu_check.sh"])
+def test_every_tool_answers_help(tool):
+    launcher = ["bash"] if tool.endswith(".sh") else [sys.executable]
+    done = subprocess.run(launcher + [str(ROOT / "tools" / tool), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage" in done.stdout.lower()

@@ -152,7 +152,7 @@ def test_per_token_comparison_of_two_runs(tiny_env, tmp_path):
     for run_id, seed in (("a", "1"), ("b", "2")):
         assert run_trainer({**env, "RUN_ID": run_id, "SEED": seed}, ROOT).returncode == 0
     logs = ROOT / tiny_env["LOG_DIR"]
-    cmd = [sys.executable, str(ROOT / "compare_per_token.py"), str(logs / "a"), str(logs / "b_per_token"),
+    cmd = [sys.executable, str(ROOT / "tools" / "compare_per_token.py"), str(logs / "a"), str(logs / "b_per_token"),
            "--json", str(tmp_path / "r2.json")]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -231,7 +231,7 @@ def test_quant_table_compares_every_scheme_on_a_checkpoint(tiny_env, tmp_path):
     env = {**tiny_env, "MODEL_DIM": "128", "ITERATIONS": "2", "CHECKPOINT_EVERY_STEPS": "2"}
     assert run_trainer(env, ROOT).returncode == 0
     checkpoint = next((ROOT / env["LOG_DIR"]).glob("t_step*.ckpt"))
-    cmd = [sys.executable, str(ROOT / "quant_table.py"), str(checkpoint), "--json", str(tmp_path / "q.json")]
+    cmd = [sys.executable, str(ROOT / "tools" / "quant_table.py"), str(checkpoint), "--json", str(tmp_path / "q.json")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=300)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "q.json").read_text())

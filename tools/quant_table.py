@@ -1,6 +1,6 @@
 """Bytes and round-trip bits per byte of every quantization scheme and compressor, on one trained model.
 
-    python quant_table.py CHECKPOINT [--data DIR] [--tokenizer MODEL] [--json OUT]
+    python tools/quant_table.py CHECKPOINT [--data DIR] [--tokenizer MODEL] [--json OUT]
 
 CHECKPOINT is a train_gpt.py checkpoint (CHECKPOINT_EVERY_STEPS / _SECONDS): it holds the full-precision
 weights, which an artifact no longer does. The model is evaluated at full depth on the validation shards
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 
 

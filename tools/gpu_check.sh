@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # The GPU checklist on a machine with one CUDA GPU (an H100 or H200, torch 2.11 or later), offline:
 #
-#   bash gpu_check.sh [all|correctness|reference|suite]   # default all
+#   bash tools/gpu_check.sh [all|correctness|reference|suite]   # default all
 #
 # correctness (goal <= 4 min, cut off at 5): a compiled bf16 run of the recurrent model with every
 #   evaluation audited, the artifact round trip, and the graphs and recompiles it compiled;
 # reference (<= 5 min): the challenge's root train_gpt.py and ours at the baseline shape on the same
 #   random-token shards, the same steps after warm-up: step_avg, tokens/s, MFU and their ratio;
-# suite (<= 5 min): bench.py --suite at full size (baseline, recurrent per depth, dense vs frozen
+# suite (<= 5 min): tools/bench.py --suite at full size (baseline, recurrent per depth, dense vs frozen
 #   MoE, evaluation speed), its rows printed as they finish.
 #
 # Nothing is downloaded: the data is made here (the synthetic corpus, random tokens), and the
-# reference is read from reference/train_gpt.py, which you place there yourself (git-ignored,
+# reference is read from reference/train_gpt.py (at the repository's root), which you place there yourself (git-ignored,
 # never committed). Every part runs even when an earlier one fails, each is cut off at its time
 # limit, and the summary prints last with each part's exit code and duration; the script exits 1
-# when a part failed. Everything is written under $GPU_CHECK_OUT (default ./gpu_out).
+# when a part failed. Everything is written under $GPU_CHECK_OUT (default gpu_out/ at the repository's root).
 set -u
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 repo=$PWD
 part="${1:-all}"
-case "$part" in all|correctness|reference|suite) ;; *) echo "usage: bash gpu_check.sh [all|correctness|reference|suite]" >&2; exit 2 ;; esac
+usage="usage: bash tools/gpu_check.sh [all|correctness|reference|suite]"
+case "$part" in
+  all|correctness|reference|suite) ;;
+  -h|--help) echo "$usage"; sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "$usage" >&2; exit 2 ;;
+esac
 out="${GPU_CHECK_OUT:-gpu_out}"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -69,7 +74,7 @@ reference() {
   rm -f "$out/reference.out" "$out/ours.out"
   if [ ! -f reference/train_gpt.py ]; then
     echo "reference/train_gpt.py is missing: copy the challenge's root train_gpt.py (github.com/openai/parameter-golf)"
-    echo "to reference/train_gpt.py beside this script (on an offline machine, carry it with the repo), then rerun"
+    echo "to reference/train_gpt.py at the repository's root (on an offline machine, carry it with the repo), then rerun"
     return 3
   fi
   if [ ! -f "$out/random_shards/done" ]; then
@@ -98,7 +103,7 @@ PY
 
 suite() {
   rm -f "$out/suite.txt"
-  python bench.py --suite --steps 5 --warmup 2 --eval-tokens 1048576 --json "$out/suite.json" 2>&1 | tee "$out/suite.txt"
+  python tools/bench.py --suite --steps 5 --warmup 2 --eval-tokens 1048576 --json "$out/suite.json" 2>&1 | tee "$out/suite.txt"
   return "${PIPESTATUS[0]}"
 }
 
@@ -134,6 +139,7 @@ if [ -n "${rc[reference]+x}" ] && { [ -f "$out/ours.out" ] || [ -f "$out/referen
   python - "$out/reference.out" "$out/ours.out" <<'PY'
 import os, re, sys
 sys.path.insert(0, ".")
+sys.path.insert(0, "tools")
 import bench
 import train_gpt
 cfg, _ = train_gpt.load_config({})

@@ -1,6 +1,6 @@
 """Compare two runs token by token, as MoE-vs-dense studies do.
 
-    python compare_per_token.py RUN_A RUN_B [--png PLOT] [--json OUT]
+    python tools/compare_per_token.py RUN_A RUN_B [--png PLOT] [--json OUT]
 
 RUN_A and RUN_B are the folders train_gpt.py writes with PER_TOKEN_LOSS_EVERY=N
 (LOG_DIR/<RUN_ID>_per_token/), or a LOG_DIR/<RUN_ID> prefix of them. For every save the two runs

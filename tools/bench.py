@@ -1,16 +1,16 @@
 """Training throughput of train_gpt.py's own step on random tokens, for a named shape.
 
-    python bench.py [--shape small|baseline|recurrent|flat12] [--steps N] [--warmup N] [--json FILE]
-    python bench.py --checkpoint [--shape baseline] [--steps N]   # time checkpoint writes instead
-    python bench.py --eval [--shape small] [--eval-tokens N] [--repeats R]  # evaluation methods instead
-    python bench.py --export [--shape baseline]   # time quantize + compress of each QUANT scheme instead
-    python bench.py --suite [--steps N] [--json FILE]   # every shape and evaluation method, one table
-    python bench.py --profile [--shape small] [--steps N]   # torch.profiler's operator table of a few steps
-    python bench.py --optimizer [--shape small] [--steps N]   # Muon's step: same-shape batches vs one at a time
+    python tools/bench.py [--shape small|baseline|recurrent|flat12] [--steps N] [--warmup N] [--json FILE]
+    python tools/bench.py --checkpoint [--shape baseline] [--steps N]   # time checkpoint writes instead
+    python tools/bench.py --eval [--shape small] [--eval-tokens N] [--repeats R]  # evaluation methods instead
+    python tools/bench.py --export [--shape baseline]   # time quantize + compress of each QUANT scheme instead
+    python tools/bench.py --suite [--steps N] [--json FILE]   # every shape and evaluation method, one table
+    python tools/bench.py --profile [--shape small] [--steps N]   # torch.profiler's operator table of a few steps
+    python tools/bench.py --optimizer [--shape small] [--steps N]   # Muon's step: same-shape batches vs one at a time
 
 Prints tokens/s, ms/step, peak memory, and on CUDA the MFU (model FLOPs a token = 6 x matmul
 parameters + 12 x layers x dim x seq, over BENCH_PEAK_TFLOPS, default 790 for an H100's bf16).
-Env vars override the shape (e.g. MODEL_DIM=384 python bench.py)."""
+Env vars override the shape (e.g. MODEL_DIM=384 python tools/bench.py)."""
 
 import argparse
 import functools
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 from data.prepare import write_shard  # noqa: E402
 
@@ -330,7 +330,7 @@ def run_suite(steps: int, warmup: int, eval_tokens: int, repeats: int, done=lamb
 def judge(row: dict) -> tuple[str, bool | None]:
     """The performance goal a suite row is held to, and whether it is met (None: not judged here,
     e.g. an MFU or per-GPU rate measured on a CPU). The side-by-side with the challenge's script
-    (>= 1.3x its tokens/s) is gpu_check.sh's."""
+    (>= 1.3x its tokens/s) is tools/gpu_check.sh's."""
     name, on_gpu = row["name"], row["device"].startswith("cuda")
     if name.startswith("train baseline"):
         return "MFU >= 45%", row["mfu"] >= 0.45 if on_gpu else None
