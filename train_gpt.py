@@ -56,9 +56,8 @@ def var(default, help: str, lo=None, hi=None, choices=None):
 
 @dataclass(frozen=True)
 class Config:
-    preset: str = var("", "a named starting configuration (see PRESETS); env vars override it",
-                      choices=("", "baseline", "recurrent", "some_a1", "some_a2", "some_a3", "some_b1", "some_b2",
-                               "some_c1", "some_c2"))
+    preset: str = var("", "named starting configurations (listed below), applied in order, e.g. recurrent,cpu; "
+                          "env vars override them")
     # data
     data_path: str = var("./data/datasets/fineweb10B_sp1024", "folder holding *_train_*.bin and *_val_*.bin shards")
     tokenizer_path: str = var("", "sentencepiece .model for the bits-per-byte tables "
@@ -184,19 +183,95 @@ class Config:
     dry_run: bool = var(False, "print the config and the parameter accounting (the model on the meta device: "
                                "nothing allocated, no data read) and exit")
 
-    @property
-    def head_dim(self) -> int:
-        return self.model_dim // self.num_heads
+    # Resolved once from the settings above (not env vars): what the run's features read.
+    depth_phases: tuple = field(init=False)  # (repeats, starting fraction of the budget) of each phase
+    eval_window: int = field(init=False)  # the window of the sliding, Hedge and TTT evaluations
+    eval_methods: tuple = field(init=False)  # the final evaluations after the round trip, in order
+    weight_average: str = field(init=False)  # none, swa or ema
+    model: "ModelSpec" = field(init=False)
 
-    @property
-    def depth_phases(self) -> list[tuple[int, float]]:
-        """(repeats, starting fraction of the budget) of each phase; one phase at full depth without a schedule."""
-        return parse_depth_schedule(self.depth_schedule) if self.depth_schedule else [(self.num_repeats, 0.0)]
+    def __post_init__(self):
+        """Checks the settings against each other and resolves what derives from them."""
+        if self.model_dim % self.num_heads:
+            raise ConfigError(f"NUM_HEADS={self.num_heads}: must divide MODEL_DIM={self.model_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"NUM_KV_HEADS={self.num_kv_heads}: must divide NUM_HEADS={self.num_heads}")
+        if (self.model_dim // self.num_heads) % 2:
+            raise ConfigError(f"MODEL_DIM={self.model_dim}: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
+        phases = parse_depth_schedule(self.depth_schedule) if self.depth_schedule else ((self.num_repeats, 0.0),)
+        if max(r for r, _ in phases) > phases[-1][0]:
+            raise ConfigError(f"DEPTH_SCHEDULE={self.depth_schedule!r}: the last phase must be the deepest")
+        window = self.eval_seq_len or self.train_seq_len
+        if self.eval_stride > window:
+            raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the eval window "
+                              f"(EVAL_SEQ_LEN or TRAIN_SEQ_LEN = {window})")
+        if self.swa_enabled and self.ema_decay > 0:
+            raise ConfigError(f"EMA_DECAY={self.ema_decay}: choose SWA_ENABLED=1 or EMA_DECAY, not both")
+        methods = ("sliding",) * bool(self.eval_stride) + ("hedge",) * self.hedge_enabled + ("ttt",) * bool(self.ttt_steps)
+        for name in ("eval_stride", "hedge_enabled", "ttt_steps"):
+            if self.doc_mode and getattr(self, name):
+                raise ConfigError(f"{name.upper()}={getattr(self, name)}: the stream evaluations do not apply in "
+                                  f"DOC_MODE, where every sequence is one document; unset it")
+        for name in ("epochs", "train_subset_docs"):
+            if getattr(self, name) and not self.doc_mode:
+                raise ConfigError(f"{name.upper()}={getattr(self, name)}: needs DOC_MODE=1")
+        resolved = dict(depth_phases=phases, num_repeats=phases[-1][0], eval_window=window, eval_methods=methods,
+                        weight_average="swa" if self.swa_enabled else "ema" if self.ema_decay else "none")
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "model", model_spec(self))
 
 
-CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config)}
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that builds a model, resolved: the artifact header stores it, the round trip rebuilds
+    from it. MoE figures are after granularity (its experts, their width, the experts a token takes)."""
 
-def some_preset(dim: int, heads: int, layers: int, experts: int, d_ffn: int, seq: int, batch_seqs: int) -> dict:
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_hidden: int
+    tie_embeddings: bool
+    logit_softcap: float
+    rope_base: float
+    qk_gain_init: float
+    tied_embed_init_std: float
+    num_repeats: int
+    xsa_last_n: int
+    activation: str
+    num_value_embeds: int
+    moe_experts: int
+    moe_top_k: int
+    moe_expert_width: int
+    moe_blocks: tuple
+    moe_init: str
+    moe_sparsity: float
+    moe_frozen: bool
+    moe_aux_coef: float
+    moe_zloss_coef: float
+    seed: int
+
+
+def model_spec(cfg: Config) -> ModelSpec:
+    hidden = max(1, round(cfg.mlp_mult * cfg.model_dim))
+    experts = cfg.moe_num_experts
+    if experts and cfg.moe_top_k > experts:
+        raise ConfigError(f"MOE_TOP_K={cfg.moe_top_k}: must not exceed MOE_NUM_EXPERTS={experts}")
+    width = cfg.moe_d_ffn or max(1, round(hidden / cfg.moe_top_k))  # the dense FFN's active width
+    if experts and width % cfg.moe_granularity:
+        raise ConfigError(f"MOE_GRANULARITY={cfg.moe_granularity}: must divide the expert width {width}")
+    g = cfg.moe_granularity if experts else 0  # G times the experts, each 1/G as wide, G times as many chosen
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelSpec) if hasattr(cfg, f.name)}
+    return ModelSpec(**{**shared, "mlp_hidden": hidden, "moe_experts": experts * g, "moe_top_k": cfg.moe_top_k * g,
+                        "moe_expert_width": width // g if g else 0,
+                        "moe_blocks": parse_moe_layers(cfg.moe_layers, cfg.num_layers) if experts else ()})
+
+
+CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config) if f.init}
+
+def some_study(dim: int, heads: int, layers: int, experts: int, d_ffn: int, seq: int, batch_seqs: int) -> dict:
     """A run of the SoME study: frozen sparse experts, only router, attention and embeddings trained,
     AdamW-like optimisation of everything at 8e-4, 4 epochs over 20,000 documents."""
     lr = "0.0008"
@@ -208,23 +283,46 @@ def some_preset(dim: int, heads: int, layers: int, experts: int, d_ffn: int, seq
             "EMBED_LR": lr, "HEAD_LR": lr, "WARMDOWN_ITERS": "0", "VAL_LOSS_EVERY": "0"}
 
 
+# Progressive-depth recurrence: 3 shared blocks applied up to 4 times (12 effective layers).
+RECURRENT = {"NUM_LAYERS": "3", "MODEL_DIM": "832", "NUM_HEADS": "8", "NUM_KV_HEADS": "4", "MLP_MULT": "2",
+             "NUM_VALUE_EMBEDS": "2", "XSA_LAST_N": "4", "ACTIVATION": "leaky_relu2", "DEPTH_SCHEDULE": "2@0,3@0.4,4@0.65",
+             "SWA_ENABLED": "1", "SWA_START_FRAC": "0.4", "SWA_EVERY": "50", "MUON_WD": "0.04", "GRAD_CLIP_NORM": "0.3",
+             "MATRIX_LR": "0.015", "SCALAR_LR": "0.015", "TIED_EMBED_LR": "0.018"}
+# A few minutes on two CPU cores: run.sh's job without GPUs (220 s of training keeps the whole job near
+# 4.5 minutes, docs/perf_notes.md 17).
+CPU = {"NUM_LAYERS": "4", "MODEL_DIM": "192", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "256",
+       "TRAIN_BATCH_TOKENS": "8192", "GRAD_ACCUM_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "220", "WARMUP_STEPS": "0",
+       "WARMDOWN_ITERS": "300", "VAL_LOSS_EVERY": "200", "TRAIN_LOG_EVERY": "50", "VAL_BATCH_SIZE": "65536"}
 PRESETS = {
     # The challenge's naive baseline: the defaults themselves.
     "baseline": {},
-    # Progressive-depth recurrence: 3 shared blocks applied up to 4 times (12 effective layers).
-    "recurrent": {"NUM_LAYERS": "3", "MODEL_DIM": "832", "NUM_HEADS": "8", "NUM_KV_HEADS": "4", "MLP_MULT": "2",
-                  "NUM_VALUE_EMBEDS": "2", "XSA_LAST_N": "4", "ACTIVATION": "leaky_relu2",
-                  "DEPTH_SCHEDULE": "2@0,3@0.4,4@0.65", "SWA_ENABLED": "1", "SWA_START_FRAC": "0.4",
-                  "SWA_EVERY": "50", "MUON_WD": "0.04", "GRAD_CLIP_NORM": "0.3", "MATRIX_LR": "0.015",
-                  "SCALAR_LR": "0.015", "TIED_EMBED_LR": "0.018"},
+    "recurrent": RECURRENT,
+    # The recurrent preset's full depth as a flat stack of 12 blocks: the control of a recurrence study.
+    "recurrent_flat": {**RECURRENT, "NUM_LAYERS": "12", "DEPTH_SCHEDULE": "1@0", "NUM_VALUE_EMBEDS": "0"},
+    # The baseline with a frozen-expert MoE FFN: 16 experts, top-2, each half the dense width.
+    "moe_frozen": {"MOE_NUM_EXPERTS": "16", "MOE_TOP_K": "2", "MOE_INIT": "sparse", "MOE_FROZEN": "1"},
+    "cpu": CPU,
+    # run.sh's job on its embedded synthetic corpus: tuned there at 380-540 steps (docs/perf_notes.md 10-11,
+    # 16); on a small real text these settings overfit (docs/perf_notes.md 19).
+    "cpu_embedded": {**CPU, "NUM_VALUE_EMBEDS": "1", "MATRIX_LR": "0.02", "MUON_MOMENTUM_WARMUP_STEPS": "1000"},
+    # The benchmark's shapes scaled to seconds a step on a CPU (tools/bench.py).
+    "bench_cpu": {"NUM_LAYERS": "4", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "256",
+                  "TRAIN_BATCH_TOKENS": "8192", "GRAD_ACCUM_STEPS": "1"},
+    # tools/gpu_check.sh's correctness run: the recurrent model small enough to compile quickly, two depth
+    # phases, every evaluation audited.
+    "gpu_check": {**RECURRENT, "NUM_LAYERS": "2", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+                  "DEPTH_SCHEDULE": "1@0,2@0.5", "XSA_LAST_N": "2", "TRAIN_SEQ_LEN": "512", "TRAIN_BATCH_TOKENS": "65536",
+                  "MAX_WALLCLOCK_SECONDS": "20", "WARMUP_STEPS": "2", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "50",
+                  "VAL_BATCH_SIZE": "131072", "EVAL_STRIDE": "64", "HEDGE_ENABLED": "1", "TTT_STEPS": "1",
+                  "TTT_CHUNK_TOKENS": "8192", "EVAL_AUDIT": "1"},
     # The SoME study's seven runs.
-    "some_a1": some_preset(384, 6, 6, 64, 1024, 512, 128),
-    "some_a2": some_preset(384, 6, 6, 64, 1024, 768, 42),
-    "some_a3": some_preset(384, 6, 6, 64, 1024, 1024, 31),
-    "some_b1": some_preset(384, 8, 8, 128, 1536, 512, 128),
-    "some_b2": some_preset(384, 8, 10, 128, 1536, 512, 128),
-    "some_c1": some_preset(512, 8, 8, 128, 1536, 512, 128),
-    "some_c2": some_preset(768, 8, 8, 128, 1536, 512, 128),
+    "some_study_a1": some_study(384, 6, 6, 64, 1024, 512, 128),
+    "some_study_a2": some_study(384, 6, 6, 64, 1024, 768, 42),
+    "some_study_a3": some_study(384, 6, 6, 64, 1024, 1024, 31),
+    "some_study_b1": some_study(384, 8, 8, 128, 1536, 512, 128),
+    "some_study_b2": some_study(384, 8, 10, 128, 1536, 512, 128),
+    "some_study_c1": some_study(512, 8, 8, 128, 1536, 512, 128),
+    "some_study_c2": some_study(768, 8, 8, 128, 1536, 512, 128),
 }
 
 # Set by torchrun, CUDA or the shell; never a typo of ours.
@@ -287,7 +385,7 @@ def resolve_batch(values: dict, world_size: int) -> list[str]:
             f"evenly over world_size:{world_size} x grad_accum_steps:{accum} x train_seq_len:{seq}"]
 
 
-def parse_depth_schedule(text: str) -> list[tuple[int, float]]:
+def parse_depth_schedule(text: str) -> tuple[tuple[int, float], ...]:
     """'2@0,3@0.4' -> [(2, 0.0), (3, 0.4)]: passes from each fraction of the budget on."""
     phases = []
     for item in text.split(","):
@@ -301,73 +399,22 @@ def parse_depth_schedule(text: str) -> list[tuple[int, float]]:
     fracs = [f for _, f in phases]
     if fracs[0] != 0 or any(b <= a for a, b in zip(fracs, fracs[1:])):
         raise ConfigError(f"DEPTH_SCHEDULE={text!r}: fractions must start at 0 and increase")
-    return phases
-
-
-def resolve_depth(values: dict, environ):
-    """NUM_REPEATS is the full depth: the schedule's last phase, which every phase must not exceed."""
-    if not values["depth_schedule"]:
-        return
-    phases = parse_depth_schedule(values["depth_schedule"])
-    final = phases[-1][0]
-    if "NUM_REPEATS" in environ and values["num_repeats"] != final:
-        raise ConfigError(f"NUM_REPEATS={values['num_repeats']}: must equal the last phase of "
-                          f"DEPTH_SCHEDULE={values['depth_schedule']!r} ({final})")
-    if max(r for r, _ in phases) > final:
-        raise ConfigError(f"DEPTH_SCHEDULE={values['depth_schedule']!r}: the last phase must be the deepest")
-    values["num_repeats"] = final
-
-
-def check_doc_mode(values: dict, environ):
-    if not values["doc_mode"]:
-        for name in ("epochs", "train_subset_docs"):
-            if values[name]:
-                raise ConfigError(f"{name.upper()}={values[name]}: needs DOC_MODE=1")
-        return
-    if values["epochs"] and "ITERATIONS" in environ:
-        raise ConfigError(f"ITERATIONS={environ['ITERATIONS']}: set EPOCHS or ITERATIONS, not both")
-    for name in ("eval_stride", "hedge_enabled", "ttt_steps"):
-        if values[name]:
-            raise ConfigError(f"{name.upper()}={values[name]}: the stream evaluations do not apply in DOC_MODE, "
-                              f"where every sequence is one document; unset it")
-
-
-def check_moe(values: dict):
-    if not values["moe_num_experts"]:
-        return
-    if values["moe_top_k"] > values["moe_num_experts"]:
-        raise ConfigError(f"MOE_TOP_K={values['moe_top_k']}: must not exceed MOE_NUM_EXPERTS={values['moe_num_experts']}")
-    hidden = max(1, round(values["mlp_mult"] * values["model_dim"]))
-    d_ffn = values["moe_d_ffn"] or max(1, round(hidden / values["moe_top_k"]))
-    if d_ffn % values["moe_granularity"]:
-        raise ConfigError(f"MOE_GRANULARITY={values['moe_granularity']}: must divide the expert width {d_ffn}")
-    parse_moe_layers(values["moe_layers"], values["num_layers"])
+    return tuple(phases)
 
 
 def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     """Config from env vars; returns it with notes (typo warnings, rounding) for the log."""
-    preset = parse_value("PRESET", environ["PRESET"], CONFIG_FIELDS["PRESET"]) if "PRESET" in environ else ""
-    typos = typo_warnings(environ)
-    environ = {**PRESETS.get(preset, {}), **environ}
-    values = {}
-    for name, f in CONFIG_FIELDS.items():
-        values[f.name] = parse_value(name, environ[name], f) if name in environ else f.default
-    notes = typos
-    if values["model_dim"] % values["num_heads"]:
-        raise ConfigError(f"NUM_HEADS={values['num_heads']}: must divide MODEL_DIM={values['model_dim']}")
-    if values["num_heads"] % values["num_kv_heads"]:
-        raise ConfigError(f"NUM_KV_HEADS={values['num_kv_heads']}: must divide NUM_HEADS={values['num_heads']}")
-    if (values["model_dim"] // values["num_heads"]) % 2:
-        raise ConfigError(f"MODEL_DIM={values['model_dim']}: head dim MODEL_DIM/NUM_HEADS must be even for RoPE")
-    resolve_depth(values, environ)
-    check_moe(values)
-    check_doc_mode(values, environ)
-    window = values["eval_seq_len"] or values["train_seq_len"]
-    if values["eval_stride"] > window:
-        raise ConfigError(f"EVAL_STRIDE={values['eval_stride']}: must not exceed the eval window "
-                          f"(EVAL_SEQ_LEN or TRAIN_SEQ_LEN = {window})")
-    if values["swa_enabled"] and values["ema_decay"] > 0:
-        raise ConfigError(f"EMA_DECAY={values['ema_decay']}: choose SWA_ENABLED=1 or EMA_DECAY, not both")
+    notes = typo_warnings(environ)
+    layers = {}
+    for name in filter(None, environ.get("PRESET", "").split(",")):
+        if name not in PRESETS:
+            raise ConfigError(f"PRESET={environ['PRESET']!r}: {name!r} is not one of {', '.join(PRESETS)}")
+        layers.update(PRESETS[name])
+    environ = {**layers, **environ}
+    values = {f.name: parse_value(name, environ[name], f) if name in environ else f.default
+              for name, f in CONFIG_FIELDS.items()}
+    if values["epochs"] and "ITERATIONS" in environ:
+        raise ConfigError(f"ITERATIONS={environ['ITERATIONS']}: set EPOCHS or ITERATIONS, not both")
     notes += resolve_batch(values, world_size)
     if not values["run_id"]:
         # torchrun gives every rank the same TORCHELASTIC_RUN_ID, so all ranks agree on the name; without
@@ -376,7 +423,11 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
         values["run_id"] = elastic if elastic not in ("", "none") else time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     if any(c in values["run_id"] for c in "/\\") or values["run_id"] in (".", ".."):
         raise ConfigError(f"RUN_ID={values['run_id']!r}: must be a plain file name")
-    return Config(**values), notes
+    cfg = Config(**values)
+    if "NUM_REPEATS" in environ and values["num_repeats"] != cfg.num_repeats:
+        raise ConfigError(f"NUM_REPEATS={values['num_repeats']}: must equal the last phase of "
+                          f"DEPTH_SCHEDULE={cfg.depth_schedule!r} ({cfg.num_repeats})")
+    return cfg, notes
 
 
 def typo_warnings(environ) -> list[str]:
@@ -787,16 +838,6 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
 # Model: GPT with an application plan over physical blocks
 # ----------------------------------------------------------------------------------------------
 
-MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                "tie_embeddings", "logit_softcap", "rope_base", "qk_gain_init", "tied_embed_init_std",
-                "num_repeats", "xsa_last_n", "activation", "num_value_embeds", "moe_num_experts", "moe_top_k",
-                "moe_d_ffn", "moe_granularity", "moe_layers", "moe_init", "moe_frozen", "moe_sparsity", "seed")
-
-
-def model_kwargs(cfg: Config) -> dict:
-    return {name: getattr(cfg, name) for name in MODEL_FIELDS}
-
-
 def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
@@ -1096,47 +1137,39 @@ class GPT(nn.Module):
     from the previous pass with per-pass learned scales. Value embeddings, when on, add learned
     tables of the input tokens to the attention values of every effective layer with learned scales."""
 
-    def __init__(self, vocab_size, num_layers, model_dim, num_heads, num_kv_heads, mlp_mult, tie_embeddings,
-                 logit_softcap, rope_base, qk_gain_init, tied_embed_init_std, num_repeats=1, xsa_last_n=0,
-                 activation="relu2", num_value_embeds=0, moe_num_experts=0, moe_top_k=2, moe_d_ffn=0,
-                 moe_granularity=1, moe_layers="all", moe_init="normal", moe_frozen=False, moe_sparsity=0.9,
-                 seed=1337):
+    def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.logit_softcap, self.xsa_last_n = logit_softcap, xsa_last_n
-        self.num_layers, self.max_repeats = num_layers, num_repeats
-        self.balance_coefs = (0.0, 0.0)  # MOE_AUX_COEF, MOE_ZLOSS_COEF: set for training
-        self.tok_emb = nn.Embedding(vocab_size, model_dim)
-        hidden = max(1, int(round(mlp_mult * model_dim)))
-        moe_blocks = parse_moe_layers(moe_layers, num_layers) if moe_num_experts else set()
-        # Granularity G: G times the experts, each 1/G as wide, G times as many chosen per token.
-        d_ffn = (moe_d_ffn or max(1, round(hidden / moe_top_k))) // moe_granularity
+        self.spec = spec
+        self.num_layers, self.max_repeats = spec.num_layers, spec.num_repeats
+        dim, vocab = spec.model_dim, spec.vocab_size
+        self.tok_emb = nn.Embedding(vocab, dim)
 
         def ffn(layer: int) -> nn.Module:
-            if layer not in moe_blocks:
-                return MLP(model_dim, hidden, activation)
-            return MoE(model_dim, moe_num_experts * moe_granularity, moe_top_k * moe_granularity, d_ffn, activation,
-                       moe_init, moe_frozen, moe_sparsity, seed, layer)
+            if layer not in spec.moe_blocks:
+                return MLP(dim, spec.mlp_hidden, spec.activation)
+            return MoE(dim, spec.moe_experts, spec.moe_top_k, spec.moe_expert_width, spec.activation, spec.moe_init,
+                       spec.moe_frozen, spec.moe_sparsity, spec.seed, layer)
 
         self.blocks = nn.ModuleList(
-            Block(model_dim, Attention(model_dim, num_heads, num_kv_heads, rope_base, qk_gain_init), ffn(layer))
-            for layer in range(num_layers))
-        depth = num_layers * num_repeats
-        recurrent = num_repeats > 1
-        self.skip_weights = None if recurrent else nn.Parameter(torch.ones(depth // 2, model_dim))
-        self.loop_embeds = nn.Parameter(torch.zeros(depth, model_dim)) if recurrent else None
-        self.repeat_skips = nn.Parameter(torch.zeros(num_repeats - 1, num_layers, model_dim)) if recurrent else None
-        kv_dim = num_kv_heads * (model_dim // num_heads)
+            Block(dim, Attention(dim, spec.num_heads, spec.num_kv_heads, spec.rope_base, spec.qk_gain_init), ffn(layer))
+            for layer in range(spec.num_layers))
+        depth = spec.num_layers * spec.num_repeats
+        recurrent = spec.num_repeats > 1
+        self.skip_weights = None if recurrent else nn.Parameter(torch.ones(depth // 2, dim))
+        self.loop_embeds = nn.Parameter(torch.zeros(depth, dim)) if recurrent else None
+        self.repeat_skips = nn.Parameter(torch.zeros(spec.num_repeats - 1, spec.num_layers, dim)) if recurrent else None
+        kv_dim = spec.num_kv_heads * (dim // spec.num_heads)
         self.value_embeds = self.value_scales = None
-        if num_value_embeds:
-            self.value_embeds = nn.Parameter(torch.randn(num_value_embeds, vocab_size, kv_dim) * 0.5)
-            self.value_scales = nn.Parameter(torch.full((depth, num_value_embeds), 0.1))
-        if tie_embeddings:
-            nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
+        if spec.num_value_embeds:
+            self.value_embeds = nn.Parameter(torch.randn(spec.num_value_embeds, vocab, kv_dim) * 0.5)
+            self.value_scales = nn.Parameter(torch.full((depth, spec.num_value_embeds), 0.1))
+        if spec.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=spec.tied_embed_init_std)
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(model_dim, vocab_size, bias=False)
+            self.lm_head = nn.Linear(dim, vocab, bias=False)
             nn.init.zeros_(self.lm_head.weight)
-        self.set_repeats(num_repeats)
+        self.set_repeats(spec.num_repeats)
 
     def set_repeats(self, repeats: int):
         """The depth to run: the first `repeats` passes. A change triggers one recompile under torch.compile."""
@@ -1162,7 +1195,7 @@ class GPT(nn.Module):
             value_embed = None
             if tables is not None:
                 value_embed = torch.einsum("e,ebtk->btk", self.value_scales[layer].to(x.dtype), tables)
-            x, layer_balance = self.blocks[block](x, x0, value_embed, layer >= len(self.plan) - self.xsa_last_n)
+            x, layer_balance = self.blocks[block](x, x0, value_embed, layer >= len(self.plan) - self.spec.xsa_last_n)
             if layer_balance is not None:
                 balance = layer_balance if balance is None else balance + layer_balance
             previous[block] = x
@@ -1176,7 +1209,7 @@ class GPT(nn.Module):
     def head(self, h: Tensor) -> Tensor:
         raw = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
         raw = raw.float()
-        return self.logit_softcap * torch.tanh(raw / self.logit_softcap)
+        return self.spec.logit_softcap * torch.tanh(raw / self.spec.logit_softcap)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean", last: int = 0) -> Tensor:
         """Cross-entropy in nats: the mean (training, plus the MoE balancing losses when their
@@ -1190,7 +1223,7 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         if reduction != "mean":
             return loss.view_as(targets)
-        aux, z = self.balance_coefs
+        aux, z = self.spec.moe_aux_coef, self.spec.moe_zloss_coef
         if balance is not None and (aux or z):
             loss = loss + aux * balance[0] + z * balance[1]
         return loss
@@ -1200,34 +1233,34 @@ def count_matmul_params(model: GPT) -> int:
     """Matmul weights a token passes through (for MFU): block matrices once per pass (of an MoE
     layer, the router and top_k experts' two matrices), and the head."""
     per_pass = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
-    per_pass += sum(m.top_k * (m.w1[0].numel() + m.w2[0].numel()) for m in moe_layers(model))
+    per_pass += sum(m.top_k * (m.w1[0].numel() + m.w2[0].numel()) for m in moe_modules(model))
     head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
     return model.repeats * per_pass + head
 
 
-def moe_layers(model: nn.Module) -> list[MoE]:
+def moe_modules(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def parse_moe_layers(spec: str, num_layers: int) -> set[int]:
+def parse_moe_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     """'all', 'every2' (blocks 1, 3, 5, ...: every other block, as Switch places them) or '0,2,5'."""
     if spec == "all":
-        return set(range(num_layers))
+        return tuple(range(num_layers))
     if spec == "every2":
-        return set(range(1, num_layers, 2))
+        return tuple(range(1, num_layers, 2))
     try:
         layers = {int(item) for item in spec.split(",")}
     except ValueError:
         raise ConfigError(f"MOE_LAYERS={spec!r}: expected all, every2 or a list of block indices like 0,2,5") from None
     if not layers or min(layers) < 0 or max(layers) >= num_layers:
         raise ConfigError(f"MOE_LAYERS={spec!r}: block indices must be in 0..{num_layers - 1}")
-    return layers
+    return tuple(sorted(layers))
 
 
 def parameter_counts(model: GPT) -> dict:
     """params_total counts frozen experts too; params_stored is what the artifact holds (frozen
     experts are regenerated, not stored); params_active_per_token counts top_k experts per MoE layer."""
-    moes = moe_layers(model)
+    moes = moe_modules(model)
     experts = [t for m in moes for t in (m.w1, m.b1, m.w2, m.b2)]
     frozen = sum(t.numel() for m in moes if m.frozen for t in (m.w1, m.b1, m.w2, m.b2))
     total = sum(p.numel() for p in model.parameters()) + frozen
@@ -1385,7 +1418,7 @@ def budget_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
     return max(steps, elapsed_ms / (cfg.max_wallclock_seconds * 1000)) if cfg.max_wallclock_seconds > 0 else steps
 
 
-def muon_momentum(cfg: Config, step: int) -> float:
+def muon_momentum_at(cfg: Config, step: int) -> float:
     if cfg.muon_momentum_warmup_steps == 0:
         return cfg.muon_momentum
     frac = min(1.0, step / cfg.muon_momentum_warmup_steps)
@@ -1407,7 +1440,7 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
         opt.zero_grad(set_to_none=True)
     for opt in optimizers:
         if isinstance(opt, Muon):
-            opt.param_groups[0]["momentum"] = muon_momentum(cfg, step)
+            opt.param_groups[0]["momentum"] = muon_momentum_at(cfg, step)
     total = torch.zeros((), device=rt.device)
     for micro in range(cfg.grad_accum_steps):
         x, y = stream.micro_batch(cfg, rt, step, micro)
@@ -1431,7 +1464,7 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
         raise Diverged(step + 1, "loss" if not bool(torch.isfinite(total)) else "gradient", non_finite_group(optimizers))
     for opt in optimizers:
         opt.step()
-    for moe in moe_layers(train_model):
+    for moe in moe_modules(train_model):
         if cfg.moe_bias_update:
             # Every rank nudges by the global load, so the biases stay identical across ranks.
             moe.nudge_route_bias(cfg.moe_bias_update, rt.all_reduce(moe.step_load.clone()))
@@ -1456,7 +1489,7 @@ def non_finite_group(optimizers: list[torch.optim.Optimizer]) -> str:
     return "none: the gradient norm overflowed"
 
 
-def prime(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream: TokenStream, log: Logger):
+def untimed_warmup(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream: TokenStream, log: Logger):
     """WARMUP_STEPS untimed steps at every depth the schedule will use, so that compilation stays out
     of the timed budget; then weights, optimizer state and depth go back."""
     if cfg.warmup_steps == 0:
@@ -1476,7 +1509,7 @@ def prime(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream:
     model.load_state_dict(saved_model)
     for opt, state in zip(optimizers, saved_opts):
         opt.load_state_dict(state)
-    for moe in moe_layers(model):
+    for moe in moe_modules(model):
         moe.load.zero_()  # the warm-up's routing is not the run's
     rt.sync()
 
@@ -1562,7 +1595,7 @@ def load_statistics(counts: Tensor) -> dict:
 def moe_statistics(model: nn.Module, rt: Runtime, mode: str) -> dict | None:
     """Per MoE layer, the load since the last call in `mode` (train or eval), over all ranks; resets it.
     A collective: every rank calls it at the same point."""
-    moes = moe_layers(model)
+    moes = moe_modules(model)
     if not moes:
         return None
     row = 0 if mode == "train" else 1
@@ -1588,7 +1621,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
           evaluator: "Evaluator", log: Logger, state: TrainState) -> TrainResult:
     params = list(model.parameters())
     cap_ms = cfg.max_wallclock_seconds * 1000
-    phases = cfg.depth_phases if cfg.depth_schedule else []
+    phases = cfg.depth_phases if cfg.depth_schedule else ()
     stop = False
     val_loss = val_bpb = float("nan")
     moe_train = moe_val = None
@@ -1658,7 +1691,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimiz
         raise
     if model.repeats != model.max_repeats:
         change_depth(cfg, model, state, [(model.max_repeats, 0.0)], 1.0, log)  # evaluate and export at full depth
-    if (cfg.swa_enabled or cfg.ema_decay) and state.average.last_step != state.step:
+    if cfg.weight_average != "none" and state.average.last_step != state.step:
         state.average.add(model, state.step)
     moe_train = moe_statistics(model, rt, "train") or moe_train  # the steps since the last log line
     moe = None if moe_train is None else {**moe_train, **({"val": moe_val} if moe_val else {})}
@@ -1725,7 +1758,7 @@ CHECKPOINT_MAGIC = b"PGOLFCK1"
 CHECKPOINTS_KEPT = 2
 # A resume must rebuild the same model on the same token stream. Other settings may change (a lower
 # LR after a divergence, say): the log then says the run is no longer the uninterrupted one.
-RESUME_MUST_MATCH = MODEL_FIELDS + ("train_seq_len", "train_batch_tokens")
+RESUME_MUST_MATCH = ("train_seq_len", "train_batch_tokens")
 RESUME_FREE = {"run_id", "log_dir", "data_path", "tokenizer_path", "device", "compile", "grad_accum_steps",
                "val_batch_size", "train_log_every", "resume_from", "fault_at_step", "fault_rank",
                "checkpoint_every_seconds", "checkpoint_every_steps", "dist_timeout_seconds"}
@@ -1800,12 +1833,13 @@ def resume_path(cfg: Config) -> Path | None:
 def restore(cfg: Config, rt: Runtime, path: Path, model: GPT, optimizers, log: Logger) -> TrainState:
     ckpt = load_checkpoint(path)
     saved = ckpt["config"]
-    wrong = [f"{n.upper()}={saved.get(n)!r} there, {getattr(cfg, n)!r} here" for n in RESUME_MUST_MATCH
-             if saved.get(n) != getattr(cfg, n)]
+    must = {**dataclasses.asdict(cfg.model), **{n: getattr(cfg, n) for n in RESUME_MUST_MATCH}}
+    there = {**saved, **saved.get("model", {})}
+    wrong = [f"{n.upper()}={there.get(n)!r} there, {v!r} here" for n, v in must.items() if there.get(n) != v]
     if wrong:
         raise InputError(f"checkpoint {path} is from another config: {'; '.join(wrong)}")
-    changed = [n.upper() for n in saved if n not in RESUME_FREE and n not in RESUME_MUST_MATCH
-               and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
+    changed = [n for n, f in CONFIG_FIELDS.items() if f.name in saved and f.name not in RESUME_FREE
+               and f.name not in must and saved[f.name] != getattr(cfg, f.name)]
     if changed:
         log(f"warning: resumed with changed settings {', '.join(changed)}: not the uninterrupted run any more")
     try:
@@ -2025,22 +2059,21 @@ def write_atomic(path: Path, *chunks: bytes):
         raise InputError(f"cannot write {path}: {e.strerror}") from None
 
 
-def build_artifact(model: GPT, cfg: Config, scheme: str = "int8", compressor: str | None = None
-                   ) -> tuple[bytes, dict]:
+def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None) -> tuple[bytes, dict]:
     """The artifact (magic, header length, JSON header with model config, layout and checksum, then
     the payload) and the per-group byte report."""
     # The artifact is made on the host: its packing and compression are numpy and bytes, and the
     # host copy costs less than a second even for a 16 MB model.
     raw, layout = encode_tensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, scheme)
     payload, method = compress(raw, compressor)
-    header = json.dumps({"format": 2, "model": model_kwargs(cfg), "quant": scheme, "compressor": method,
+    header = json.dumps({"format": 3, "model": dataclasses.asdict(model.spec), "quant": scheme, "compressor": method,
                          "tensors": layout, "raw_bytes": len(raw), "payload_bytes": len(payload),
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, group_report(raw, layout, method)
 
 
-def write_artifact(path: Path, model: GPT, cfg: Config, scheme: str = "int8") -> tuple[int, str]:
-    blob, _ = build_artifact(model, cfg, scheme)
+def write_artifact(path: Path, model: GPT, scheme: str = "int8") -> tuple[int, str]:
+    blob, _ = build_artifact(model, scheme)
     write_atomic(path, blob)
     return len(blob), parse_artifact(blob, path)[0]["compressor"]
 
@@ -2084,7 +2117,7 @@ def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
 def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) -> GPT:
     """A fresh model built from the artifact alone."""
     try:
-        model = GPT(**header["model"])
+        model = build_model(ModelSpec(**header["model"]), torch.device("cpu"))
     except (TypeError, ValueError, RuntimeError):
         raise InputError(f"artifact {name}: its model config does not build a model") from None
     own = model.state_dict()
@@ -2310,14 +2343,9 @@ def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> Metho
     return MethodRun(Scores.cat(parts, ev.rt.device), captured, float(max_error), info)
 
 
-def eval_seq_len(cfg: Config) -> int:
-    return cfg.eval_seq_len or cfg.train_seq_len
-
-
 def method_windows(cfg: Config, ev: Evaluator, lo: int, hi: int) -> list:
     """Windows of the eval methods: sliding ones with EVAL_STRIDE, else disjoint at EVAL_SEQ_LEN."""
-    seq = eval_seq_len(cfg)
-    return sliding_windows(lo, hi, ev.n_targets, seq, cfg.eval_stride or seq)
+    return sliding_windows(lo, hi, ev.n_targets, cfg.eval_window, cfg.eval_stride or cfg.eval_window)
 
 
 def standard_method(cfg: Config, ev: Evaluator, model: nn.Module):
@@ -2325,8 +2353,8 @@ def standard_method(cfg: Config, ev: Evaluator, model: nn.Module):
 
 
 def sliding_method(cfg: Config, ev: Evaluator, model: nn.Module):
-    windows = sliding_windows(0, ev.n_targets, ev.n_targets, eval_seq_len(cfg), cfg.eval_stride)
-    yield from ev.distributions(model, ev.rank_share(windows), eval_seq_len(cfg))
+    windows = sliding_windows(0, ev.n_targets, ev.n_targets, cfg.eval_window, cfg.eval_stride)
+    yield from ev.distributions(model, ev.rank_share(windows), cfg.eval_window)
 
 
 # Hedge: an online mixture of experts, each a normalised distribution over the whole vocabulary ---
@@ -2424,7 +2452,7 @@ def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | N
         observe_all(experts, torch.arange(block * size, min((block + 1) * size, end), device=ev.rt.device))
         block_losses.clear()
 
-    for scored, logp in ev.distributions(model, windows, eval_seq_len(cfg)):
+    for scored, logp in ev.distributions(model, windows, cfg.eval_window):
         first = cursor
         while cursor < first + len(scored):
             if cursor // size != block:
@@ -2461,7 +2489,7 @@ def ttt_method(cfg: Config, ev: Evaluator, model: nn.Module):
     try:
         for k in range(n_chunks):
             lo, hi = k * cfg.ttt_chunk_tokens, min(ev.n_targets, (k + 1) * cfg.ttt_chunk_tokens)
-            yield from ev.distributions(model, ev.rank_share(method_windows(cfg, ev, lo, hi)), eval_seq_len(cfg))
+            yield from ev.distributions(model, ev.rank_share(method_windows(cfg, ev, lo, hi)), cfg.eval_window)
             if k + 1 < n_chunks:
                 lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * k / (n_chunks - 1)))
                 ttt_adapt(cfg, ev, model, params, optimizer, lo, hi, lr)
@@ -2611,7 +2639,7 @@ def audit_layout(cfg: Config, ev: Evaluator, name: str) -> tuple[list, int]:
     """The windows and length a method scores with: the standard method's own, or the eval methods'."""
     if name == "standard":
         return ev.standard_windows(), cfg.train_seq_len
-    return method_windows(cfg, ev, 0, ev.n_targets), eval_seq_len(cfg)
+    return method_windows(cfg, ev, 0, ev.n_targets), cfg.eval_window
 
 
 def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logger, name: str,
@@ -2692,17 +2720,13 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
 EVAL_METHODS = {"standard": standard_method, "sliding": sliding_method, "hedge": hedge_method, "ttt": ttt_method}
 
 
-def enabled_methods(cfg: Config) -> list[str]:
-    return (["sliding"] * bool(cfg.eval_stride) + ["hedge"] * cfg.hedge_enabled + ["ttt"] * bool(cfg.ttt_steps))
-
-
 def run_audits(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger) -> dict:
     """With EVAL_AUDIT=1, every method's audit on the round-trip model, before anything is scored."""
     if not cfg.eval_audit:
         return {}
     seed, checked = audit_seed(cfg, ev.rt), {}
     return {name: audit_method(cfg, ev, model, EVAL_METHODS[name], log, name, seed, checked)
-            for name in ["standard"] + enabled_methods(cfg)}
+            for name in ("standard", *cfg.eval_methods)}
 
 
 def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger, standard_ms: float,
@@ -2711,8 +2735,7 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
     model; logs each and estimates whether the whole evaluation would fit the challenge's limit on
     the full split."""
     out, eval_ms = {}, {"standard": standard_ms}
-    names = enabled_methods(cfg)
-    for name in names:
+    for name in cfg.eval_methods:
         if cfg.eval_audit and not audits[name]["passed"]:
             out[f"{name}_val_bpb"] = None
             log(f"final_{name} FAILED its audit: not scored")
@@ -2752,7 +2775,7 @@ def eval_fit(ev: Evaluator, eval_ms: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# main
+# Assembly: the run's pieces, built one way for the trainer, the dry run and the tools
 # ----------------------------------------------------------------------------------------------
 
 def source_floor(meta: dict, val_bytes: int, log: Logger) -> dict:
@@ -2772,18 +2795,11 @@ def source_floor(meta: dict, val_bytes: int, log: Logger) -> dict:
     return out
 
 
-def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
-    torch.manual_seed(cfg.seed)
-    log(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
-    log(f"Code sha256: {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}")  # what records/check.py ties logs to
-    for note in notes:
-        log(note)
-    log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
-        f"compile:{rt.compile} bf16:{rt.bf16} torch:{torch.__version__}")
-
+def load_data(cfg: Config, rt: Runtime, log: Logger) -> tuple[Config, TokenStream | DocStream, Evaluator, dict]:
+    """The training stream and the evaluator of DATA_PATH's shards, logged; with EPOCHS, the config
+    with the ITERATIONS they make; and what meta.json says of the validation text (source_floor)."""
     meta = read_meta(cfg.data_path)
     tokenizer_path, sp, tokenizer_sha = resolve_tokenizer(cfg, meta)
-    tables = build_byte_tables(sp, cfg.vocab_size)
     train_files, val_files = find_shards(cfg.data_path, "train"), find_shards(cfg.data_path, "val")
     if cfg.doc_mode and sp.bos_id() < 0:
         raise InputError(f"DOC_MODE: tokenizer {tokenizer_path} has no BOS piece to find documents by")
@@ -2793,36 +2809,66 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         log(f"epochs:{cfg.epochs} docs:{len(stream.docs)} docs_per_step:{stream.docs_per_step} "
             f"steps_per_epoch:{stream.steps_per_epoch} iterations:{cfg.iterations}")
     val_tokens = load_validation_tokens(val_files, cfg.train_seq_len, cfg.vocab_size)
-    evaluator = Evaluator(cfg, rt, val_tokens, tables, sp.bos_id(), decoded_bytes(sp))
+    evaluator = Evaluator(cfg, rt, val_tokens, build_byte_tables(sp, cfg.vocab_size), sp.bos_id(), decoded_bytes(sp))
     val_bytes = evaluator.val_bytes()
     log(f"val_bpb:enabled tokenizer_path={tokenizer_path}")
     log(f"tokenizer: {tokenizer_path} sha256:{tokenizer_sha}")
     log(f"train_loader:dataset:{cfg.data_path} train_shards:{len(train_files)} tokens:{stream.total}")
-    log(f"val_loader:shards:{len(val_files)} tokens:{len(val_tokens) - 1} val_bytes:{val_bytes}")
-    floor = source_floor(meta, val_bytes, log)
+    log(f"val_loader:shards:{len(val_files)} tokens:{evaluator.n_targets} val_bytes:{val_bytes}")
+    floor = {"val_bytes": val_bytes, **source_floor(meta, val_bytes, log)}
     if cfg.doc_mode:
         floor["scored_fraction"] = evaluator.scored_fraction()
         log(f"doc_mode: standard evaluation scores each document's first {cfg.train_seq_len} targets, "
             f"scored_fraction:{floor['scored_fraction']:.4f} of the stream's: not comparable with a stream's bpb")
-    scored = f" scored_fraction:{floor['scored_fraction']:.4f}" if cfg.doc_mode else ""
+    return cfg, stream, evaluator, floor
 
-    model = GPT(**model_kwargs(cfg)).to(rt.device)
-    model.balance_coefs = (cfg.moe_aux_coef, cfg.moe_zloss_coef)
+
+def build_model(spec: ModelSpec, device: torch.device) -> GPT:
+    """On a meta device nothing is allocated (a dry run's accounting); elsewhere the weights are drawn
+    on the CPU, so that an init is the same on every device."""
+    with torch.device("meta") if device.type == "meta" else nullcontext():
+        return GPT(spec).to(device)
+
+
+def assemble(cfg: Config, rt: Runtime) -> tuple[GPT, nn.Module, nn.Module, list[torch.optim.Optimizer]]:
+    """The model seeded by SEED, the model as it runs (compiled when COMPILE is on), the model as it
+    trains (wrapped in DDP when distributed) and its optimizers."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, rt.device)
+    compiled = compile_fn(model) if rt.compile else model
+    # A one-pass phase of a recurrent model leaves the cross-pass skips without a gradient, which DDP must expect.
+    one_pass_phase = cfg.num_repeats > 1 and min(r for r, _ in cfg.depth_phases) == 1
+    train_model = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.is_cuda else None,
+                                          broadcast_buffers=False, find_unused_parameters=one_pass_phase
+                                          ) if rt.distributed else compiled
+    return model, compiled, train_model, build_optimizers(model, cfg, rt)
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
+    log(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
+    log(f"Code sha256: {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}")  # what records/check.py ties logs to
+    for note in notes:
+        log(note)
+    log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
+        f"compile:{rt.compile} bf16:{rt.bf16} torch:{torch.__version__}")
+
+    cfg, stream, evaluator, floor = load_data(cfg, rt, log)
+    scored = f" scored_fraction:{floor['scored_fraction']:.4f}" if cfg.doc_mode else ""
+    model, compiled, train_model, optimizers = assemble(cfg, rt)
     counts = parameter_counts(model)
     log(f"model_params:{counts['params_total']} trainable:{counts['params_trainable']}")
     log(format_parameter_counts(counts))
-    compiled = compile_fn(model) if rt.compile else model
-    train_model = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.is_cuda else None,
-                                          broadcast_buffers=False, find_unused_parameters=has_one_pass_phase(cfg)
-                                          ) if rt.distributed else compiled
-    optimizers = build_optimizers(model, cfg, rt)
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
 
     resume = resume_path(cfg)
     train_state = restore(cfg, rt, resume, model, optimizers, log) if resume else TrainState(
         average=WeightAverage(cfg.ema_decay))
-    prime(cfg, rt, model, train_model, optimizers, stream, log)
+    untimed_warmup(cfg, rt, model, train_model, optimizers, stream, log)
     result = train(cfg, rt, model, train_model, compiled, optimizers, stream, evaluator, log, train_state)
     if rt.compile:
         log_compile(log, compile_report())  # training's graphs; evaluation adds its own, counted at the end
@@ -2834,8 +2880,8 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     else:
         log(f"peak memory rss: {peak:.0f} MiB")
     averaged = {}
-    if cfg.swa_enabled or cfg.ema_decay:
-        kind = "swa" if cfg.swa_enabled else "ema"
+    if cfg.weight_average != "none":
+        kind = cfg.weight_average
         model.load_state_dict(train_state.average.average(model.state_dict()))
         averaged = {"raw_val_loss": result.val_loss, "raw_val_bpb": result.val_bpb,
                     f"{kind}_snapshots": train_state.average.count}
@@ -2861,7 +2907,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     compiled_graphs = compile_report() if rt.compile else None
     if compiled_graphs:
         log_compile(log, compiled_graphs)
-    scored = [evaluated.get(f"{name}_val_bpb") for name in enabled_methods(cfg)]
+    scored = [evaluated.get(f"{name}_val_bpb") for name in cfg.eval_methods]
     lowest = min([b for b in [result.val_bpb, exported["roundtrip_val_bpb"]] + scored if b is not None], default=math.inf)
     if "source_bpb" in floor:
         # Below the true entropy of the text is impossible for an honest evaluation: a bug, not a record.
@@ -2876,8 +2922,8 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         "tokens_seen": result.tokens_seen,
         "tokens_per_s": result.tokens_seen / max(result.train_time_ms / 1000, 1e-9),
         **counts,
-        "val_loss": result.val_loss, "val_bpb": result.val_bpb, "val_bytes": val_bytes,
-        "val_tokens": len(val_tokens) - 1, "peak_mem_mib": peak, **exported, **evaluated, **floor, **averaged, **withheld,
+        "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+        "val_tokens": evaluator.n_targets, "peak_mem_mib": peak, **exported, **evaluated, **floor, **averaged, **withheld,
         **({"depth_phases": train_state.depth_phases} if cfg.depth_schedule else {}),
         **({"moe": result.moe} if result.moe else {}), **({"compile": compiled_graphs} if compiled_graphs else {}),
     }
@@ -2890,23 +2936,15 @@ def format_parameter_counts(counts: dict) -> str:
             f"stored:{counts['params_stored']}")
 
 
-def dry_run(cfg: Config, notes: list[str]) -> int:
+def print_dry_run(cfg: Config, notes: list[str]) -> int:
     """The config and the parameter accounting, from a model on the meta device: nothing allocated."""
     print(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
     for note in notes:
         print(note)
-    with torch.device("meta"):
-        model = GPT(**model_kwargs(cfg))
-    counts = parameter_counts(model)
+    counts = parameter_counts(assemble(cfg, Runtime(0, 1, 0, torch.device("meta"), False))[0])
     print(format_parameter_counts(counts))
     print(f"dry_run: {json.dumps(counts)}")
     return 0
-
-
-def has_one_pass_phase(cfg: Config) -> bool:
-    """A one-pass phase of a recurrent model leaves its cross-pass skips without a gradient, which
-    DDP must be told to expect."""
-    return cfg.num_repeats > 1 and min(r for r, _ in cfg.depth_phases) == 1
 
 
 def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evaluator, log: Logger
@@ -2918,7 +2956,7 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evalu
     bytes_code = len(Path(__file__).read_bytes())
     tried = []
     for scheme in AUTO_ORDER if cfg.quant == "auto" else (cfg.quant,):
-        blob, groups = build_artifact(model, cfg, scheme) if rt.rank == 0 else (None, None)
+        blob, groups = build_artifact(model, scheme) if rt.rank == 0 else (None, None)
         blob = share_from_rank0(rt, blob)
         header, tensors = parse_artifact(blob, artifact_path)
         method = header["compressor"]
@@ -2981,7 +3019,7 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.dry_run:
-        return dry_run(cfg, notes)
+        return print_dry_run(cfg, notes)
     rt = log = None
     try:
         rt = init_runtime(cfg)

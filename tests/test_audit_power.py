@@ -13,7 +13,7 @@ from conftest import encode_docs, make_docs
 from test_eval import V, config, evaluator, stream, tables
 from test_model import randomize, tiny_model
 from train_gpt import (EVAL_METHODS, ByteTables, Evaluator, Logger, NgramExpert, Runtime, audit_method,
-                       build_byte_tables, decoded_bytes, eval_seq_len, hedge_experts, hedge_method, method_windows,
+                       build_byte_tables, decoded_bytes, hedge_experts, hedge_method, method_windows,
                        score_first, ttt_adapt)
 
 SEEDS = range(1, 21)
@@ -147,7 +147,7 @@ def test_ttt_that_trains_on_a_chunk_before_scoring_it_is_caught_under_every_seed
             for lo in range(0, ev.n_targets, cfg.ttt_chunk_tokens):
                 hi = min(ev.n_targets, lo + cfg.ttt_chunk_tokens)
                 ttt_adapt(cfg, ev, model, params, optimizer, lo, hi, cfg.ttt_lr)
-                yield from ev.distributions(model, ev.rank_share(method_windows(cfg, ev, lo, hi)), eval_seq_len(cfg))
+                yield from ev.distributions(model, ev.rank_share(method_windows(cfg, ev, lo, hi)), cfg.eval_window)
         finally:
             model.load_state_dict(saved)
     assert caught(train_first) == 1

@@ -45,7 +45,7 @@ def test_the_suite_counts_one_graph_per_depth_phase_when_compiling(monkeypatch):
     for name, value in dict(COMPILE="1", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="16",
                             TRAIN_BATCH_TOKENS="64", VOCAB_SIZE="64", NUM_VALUE_EMBEDS="0").items():
         monkeypatch.setenv(name, value)
-    rows = bench.measure("recurrent", steps=1, warmup=1, scale=bench.CPU_SCALE)
+    rows = bench.measure("recurrent", steps=1, warmup=1, cpu_scale=True)
     assert [r["shape"] for r in rows] == ["recurrent@2", "recurrent@3", "recurrent@4"]
     assert [r["graphs"] for r in rows] == [1, 1, 1]
 
@@ -55,7 +55,7 @@ def test_mfu_counts_the_matmuls_and_attention_of_the_current_depth(monkeypatch):
     monkeypatch.setenv("BENCH_PEAK_TFLOPS", "1")
     cfg, _ = train_gpt.load_config(dict(VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
                                         NUM_KV_HEADS="1", TRAIN_SEQ_LEN="16", NUM_REPEATS="3"))
-    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
+    model = train_gpt.GPT(cfg.model)
     for repeats in (1, 3):
         model.set_repeats(repeats)
         per_pass = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
@@ -117,7 +117,7 @@ def test_the_evaluation_benchmark_scores_every_token_with_each_method():
     """A benchmark that times a method without running it (a generator never consumed) reads as fast."""
     tiny = dict(NUM_LAYERS="1", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64",
                 VAL_BATCH_SIZE="4096", COMPILE="0")
-    rows = bench.measure_eval("small", 1000, 1, scale=tiny)
+    rows = bench.measure_eval("small", 1000, 1, **tiny)
     assert [(r["method"], r["scored"]) for r in rows] == [("standard", 1000), ("sliding", 1000), ("hedge", 1000)]
 
 

@@ -7,7 +7,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from train_gpt import GPT, load_config, model_kwargs
+from train_gpt import GPT, load_config
 
 TINY = dict(VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="16")
 MOE = dict(MOE_NUM_EXPERTS="4", MOE_TOP_K="2")
@@ -19,7 +19,7 @@ def compiled_steps(env: dict, depths: list[int], bf16: bool) -> tuple[int, int, 
     counters.clear()
     cfg, _ = load_config({**TINY, **env})
     torch.manual_seed(0)
-    model = GPT(**model_kwargs(cfg))
+    model = GPT(cfg.model)
     compiled = torch.compile(model, backend="aot_eager")
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
     targets = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
@@ -53,7 +53,7 @@ def test_float32_moe_compiles_and_matches_eager():
     _, _, compiled_losses = compiled_steps(MOE, [1], bf16=False)
     cfg, _ = load_config({**TINY, **MOE})
     torch.manual_seed(0)
-    model = GPT(**model_kwargs(cfg))
+    model = GPT(cfg.model)
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
     targets = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
     torch.testing.assert_close(compiled_losses[0], model(idx, targets).detach())
@@ -66,7 +66,7 @@ def test_the_evaluations_distributions_go_through_the_compiled_forward():
     counters.clear()
     cfg, _ = load_config(TINY)
     torch.manual_seed(0)
-    model = GPT(**model_kwargs(cfg)).eval()
+    model = GPT(cfg.model).eval()
     compiled = torch.compile(model, backend="aot_eager")
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
     with torch.no_grad():

@@ -76,8 +76,8 @@ def test_bad_values_name_the_variable(env, name):
 def test_depth_schedule_sets_the_full_depth():
     cfg, _ = load_config({"DEPTH_SCHEDULE": "2@0,3@0.4,4@0.65"})
     assert cfg.num_repeats == 4
-    assert cfg.depth_phases == [(2, 0.0), (3, 0.4), (4, 0.65)]
-    assert load_config({"NUM_REPEATS": "3"})[0].depth_phases == [(3, 0.0)]
+    assert cfg.depth_phases == ((2, 0.0), (3, 0.4), (4, 0.65))
+    assert load_config({"NUM_REPEATS": "3"})[0].depth_phases == ((3, 0.0),)
 
 
 def test_presets_set_defaults_that_env_vars_override():

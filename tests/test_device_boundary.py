@@ -66,9 +66,9 @@ def test_a_whole_run_with_every_evaluation_crosses_the_device_boundary_cleanly(t
 def test_the_artifact_of_a_model_on_the_device_round_trips(tiny_env, device):
     cfg, _ = train_gpt.load_config({**tiny_env, "MODEL_DIM": "128"})
     torch.manual_seed(0)
-    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
-    host_blob, _ = train_gpt.build_artifact(model, cfg, "int6")
-    blob, _ = train_gpt.build_artifact(model.to(device), cfg, "int6")
+    model = train_gpt.GPT(cfg.model)
+    host_blob, _ = train_gpt.build_artifact(model, "int6")
+    blob, _ = train_gpt.build_artifact(model.to(device), "int6")
     assert blob == host_blob  # the same bytes whichever device the weights are on
 
 
@@ -87,7 +87,7 @@ def test_a_training_step_waits_for_the_device_once(tiny_env, device, monkeypatch
     env = {**tiny_env, "ITERATIONS": "16", "TRAIN_LOG_EVERY": "1000", "WARMUP_STEPS": "0", "GRAD_ACCUM_STEPS": "1"}
     cfg, _ = train_gpt.load_config(env)
     rt = train_gpt.Runtime(rank=0, world_size=1, local_rank=0, device=device, compile=False)
-    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg)).to(device)
+    model = train_gpt.GPT(cfg.model).to(device)
     stream = train_gpt.TokenStream(train_gpt.find_shards(cfg.data_path, "train"), cfg.vocab_size)
     evaluator = train_gpt.Evaluator(cfg, rt, torch.arange(129) % cfg.vocab_size,
                                     train_gpt.ByteTables(torch.ones(cfg.vocab_size, dtype=torch.int32),

@@ -182,7 +182,7 @@ def test_moe_run_reports_load_statistics_and_parameter_accounting(tiny_env):
 
 def test_dry_run_counts_without_data(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--dry-run"], cwd=tmp_path, capture_output=True,
-                         text=True, env={**clean_env(), "PRESET": "some_b1"}, timeout=120)
+                         text=True, env={**clean_env(), "PRESET": "some_study_b1"}, timeout=120)
     assert out.returncode == 0, out.stderr
     counts = json.loads(out.stdout.split("dry_run: ")[1])
     assert counts["params_total"] - counts["params_trainable"] == 1_209_925_632

@@ -70,7 +70,7 @@ def cfg_for(model_env=None):
 def exported(tmp_path, monkeypatch=None):
     model = randomize(tiny_model())
     path = tmp_path / "m.ptz"
-    size, method = write_artifact(path, model, cfg_for())
+    size, method = write_artifact(path, model)
     return model, path, size, method
 
 
@@ -162,8 +162,8 @@ def test_the_smallest_legal_model_of_every_kind_exports_and_reloads(kind, scheme
     """One block, width 2, vocab 2: a flat stack of one block has no U-Net skips (a 0 x dim tensor),
     which the artifact must carry as it carries any other."""
     cfg, _ = load_config({**SMALLEST, **KINDS[kind]})
-    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
-    header, tensors = train_gpt.parse_artifact(train_gpt.build_artifact(model, cfg, scheme)[0], "memory")
+    model = train_gpt.GPT(cfg.model)
+    header, tensors = train_gpt.parse_artifact(train_gpt.build_artifact(model, scheme)[0], "memory")
     reloaded = train_gpt.model_from_artifact(header, tensors, "memory", "cpu")
     idx = torch.zeros(1, 3, dtype=torch.long)
     torch.testing.assert_close(reloaded(idx, idx), model(idx, idx), atol=1e-2, rtol=0)

@@ -68,7 +68,7 @@ def test_artifact_loader(tmp_path):
     model = randomize(tiny_model())
     cfg, _ = train_gpt.load_config({"VOCAB_SIZE": "64", "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "4",
                                     "NUM_KV_HEADS": "2", "TRAIN_BATCH_TOKENS": "1024"})
-    blob, _ = train_gpt.build_artifact(model, cfg)
+    blob, _ = train_gpt.build_artifact(model)
     outcomes = {"refused": 0, "loaded": 0}
     for damaged in mutations(blob, random.Random(2)):
         try:

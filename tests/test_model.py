@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train_gpt import GPT, Attention, apply_rotary, load_config, model_kwargs
+from train_gpt import GPT, Attention, apply_rotary, load_config
 
 
 def tiny_model(**overrides) -> GPT:
@@ -12,7 +12,7 @@ def tiny_model(**overrides) -> GPT:
            "TRAIN_BATCH_TOKENS": "1024", **{k.upper(): str(v) for k, v in overrides.items()}}
     cfg, _ = load_config(env)
     torch.manual_seed(0)
-    return GPT(**model_kwargs(cfg))
+    return GPT(cfg.model)
 
 
 def randomize(model: GPT) -> GPT:
@@ -27,7 +27,7 @@ def randomize(model: GPT) -> GPT:
 def test_baseline_shape_has_the_challenge_parameter_count():
     cfg, _ = load_config({})
     with torch.device("meta"):
-        model = GPT(**model_kwargs(cfg))
+        model = GPT(cfg.model)
     assert sum(p.numel() for p in model.parameters()) == 17_059_912
 
 
@@ -185,7 +185,7 @@ def test_under_bf16_autocast_the_residual_stream_is_bf16_on_a_gpu_and_the_weight
     cfg, _ = load_config(dict(VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1",
                               NUM_VALUE_EMBEDS="1", XSA_LAST_N="1"))
     torch.manual_seed(0)
-    model = GPT(**model_kwargs(cfg))
+    model = GPT(cfg.model)
     idx = torch.randint(0, 64, (2, 16))
     with torch.autocast("cpu", torch.bfloat16):
         hidden = model.hidden(idx)[0]

@@ -9,7 +9,7 @@ import torch
 
 import train_gpt
 from train_gpt import (GPT, ConfigError, DocStream, Evaluator, MoE, Runtime, build_artifact, load_config,
-                       load_statistics, model_from_artifact, model_kwargs, moe_layers, padded_expert_matmul,
+                       load_statistics, model_from_artifact, moe_modules, padded_expert_matmul,
                        parameter_counts, parse_artifact)
 
 CPU = Runtime(0, 1, 0, torch.device("cpu"), False)
@@ -82,8 +82,8 @@ def test_granularity_keeps_total_and_active_parameters():
     """G times the experts, 1/G as wide, G times the top-k: the expert matrices, total and active,
     are unchanged; only the router (one row per expert) and the output biases grow with G."""
     def measure(g):
-        model = GPT(**model_kwargs(config(MOE_GRANULARITY=g)))
-        layers = moe_layers(model)
+        model = GPT(config(MOE_GRANULARITY=g).model)
+        layers = moe_modules(model)
         matrices = sum(m.w1.numel() + m.w2.numel() for m in layers)
         active = sum(m.top_k * (m.w1[0].numel() + m.w2[0].numel()) for m in layers)
         growth = sum(m.router.weight.numel() + m.b2.numel() for m in layers)
@@ -97,17 +97,17 @@ def test_granularity_keeps_total_and_active_parameters():
 
 def test_frozen_experts_get_no_gradient_are_not_stored_and_round_trip_bit_exactly():
     cfg = config(MOE_FROZEN=1, MOE_INIT="sparse")
-    model = GPT(**model_kwargs(cfg))
-    layer = moe_layers(model)[0]
+    model = GPT(cfg.model)
+    layer = moe_modules(model)[0]
     before = layer.w1.clone()
     x = torch.randint(0, 64, (2, 16))
     model(x, x).backward()
     assert all(not t.requires_grad and t.grad is None for t in (layer.w1, layer.b1, layer.w2, layer.b2))
     assert layer.router.weight.grad is not None
     assert not any(k.endswith((".w1", ".b1", ".w2", ".b2")) for k in model.state_dict())
-    header, state = parse_artifact(build_artifact(model, cfg)[0], "mem")
+    header, state = parse_artifact(build_artifact(model)[0], "mem")
     rebuilt = model_from_artifact(header, state, "mem", torch.device("cpu"))
-    for a, b in zip(moe_layers(model), moe_layers(rebuilt)):
+    for a, b in zip(moe_modules(model), moe_modules(rebuilt)):
         for name in ("w1", "b1", "w2", "b2"):
             assert torch.equal(getattr(a, name), getattr(b, name))
     assert torch.equal(before, layer.w1)
@@ -117,11 +117,11 @@ def test_frozen_experts_get_no_gradient_are_not_stored_and_round_trip_bit_exactl
 
 def test_learned_experts_are_stored_and_trained():
     cfg = config()
-    model = GPT(**model_kwargs(cfg))
+    model = GPT(cfg.model)
     assert any(k.endswith(".w1") for k in model.state_dict())
     x = torch.randint(0, 64, (2, 16))
     model(x, x).backward()
-    assert moe_layers(model)[0].w1.grad is not None
+    assert moe_modules(model)[0].w1.grad is not None
 
 
 @pytest.mark.parametrize("init", ["sparse", "normal", "orthogonal"])
@@ -163,22 +163,20 @@ def test_switch_loss_is_one_when_balanced_and_bias_update_moves_against_the_load
 
 
 def test_balancing_losses_enter_the_training_loss_only_with_their_coefficients():
-    model = GPT(**model_kwargs(config()))
+    model = GPT(config().model)
+    weighted = GPT(config(MOE_AUX_COEF="0.5").model)
+    weighted.load_state_dict(model.state_dict())
     x = torch.randint(0, 64, (2, 16))
-    plain = model(x, x)
-    model.balance_coefs = (0.5, 0.0)
-    assert model(x, x) > plain + 0.4  # 0.5 x (a Switch loss of at least 1), summed over 2 layers
-    per_token = model(x, x, reduction="none")
-    model.balance_coefs = (0.0, 0.0)
-    assert torch.equal(per_token, model(x, x, reduction="none"))  # evaluation never sees them
+    assert weighted(x, x) > model(x, x) + 0.4  # 0.5 x (a Switch loss of at least 1), summed over 2 layers
+    assert torch.equal(weighted(x, x, reduction="none"), model(x, x, reduction="none"))  # evaluation never sees them
 
 
-@pytest.mark.parametrize("preset,frozen,total", [("some_a1", 302_530_560, 313.27e6), ("some_b1", 1_209_925_632, 1222.15e6),
-                                                 ("some_c2", 2_418_278_400, 2454.52e6)])
+@pytest.mark.parametrize("preset,frozen,total", [("some_study_a1", 302_530_560, 313.27e6), ("some_study_b1", 1_209_925_632, 1222.15e6),
+                                                 ("some_study_c2", 2_418_278_400, 2454.52e6)])
 def test_some_presets_match_the_study_counts_on_the_meta_device(preset, frozen, total):
     cfg, _ = load_config({"PRESET": preset})
     with torch.device("meta"):
-        model = GPT(**model_kwargs(cfg))
+        model = GPT(cfg.model)
     counts = parameter_counts(model)
     assert counts["params_total"] - counts["params_trainable"] == frozen
     assert abs(counts["params_total"] - total) / total < 0.01
@@ -194,9 +192,9 @@ def test_bad_moe_and_doc_settings_are_refused(env, name):
 
 
 def test_moe_layers_every2_and_lists():
-    assert train_gpt.parse_moe_layers("every2", 6) == {1, 3, 5}
-    assert train_gpt.parse_moe_layers("0,2", 6) == {0, 2}
-    model = GPT(**model_kwargs(config(MOE_LAYERS="1")))
+    assert train_gpt.parse_moe_layers("every2", 6) == (1, 3, 5)
+    assert train_gpt.parse_moe_layers("0,2", 6) == (0, 2)
+    model = GPT(config(MOE_LAYERS="1").model)
     assert [type(b.ffn).__name__ for b in model.blocks] == ["MLP", "MoE"]
 
 
@@ -219,7 +217,7 @@ def test_doc_mode_batches_pad_with_unscored_targets(tmp_path):
     for row_x, row_y in zip(x, y):
         n = int((row_y != -100).sum())
         assert row_x[0] == 1 and (row_y[n - 1] == 1 or n == 6)  # starts at BOS, ends predicting the next
-    model = GPT(**model_kwargs(cfg))
+    model = GPT(cfg.model)
     per_token = model(x, y, reduction="none")
     assert (per_token[y == -100] == 0).all()
     assert torch.isclose(model(x, y), per_token[y != -100].mean())
@@ -231,7 +229,7 @@ def test_doc_mode_evaluation_scores_each_document_once_without_padding():
                                   torch.zeros(64, dtype=torch.bool))
     ev = Evaluator(cfg, CPU, torch.from_numpy(doc_tokens().astype(np.int64)), tables, bos_id=1)
     assert ev.standard_windows() == [(0, 0, 3), (3, 0, 6), (13, 0, 5)]
-    scores = ev.score(GPT(**model_kwargs(cfg)), ev.standard_windows(), 6)
+    scores = ev.score(GPT(cfg.model), ev.standard_windows(), 6)
     assert scores.pos.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 13, 14, 15, 16, 17]
     assert ev.val_bytes() == 14
     assert ev.scored_fraction() == 14 / 18  # positions 9-12, past the second document's first 6 targets, are not

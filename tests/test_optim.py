@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from train_gpt import (GPT, Muon, Runtime, build_optimizers, init_runtime, load_config, lr_scale, model_kwargs, muon_momentum,
+from train_gpt import (GPT, Muon, Runtime, build_optimizers, init_runtime, load_config, lr_scale, muon_momentum_at,
                        newton_schulz)
 
 
@@ -33,7 +33,7 @@ def test_autocast_setting_runs_the_cpu_model_and_muon_in_bf16():
                  device="cpu", autocast=1)
     rt = init_runtime(cfg)
     assert rt.bf16 and not init_runtime(config(device="cpu")).bf16
-    model = GPT(**model_kwargs(cfg))
+    model = GPT(cfg.model)
     seen = []
     model.blocks[0].ffn.fc.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     with rt.autocast():
@@ -102,7 +102,7 @@ def test_muon_shares_every_matrix_to_exactly_one_rank():
 def test_parameter_groups_cover_every_parameter_once():
     cfg, _ = load_config({"VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4",
                           "NUM_KV_HEADS": "2", "TIE_EMBEDDINGS": "0", "TRAIN_BATCH_TOKENS": "1024"})
-    model = GPT(**model_kwargs(cfg))
+    model = GPT(cfg.model)
     opts = build_optimizers(model, cfg, Runtime(0, 1, 0, torch.device("cpu"), False))
     seen = [id(p) for opt in opts for g in opt.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())
@@ -133,6 +133,6 @@ def test_warmdown_follows_the_wall_clock_when_capped():
 
 def test_muon_momentum_warmup():
     cfg = config(muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=100)
-    assert muon_momentum(cfg, 0) == pytest.approx(0.85)
-    assert muon_momentum(cfg, 50) == pytest.approx(0.90)
-    assert muon_momentum(cfg, 500) == pytest.approx(0.95)
+    assert muon_momentum_at(cfg, 0) == pytest.approx(0.85)
+    assert muon_momentum_at(cfg, 50) == pytest.approx(0.90)
+    assert muon_momentum_at(cfg, 500) == pytest.approx(0.95)

@@ -28,34 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 from data.prepare import write_shard  # noqa: E402
 
-SHAPES = {
-    "small": dict(VOCAB_SIZE="1024", NUM_LAYERS="4", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2",
-                  TRAIN_SEQ_LEN="256", TRAIN_BATCH_TOKENS="8192", GRAD_ACCUM_STEPS="1"),
-    "baseline": dict(VOCAB_SIZE="1024", NUM_LAYERS="9", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4",
-                     TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8"),
-    # The recurrent preset, timed at each depth of its schedule, and a flat stack of its full depth.
-    "recurrent": dict(PRESET="recurrent", TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8"),
-    "flat12": dict(PRESET="recurrent", NUM_LAYERS="12", DEPTH_SCHEDULE="1@0", NUM_VALUE_EMBEDS="0",
-                   TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8"),
-    # A frozen-expert MoE (16 experts, top-2, each half the dense width) and the dense FFN of equal active width.
-    "moe_frozen": dict(VOCAB_SIZE="1024", NUM_LAYERS="9", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4",
-                       TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8", MOE_NUM_EXPERTS="16",
-                       MOE_TOP_K="2", MOE_INIT="sparse", MOE_FROZEN="1"),
-    "dense_ffn": dict(VOCAB_SIZE="1024", NUM_LAYERS="9", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4",
-                      TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", GRAD_ACCUM_STEPS="8"),
-}
-# The suite on a CPU: every shape at a width and batch two cores get through in seconds a step.
-CPU_SCALE = dict(NUM_LAYERS="4", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="256",
-                 TRAIN_BATCH_TOKENS="8192", GRAD_ACCUM_STEPS="1")
+# Each shape is a preset of train_gpt.py (dense_ffn: the baseline, the dense control of moe_frozen).
+SHAPES = {"small": "bench_cpu", "baseline": "baseline", "recurrent": "recurrent", "flat12": "recurrent_flat",
+          "moe_frozen": "moe_frozen", "dense_ffn": "baseline"}
 SUITE = ("baseline", "recurrent", "dense_ffn", "moe_frozen")
 
 
-def shape_env(shape: str, *layers: dict) -> dict:
-    """The shape's settings, then each layer of overrides, then this process's env vars (which win)."""
-    env = dict(SHAPES[shape])
-    for layer in layers:
-        env.update(layer)
-    return {**env, **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
+def shape_env(shape: str, cpu_scale: bool = False, **overrides) -> dict:
+    """The shape's preset (at the CPU scale: then bench_cpu's), the overrides, then this process's env
+    vars (which win)."""
+    env = {"PRESET": SHAPES[shape] + (",bench_cpu" if cpu_scale else "")}
+    if cpu_scale and shape == "recurrent":
+        # The recurrent preset's 3 shared blocks, at the CPU width, would cost what the flat stack does.
+        env["NUM_LAYERS"] = "2"
+    return {**env, **overrides, **{k: v for k, v in os.environ.items() if k in train_gpt.CONFIG_FIELDS}}
 
 
 def random_stream(cfg, folder: Path) -> train_gpt.TokenStream:
@@ -64,21 +50,16 @@ def random_stream(cfg, folder: Path) -> train_gpt.TokenStream:
     return train_gpt.TokenStream([folder / "bench_train_000000.bin"], cfg.vocab_size)
 
 
-def build(shape: str, scale: dict | None = None):
+def build(shape: str, cpu_scale: bool = False, **overrides):
     """The shape's config, runtime, model (and its compiled twin when compiling), optimizers, params."""
-    env = shape_env(shape, scale or {})
-    if scale and shape == "recurrent":
-        env["NUM_LAYERS"] = "2"  # the preset's 3 shared blocks, at the CPU width, would equal the flat stack's cost
-    cfg, _ = train_gpt.load_config(env)
+    cfg, _ = train_gpt.load_config(shape_env(shape, cpu_scale, **overrides))
     rt = train_gpt.init_runtime(cfg)
-    torch.manual_seed(cfg.seed)
-    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg)).to(rt.device)
     if rt.compile:
         # Each shape compiles afresh: all shapes share GPT.forward's code, and dynamo stops recompiling
         # one function after a few shapes, falling back to eager.
         torch._dynamo.reset()
-    train_model = train_gpt.compile_fn(model) if rt.compile else model
-    return cfg, rt, model, train_model, train_gpt.build_optimizers(model, cfg, rt), list(model.parameters())
+    model, compiled, _, optimizers = train_gpt.assemble(cfg, rt)
+    return cfg, rt, model, compiled, optimizers, list(model.parameters())
 
 
 def profile(shape: str, steps: int, warmup: int) -> str:
@@ -103,9 +84,9 @@ def profile(shape: str, steps: int, warmup: int) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total" if rt.is_cuda else "cpu_time_total", row_limit=20)
 
 
-def measure(shape: str, steps: int, warmup: int, scale: dict | None = None) -> list[dict]:
+def measure(shape: str, steps: int, warmup: int, cpu_scale: bool = False) -> list[dict]:
     """One row per depth: the shape's full depth, or every depth of its DEPTH_SCHEDULE."""
-    cfg, rt, model, train_model, optimizers, params = build(shape, scale)
+    cfg, rt, model, train_model, optimizers, params = build(shape, cpu_scale)
     depths = [r for r, _ in cfg.depth_phases]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,15 +190,12 @@ def measure_optimizer(shape: str, repeats: int) -> dict:
 
 def measure_checkpoint(shape: str, repeats: int) -> dict:
     """Time of one checkpoint write (and of a restore) for the shape, optimizer and SWA state filled."""
-    env = shape_env(shape, {"TRAIN_BATCH_TOKENS": SHAPES[shape]["TRAIN_SEQ_LEN"], "GRAD_ACCUM_STEPS": "1",
-                           "SWA_ENABLED": "1"})
+    one_sequence = str(train_gpt.load_config(shape_env(shape))[0].train_seq_len)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, _ = train_gpt.load_config({**env, "LOG_DIR": tmp, "RUN_ID": "bench"})
-        rt = train_gpt.init_runtime(cfg)
-        model = train_gpt.GPT(**train_gpt.model_kwargs(cfg)).to(rt.device)
-        optimizers = train_gpt.build_optimizers(model, cfg, rt)
+        cfg, rt, model, _, optimizers, params = build(shape, TRAIN_BATCH_TOKENS=one_sequence, GRAD_ACCUM_STEPS="1",
+                                                       SWA_ENABLED="1", LOG_DIR=tmp, RUN_ID="bench")
         stream = random_stream(cfg, Path(tmp))
-        train_gpt.train_step(cfg, rt, model, list(model.parameters()), optimizers, stream, 0, 1.0)
+        train_gpt.train_step(cfg, rt, model, params, optimizers, stream, 0, 1.0)
         state = train_gpt.TrainState(step=1)
         state.average.add(model, 1)
         log = train_gpt.Logger(None)
@@ -235,15 +213,10 @@ def measure_checkpoint(shape: str, repeats: int) -> dict:
             "save_s_min": min(saves), "restore_s_median": sorted(loads)[len(loads) // 2], "repeats": repeats}
 
 
-def measure_eval(shape: str, n_tokens: int, repeats: int, scale: dict | None = None) -> list[dict]:
+def measure_eval(shape: str, n_tokens: int, repeats: int, cpu_scale: bool = False, **overrides) -> list[dict]:
     """Scored tokens/s of standard, sliding and Hedge evaluation (EVAL_STRIDE, default 64) on random
     tokens, timed in turns so that each method sees the same machine; the median of `repeats`."""
-    env = shape_env(shape, scale or {}, {"EVAL_STRIDE": "64", "HEDGE_ENABLED": "1"})
-    cfg, _ = train_gpt.load_config(env)
-    rt = train_gpt.init_runtime(cfg)
-    torch.manual_seed(cfg.seed)
-    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg)).to(rt.device)
-    model = train_gpt.compile_fn(model) if rt.compile else model
+    cfg, rt, _, model, _, _ = build(shape, cpu_scale, **{"EVAL_STRIDE": "64", "HEDGE_ENABLED": "1", **overrides})
     tokens = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, size=n_tokens + 1))
     ones = torch.ones(cfg.vocab_size, dtype=torch.int32)
     no = torch.zeros(cfg.vocab_size, dtype=torch.bool)
@@ -269,7 +242,7 @@ def measure_eval(shape: str, n_tokens: int, repeats: int, scale: dict | None = N
         rows.append({"method": name, "device": str(rt.device), "tokens": n_tokens, "scored": scored[name],
                      "seconds": seconds,
                      "tokens_per_s": n_tokens / seconds, "stride": cfg.eval_stride if name != "standard" else None,
-                     "seq_len": train_gpt.eval_seq_len(cfg) if name != "standard" else cfg.train_seq_len})
+                     "seq_len": cfg.eval_window if name != "standard" else cfg.train_seq_len})
     sliding = next(r for r in rows if r["method"] == "sliding")["seconds"]
     for row in rows:
         row["time_vs_sliding"] = row["seconds"] / sliding
@@ -281,7 +254,7 @@ def measure_export(shape: str) -> list[dict]:
     The weights are random with a trained model's spread; sizes are not representative, times are."""
     cfg, _ = train_gpt.load_config(shape_env(shape))
     torch.manual_seed(cfg.seed)
-    model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
+    model = train_gpt.build_model(cfg.model, torch.device("cpu"))
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
@@ -289,7 +262,7 @@ def measure_export(shape: str) -> list[dict]:
     rows = []
     for scheme in train_gpt.QUANT_SCHEMES:
         t0 = time.perf_counter()
-        blob, _ = train_gpt.build_artifact(model, cfg, scheme)
+        blob, _ = train_gpt.build_artifact(model, scheme)
         seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         train_gpt.parse_artifact(blob, "memory")
@@ -301,10 +274,10 @@ def measure_export(shape: str) -> list[dict]:
 
 def run_suite(steps: int, warmup: int, eval_tokens: int, repeats: int, done=lambda row: None) -> list[dict]:
     """Every named shape and the evaluation methods on this device, as one list of rows, each handed
-    to `done` as soon as it is measured and judged. On a CPU the shapes are scaled down (CPU_SCALE)
+    to `done` as soon as it is measured and judged. On a CPU the shapes are scaled down (bench_cpu)
     and say so in their names."""
-    scale = None if torch.cuda.is_available() else CPU_SCALE
-    suffix = "" if scale is None else " (cpu scale)"
+    cpu_scale = not torch.cuda.is_available()
+    suffix = " (cpu scale)" if cpu_scale else ""
     rows = []
 
     def finish(row: dict):
@@ -316,12 +289,12 @@ def run_suite(steps: int, warmup: int, eval_tokens: int, repeats: int, done=lamb
         done(row)
 
     for shape in SUITE:
-        for row in measure(shape, steps, warmup, scale):
+        for row in measure(shape, steps, warmup, cpu_scale):
             finish({"name": f"train {row['shape']}{suffix}", "device": row["device"],
                     "tokens_per_s": row["tokens_per_s"], "ms_per_step": row["ms_per_step"], "mfu": row["mfu"],
                     "peak_mem_mib": row["peak_mem_mib"], "params": row["params"], "graphs": row["graphs"],
                     "mfu_peak": row["mfu_peak"]})
-    for row in measure_eval("baseline", eval_tokens, repeats, scale):
+    for row in measure_eval("baseline", eval_tokens, repeats, cpu_scale):
         finish({"name": f"eval {row['method']}{suffix}", "device": row["device"], "tokens_per_s": row["tokens_per_s"],
                 "ms_per_step": None, "mfu": None, "peak_mem_mib": None, "params": None})
     return rows

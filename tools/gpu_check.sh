@@ -61,12 +61,9 @@ corpus() {
 
 correctness() {
   rm -f "$out/gpu_correctness.out"
-  # The recurrent model, small enough that its graphs compile quickly: two depth phases, XSA, value
-  # embeddings, SWA; sliding, Hedge and TTT, each audited.
-  env TORCH_LOGS=graph_breaks,recompiles DATA_PATH="$out/synthetic_shards" VOCAB_SIZE=1024 PRESET=recurrent \
-    NUM_LAYERS=2 MODEL_DIM=256 NUM_HEADS=4 NUM_KV_HEADS=2 DEPTH_SCHEDULE=1@0,2@0.5 XSA_LAST_N=2 TRAIN_SEQ_LEN=512 \
-    TRAIN_BATCH_TOKENS=65536 MAX_WALLCLOCK_SECONDS=20 WARMUP_STEPS=2 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 \
-    VAL_BATCH_SIZE=131072 EVAL_STRIDE=64 HEDGE_ENABLED=1 TTT_STEPS=1 TTT_CHUNK_TOKENS=8192 EVAL_AUDIT=1 \
+  # PRESET=gpu_check: the recurrent model, small enough that its graphs compile quickly: two depth
+  # phases, XSA, value embeddings, SWA; sliding, Hedge and TTT, each audited.
+  env TORCH_LOGS=graph_breaks,recompiles DATA_PATH="$out/synthetic_shards" PRESET=gpu_check \
     LOG_DIR="$out" RUN_ID=gpu_correctness python train_gpt.py > "$out/gpu_correctness.out" 2>&1
 }
 
@@ -143,7 +140,7 @@ sys.path.insert(0, "tools")
 import bench
 import train_gpt
 cfg, _ = train_gpt.load_config({})
-model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
+model = train_gpt.build_model(cfg.model, train_gpt.torch.device("meta"))
 peak, source = bench.peak_tflops() if bench.torch.cuda.is_available() else (float("nan"), "no GPU")
 avg = {}
 for name, path in zip(("reference", "ours"), sys.argv[1:]):

@@ -11,39 +11,32 @@ scheme (int8, int6, mixed) and compressor (zlib, zstd), timing each export.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 
 
-def load_model(path: Path, data: str | None, tokenizer: str | None) -> tuple[train_gpt.Config, train_gpt.GPT]:
+def measure(path: Path, data: str | None, tokenizer: str | None) -> list[dict]:
+    """The checkpoint's model assembled as its run did, on the validation shards of its DATA_PATH
+    (or --data), unquantized and then through each scheme's round trip."""
     ckpt = train_gpt.load_checkpoint(path)
-    overrides = {"data_path": data} if data else {}
-    if tokenizer:
-        overrides["tokenizer_path"] = tokenizer
+    saved = {f.name: ckpt["config"][f.name] for f in train_gpt.CONFIG_FIELDS.values() if f.name in ckpt["config"]}
+    overrides = {"compile": "0", **({"data_path": data} if data else {}), **({"tokenizer_path": tokenizer} if tokenizer else {})}
     try:
-        cfg = dataclasses.replace(train_gpt.Config(**ckpt["config"]), **overrides)
-        model = train_gpt.GPT(**train_gpt.model_kwargs(cfg))
+        cfg = train_gpt.Config(**{**saved, **overrides})
+    except TypeError as e:
+        raise train_gpt.InputError(f"checkpoint {path}: its config does not load ({e})") from None
+    rt = train_gpt.init_runtime(cfg)
+    cfg, _, evaluator, _ = train_gpt.load_data(cfg, rt, train_gpt.Logger(None))
+    model = train_gpt.assemble(cfg, rt)[0]
+    try:
         model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as e:
+    except RuntimeError as e:
         raise train_gpt.InputError(f"checkpoint {path}: its model does not load ({str(e).splitlines()[0]})") from None
-    return cfg, model
-
-
-def measure(cfg: train_gpt.Config, model: train_gpt.GPT) -> list[dict]:
-    rt = train_gpt.init_runtime(dataclasses.replace(cfg, compile="0"))
-    _, sp, _ = train_gpt.resolve_tokenizer(cfg, train_gpt.read_meta(cfg.data_path))
-    tokens = train_gpt.load_validation_tokens(train_gpt.find_shards(cfg.data_path, "val"), cfg.train_seq_len,
-                                              cfg.vocab_size)
-    evaluator = train_gpt.Evaluator(cfg, rt, tokens, train_gpt.build_byte_tables(sp, cfg.vocab_size), sp.bos_id())
-    model = model.to(rt.device)
     code = len(Path(train_gpt.__file__).read_bytes())
     loss, bpb = evaluator.standard(model)
     rows = [{"scheme": "none", "compressor": "-", "bytes_model": None, "bytes_total": None, "export_s": None,
@@ -51,7 +44,7 @@ def measure(cfg: train_gpt.Config, model: train_gpt.GPT) -> list[dict]:
     for scheme in train_gpt.QUANT_SCHEMES:
         for compressor in ("zlib", "zstd"):
             t0 = time.perf_counter()
-            blob, _ = train_gpt.build_artifact(model, cfg, scheme, compressor)
+            blob, _ = train_gpt.build_artifact(model, scheme, compressor)
             seconds = time.perf_counter() - t0
             header, tensors = train_gpt.parse_artifact(blob, f"{scheme}+{compressor}")
             rebuilt = train_gpt.model_from_artifact(header, tensors, "memory", rt.device)
@@ -81,8 +74,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     try:
-        cfg, model = load_model(args.checkpoint, args.data, args.tokenizer)
-        rows = measure(cfg, model)
+        rows = measure(args.checkpoint, args.data, args.tokenizer)
     except train_gpt.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
