@@ -7,33 +7,16 @@ every hyperparameter is an env var, `python train_gpt.py --help` lists them.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import datetime
-import functools
-import difflib
-import glob
-import hashlib
-import io
-import json
-import math
-import os
-import resource
-import signal
-import struct
-import sys
-import time
-import uuid
-import zlib
-from contextlib import nullcontext
+import copy, dataclasses, datetime, difflib, functools, glob, hashlib, io, json, math, os, resource, signal, struct
+import sys, time, uuid, zlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, distributed as dist, nn
 from torch.nn.parallel import DistributedDataParallel
 
 try:
@@ -46,6 +29,10 @@ class InputError(Exception):
     """Bad input from the user (env var, file, shard, artifact): one line, exit code 2."""
 
 
+class ConfigError(InputError):
+    pass
+
+
 # ----------------------------------------------------------------------------------------------
 # Config: one typed, validated object built from env vars
 # ----------------------------------------------------------------------------------------------
@@ -56,35 +43,34 @@ def var(default, help: str, lo=None, hi=None, choices=None):
 
 @dataclass(frozen=True)
 class Config:
-    preset: str = var("", "named starting configurations (listed below), applied in order, e.g. recurrent,cpu; "
-                          "env vars override them")
+    preset: str = var("", "named configurations (listed below) applied in order, e.g. recurrent,cpu; env vars override")
     # data
     data_path: str = var("./data/datasets/fineweb10B_sp1024", "folder holding *_train_*.bin and *_val_*.bin shards")
-    tokenizer_path: str = var("", "sentencepiece .model for the bits-per-byte tables "
-                              "(default: DATA_PATH/meta.json's tokenizer, else ./data/tokenizers/fineweb_1024_bpe.model)")
+    tokenizer_path: str = var("", "sentencepiece .model for the bits-per-byte tables (default: DATA_PATH/meta.json's "
+                                  "tokenizer, else ./data/tokenizers/fineweb_1024_bpe.model)")
     vocab_size: int = var(1024, "model vocabulary; every token id must be below it", lo=2, hi=65536)
     run_id: str = var("", "names logs/<RUN_ID>.txt, .json and the artifact (default: a fresh id)")
     seed: int = var(1337, "seed of the model init", lo=0, hi=2**63 - 1)
     device: str = var("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
-    compile: str = var("auto", "torch.compile the model (auto: on CUDA only; on CPU it needs a C++ compiler and ~40 s)", choices=("auto", "0", "1"))
-    autocast: str = var("auto", "bf16 autocast of the model and bf16 Newton-Schulz (auto: on CUDA only; on a CPU "
-                        "with AMX or AVX-512 BF16 it pays, see docs/perf_notes.md)", choices=("auto", "0", "1"))
+    compile: str = var("auto", "torch.compile the model (auto: on CUDA only; on CPU it needs a C++ compiler and ~40 s)",
+                       choices=("auto", "0", "1"))
+    autocast: str = var("auto", "bf16 autocast and bf16 Newton-Schulz (auto: on CUDA only; pays on a CPU with AMX or "
+                                "AVX-512 BF16, see docs/perf_notes.md)", choices=("auto", "0", "1"))
     log_dir: str = var("logs", "folder for the log, the summary JSON and the artifact")
     # budget and batch
     iterations: int = var(20000, "training steps at most", lo=1)
-    max_wallclock_seconds: float = var(600.0, "training time cap in seconds, excluding validation and warm-up (0 = none)", lo=0.0)
+    max_wallclock_seconds: float = var(600.0, "training seconds cap, without validation and warm-up (0 = none)", lo=0.0)
     train_batch_tokens: int = var(524288, "tokens in one optimizer step over all ranks", lo=1)
     train_seq_len: int = var(1024, "training sequence length", lo=1)
     grad_accum_steps: int = var(0, "micro-batches a step per rank (0 = 8 // world size, batch rounded to fit)", lo=0)
     val_loss_every: int = var(1000, "validate every N steps (0 = only at the end)", lo=0)
     train_log_every: int = var(200, "log the train loss every N steps (and steps 1-10)", lo=1)
     val_batch_size: int = var(524288, "tokens a validation forward covers over all ranks", lo=1)
-    doc_mode: bool = var(False, "each training and validation sequence is one document from its BOS, truncated "
-                                "or padded; padding is never scored")
+    doc_mode: bool = var(False, "each train/val sequence is one document from its BOS, cut or padded; padding unscored")
     epochs: int = var(0, "DOC_MODE: train this many passes over the documents (sets ITERATIONS; 0 = off)", lo=0)
     train_subset_docs: int = var(0, "DOC_MODE: train on the first N documents only (0 = all)", lo=0)
-    warmup_steps: int = var(20, "untimed priming steps (compile, allocator); weights and optimizer state restored after", lo=0)
-    warmdown_iters: int = var(1200, "linear LR decay to zero over the last N steps of the budget (timed when capped)", lo=0)
+    warmup_steps: int = var(20, "untimed priming steps (compile, allocator); weights, optimizer state restored", lo=0)
+    warmdown_iters: int = var(1200, "linear LR decay to 0 over the budget's last N steps (timed when capped)", lo=0)
     lr_warmup_steps: int = var(0, "linear LR warm-up over the first N steps", lo=0)
     # model
     num_layers: int = var(9, "transformer blocks", lo=1)
@@ -97,36 +83,28 @@ class Config:
     rope_base: float = var(10000.0, "RoPE base frequency", lo=1.0)
     qk_gain_init: float = var(1.5, "initial per-head gain on the normalised queries", lo=0.0)
     tied_embed_init_std: float = var(0.005, "std of the tied embedding at init", lo=0.0)
-    activation: str = var("relu2", "MLP activation: relu(x)^2, or leaky_relu(x, 0.5)^2",
-                          choices=("relu2", "leaky_relu2"))
+    activation: str = var("relu2", "MLP activation: relu(x)^2, leaky_relu(x, 0.5)^2", choices=("relu2", "leaky_relu2"))
     # recurrence
-    num_repeats: int = var(1, "passes over the NUM_LAYERS shared blocks at full depth (default: DEPTH_SCHEDULE's last)",
-                           lo=1, hi=64)
-    depth_schedule: str = var("", "passes by fraction of the budget, e.g. 2@0,3@0.4,4@0.65 (empty: NUM_REPEATS throughout)")
+    num_repeats: int = var(1, "passes over the blocks at full depth (default: DEPTH_SCHEDULE's last)", lo=1, hi=64)
+    depth_schedule: str = var("", "passes by budget fraction, e.g. 2@0,3@0.4,4@0.65 (empty: NUM_REPEATS throughout)")
     xsa_last_n: int = var(0, "exclusive self-attention on the last N effective layers", lo=0)
-    num_value_embeds: int = var(0, "token tables added to the attention values of every layer with learned scales",
-                                lo=0, hi=16)
+    num_value_embeds: int = var(0, "token tables added to every layer's attention values, learned scales", lo=0, hi=16)
     # mixture of experts
     moe_num_experts: int = var(0, "experts per MoE layer (0 = a dense FFN everywhere)", lo=0)
     moe_top_k: int = var(2, "experts each token is routed to", lo=1)
-    moe_d_ffn: int = var(0, "hidden width of one expert (0 = the dense FFN's width / MOE_TOP_K: the same active width)",
-                         lo=0)
-    moe_granularity: int = var(1, "G: every expert becomes G experts 1/G as wide and top-k grows G-fold (total and "
-                                  "active parameters unchanged)", lo=1)
+    moe_d_ffn: int = var(0, "hidden width of one expert (0 = dense FFN width / MOE_TOP_K: same active width)", lo=0)
+    moe_granularity: int = var(1, "G: each expert -> G of 1/G width, top-k x G (same total, active params)", lo=1)
     moe_layers: str = var("all", "blocks with an MoE FFN: all, every2 (blocks 1, 3, 5, ...) or a list like 0,2,5")
     moe_init: str = var("normal", "expert init: normal, orthogonal or sparse, each scaled to unit output variance",
                         choices=("sparse", "normal", "orthogonal"))
-    moe_sparsity: float = var(0.9, "MOE_INIT=sparse: the fraction of zeros in each column of an expert matrix",
-                              lo=0.0, hi=0.999)
-    moe_frozen: bool = var(False, "experts fixed at their init, regenerated from (SEED, layer, expert): not trained, "
-                                  "not stored")
+    moe_sparsity: float = var(0.9, "MOE_INIT=sparse: fraction of zeros in each expert matrix column", lo=0.0, hi=0.999)
+    moe_frozen: bool = var(False, "experts frozen at init, rebuilt from (SEED, layer, expert): not trained, not stored")
     moe_aux_coef: float = var(0.0, "Switch load-balancing loss coefficient (0.01 is usual)", lo=0.0)
     moe_zloss_coef: float = var(0.0, "router z-loss coefficient (0.001 is usual)", lo=0.0)
     moe_bias_update: float = var(0.0, "auxiliary-loss-free balancing: per-expert routing biases move this much a step "
                                       "against the observed load (0.001 is usual; 0 = off)", lo=0.0)
     # optimizers
-    matrix_optimizer: str = var("muon", "optimizer of the matrices inside blocks: muon, or adam at MATRIX_LR",
-                                choices=("muon", "adam"))
+    matrix_optimizer: str = var("muon", "block matrix optimizer: muon, or adam at MATRIX_LR", choices=("muon", "adam"))
     matrix_lr: float = var(0.04, "Muon learning rate for the matrices inside blocks", lo=0.0)
     scalar_lr: float = var(0.04, "Adam learning rate for vectors and scalars", lo=0.0)
     tied_embed_lr: float = var(0.05, "Adam learning rate for the tied embedding", lo=0.0)
@@ -145,34 +123,32 @@ class Config:
     swa_enabled: bool = var(False, "export and evaluate a float32 average of weight snapshots from the end of training")
     swa_start_frac: float = var(0.4, "collect snapshots once this fraction of the budget is used", lo=0.0, hi=1.0)
     swa_every: int = var(50, "a snapshot every N steps (the final weights are always one)", lo=1)
-    ema_decay: float = var(0.0, "instead of SWA: a float32 exponential average of the weights, updated every step "
-                                "at full depth (0 = off)", lo=0.0, hi=0.99999)
+    ema_decay: float = var(0.0, "instead of SWA: a float32 exponential average of the weights, updated every step at "
+                                "full depth (0 = off)", lo=0.0, hi=0.99999)
     # evaluation (the final methods run on the model rebuilt from the artifact)
     eval_seq_len: int = var(0, "window length of the sliding, Hedge and TTT evaluations (0 = TRAIN_SEQ_LEN)", lo=0)
-    eval_stride: int = var(0, "sliding evaluation: windows advance by N tokens and score only those (0 = off); "
-                              "Hedge and TTT use these windows too", lo=0)
-    hedge_enabled: bool = var(False, "Hedge evaluation: an online mixture of the model, n-gram counts of scored "
-                                     "tokens and a tempered model")
+    eval_stride: int = var(0, "sliding evaluation: windows advance by N tokens and score only those (0 = off); Hedge "
+                              "and TTT use these windows too", lo=0)
+    hedge_enabled: bool = var(False, "Hedge evaluation: online mix of the model, a tempered one, scored-token n-grams")
     hedge_eta: float = var(0.1, "Hedge learning rate: log weight -= eta * an expert's mean loss in nats", lo=0.0)
     hedge_prior: float = var(8.0, "weight of the neural distribution in each n-gram expert, in counts", lo=1e-6)
     hedge_chunk_tokens: int = var(512, "Hedge weights and counts take in the scored tokens every N targets", lo=1)
-    hedge_table_entries: int = var(1 << 24, "count cells (rows x vocab) of each n-gram expert; more contexts "
-                                             "than rows are hashed", lo=1)
+    hedge_table_entries: int = var(1 << 24, "cells (rows x vocab) per n-gram expert; more contexts are hashed", lo=1)
     ttt_steps: int = var(0, "score-first test-time training: SGD steps on each chunk once it is scored (0 = off)", lo=0)
     ttt_lr: float = var(0.005, "TTT learning rate, cosine-decayed over the chunks", lo=0.0)
     ttt_momentum: float = var(0.9, "TTT SGD momentum", lo=0.0, hi=0.9999)
     ttt_chunk_tokens: int = var(32768, "TTT scores, then trains on, this many targets at a time", lo=1)
-    eval_audit: bool = var(False, "audit every evaluation: distributions sum to 1, no score sees a later token; "
-                                  "a method that fails is not scored")
+    eval_audit: bool = var(False, "audit every evaluation: distributions sum to 1, no score sees a later token; a "
+                                  "method that fails is not scored")
     eval_audit_tokens: int = var(16384, "the audit checks the methods on this prefix of the validation stream", lo=2)
     eval_audit_positions: int = var(2048, "... and checks every one of its first N positions on its own", lo=1)
     eval_audit_seed: int = var(0, "seed of the audit's cut points and replaced tokens (0 = a fresh one each run)", lo=0)
-    per_token_loss_every: int = var(0, "save every validation target's loss (float16) every N steps and at the end "
-                                       "to LOG_DIR/<RUN_ID>_per_token/ (0 = off)", lo=0)
+    per_token_loss_every: int = var(0, "save every validation target's loss (float16) every N steps and at the end to "
+                                       "LOG_DIR/<RUN_ID>_per_token/ (0 = off)", lo=0)
     # export
     artifact_limit_bytes: int = var(16_000_000, "code + compressed model must fit in this", lo=1)
-    quant: str = var("int8", "artifact precision per tensor group: int8, int6, mixed (see README), or auto: the "
-                             "most precise that fits ARTIFACT_LIMIT_BYTES", choices=("int8", "int6", "mixed", "auto"))
+    quant: str = var("int8", "artifact precision per tensor group: int8, int6, mixed (docs/outputs.md), or auto: the most "
+                             "precise that fits ARTIFACT_LIMIT_BYTES", choices=("int8", "int6", "mixed", "auto"))
     # faults
     checkpoint_every_seconds: float = var(0.0, "checkpoint every N seconds of training time (0 = off)", lo=0.0)
     checkpoint_every_steps: int = var(0, "checkpoint every N steps (0 = off)", lo=0)
@@ -180,8 +156,8 @@ class Config:
     fault_at_step: int = var(0, "test hook: the process kills itself (SIGKILL) on reaching this step (0 = off)", lo=0)
     fault_rank: int = var(-1, "with FAULT_AT_STEP, only this rank dies (-1 = every rank)", lo=-1)
     dist_timeout_seconds: float = var(600.0, "a collective waiting longer than this means another rank died", lo=1.0)
-    dry_run: bool = var(False, "print the config and the parameter accounting (the model on the meta device: "
-                               "nothing allocated, no data read) and exit")
+    dry_run: bool = var(False, "print the config and the parameter accounting (the model on the meta device: nothing "
+                               "allocated, no data read) and exit")
 
     # Resolved once from the settings above (not env vars): what the run's features read.
     depth_phases: tuple = field(init=False)  # (repeats, starting fraction of the budget) of each phase
@@ -207,51 +183,29 @@ class Config:
                               f"(EVAL_SEQ_LEN or TRAIN_SEQ_LEN = {window})")
         if self.swa_enabled and self.ema_decay > 0:
             raise ConfigError(f"EMA_DECAY={self.ema_decay}: choose SWA_ENABLED=1 or EMA_DECAY, not both")
-        methods = ("sliding",) * bool(self.eval_stride) + ("hedge",) * self.hedge_enabled + ("ttt",) * bool(self.ttt_steps)
-        for name in ("eval_stride", "hedge_enabled", "ttt_steps"):
-            if self.doc_mode and getattr(self, name):
-                raise ConfigError(f"{name.upper()}={getattr(self, name)}: the stream evaluations do not apply in "
-                                  f"DOC_MODE, where every sequence is one document; unset it")
+        methods = {"sliding": self.eval_stride, "hedge": self.hedge_enabled, "ttt": self.ttt_steps}
+        for name, value in zip(("eval_stride", "hedge_enabled", "ttt_steps"), methods.values()):
+            if self.doc_mode and value:
+                raise ConfigError(f"{name.upper()}={value}: the stream evaluations do not apply in DOC_MODE, where "
+                                  f"every sequence is one document; unset it")
         for name in ("epochs", "train_subset_docs"):
             if getattr(self, name) and not self.doc_mode:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)}: needs DOC_MODE=1")
-        resolved = dict(depth_phases=phases, num_repeats=phases[-1][0], eval_window=window, eval_methods=methods,
-                        weight_average="swa" if self.swa_enabled else "ema" if self.ema_decay else "none")
-        for name, value in resolved.items():
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "model", model_spec(self))
+        vars(self).update(depth_phases=phases, num_repeats=phases[-1][0], eval_window=window,
+                          eval_methods=tuple(method for method, on in methods.items() if on),
+                          weight_average="swa" if self.swa_enabled else "ema" if self.ema_decay else "none")
+        vars(self)["model"] = model_spec(self)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything that builds a model, resolved: the artifact header stores it, the round trip rebuilds
-    from it. MoE figures are after granularity (its experts, their width, the experts a token takes)."""
+CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config) if f.init}
 
-    vocab_size: int
-    num_layers: int
-    model_dim: int
-    num_heads: int
-    num_kv_heads: int
-    mlp_hidden: int
-    tie_embeddings: bool
-    logit_softcap: float
-    rope_base: float
-    qk_gain_init: float
-    tied_embed_init_std: float
-    num_repeats: int
-    xsa_last_n: int
-    activation: str
-    num_value_embeds: int
-    moe_experts: int
-    moe_top_k: int
-    moe_expert_width: int
-    moe_blocks: tuple
-    moe_init: str
-    moe_sparsity: float
-    moe_frozen: bool
-    moe_aux_coef: float
-    moe_zloss_coef: float
-    seed: int
+# Everything that builds a model, resolved: the artifact header stores it (in this order), the round trip rebuilds
+# from it. MoE figures are after granularity (its experts, their width, the experts a token takes).
+ModelSpec = dataclasses.make_dataclass("ModelSpec", (
+    "vocab_size num_layers model_dim num_heads num_kv_heads mlp_hidden tie_embeddings logit_softcap rope_base "
+    "qk_gain_init tied_embed_init_std num_repeats xsa_last_n activation num_value_embeds moe_experts moe_top_k "
+    "moe_expert_width moe_blocks moe_init moe_sparsity moe_frozen moe_aux_coef moe_zloss_coef seed").split(),
+    frozen=True)
 
 
 def model_spec(cfg: Config) -> ModelSpec:
@@ -269,11 +223,8 @@ def model_spec(cfg: Config) -> ModelSpec:
                         "moe_blocks": parse_moe_layers(cfg.moe_layers, cfg.num_layers) if experts else ()})
 
 
-CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config) if f.init}
-
 def some_study(dim: int, heads: int, layers: int, experts: int, d_ffn: int, seq: int, batch_seqs: int) -> dict:
-    """A run of the SoME study: frozen sparse experts, only router, attention and embeddings trained,
-    AdamW-like optimisation of everything at 8e-4, 4 epochs over 20,000 documents."""
+    """A SoME study run: frozen sparse experts, the rest trained AdamW-like at 8e-4, 4 epochs of 20,000 documents."""
     lr = "0.0008"
     return {"MODEL_DIM": str(dim), "NUM_HEADS": str(heads), "NUM_KV_HEADS": str(heads), "NUM_LAYERS": str(layers),
             "MOE_NUM_EXPERTS": str(experts), "MOE_D_FFN": str(d_ffn), "MOE_TOP_K": "4", "MOE_INIT": "sparse",
@@ -285,67 +236,56 @@ def some_study(dim: int, heads: int, layers: int, experts: int, d_ffn: int, seq:
 
 # Progressive-depth recurrence: 3 shared blocks applied up to 4 times (12 effective layers).
 RECURRENT = {"NUM_LAYERS": "3", "MODEL_DIM": "832", "NUM_HEADS": "8", "NUM_KV_HEADS": "4", "MLP_MULT": "2",
-             "NUM_VALUE_EMBEDS": "2", "XSA_LAST_N": "4", "ACTIVATION": "leaky_relu2", "DEPTH_SCHEDULE": "2@0,3@0.4,4@0.65",
-             "SWA_ENABLED": "1", "SWA_START_FRAC": "0.4", "SWA_EVERY": "50", "MUON_WD": "0.04", "GRAD_CLIP_NORM": "0.3",
-             "MATRIX_LR": "0.015", "SCALAR_LR": "0.015", "TIED_EMBED_LR": "0.018"}
-# A few minutes on two CPU cores: run.sh's job without GPUs (220 s of training keeps the whole job near
-# 4.5 minutes, docs/perf_notes.md 17).
+             "NUM_VALUE_EMBEDS": "2", "XSA_LAST_N": "4", "ACTIVATION": "leaky_relu2",
+             "DEPTH_SCHEDULE": "2@0,3@0.4,4@0.65", "SWA_ENABLED": "1", "SWA_START_FRAC": "0.4", "SWA_EVERY": "50",
+             "MUON_WD": "0.04", "GRAD_CLIP_NORM": "0.3", "MATRIX_LR": "0.015", "SCALAR_LR": "0.015",
+             "TIED_EMBED_LR": "0.018"}
+# run.sh's job without GPUs: 220 s of training keep it near 4.5 minutes on two CPU cores (docs/perf_notes.md 17).
 CPU = {"NUM_LAYERS": "4", "MODEL_DIM": "192", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "256",
        "TRAIN_BATCH_TOKENS": "8192", "GRAD_ACCUM_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "220", "WARMUP_STEPS": "0",
        "WARMDOWN_ITERS": "300", "VAL_LOSS_EVERY": "200", "TRAIN_LOG_EVERY": "50", "VAL_BATCH_SIZE": "65536"}
 PRESETS = {
-    # The challenge's naive baseline: the defaults themselves.
-    "baseline": {},
+    "baseline": {},  # the challenge's naive baseline: the defaults themselves
     "recurrent": RECURRENT,
     # The recurrent preset's full depth as a flat stack of 12 blocks: the control of a recurrence study.
     "recurrent_flat": {**RECURRENT, "NUM_LAYERS": "12", "DEPTH_SCHEDULE": "1@0", "NUM_VALUE_EMBEDS": "0"},
     # The baseline with a frozen-expert MoE FFN: 16 experts, top-2, each half the dense width.
     "moe_frozen": {"MOE_NUM_EXPERTS": "16", "MOE_TOP_K": "2", "MOE_INIT": "sparse", "MOE_FROZEN": "1"},
     "cpu": CPU,
-    # run.sh's job on its embedded synthetic corpus: tuned there at 380-540 steps (docs/perf_notes.md 10-11,
-    # 16); on a small real text these settings overfit (docs/perf_notes.md 19).
+    # run.sh's job on its embedded synthetic corpus, tuned there at 380-540 steps (docs/perf_notes.md 10-11, 16);
+    # on a small real text these settings overfit (docs/perf_notes.md 19).
     "cpu_embedded": {**CPU, "NUM_VALUE_EMBEDS": "1", "MATRIX_LR": "0.02", "MUON_MOMENTUM_WARMUP_STEPS": "1000"},
     # The benchmark's shapes scaled to seconds a step on a CPU (tools/bench.py).
     "bench_cpu": {"NUM_LAYERS": "4", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "256",
                   "TRAIN_BATCH_TOKENS": "8192", "GRAD_ACCUM_STEPS": "1"},
-    # tools/gpu_check.sh's correctness run: the recurrent model small enough to compile quickly, two depth
-    # phases, every evaluation audited.
+    # tools/gpu_check.sh's correctness run: a recurrent model quick to compile, two depth phases, all audited.
     "gpu_check": {**RECURRENT, "NUM_LAYERS": "2", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-                  "DEPTH_SCHEDULE": "1@0,2@0.5", "XSA_LAST_N": "2", "TRAIN_SEQ_LEN": "512", "TRAIN_BATCH_TOKENS": "65536",
-                  "MAX_WALLCLOCK_SECONDS": "20", "WARMUP_STEPS": "2", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "50",
-                  "VAL_BATCH_SIZE": "131072", "EVAL_STRIDE": "64", "HEDGE_ENABLED": "1", "TTT_STEPS": "1",
-                  "TTT_CHUNK_TOKENS": "8192", "EVAL_AUDIT": "1"},
+                  "DEPTH_SCHEDULE": "1@0,2@0.5", "XSA_LAST_N": "2", "TRAIN_SEQ_LEN": "512",
+                  "TRAIN_BATCH_TOKENS": "65536", "MAX_WALLCLOCK_SECONDS": "20", "WARMUP_STEPS": "2",
+                  "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "50", "VAL_BATCH_SIZE": "131072", "EVAL_STRIDE": "64",
+                  "HEDGE_ENABLED": "1", "TTT_STEPS": "1", "TTT_CHUNK_TOKENS": "8192", "EVAL_AUDIT": "1"},
     # The SoME study's seven runs.
-    "some_study_a1": some_study(384, 6, 6, 64, 1024, 512, 128),
-    "some_study_a2": some_study(384, 6, 6, 64, 1024, 768, 42),
-    "some_study_a3": some_study(384, 6, 6, 64, 1024, 1024, 31),
-    "some_study_b1": some_study(384, 8, 8, 128, 1536, 512, 128),
-    "some_study_b2": some_study(384, 8, 10, 128, 1536, 512, 128),
-    "some_study_c1": some_study(512, 8, 8, 128, 1536, 512, 128),
-    "some_study_c2": some_study(768, 8, 8, 128, 1536, 512, 128),
+    **{f"some_study_{name}": some_study(*shape) for name, shape in (
+        ("a1", (384, 6, 6, 64, 1024, 512, 128)), ("a2", (384, 6, 6, 64, 1024, 768, 42)),
+        ("a3", (384, 6, 6, 64, 1024, 1024, 31)), ("b1", (384, 8, 8, 128, 1536, 512, 128)),
+        ("b2", (384, 8, 10, 128, 1536, 512, 128)), ("c1", (512, 8, 8, 128, 1536, 512, 128)),
+        ("c2", (768, 8, 8, 128, 1536, 512, 128)))},
 }
+
 
 # Set by torchrun, CUDA or the shell; never a typo of ours.
 FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PATH", "HOME"}
 
 
-class ConfigError(InputError):
-    pass
-
-
 def parse_value(name: str, raw: str, f: dataclasses.Field):
-    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
-    meta = f.metadata
-    if kind is bool:
-        low = raw.strip().lower()
-        if low not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-            raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
-        return low in ("1", "true", "yes", "on")
+    kind, meta, text = {"int": int, "float": float, "bool": bool, "str": str}[f.type], f.metadata, raw.strip()
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
     try:
-        value = kind(raw.strip()) if kind is not int else int(raw.strip(), 10)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+        value = words[text.lower()] if kind is bool else int(text, 10) if kind is int else kind(text)
+    except (KeyError, ValueError):
+        expected = {bool: "0 or 1", int: "an integer"}.get(kind, "a number")
+        raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"{name}={raw!r}: expected a finite number")
     if meta["choices"] is not None and value not in meta["choices"]:
@@ -358,24 +298,19 @@ def parse_value(name: str, raw: str, f: dataclasses.Field):
 
 
 def resolve_batch(values: dict, world_size: int) -> list[str]:
-    """Fill in GRAD_ACCUM_STEPS and make the global batch split evenly; returns notes for the log.
-
-    An explicit GRAD_ACCUM_STEPS must divide the batch exactly. The default (8 // world size, so 1, 2, 4
-    and 8 GPUs see the same global batch) rounds the batch to the nearest size that splits evenly."""
-    batch, seq = values["train_batch_tokens"], values["train_seq_len"]
+    """Fills in GRAD_ACCUM_STEPS; returns notes for the log. An explicit one must divide the batch; the default
+    (8 // world size: 1, 2, 4 and 8 GPUs see one global batch) rounds the batch to the nearest size that splits."""
+    batch, seq, accum = values["train_batch_tokens"], values["train_seq_len"], values["grad_accum_steps"]
     if batch < seq:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be at least TRAIN_SEQ_LEN={seq}")
-    if values["grad_accum_steps"] > 0:
-        unit = world_size * values["grad_accum_steps"] * seq
-        if batch % unit:
+    if accum > 0:
+        if batch % (world_size * accum * seq):
             raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be divisible by world_size*GRAD_ACCUM_STEPS*"
-                              f"TRAIN_SEQ_LEN = {world_size}*{values['grad_accum_steps']}*{seq} = {unit}")
+                              f"TRAIN_SEQ_LEN = {world_size}*{accum}*{seq} = {world_size * accum * seq}")
         return []
     accum = max(1, min(8 // world_size, batch // (world_size * seq)))
-    sequences = batch // seq
-    if batch % seq == 0 and sequences % world_size == 0:
-        # The global batch splits over the ranks: accumulate in as many micro-batches as divide it.
-        accum = max(a for a in range(1, accum + 1) if (sequences // world_size) % a == 0)
+    if batch % (world_size * seq) == 0:  # the batch splits over the ranks: take the most micro-batches dividing it
+        accum = max(a for a in range(1, accum + 1) if batch // (world_size * seq) % a == 0)
     values["grad_accum_steps"] = accum
     unit = world_size * accum * seq
     if batch % unit == 0:
@@ -386,20 +321,16 @@ def resolve_batch(values: dict, world_size: int) -> list[str]:
 
 
 def parse_depth_schedule(text: str) -> tuple[tuple[int, float], ...]:
-    """'2@0,3@0.4' -> [(2, 0.0), (3, 0.4)]: passes from each fraction of the budget on."""
-    phases = []
-    for item in text.split(","):
-        repeats, sep, frac = item.strip().partition("@")
-        try:
-            phases.append((int(repeats), float(frac)))
-        except ValueError:
-            raise ConfigError(f"DEPTH_SCHEDULE={text!r}: expected REPEATS@FRACTION items, e.g. 2@0,3@0.4") from None
-        if not sep or phases[-1][0] < 1 or not 0 <= phases[-1][1] < 1:
-            raise ConfigError(f"DEPTH_SCHEDULE={text!r}: each item is REPEATS@FRACTION, repeats >= 1, 0 <= fraction < 1")
-    fracs = [f for _, f in phases]
-    if fracs[0] != 0 or any(b <= a for a, b in zip(fracs, fracs[1:])):
+    """'2@0,3@0.4' -> ((2, 0.0), (3, 0.4)): passes from each fraction of the budget on."""
+    try:
+        phases = tuple((int(repeats), float(frac)) for repeats, _, frac in (i.partition("@") for i in text.split(",")))
+    except ValueError:
+        raise ConfigError(f"DEPTH_SCHEDULE={text!r}: expected REPEATS@FRACTION items, e.g. 2@0,3@0.4") from None
+    if any(repeats < 1 or not 0 <= frac < 1 for repeats, frac in phases):
+        raise ConfigError(f"DEPTH_SCHEDULE={text!r}: each item is REPEATS@FRACTION, repeats >= 1, 0 <= fraction < 1")
+    if phases[0][1] != 0 or any(b <= a for (_, a), (_, b) in zip(phases, phases[1:])):
         raise ConfigError(f"DEPTH_SCHEDULE={text!r}: fractions must start at 0 and increase")
-    return tuple(phases)
+    return phases
 
 
 def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
@@ -419,8 +350,8 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     if not values["run_id"]:
         # torchrun gives every rank the same TORCHELASTIC_RUN_ID, so all ranks agree on the name; without
         # --rdzv_id a multi-node launch's is "none", which every such run would share.
-        elastic = os.environ.get("TORCHELASTIC_RUN_ID", "")
-        values["run_id"] = elastic if elastic not in ("", "none") else time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
+        elastic = os.environ.get("TORCHELASTIC_RUN_ID") or "none"
+        values["run_id"] = elastic if elastic != "none" else time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     if any(c in values["run_id"] for c in "/\\") or values["run_id"] in (".", ".."):
         raise ConfigError(f"RUN_ID={values['run_id']!r}: must be a plain file name")
     cfg = Config(**values)
@@ -431,22 +362,16 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
 
 
 def typo_warnings(environ) -> list[str]:
-    known = list(CONFIG_FIELDS)
-    notes = []
-    for name in sorted(environ):
-        if name in CONFIG_FIELDS or name in FOREIGN_ENV or not name.replace("_", "").isupper():
-            continue
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
-        if close:
-            notes.append(f"warning: env var {name} is not a setting of train_gpt.py; did you mean {close[0]}?")
-    return notes
+    unknown = sorted(set(environ) - CONFIG_FIELDS.keys() - FOREIGN_ENV)
+    close = {name: difflib.get_close_matches(name, list(CONFIG_FIELDS), n=1, cutoff=0.85) for name in unknown}
+    return [f"warning: env var {name} is not a setting of train_gpt.py; did you mean {close[name][0]}?"
+            for name in unknown if close[name] and name.replace("_", "").isupper()]
 
 
 def config_help() -> str:
     lines = ["train_gpt.py settings (env vars):"]
     for name, f in CONFIG_FIELDS.items():
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        lines.append(f"  {name:<28} {kind:<5} default {f.default!r:<38} {f.metadata['help']}")
+        lines.append(f"  {name:<28} {f.type:<5} default {f.default!r:<38} {f.metadata['help']}")
     for name, settings in PRESETS.items():
         lines.append(f"PRESET={name}: " + (" ".join(f"{k}={v}" for k, v in settings.items()) or "the defaults"))
     return "\n".join(lines)
@@ -487,25 +412,18 @@ class Runtime:
         return tensor
 
 
-# torch.compile keeps its graphs per code object and, past its recompile limit (8 by default), runs
-# the code eagerly without an error. GPT.forward alone serves training at every depth, evaluation
-# with and without targets, TTT's training mode and the reloaded model: a recurrent run with every
-# evaluation needs 10 to 20. The limit is set far above that, and the log counts the graphs.
-COMPILE_GRAPH_LIMIT = 64
-
-
 def compile_fn(fn):
-    """Static shapes: each shape its own graph, counted, instead of slower dynamic-shape graphs."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_GRAPH_LIMIT)
+    """Static shapes: a graph per shape, counted, not slower dynamic-shape graphs. Past its recompile limit (8 by
+    default) torch.compile runs a function eagerly, silently; GPT.forward alone serves training at every depth, the
+    evaluations, TTT and the reloaded model (10 to 20 graphs), so the limit is set far above that."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(fn, dynamic=False)
 
 
 def compile_report() -> dict:
-    """Graphs compiled for each function the harness compiles, recompiles (graphs after a function's
-    first) and graph breaks; `eager_fallback` names the functions that reached the limit."""
+    """Graphs per compiled function, recompiles, graph breaks; `eager_fallback`: functions that reached the limit."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
-
     graphs = {f.__qualname__: len(_debug_get_cache_entry_list(f.__code__)) for f in (GPT.forward, newton_schulz)}
     limit = torch._dynamo.config.cache_size_limit
     return {"graphs": sum(graphs.values()), "recompiles": sum(max(0, n - 1) for n in graphs.values()),
@@ -528,26 +446,22 @@ def world_size_from_env() -> int:
 def init_runtime(cfg: Config) -> Runtime:
     rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if want == "cuda":
+    cuda = (cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu") == "cuda"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         if not torch.cuda.is_available():
             raise ConfigError("DEVICE='cuda': no CUDA device is available")
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
-        dist.init_process_group("nccl" if want == "cuda" else "gloo", device_id=device if want == "cuda" else None,
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout_seconds))
-    use_compile = cfg.compile == "1" or (cfg.compile == "auto" and want == "cuda")
-    use_bf16 = cfg.autocast == "1" or (cfg.autocast == "auto" and want == "cuda")
-    return Runtime(rank, world, local_rank, device, use_compile, use_bf16)
+    auto = {"1": True, "0": False, "auto": cuda}
+    return Runtime(rank, world, local_rank, device, auto[cfg.compile], auto[cfg.autocast])
 
 
 class Logger:
-    """Writes the log file and the console on rank 0 only."""
+    """Writes the log file and the console on rank 0 only (the other ranks pass no path)."""
 
     def __init__(self, path: Path | None):
         self.file = None
@@ -563,8 +477,7 @@ class Logger:
             return
         if console:
             print(msg, flush=True)
-        self.file.write(msg + "\n")
-        self.file.flush()
+        print(msg, file=self.file, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,19 +492,16 @@ def read_shard(path: str | Path) -> np.ndarray:
     """Memory-maps one shard after checking its header against the file size."""
     path = Path(path)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(SHARD_HEADER_BYTES)
+            head, size = f.read(SHARD_HEADER_BYTES), os.fstat(f.fileno()).st_size
     except OSError as e:
         raise InputError(f"shard {path}: cannot read ({e.strerror})") from None
     if len(head) < SHARD_HEADER_BYTES:
         raise InputError(f"shard {path}: truncated header ({size} bytes, need {SHARD_HEADER_BYTES})")
-    header = np.frombuffer(head, dtype="<i4")
-    if header[0] != SHARD_MAGIC:
-        raise InputError(f"shard {path}: wrong magic {header[0]} (expected {SHARD_MAGIC})")
-    if header[1] != SHARD_VERSION:
-        raise InputError(f"shard {path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
-    count = int(header[2])
+    magic, version, count = (int(x) for x in np.frombuffer(head, dtype="<i4")[:3])
+    for what, value, expected in (("wrong magic", magic, SHARD_MAGIC), ("unsupported version", version, SHARD_VERSION)):
+        if value != expected:
+            raise InputError(f"shard {path}: {what} {value} (expected {expected})")
     if count < 0 or size != SHARD_HEADER_BYTES + 2 * count:
         raise InputError(f"shard {path}: header declares {count} tokens ({SHARD_HEADER_BYTES + 2 * count} bytes) "
                          f"but the file has {size} bytes")
@@ -600,11 +510,12 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
 
 
-def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int):
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int) -> np.ndarray:
     if tokens.size and int(tokens.max()) >= vocab_size:
         where = offset + int(np.argmax(tokens >= vocab_size))
         raise InputError(f"shard {path}: token id {int(tokens[where - offset])} at position {where} "
                          f">= VOCAB_SIZE={vocab_size}")
+    return tokens
 
 
 def find_shards(data_path: str, split: str) -> list[Path]:
@@ -617,17 +528,12 @@ def find_shards(data_path: str, split: str) -> list[Path]:
 
 
 class TokenStream:
-    """The training shards as one endless token stream (it wraps around).
-
-    Step s uses the global batch of sequences starting at s * TRAIN_BATCH_TOKENS; sequence j is
-    tokens [start + j*seq, start + (j+1)*seq + 1). Each (rank, micro-step) reads a contiguous run of
-    them, so a step sees the same tokens whatever the split between ranks and accumulation, and the
-    position of the stream is a function of the step alone."""
+    """The training shards as one endless token stream: step s reads from s * TRAIN_BATCH_TOKENS on, each (rank,
+    micro-step) a contiguous run of the step's sequences, so a step sees the same tokens however it is split."""
 
     def __init__(self, files: list[Path], vocab_size: int):
-        self.files = files
+        self.files, self.vocab_size = files, vocab_size
         self.shards = [read_shard(f) for f in files]
-        self.vocab_size = vocab_size
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.total = int(self.starts[-1])
         if self.total < 2:
@@ -648,8 +554,7 @@ class TokenStream:
 
     def micro_batch(self, cfg: Config, rt: Runtime, step: int, micro: int) -> tuple[Tensor, Tensor]:
         seqs = cfg.train_batch_tokens // (cfg.train_seq_len * rt.world_size * cfg.grad_accum_steps)
-        first_seq = (micro * rt.world_size + rt.rank) * seqs
-        start = step * cfg.train_batch_tokens + first_seq * cfg.train_seq_len
+        start = step * cfg.train_batch_tokens + (micro * rt.world_size + rt.rank) * seqs * cfg.train_seq_len
         buf = torch.from_numpy(self.read(start, seqs * cfg.train_seq_len + 1))
         if rt.is_cuda:
             buf = buf.pin_memory().to(rt.device, non_blocking=True)
@@ -657,31 +562,24 @@ class TokenStream:
 
 
 def document_bounds(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
-    """(start, end) of each document: it starts at a BOS and its targets run to the next BOS, which
-    it predicts (the end of the document); text before the first BOS is no document."""
+    """(start, end) of each document: from its BOS to the next, which it predicts; text before the first is none."""
     starts = np.flatnonzero(np.asarray(tokens) == bos_id)
-    ends = np.append(starts[1:], len(tokens) - 1)
-    return [(int(a), int(b)) for a, b in zip(starts, ends) if b > a]
+    return [(int(a), int(b)) for a, b in zip(starts, np.append(starts[1:], len(tokens) - 1)) if b > a]
 
 
 class DocStream:
-    """DOC_MODE's training data: each sequence is one document from its BOS, truncated to
-    TRAIN_SEQ_LEN targets or padded (pad targets are -100, which the loss skips). An epoch visits
-    the first TRAIN_SUBSET_DOCS documents once in an order drawn from (SEED, epoch); the batch of
-    step s is a function of s alone, as for TokenStream."""
+    """DOC_MODE's data: a sequence is one document, truncated or padded (targets -100: skipped). An epoch visits the
+    first TRAIN_SUBSET_DOCS once in an order drawn from (SEED, epoch): step s's batch is a function of s alone."""
 
     def __init__(self, files: list[Path], cfg: Config, bos_id: int):
         self.tokens = np.concatenate([np.asarray(read_shard(f)) for f in files])
         check_token_ids(self.tokens, cfg.vocab_size, files[0] if len(files) == 1 else "the training shards", 0)
-        docs = document_bounds(self.tokens, bos_id)
-        if cfg.train_subset_docs:
-            docs = docs[:cfg.train_subset_docs]
-        if not docs:
+        self.docs = document_bounds(self.tokens, bos_id)[:cfg.train_subset_docs or None]
+        self.seed, self.total = cfg.seed, len(self.tokens)
+        if not self.docs:
             raise InputError(f"DOC_MODE: no documents (BOS id {bos_id}) in the training shards")
-        self.docs, self.seed = docs, cfg.seed
-        self.total = len(self.tokens)
         self.docs_per_step = cfg.train_batch_tokens // cfg.train_seq_len
-        self.steps_per_epoch = math.ceil(len(docs) / self.docs_per_step)
+        self.steps_per_epoch = math.ceil(len(self.docs) / self.docs_per_step)
 
     def step_docs(self, step: int) -> list[int]:
         """The documents of a step; an epoch's last batch is filled up from the start of its order."""
@@ -705,12 +603,7 @@ class DocStream:
 
 def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> Tensor:
     """All validation tokens, trimmed as the challenge does to whole sequences plus one target."""
-    parts = []
-    for f in files:
-        tokens = read_shard(f)
-        check_token_ids(tokens, vocab_size, f, 0)
-        parts.append(np.asarray(tokens))
-    tokens = np.concatenate(parts)
+    tokens = np.concatenate([np.asarray(check_token_ids(read_shard(f), vocab_size, f, 0)) for f in files])
     usable = (len(tokens) - 1) // seq_len * seq_len
     if usable <= 0:
         raise InputError(f"validation shards hold {len(tokens)} tokens; need more than TRAIN_SEQ_LEN={seq_len}")
@@ -733,7 +626,6 @@ def read_meta(data_path: str) -> dict:
 
 def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
-
     if not path.is_file():
         raise InputError(f"tokenizer {path} not found: set TOKENIZER_PATH to the sentencepiece .model of the data")
     sp = spm.SentencePieceProcessor()
@@ -751,9 +643,8 @@ def load_tokenizer(path: Path, vocab_size: int):
 
 
 def resolve_tokenizer(cfg: Config, meta: dict):
-    """(path, tokenizer, its SHA-256) the byte tables come from: TOKENIZER_PATH, else the one
-    DATA_PATH's meta.json names, else the challenge's. Refused when meta.json's SHA-256 says the shards
-    were made with another: its byte counts would score the right tokens against the wrong text."""
+    """(path, tokenizer, its SHA-256): TOKENIZER_PATH, else meta.json's, else the challenge's. Refused when meta.json's
+    SHA-256 says the shards were made with another: its byte counts would score the right tokens against wrong text."""
     path = Path(cfg.tokenizer_path or meta.get("tokenizer") or "./data/tokenizers/fineweb_1024_bpe.model")
     sp = load_tokenizer(path, cfg.vocab_size)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -766,8 +657,7 @@ def resolve_tokenizer(cfg: Config, meta: dict):
 
 @dataclass
 class ByteTables:
-    """Per token id: UTF-8 bytes of its text, whether it starts with a word's space, whether it is a
-    boundary (control/unknown/unused) token. Sized max(tokenizer vocab, model vocab)."""
+    """Per token id (larger vocab): bytes of its text, leading word space, boundary (control/unknown/unused)."""
 
     base_bytes: Tensor
     has_leading_space: Tensor
@@ -778,16 +668,15 @@ class ByteTables:
         space = self.has_leading_space[target] & ~self.is_boundary[prev]
         return self.base_bytes[target] + space.to(self.base_bytes.dtype)
 
-    def to(self, device) -> "ByteTables":
+    def to(self, device) -> ByteTables:
         return ByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
 
 
 def decoded_bytes(sp):
-    """Counts the bytes targets stand for from the tokenizer's own decoder, not the byte tables, so the
-    audit can compare the two. The challenge's rule: boundary tokens (control, unknown, unused) stand
-    for nothing, and the first space after one is not counted. Each text is decoded after a fixed
-    piece, as the decoder drops the spaces a text starts with. Returns (bytes, slack): a run of targets
-    that ends inside a character of byte pieces decodes that character as U+FFFD, up to 3 bytes off."""
+    """The bytes targets stand for, counted with the tokenizer's own decoder so the audit can check the byte tables.
+    Boundary tokens (control, unknown, unused) stand for nothing, nor does the first space after one; each text is
+    decoded after a fixed piece, as the decoder drops a leading space. Returns (bytes, slack): a run ending inside a
+    character of byte pieces decodes it as U+FFFD, up to 3 bytes off."""
     boundary = {i for i in range(sp.vocab_size()) if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)}
     spaced = {i for i in range(sp.vocab_size()) if sp.IdToPiece(i).startswith("\u2581")}
     anchor = next(i for i in range(sp.vocab_size()) if i not in boundary | spaced and not sp.IsByte(i))
@@ -820,17 +709,10 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
     space = torch.zeros(size, dtype=torch.bool)
     boundary = torch.ones(size, dtype=torch.bool)
     for i in range(sp.vocab_size()):
-        if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i):
-            continue
-        boundary[i] = False
-        if sp.IsByte(i):
-            base[i] = 1
-            continue
-        piece = sp.IdToPiece(i)
-        if piece.startswith("\u2581"):
-            space[i] = True
-            piece = piece[1:]
-        base[i] = len(piece.encode("utf-8"))
+        if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)):
+            piece = sp.IdToPiece(i)
+            boundary[i], space[i] = False, piece.startswith("\u2581") and not sp.IsByte(i)
+            base[i] = 1 if sp.IsByte(i) else len(piece.removeprefix("\u2581").encode("utf-8"))
     return ByteTables(base, space, boundary)
 
 
@@ -838,39 +720,21 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
 # Model: GPT with an application plan over physical blocks
 # ----------------------------------------------------------------------------------------------
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
-# Under autocast on these, the residual stream is bf16, as in the challenge's bf16 model: every norm,
-# add and scale moves half the bytes (the weights stay float32 for the optimizers). Not on a CPU,
-# where bf16 elementwise work is converted to float32 and back: 10-18% slower a step (perf_notes 23).
+# Under autocast on these the residual stream is bf16, as in the challenge's bf16 model: norms, adds and scales move
+# half the bytes. Not on a CPU, where bf16 elementwise work is 10-18% slower a step (perf_notes 23).
 BF16_RESIDUAL_DEVICES = ("cuda",)
 
 
-def residual_dtype(x: Tensor) -> torch.dtype:
-    return compute_dtype(x) if x.device.type in BF16_RESIDUAL_DEVICES else x.dtype
+def compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
-        super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim),
-                             persistent=False)
-
-    def forward(self, seq_len: int, device) -> tuple[Tensor, Tensor]:
-        t = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(device))
-        return freqs.cos()[None, None], freqs.sin()[None, None]
-
-
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    x1, x2 = x[..., :x.size(-1) // 2], x[..., x.size(-1) // 2:]  # slices, not chunk: inductor fuses them differently
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
@@ -880,118 +744,83 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         kv_dim = num_kv_heads * self.head_dim
-        self.c_q = nn.Linear(dim, dim, bias=False)
-        self.c_k = nn.Linear(dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(dim, kv_dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.c_q, self.c_k, self.c_v, self.proj = (nn.Linear(dim, n, bias=False) for n in (dim, kv_dim, kv_dim, dim))
         nn.init.zeros_(self.proj.weight)  # each block starts as the identity on the residual stream
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
-        self.rotary = Rotary(self.head_dim, rope_base)
+        inv_freq = 1.0 / rope_base ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rotary(self, seq_len: int, device) -> tuple[Tensor, Tensor]:
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
+        return freqs.cos()[None, None], freqs.sin()[None, None]
 
     def forward(self, x: Tensor, value_embed: Tensor | None = None, exclusive: bool = False) -> Tensor:
         b, t, d = x.shape
-        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x)
-        if value_embed is not None:
-            v = v + value_embed
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        v = v if value_embed is None else v + value_embed
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
         cos, sin = self.rotary(t, x.device)
         q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
         if exclusive:
             y = exclude_own_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
 def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: remove from each head's output its component along the position's own value vector.
-
-    y is (B, H, T, D), v is (B, Hkv, T, D); heads of one KV group share their value vector, so y is
-    viewed per group and v broadcast over it instead of repeating v."""
+    """XSA: removes from each head's output its component along the position's own value (broadcast per KV group)."""
     b, h, t, d = y.shape
-    groups = v.size(1)
     unit = F.normalize(v, dim=-1).unsqueeze(2)
-    y = y.view(b, groups, h // groups, t, d)
+    y = y.view(b, v.size(1), h // v.size(1), t, d)
     return (y - (y * unit).sum(-1, keepdim=True) * unit).view(b, h, t, d)
 
 
 def squared(x: Tensor) -> Tensor:
-    """x * x, not x.square(): square is pow, which CUDA's autocast runs in float32, so a bf16 hidden
-    activation would come out float32 (twice the bytes, and the MoE's grouped matmul refuses it)."""
+    """x * x, not x.square() (pow): CUDA's autocast runs pow in float32 (twice the bytes; grouped_mm refuses it)."""
     return x * x
 
 
-ACTIVATIONS = {
-    "relu2": lambda x: squared(F.relu(x)),
-    "leaky_relu2": lambda x: squared(F.leaky_relu(x, 0.5)),
-}
+ACTIVATIONS = {"relu2": lambda x: squared(F.relu(x)), "leaky_relu2": lambda x: squared(F.leaky_relu(x, 0.5))}
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: str):
         super().__init__()
-        self.fc = nn.Linear(dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, dim, bias=False)
+        self.fc, self.proj = nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False)
         self.activation = ACTIVATIONS[activation]
         nn.init.zeros_(self.proj.weight)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.activation(self.fc(x)))
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.proj(self.activation(self.fc(x))), None  # no balancing losses, unlike an MoE FFN
 
 
 # Mixture-of-experts FFN: token-choice top-k over many small experts, optionally frozen -------
 
-# E[act(z)^2 ... ] for z ~ N(0, 1): the second moment of each activation, used to give a random
-# expert an output of unit variance: relu(z)^4 has mean 3/2; leaky_relu(z, 0.5)^4 has 3/2 + 3/32.
-ACTIVATION_SECOND_MOMENT = {"relu2": 1.5, "leaky_relu2": 1.5 + 3 / 32}
-
-
-def expert_seed(seed: int, layer: int, expert: int) -> int:
-    """A generator seed per (SEED, layer, expert): any expert can be regenerated alone, anywhere."""
-    digest = hashlib.sha256(f"moe-expert:{seed}:{layer}:{expert}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def random_matrix(rows: int, cols: int, init: str, sparsity: float, gain: float, gen: torch.Generator) -> Tensor:
-    """A (rows, cols) matrix applied as x @ W (fan_in = rows) whose outputs have variance gain² for
-    inputs of unit variance, whatever the scheme. sparse: in every column a `sparsity` fraction of
-    the entries is zero and the rest are N(0, gain² / (density * rows))."""
+    """A matrix applied as x @ W whose outputs have variance gain² for inputs of unit variance. sparse: a `sparsity`
+    fraction of every column is zero, the rest N(0, gain² / nonzeros)."""
     if init == "orthogonal":
-        w = torch.empty(rows, cols)
-        nn.init.orthogonal_(w, generator=gen)
-        return w * gain * math.sqrt(cols / min(rows, cols))
+        return nn.init.orthogonal_(torch.empty(rows, cols), generator=gen) * gain * math.sqrt(cols / min(rows, cols))
     if init == "normal":
         return torch.randn(rows, cols, generator=gen) * gain / math.sqrt(rows)
     zeros = min(rows - 1, math.ceil(sparsity * rows))
-    w = torch.randn(rows, cols, generator=gen) * gain / math.sqrt((rows - zeros) * 1.0)
-    dropped = torch.rand(rows, cols, generator=gen).topk(zeros, dim=0).indices
-    return w.scatter_(0, dropped, 0.0)
+    w = torch.randn(rows, cols, generator=gen) * gain / math.sqrt(rows - zeros)
+    return w.scatter_(0, torch.rand(rows, cols, generator=gen).topk(zeros, dim=0).indices, 0.0)
 
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
-    """rows (sorted by expert, expert e owning rows offsets[e-1]:offsets[e]) @ weight[e].
-
-    torch's grouped matmul does this in one call; it needs 16-byte aligned strides, so other
-    shapes (and torch builds without it) take a padded batched matmul instead."""
-    k, n = weight.shape[1:]
-    aligned = all((d * rows.element_size()) % 16 == 0 for d in (k, n))
-    if GROUPED_MM is not None and aligned and grouped_mm_takes(rows):
-        return GROUPED_MM(rows, weight.to(rows.dtype), offs=offsets)
-    return padded_expert_matmul(rows, weight.to(rows.dtype), offsets, experts_of_rows)
-
-
-def grouped_mm_takes(rows: Tensor) -> bool:
-    """torch's grouped matmul takes bf16 everywhere but float32 only when run eagerly on the CPU:
-    under torch.compile its shape check demands bf16, as CUDA's kernel does."""
-    if rows.dtype == torch.bfloat16:
-        return True
-    return rows.dtype == torch.float32 and rows.device.type == "cpu" and not torch.compiler.is_compiling()
+    """rows (sorted by expert: expert e owns rows offsets[e-1]:offsets[e]) @ weight[e]. torch's grouped matmul needs
+    16-byte aligned strides and bf16 rows (float32 only eagerly on a CPU); else a padded batched matmul runs."""
+    weight = weight.to(rows.dtype)
+    aligned = all((d * rows.element_size()) % 16 == 0 for d in weight.shape[1:])
+    eager_cpu_f32 = rows.dtype == torch.float32 and rows.device.type == "cpu" and not torch.compiler.is_compiling()
+    if GROUPED_MM is not None and aligned and (rows.dtype == torch.bfloat16 or eager_cpu_f32):
+        return GROUPED_MM(rows, weight, offs=offsets)
+    return padded_expert_matmul(rows, weight, offsets, experts_of_rows)
 
 
 def padded_expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
@@ -1004,9 +833,8 @@ def padded_expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_
 
 
 class SlotGather(torch.autograd.Function):
-    """rows[order // k], where `order` is a permutation of the slots (k per row): the backward gathers
-    the gradient back by `inverse` and sums each row's k slots, instead of autograd's scatter-add,
-    which compiles to atomic adds (slow on a CPU, nondeterministic on CUDA)."""
+    """rows[order // k] for a permutation `order` of the k slots a row. The backward gathers by `inverse` and sums each
+    row's slots: autograd's scatter-add compiles to atomic adds (slow on a CPU, nondeterministic on CUDA)."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, order: Tensor, inverse: Tensor, k: int) -> Tensor:
@@ -1016,25 +844,19 @@ class SlotGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        grad = grad[inverse]
+        grad = grad[ctx.saved_tensors[0]]
         return grad.view(-1, ctx.k, grad.size(-1)).sum(1) if ctx.k > 1 else grad, None, None, None
 
 
 class MoE(nn.Module):
-    """Token-choice top-k routing over `num_experts` two-matrix FFNs with biases.
-
-    The router runs in float32; gates are the softmax of the chosen experts' logits. Slots are
-    sorted by expert and run as grouped matmuls. `route_bias` (auxiliary-loss-free balancing)
-    shifts only the choice of experts, never the gates. Frozen experts are buffers left out of the
-    state dict: regenerated from (seed, layer, expert) wherever the model is built."""
+    """Token-choice top-k over two-matrix FFNs with biases; `route_bias` (auxiliary-loss-free balancing) shifts only the
+    choice. Frozen experts are buffers outside the state dict, regenerated from (seed, layer, expert) on any build."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int, d_ffn: int, activation: str, init: str,
                  frozen: bool, sparsity: float, seed: int, layer: int):
         super().__init__()
-        self.num_experts, self.top_k, self.frozen = num_experts, top_k, frozen
-        self.init, self.sparsity, self.seed, self.layer = init, sparsity, seed, layer
-        self.activation_name, self.activation = activation, ACTIVATIONS[activation]
+        self.num_experts, self.top_k, self.frozen, self.layer = num_experts, top_k, frozen, layer
+        self.activation = ACTIVATIONS[activation]
         self.router = nn.Linear(dim, num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=math.sqrt(0.1 / dim))  # Switch's scale-0.1 router init
         for name, shape in (("w1", (num_experts, dim, d_ffn)), ("b1", (num_experts, d_ffn)),
@@ -1047,57 +869,48 @@ class MoE(nn.Module):
         # Slots routed to each expert since last read: [training, evaluation]; and in this step.
         self.register_buffer("load", torch.zeros(2, num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("step_load", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
-        self.draw_experts()
-
-    @torch.no_grad()
-    def draw_experts(self):
         if self.w1.is_meta:
             return  # a dry run counts parameters and allocates nothing
-        dim, d_ffn = self.w1.shape[1:]
-        out_gain = 1 / math.sqrt(ACTIVATION_SECOND_MOMENT[self.activation_name])
-        for e in range(self.num_experts):
-            gen = torch.Generator().manual_seed(expert_seed(self.seed, self.layer, e))
-            self.w1[e] = random_matrix(dim, d_ffn, self.init, self.sparsity, 1.0, gen)
-            self.w2[e] = random_matrix(d_ffn, dim, self.init, self.sparsity, out_gain, gen)
-            # Biases as nn.Linear draws them: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-            self.b1[e] = (torch.rand(d_ffn, generator=gen) * 2 - 1) / math.sqrt(dim)
-            self.b2[e] = (torch.rand(dim, generator=gen) * 2 - 1) / math.sqrt(d_ffn)
+        # Unit output variance: 1 / sqrt(E[act(z)^2]) for z ~ N(0, 1), e.g. E[relu(z)^4] = 3/2.
+        out_gain = 1 / math.sqrt({"relu2": 1.5, "leaky_relu2": 1.5 + 3 / 32}[activation])
+        with torch.no_grad():
+            for e in range(num_experts):  # a generator per expert: any one can be regenerated alone, anywhere
+                digest = hashlib.sha256(f"moe-expert:{seed}:{layer}:{e}".encode()).digest()
+                gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                self.w1[e] = random_matrix(dim, d_ffn, init, sparsity, 1.0, gen)
+                self.w2[e] = random_matrix(d_ffn, dim, init, sparsity, out_gain, gen)
+                self.b1[e] = (torch.rand(d_ffn, generator=gen) * 2 - 1) / math.sqrt(dim)  # as nn.Linear's biases
+                self.b2[e] = (torch.rand(dim, generator=gen) * 2 - 1) / math.sqrt(d_ffn)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        tokens = x.reshape(-1, x.size(-1))
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.router.weight.float())
+            logits = F.linear(tokens.float(), self.router.weight.float())
         choice = (logits + self.route_bias).topk(self.top_k, dim=-1).indices  # (T, k)
         gates = torch.softmax(logits.gather(-1, choice), dim=-1)
-        experts = choice.flatten()
+        experts = choice.flatten()  # slot t*k + j is token t's j-th choice
         order = torch.argsort(experts, stable=True)
         # Not bincount: its output's length depends on the data, which breaks the compiled graph.
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
-            0, experts, torch.ones_like(experts))
+        counts = experts.new_zeros(self.num_experts).index_add_(0, experts, torch.ones_like(experts))
         offsets = counts.cumsum(0).to(torch.int32)
         sorted_experts = experts[order]
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=x.device))
-        rows = SlotGather.apply(x.to(compute_dtype(x)), order, inverse, self.top_k)  # slot t*k + j is token t's j-th choice
+        rows = SlotGather.apply(tokens.to(compute_dtype(x)), order, inverse, self.top_k)
         h = expert_matmul(rows, self.w1, offsets, sorted_experts) + self.b1[sorted_experts].to(rows.dtype)
-        h = self.activation(h)
-        y = expert_matmul(h, self.w2, offsets, sorted_experts) + self.b2[sorted_experts].to(h.dtype)
+        y = expert_matmul(self.activation(h), self.w2, offsets, sorted_experts) + self.b2[sorted_experts].to(h.dtype)
         y = SlotGather.apply(y, inverse, order, 1).view(-1, self.top_k, y.size(-1))  # back in slot order
         out = (y * gates.unsqueeze(-1).to(y.dtype)).sum(1)  # in the compute dtype, as a dense FFN's output
         with torch.no_grad():
             self.load[0 if self.training else 1] += counts
             if self.training:
                 self.step_load += counts
-        return out.view(shape), self.balancing_loss(logits, counts)
+        return out.view_as(x), self.balancing_loss(logits, counts)
 
     def balancing_loss(self, logits: Tensor, counts: Tensor) -> Tensor:
-        """Switch's load-balancing loss E * sum_i f_i P_i (1 when balanced) and the router z-loss,
-        unweighted; the model applies MOE_AUX_COEF and MOE_ZLOSS_COEF."""
-        probs = torch.softmax(logits, dim=-1)
+        """Switch's load-balancing loss E * sum_i f_i P_i (1 when balanced) and the router z-loss, unweighted."""
         fraction = counts.float() / counts.sum().clamp_min(1)
-        switch = self.num_experts * (fraction * probs.mean(0)).sum()
-        z = logits.logsumexp(-1).square().mean()
-        return torch.stack((switch, z))
+        switch = self.num_experts * (fraction * torch.softmax(logits, dim=-1).mean(0)).sum()
+        return torch.stack((switch, logits.logsumexp(-1).square().mean()))
 
     @torch.no_grad()
     def nudge_route_bias(self, rate: float, load: Tensor):
@@ -1111,63 +924,46 @@ class Block(nn.Module):
     def __init__(self, dim: int, attn: nn.Module, ffn: nn.Module):
         super().__init__()
         self.attn, self.ffn = attn, ffn
-        self.attn_scale = nn.Parameter(torch.ones(dim))
-        self.ffn_scale = nn.Parameter(torch.ones(dim))
+        self.attn_scale, self.ffn_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None, exclusive: bool = False
-                ) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None, exclusive: bool = False):
         """The new residual stream, and an MoE FFN's (load-balancing, z) losses (None for a dense FFN)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), value_embed, exclusive)
-        out, balance = self.ffn(rms_norm(x)), None
-        if isinstance(self.ffn, MoE):
-            out, balance = out
+        out, balance = self.ffn(rms_norm(x))
         return x + self.ffn_scale.to(x.dtype) * out, balance
 
 
 class GPT(nn.Module):
-    """Token embedding -> physical blocks walked along `plan` -> tied head.
-
-    The plan lists (block, pass) for each effective layer: `num_layers` blocks applied `repeats`
-    times, repeats changing with the depth schedule. A flat stack (one pass) has the baseline's
-    U-Net skips between its halves. A recurrent stack instead gives every effective layer a learned
-    loop embedding (so a block knows which pass it is in) and mixes into each block its own output
-    from the previous pass with per-pass learned scales. Value embeddings, when on, add learned
-    tables of the input tokens to the attention values of every effective layer with learned scales."""
+    """Token embedding -> blocks walked along `plan`, (block, pass) per effective layer -> tied head. A flat stack has
+    U-Net skips between its halves; a recurrent one has a loop embedding per effective layer and mixes into each block
+    its output of the previous pass. Value embeddings add learned tables of the input tokens to the attention values."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.spec = spec
-        self.num_layers, self.max_repeats = spec.num_layers, spec.num_repeats
-        dim, vocab = spec.model_dim, spec.vocab_size
+        self.spec, self.num_layers, self.max_repeats = spec, spec.num_layers, spec.num_repeats
+        dim, vocab, depth = spec.model_dim, spec.vocab_size, spec.num_layers * spec.num_repeats
         self.tok_emb = nn.Embedding(vocab, dim)
-
-        def ffn(layer: int) -> nn.Module:
-            if layer not in spec.moe_blocks:
-                return MLP(dim, spec.mlp_hidden, spec.activation)
-            return MoE(dim, spec.moe_experts, spec.moe_top_k, spec.moe_expert_width, spec.activation, spec.moe_init,
-                       spec.moe_frozen, spec.moe_sparsity, spec.seed, layer)
-
-        self.blocks = nn.ModuleList(
-            Block(dim, Attention(dim, spec.num_heads, spec.num_kv_heads, spec.rope_base, spec.qk_gain_init), ffn(layer))
-            for layer in range(spec.num_layers))
-        depth = spec.num_layers * spec.num_repeats
-        recurrent = spec.num_repeats > 1
+        self.blocks = nn.ModuleList()
+        for layer in range(spec.num_layers):
+            attn = Attention(dim, spec.num_heads, spec.num_kv_heads, spec.rope_base, spec.qk_gain_init)
+            ffn = MLP(dim, spec.mlp_hidden, spec.activation) if layer not in spec.moe_blocks else MoE(
+                dim, spec.moe_experts, spec.moe_top_k, spec.moe_expert_width, spec.activation, spec.moe_init,
+                spec.moe_frozen, spec.moe_sparsity, spec.seed, layer)
+            self.blocks.append(Block(dim, attn, ffn))
+        recurrent, n_value = spec.num_repeats > 1, spec.num_value_embeds
         self.skip_weights = None if recurrent else nn.Parameter(torch.ones(depth // 2, dim))
         self.loop_embeds = nn.Parameter(torch.zeros(depth, dim)) if recurrent else None
         self.repeat_skips = nn.Parameter(torch.zeros(spec.num_repeats - 1, spec.num_layers, dim)) if recurrent else None
         kv_dim = spec.num_kv_heads * (dim // spec.num_heads)
-        self.value_embeds = self.value_scales = None
-        if spec.num_value_embeds:
-            self.value_embeds = nn.Parameter(torch.randn(spec.num_value_embeds, vocab, kv_dim) * 0.5)
-            self.value_scales = nn.Parameter(torch.full((depth, spec.num_value_embeds), 0.1))
-        if spec.tie_embeddings:
+        self.value_embeds = nn.Parameter(torch.randn(n_value, vocab, kv_dim) * 0.5) if n_value else None
+        self.value_scales = nn.Parameter(torch.full((depth, n_value), 0.1)) if n_value else None
+        self.lm_head = None if spec.tie_embeddings else nn.Linear(dim, vocab, bias=False)
+        if self.lm_head is None:
             nn.init.normal_(self.tok_emb.weight, std=spec.tied_embed_init_std)
-            self.lm_head = None
         else:
-            self.lm_head = nn.Linear(dim, vocab, bias=False)
             nn.init.zeros_(self.lm_head.weight)
         self.set_repeats(spec.num_repeats)
 
@@ -1181,7 +977,8 @@ class GPT(nn.Module):
     def hidden(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
         """The final hidden states, and the MoE layers' (load-balancing, z) losses summed (None if dense)."""
         x = self.tok_emb(idx)
-        x = rms_norm(x).to(residual_dtype(x))  # cast after the norm: CUDA's autocast may run rms_norm in float32
+        # Cast after the norm (CUDA's autocast may run rms_norm in float32).
+        x = rms_norm(x).to(compute_dtype(x) if x.device.type in BF16_RESIDUAL_DEVICES else x.dtype)
         x0, skips, previous, balance = x, [], {}, None
         tables = None if self.value_embeds is None else self.value_embeds[:, idx].to(x.dtype)  # (E, B, T, kv)
         n_encoder = len(self.plan) // 2 if self.skip_weights is not None else 0
@@ -1192,10 +989,8 @@ class GPT(nn.Module):
                 x = x + self.loop_embeds[layer].to(x.dtype)
             if p > 0:
                 x = x + self.repeat_skips[p - 1, block].to(x.dtype) * previous[block]
-            value_embed = None
-            if tables is not None:
-                value_embed = torch.einsum("e,ebtk->btk", self.value_scales[layer].to(x.dtype), tables)
-            x, layer_balance = self.blocks[block](x, x0, value_embed, layer >= len(self.plan) - self.spec.xsa_last_n)
+            ve = None if tables is None else torch.einsum("e,ebtk->btk", self.value_scales[layer].to(x.dtype), tables)
+            x, layer_balance = self.blocks[block](x, x0, ve, layer >= len(self.plan) - self.spec.xsa_last_n)
             if layer_balance is not None:
                 balance = layer_balance if balance is None else balance + layer_balance
             previous[block] = x
@@ -1203,19 +998,13 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x), balance
 
-    def logits(self, idx: Tensor) -> Tensor:
-        return self.head(self.hidden(idx)[0])
-
     def head(self, h: Tensor) -> Tensor:
-        raw = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
-        raw = raw.float()
+        raw = (F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)).float()
         return self.spec.logit_softcap * torch.tanh(raw / self.spec.logit_softcap)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean", last: int = 0) -> Tensor:
-        """Cross-entropy in nats: the mean (training, plus the MoE balancing losses when their
-        coefficients are set) or per token, shaped like targets (TTT's training). Targets of -100
-        (padding) are not scored. Without targets, what evaluation scores: the log next-token
-        distributions of each row's `last` positions (0: all), in one compiled graph with the head."""
+        """Cross-entropy in nats (targets of -100 unscored): the mean, plus weighted MoE balancing losses, or per token.
+        Without targets, what evaluation scores: the log next-token distributions of each row's `last` positions."""
         h, balance = self.hidden(idx)
         if targets is None:
             return F.log_softmax(self.head(h[:, -last:] if last else h), dim=-1)
@@ -1229,82 +1018,58 @@ class GPT(nn.Module):
         return loss
 
 
-def count_matmul_params(model: GPT) -> int:
-    """Matmul weights a token passes through (for MFU): block matrices once per pass (of an MoE
-    layer, the router and top_k experts' two matrices), and the head."""
-    per_pass = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
-    per_pass += sum(m.top_k * (m.w1[0].numel() + m.w2[0].numel()) for m in moe_modules(model))
-    head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
-    return model.repeats * per_pass + head
-
-
 def moe_modules(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def parse_moe_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     """'all', 'every2' (blocks 1, 3, 5, ...: every other block, as Switch places them) or '0,2,5'."""
-    if spec == "all":
-        return tuple(range(num_layers))
-    if spec == "every2":
-        return tuple(range(1, num_layers, 2))
+    named = {"all": range(num_layers), "every2": range(1, num_layers, 2)}
+    if spec in named:
+        return tuple(named[spec])
     try:
         layers = {int(item) for item in spec.split(",")}
     except ValueError:
         raise ConfigError(f"MOE_LAYERS={spec!r}: expected all, every2 or a list of block indices like 0,2,5") from None
-    if not layers or min(layers) < 0 or max(layers) >= num_layers:
+    if min(layers) < 0 or max(layers) >= num_layers:
         raise ConfigError(f"MOE_LAYERS={spec!r}: block indices must be in 0..{num_layers - 1}")
     return tuple(sorted(layers))
 
 
 def parameter_counts(model: GPT) -> dict:
-    """params_total counts frozen experts too; params_stored is what the artifact holds (frozen
-    experts are regenerated, not stored); params_active_per_token counts top_k experts per MoE layer."""
-    moes = moe_modules(model)
-    experts = [t for m in moes for t in (m.w1, m.b1, m.w2, m.b2)]
-    frozen = sum(t.numel() for m in moes if m.frozen for t in (m.w1, m.b1, m.w2, m.b2))
-    total = sum(p.numel() for p in model.parameters()) + frozen
+    """Frozen experts count in params_total, not in params_stored (the artifact's); active: top_k experts a layer."""
+    experts = [(m, t) for m in moe_modules(model) for t in (m.w1, m.b1, m.w2, m.b2)]
+    total = sum(p.numel() for p in model.parameters()) + sum(t.numel() for m, t in experts if m.frozen)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    active_experts = sum(m.top_k * sum(t[0].numel() for t in (m.w1, m.b1, m.w2, m.b2)) for m in moes)
+    active = total - sum(t.numel() for _, t in experts) + sum(m.top_k * t[0].numel() for m, t in experts)
     return {"params_total": total, "params_trainable": trainable, "params_trainable_pct": 100 * trainable / total,
-            "params_active_per_token": total - sum(t.numel() for t in experts) + active_experts,
-            "params_stored": sum(t.numel() for t in model.state_dict().values())}
+            "params_active_per_token": active, "params_stored": sum(t.numel() for t in model.state_dict().values())}
 
 
 # ----------------------------------------------------------------------------------------------
 # Optimizers and schedules
 # ----------------------------------------------------------------------------------------------
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
-
 def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> Tensor:
     """Approximately orthogonalises grad (pushes its singular values toward 1) with a quintic iteration."""
-    a, b, c = NS_COEFFS
+    a, b, c = 3.4445, -4.7750, 2.0315
     x = grad.to(dtype)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # a stack of matrices (MoE experts) is one each
     transposed = x.size(-2) > x.size(-1)
-    if transposed:
-        x = x.mT
+    x = x.mT if transposed else x
     for _ in range(steps):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
 
 
-CPU_BATCH_MAX_SIDE = 192
-
-
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then an orthogonalised update. Matrices of one shape are orthogonalised as
-    one batch (one matmul per Newton-Schulz product instead of one per matrix); rank r takes
-    matrices r, r+W, ... of every shape, and one all-reduce shares the updates, so every rank
-    applies identical ones."""
+    """Nesterov momentum, then an orthogonalised update, one batch per shape (a matmul per Newton-Schulz product, not
+    one per matrix). Rank r orthogonalises matrices r, r+W, ... of each shape; one all-reduce shares the updates."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.float32, compile: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
         self.rank, self.world_size, self.ns_dtype = rank, world_size, ns_dtype
         # Compiled, the iteration's ~15 small kernels a shape batch fuse into a few: one graph per batch shape.
         self.orthogonalise = compile_fn(newton_schulz) if compile else newton_schulz
@@ -1315,12 +1080,17 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            directions = self.nesterov_directions(params, group)
-            offsets = [0]
+            # Every rank keeps all buffers (alike, as the gradients are): rank 0 alone saves them; a resume may reshard.
             for p in params:
-                offsets.append(offsets[-1] + p.numel())
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            grads, buffers = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            directions = torch._foreach_add(grads, buffers, alpha=group["momentum"])  # Nesterov
             # In Newton-Schulz's dtype: bf16 updates lose nothing in a bf16 buffer, and its all-reduce halves.
-            flat = torch.zeros(offsets[-1], device=params[0].device, dtype=self.ns_dtype)
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.ns_dtype)
+            slots = flat.split([p.numel() for p in params])
             for mine in self.shape_batches(params):
                 # A lone matrix is not stacked: as a batch of one it would take the batched-matmul kernel.
                 batch = torch.stack([directions[i] for i in mine]) if len(mine) > 1 else directions[mine[0]]
@@ -1328,56 +1098,35 @@ class Muon(torch.optim.Optimizer):
                 rows, cols = params[mine[0]].shape[-2:]
                 updates *= max(1.0, rows / cols) ** 0.5
                 for i, update in zip(mine, updates):
-                    flat[offsets[i]:offsets[i + 1]] = update
+                    slots[i].copy_(update)
             if self.world_size > 1:
                 dist.all_reduce(flat)
-            updates = [flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype) for i, p in enumerate(params)]
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(params, updates, alpha=-group["lr"])
+            torch._foreach_add_(params, [s.view_as(p).to(p.dtype) for s, p in zip(slots, params)], alpha=-group["lr"])
 
     def shape_batches(self, params: list[Tensor]) -> list[list[int]]:
-        """This rank's share of each shape: indices r, r+W, ... of the matrices of that shape, as one
-        batch, except on a CPU for matrices whose smaller side exceeds CPU_BATCH_MAX_SIDE: there a
-        batched matmul is slower than a loop of single ones (docs/perf_notes.md 14)."""
+        """Of each shape, this rank's matrices (r, r+W, ...) as one batch; on a CPU, past 192 a side, one a batch:
+        there a batched matmul is slower than a loop of single ones (docs/perf_notes.md 14)."""
         by_shape: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)
         batches = []
         for shape, same in by_shape.items():
             mine = same[self.rank::self.world_size]
-            if params[same[0]].device.type == "cpu" and min(shape[-2:]) > CPU_BATCH_MAX_SIDE:
+            if params[same[0]].device.type == "cpu" and min(shape[-2:]) > 192:
                 batches += [[i] for i in mine]
             elif mine:
                 batches.append(mine)
         return batches
 
-    def nesterov_directions(self, params: list[Tensor], group: dict) -> list[Tensor]:
-        """Every rank keeps every momentum buffer (gradients are identical after the all-reduce, so are
-        the buffers): rank 0 alone can checkpoint them, and a resume may use another world size."""
-        for p in params:
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-        grads = [p.grad for p in params]
-        buffers = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_mul_(buffers, group["momentum"])
-        torch._foreach_add_(buffers, grads)
-        return torch._foreach_add(grads, buffers, alpha=group["momentum"])
-
 
 def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.Optimizer]:
-    """Muon (or Adam, MATRIX_OPTIMIZER=adam) for the matrices inside blocks, an MoE layer's stack of
-    expert matrices included; Adam for embeddings, head, vectors and scalars."""
+    """Muon (Adam if MATRIX_OPTIMIZER=adam) for the matrices in blocks, MoE expert stacks too; Adam for the rest."""
     groups = {"matrices": [], "embedding": [], "head": [], "scalars": []}
+    kinds = {"tok_emb.weight": "embedding", "value_embeds": "embedding", "lm_head.weight": "head"}
     for name, p in model.named_parameters():
-        if name.startswith("blocks.") and p.ndim >= 2:
-            groups["matrices"].append(p)
-        elif name in ("tok_emb.weight", "value_embeds"):
-            groups["embedding"].append(p)
-        elif name == "lm_head.weight":
-            groups["head"].append(p)
-        else:
-            groups["scalars"].append(p)
+        groups["matrices" if name.startswith("blocks.") and p.ndim >= 2 else kinds.get(name, "scalars")].append(p)
     embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
     adam_lrs = [("embedding", embed_lr), ("scalars", cfg.scalar_lr), ("head", cfg.head_lr)]
     if cfg.matrix_optimizer == "adam":
@@ -1386,29 +1135,23 @@ def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.O
     adam = torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.is_cuda)
     if cfg.matrix_optimizer == "adam":
         return [adam]
-    matrices = groups["matrices"]
-    muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
+    muon = Muon(groups["matrices"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
                 weight_decay=cfg.muon_wd, rank=rt.rank, world_size=rt.world_size,
                 ns_dtype=torch.bfloat16 if rt.bf16 else torch.float32, compile=rt.compile)
-    for group in muon.param_groups:
-        group.update(base_lr=cfg.matrix_lr, name="matrices")
+    muon.param_groups[0].update(base_lr=cfg.matrix_lr, name="matrices")
     return [adam, muon]
 
 
 def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
-    """LR multiplier: linear warm-up, then 1, then linear warm-down to 0 over the last WARMDOWN_ITERS steps.
-
-    Under a wall-clock cap the warm-down is timed: it starts when the time left is less than
-    WARMDOWN_ITERS steps at the average step time so far (the challenge's rule), or when the
-    step budget says so, whichever comes first."""
+    """LR multiplier: linear warm-up, 1, then linear warm-down to 0 over the last WARMDOWN_ITERS steps, started under a
+    wall-clock cap when less time is left than those steps at the mean step time so far (the challenge's rule)."""
     warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     if cfg.warmdown_iters == 0:
         return warm
     down = min(1.0, max(0.0, (cfg.iterations - step) / cfg.warmdown_iters))
     if cfg.max_wallclock_seconds > 0 and step > 0:
         remaining_ms = cfg.max_wallclock_seconds * 1000 - elapsed_ms
-        warmdown_ms = cfg.warmdown_iters * elapsed_ms / step
-        down = min(down, max(0.0, remaining_ms / max(warmdown_ms, 1e-9)))
+        down = min(down, max(0.0, remaining_ms / max(cfg.warmdown_iters * elapsed_ms / step, 1e-9)))
     return warm * down
 
 
@@ -1419,9 +1162,7 @@ def budget_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
 
 
 def muon_momentum_at(cfg: Config, step: int) -> float:
-    if cfg.muon_momentum_warmup_steps == 0:
-        return cfg.muon_momentum
-    frac = min(1.0, step / cfg.muon_momentum_warmup_steps)
+    frac = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
 
 
@@ -1437,10 +1178,9 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
+            if isinstance(opt, Muon):
+                group["momentum"] = muon_momentum_at(cfg, step)
         opt.zero_grad(set_to_none=True)
-    for opt in optimizers:
-        if isinstance(opt, Muon):
-            opt.param_groups[0]["momentum"] = muon_momentum_at(cfg, step)
     total = torch.zeros((), device=rt.device)
     for micro in range(cfg.grad_accum_steps):
         x, y = stream.micro_batch(cfg, rt, step, micro)
@@ -1450,10 +1190,8 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
             loss = train_model(x, y)
         (loss / cfg.grad_accum_steps).backward()
         total += loss.detach()
-    if cfg.grad_clip_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm) if cfg.grad_clip_norm > 0 else
+            torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     # The step's one host sync: the ranks agree on the clock (so LR schedules and the stop agree) and
     # learn whether the gradient is finite, before any weight moves.
     verdict = torch.zeros(2, dtype=torch.float64, device=rt.device)
@@ -1489,46 +1227,107 @@ def non_finite_group(optimizers: list[torch.optim.Optimizer]) -> str:
     return "none: the gradient norm overflowed"
 
 
-def untimed_warmup(cfg: Config, rt: Runtime, model: GPT, train_model, optimizers, stream: TokenStream, log: Logger):
+def untimed_warmup(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, log: Logger):
     """WARMUP_STEPS untimed steps at every depth the schedule will use, so that compilation stays out
     of the timed budget; then weights, optimizer state and depth go back."""
     if cfg.warmup_steps == 0:
         return
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    saved_repeats = model.repeats
-    params = list(model.parameters())
-    depths = [r for r, _ in cfg.depth_phases]
-    for repeats in depths:
+    model, optimizers, params = pieces.model, pieces.optimizers, list(pieces.model.parameters())
+    saved = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers], model.repeats))
+    for repeats, _ in cfg.depth_phases:
         model.set_repeats(repeats)
         for step in range(cfg.warmup_steps):
-            train_step(cfg, rt, train_model, params, optimizers, stream, step, 1.0)
+            train_step(cfg, rt, pieces.train_model, params, optimizers, stream, step, 1.0)
             if step + 1 in (1, cfg.warmup_steps) or (step + 1) % 10 == 0:
                 log(f"warmup_step:{step + 1}/{cfg.warmup_steps}" + (f" repeats:{repeats}" if cfg.depth_schedule else ""))
-    model.set_repeats(saved_repeats)
-    model.load_state_dict(saved_model)
-    for opt, state in zip(optimizers, saved_opts):
+    model.load_state_dict(saved[0])
+    for opt, state in zip(optimizers, saved[1]):
         opt.load_state_dict(state)
+    model.set_repeats(saved[2])
     for moe in moe_modules(model):
         moe.load.zero_()  # the warm-up's routing is not the run's
     rt.sync()
 
 
-class WeightAverage:
-    """A float32 average of weight snapshots: uniform (SWA), or exponential with `decay` (EMA)."""
+# The loop's parts: each owns its state and says when it acts -------------------------------------
 
-    def __init__(self, decay: float = 0.0):
-        self.decay = decay
+class Clock:
+    """Training time in ms. Validation and checkpoints pause it; at a pause the ranks agree on it."""
+
+    def __init__(self, rt: Runtime, start_ms: float):
+        self.rt, self.banked_ms = rt, start_ms
+        rt.sync()
+        self.t0 = time.perf_counter()
+
+    def ms(self) -> float:
+        return self.banked_ms + 1000 * (time.perf_counter() - self.t0)
+
+    @contextmanager
+    def paused(self):
+        self.rt.sync()
+        local = torch.tensor([self.ms()], device=self.rt.device, dtype=torch.float64)
+        self.banked_ms = float(self.rt.all_reduce(local, dist.ReduceOp.MAX).item())
+        yield self.banked_ms
+        self.rt.sync()
+        self.t0 = time.perf_counter()
+
+
+class DepthSchedule:
+    """Progressive depth: the passes the model runs from each fraction of the budget on. The fraction
+    comes from the clock the ranks agree on, so every rank changes depth at the same step."""
+
+    def __init__(self, cfg: Config, model: GPT, log: Logger):
+        self.phases = cfg.depth_phases if cfg.depth_schedule else ()
+        self.model, self.log = model, log
+        self.changes: list[dict] = []  # {repeats, step, frac} of each change, for the summary
+
+    def update(self, step: int, progress: float) -> bool:
+        """The depth of this point of the budget; True when that is a change."""
+        return bool(self.phases) and self.set([r for r, start in self.phases if start <= progress][-1], step, progress)
+
+    def finish(self, step: int) -> bool:
+        """Full depth, at which the model is evaluated and exported."""
+        return self.model.repeats != self.model.max_repeats and self.set(self.model.max_repeats, step, 1.0)
+
+    def set(self, repeats: int, step: int, progress: float) -> bool:
+        if repeats == self.model.repeats and self.changes:
+            return False
+        self.model.set_repeats(repeats)
+        self.changes.append({"repeats": repeats, "step": step, "frac": progress})
+        self.log(f"depth_phase repeats:{repeats} step:{step} frac:{progress:.4f}")
+        return True
+
+    def state_dict(self) -> dict:
+        return {"repeats": self.model.repeats, "phases": self.changes}
+
+    def load_state_dict(self, state: dict):
+        self.model.set_repeats(int(state["repeats"]))
+        self.changes = [dict(phase) for phase in state["phases"]]
+
+
+class WeightAverage:
+    """A float32 average of weight snapshots taken at full depth: uniform (swa: every `every` steps
+    once `start_frac` of the budget is used) or exponential with `decay` (ema: every step)."""
+
+    def __init__(self, kind: str, decay: float = 0.0, start_frac: float = 0.0, every: int = 1):
+        self.kind, self.decay, self.start_frac, self.every = kind, decay, start_frac, every
+        self.reset()
+
+    def reset(self):
         self.sums: dict[str, Tensor] = {}
-        self.count = 0
-        self.last_step = -1
+        self.count, self.last_step = 0, -1
+
+    def due(self, model: GPT, step: int, progress: float) -> bool:
+        if self.kind == "none" or model.repeats != model.max_repeats:
+            return False
+        return self.kind == "ema" or (step % self.every == 0 and progress >= self.start_frac)
 
     def add(self, model: nn.Module, step: int):
         for name, t in model.state_dict().items():
             t = t.detach().float()
             if name not in self.sums:
                 self.sums[name] = t.clone()
-            elif self.decay:
+            elif self.kind == "ema":
                 self.sums[name].lerp_(t, 1 - self.decay)
             else:
                 self.sums[name] += t
@@ -1536,46 +1335,137 @@ class WeightAverage:
         self.last_step = step
 
     def average(self, like: dict[str, Tensor]) -> dict[str, Tensor]:
-        divisor = 1 if self.decay else self.count
+        divisor = 1 if self.kind == "ema" else self.count
         return {name: (total / divisor).to(like[name].dtype) for name, total in self.sums.items()}
 
     def state_dict(self) -> dict:
         return {"sums": self.sums, "count": self.count, "last_step": self.last_step}
 
-    def load_state_dict(self, state: dict):
-        self.sums, self.count, self.last_step = dict(state["sums"]), int(state["count"]), int(state["last_step"])
+    def load_state_dict(self, state: dict, device):
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.count, self.last_step = int(state["count"]), int(state["last_step"])
 
 
-def averaging_due(cfg: Config, model: GPT, state: "TrainState", elapsed_ms: float) -> bool:
-    """Averages take weights trained at full depth only; EMA every step, SWA every SWA_EVERY late steps."""
-    if model.repeats != model.max_repeats:
-        return False
-    if cfg.ema_decay:
-        return True
-    return (cfg.swa_enabled and state.step % cfg.swa_every == 0
-            and budget_progress(cfg, state.step, elapsed_ms) >= cfg.swa_start_frac)
+class Validator:
+    """Validation while training: every VAL_LOSS_EVERY steps, at the end of each epoch (EPOCHS) and at
+    the last step; every validation target's loss saved every PER_TOKEN_LOSS_EVERY steps."""
 
+    def __init__(self, cfg: Config, rt: Runtime, evaluator: "Evaluator", stream, log: Logger):
+        self.cfg, self.rt, self.evaluator, self.log = cfg, rt, evaluator, log
+        self.steps_per_epoch = getattr(stream, "steps_per_epoch", 0)
+        self.val_loss = self.val_bpb = float("nan")
+        self.moe = None  # the expert load of the last validation
+        self.epoch_loss, self.epoch_steps = torch.zeros((), device=rt.device), 0
 
-@dataclass
-class TrainState:
-    """What the loop carries from step to step: a checkpoint saves it, a resume restores it."""
+    def epoch_end(self, step: int) -> bool:
+        return bool(self.cfg.epochs) and step > 0 and step % self.steps_per_epoch == 0
 
-    step: int = 0
-    train_ms: float = 0.0
-    checkpoint_ms: float = 0.0  # training time at the last checkpoint
-    average: WeightAverage = field(default_factory=WeightAverage)
-    last_checkpoint: Path | None = None
-    depth_phases: list[dict] = field(default_factory=list)  # {repeats, step, frac} of each depth change
+    def validating(self, step: int, last: bool) -> bool:
+        return last or self.epoch_end(step) or bool(self.cfg.val_loss_every and step % self.cfg.val_loss_every == 0)
+
+    def saving_per_token(self, step: int) -> bool:
+        return bool(self.cfg.per_token_loss_every and step % self.cfg.per_token_loss_every == 0)
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.validating(step, last) or self.saving_per_token(step)
+
+    def add_train_loss(self, loss: Tensor):
+        self.epoch_loss += loss.detach()
+        self.epoch_steps += 1
+
+    def run(self, pieces: "Pieces", step: int, train_ms: float, last: bool):
+        cfg, log = self.cfg, self.log
+        if self.validating(step, last):
+            self.val_loss, self.val_bpb = self.evaluator.standard(pieces.compiled)
+            log(f"step:{step}/{cfg.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            self.moe = moe_statistics(pieces.model, self.rt, "eval")
+            log_moe(log, "val", self.moe)
+        if self.epoch_end(step):
+            # A resumed run's first epoch line averages only the steps since the resume.
+            loss = float(self.rt.all_reduce(self.epoch_loss.clone())) / self.rt.world_size / max(self.epoch_steps, 1)
+            log(f"epoch:{step // self.steps_per_epoch}/{cfg.epochs} train_loss:{loss:.4f} val_loss:{self.val_loss:.4f} "
+                f"val_ppl:{math.exp(min(self.val_loss, 700)):.2f} val_bpb:{self.val_bpb:.4f}")
+            self.epoch_loss.zero_()
+            self.epoch_steps = 0
+        if self.saving_per_token(step):
+            save_per_token(cfg, self.evaluator, pieces.compiled, f"step_{step:06d}", step, log)
 
 
 @dataclass
 class TrainResult:
     steps: int
     train_time_ms: float
-    tokens_seen: int
     val_loss: float
     val_bpb: float
+    average: WeightAverage
+    depth_phases: list[dict]
     moe: dict | None = None  # expert load over the last logging window (and the last validation's)
+
+
+def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evaluator: "Evaluator", log: Logger
+          ) -> TrainResult:
+    """Each step: maybe change depth, maybe validate, train, maybe add to the weight average, maybe
+    checkpoint; until ITERATIONS or the wall-clock cap."""
+    model = pieces.model
+    depth = DepthSchedule(cfg, model, log)
+    average = WeightAverage(cfg.weight_average, cfg.ema_decay, cfg.swa_start_frac, cfg.swa_every)
+    checkpointer = Checkpointer(cfg, rt, log)
+    validator = Validator(cfg, rt, evaluator, stream, log)
+    step, train_ms = checkpointer.resume(pieces, depth, average)
+    untimed_warmup(cfg, rt, pieces, stream, log)
+    params, moe_train, stop = list(model.parameters()), None, False
+    clock, elapsed = Clock(rt, train_ms), train_ms
+    try:
+        while True:
+            if depth.update(step, budget_progress(cfg, step, elapsed)):
+                average.reset()  # an average mixes weights of one depth only
+            last = stop or step == cfg.iterations
+            if validator.due(step, last):
+                with clock.paused() as train_ms:
+                    validator.run(pieces, step, train_ms, last)
+            if last:
+                break
+            if cfg.fault_at_step and step == cfg.fault_at_step and cfg.fault_rank in (-1, rt.rank):
+                os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no message
+            # `elapsed` is the clock the ranks agreed on in the previous step, so their LRs are identical.
+            loss, elapsed = train_step(cfg, rt, pieces.train_model, params, pieces.optimizers, stream, step,
+                                       lr_scale(cfg, step, elapsed), clock.ms)
+            step += 1
+            validator.add_train_loss(loss)
+            moe_train = log_train_step(cfg, rt, model, log, step, loss, elapsed) or moe_train
+            if average.due(model, step, budget_progress(cfg, step, elapsed)):
+                average.add(model, step)
+            if checkpointer.due(step, elapsed):
+                with clock.paused() as train_ms:
+                    checkpointer.save(pieces, step, train_ms, depth, average)
+            stop = cfg.max_wallclock_seconds > 0 and elapsed >= 1000 * cfg.max_wallclock_seconds and step < cfg.iterations
+            if stop:
+                log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
+    except Diverged as e:
+        e.checkpoint = checkpointer.last
+        raise
+    if depth.finish(step):
+        average.reset()
+    if average.kind != "none" and average.last_step != step:
+        average.add(model, step)
+    moe_train = moe_statistics(model, rt, "train") or moe_train  # the steps since the last log line
+    moe = None if moe_train is None else {**moe_train, **({"val": validator.moe} if validator.moe else {})}
+    return TrainResult(step, train_ms, validator.val_loss, validator.val_bpb, average, depth.changes, moe)
+
+
+def log_train_step(cfg: Config, rt: Runtime, model: GPT, log: Logger, step: int, loss: Tensor, elapsed: float
+                   ) -> dict | None:
+    """Steps 1-10, every TRAIN_LOG_EVERY and the last: the loss over the ranks, tokens/s and, for an
+    MoE, the expert load since the last line, which it returns."""
+    if not (step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations):
+        return None
+    loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
+    log(f"step:{step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
+        f"step_avg:{elapsed / step:.2f}ms tok_s:{step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9):.0f}")
+    stats = moe_statistics(model, rt, "train")
+    log_moe(log, "train", stats)
+    return stats
 
 
 def load_statistics(counts: Tensor) -> dict:
@@ -1617,87 +1507,6 @@ def log_moe(log: "Logger", what: str, stats: dict | None):
         for key, fmt in fields))
 
 
-def train(cfg: Config, rt: Runtime, model: GPT, train_model, eval_model, optimizers, stream: TokenStream,
-          evaluator: "Evaluator", log: Logger, state: TrainState) -> TrainResult:
-    params = list(model.parameters())
-    cap_ms = cfg.max_wallclock_seconds * 1000
-    phases = cfg.depth_phases if cfg.depth_schedule else ()
-    stop = False
-    val_loss = val_bpb = float("nan")
-    moe_train = moe_val = None
-    epoch_loss_sum, epoch_steps = torch.zeros((), device=rt.device), 0
-    elapsed = state.train_ms
-    rt.sync()
-    t0 = time.perf_counter()
-    try:
-        while True:
-            if phases:
-                # `elapsed` is agreed across ranks, so every rank changes depth at the same step.
-                change_depth(cfg, model, state, phases, budget_progress(cfg, state.step, elapsed), log)
-            last = state.step == cfg.iterations or stop
-            epoch_end = bool(cfg.epochs) and state.step > 0 and state.step % stream.steps_per_epoch == 0
-            validate = last or epoch_end or (cfg.val_loss_every and state.step % cfg.val_loss_every == 0)
-            per_token = cfg.per_token_loss_every and state.step % cfg.per_token_loss_every == 0
-            if validate or per_token:
-                rt.sync()
-                state.train_ms += 1000 * (time.perf_counter() - t0)
-                if validate:
-                    val_loss, val_bpb = evaluator.standard(eval_model)
-                    log(f"step:{state.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                        f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
-                    moe_val = moe_statistics(model, rt, "eval")
-                    log_moe(log, "val", moe_val)
-                if epoch_end:
-                    # A resumed run's first epoch line averages only the steps since the resume.
-                    epoch_loss = float(rt.all_reduce(epoch_loss_sum.clone())) / rt.world_size / max(epoch_steps, 1)
-                    log(f"epoch:{state.step // stream.steps_per_epoch}/{cfg.epochs} train_loss:{epoch_loss:.4f} "
-                        f"val_loss:{val_loss:.4f} val_ppl:{math.exp(min(val_loss, 700)):.2f} val_bpb:{val_bpb:.4f}")
-                    epoch_loss_sum.zero_()
-                    epoch_steps = 0
-                if per_token:
-                    save_per_token(cfg, evaluator, eval_model, f"step_{state.step:06d}", state.step, log)
-                rt.sync()
-                t0 = time.perf_counter()
-            if last:
-                break
-            if cfg.fault_at_step and state.step == cfg.fault_at_step and cfg.fault_rank in (-1, rt.rank):
-                os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no message
-            # `elapsed` is the clock the ranks agreed on in the previous step, so their LRs are identical.
-            loss, elapsed = train_step(cfg, rt, train_model, params, optimizers, stream, state.step,
-                                       lr_scale(cfg, state.step, elapsed),
-                                       lambda: state.train_ms + 1000 * (time.perf_counter() - t0))
-            state.step += 1
-            epoch_loss_sum += loss.detach()
-            epoch_steps += 1
-            if state.step <= 10 or state.step % cfg.train_log_every == 0 or state.step == cfg.iterations:
-                loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
-                tok_s = state.step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9)
-                log(f"step:{state.step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
-                    f"step_avg:{elapsed / state.step:.2f}ms tok_s:{tok_s:.0f}")
-                moe_train = moe_statistics(model, rt, "train") or moe_train
-                log_moe(log, "train", moe_train)
-            if averaging_due(cfg, model, state, elapsed):
-                state.average.add(model, state.step)
-            if checkpoint_due(cfg, state, elapsed):
-                rt.sync()
-                state.train_ms = agreed_elapsed_ms(rt, state.train_ms + 1000 * (time.perf_counter() - t0))
-                save_checkpoint(cfg, rt, model, optimizers, state, log)
-                t0 = time.perf_counter()
-            if cap_ms and elapsed >= cap_ms and state.step < cfg.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{state.step}/{cfg.iterations}")
-                stop = True
-    except Diverged as e:
-        e.checkpoint = state.last_checkpoint
-        raise
-    if model.repeats != model.max_repeats:
-        change_depth(cfg, model, state, [(model.max_repeats, 0.0)], 1.0, log)  # evaluate and export at full depth
-    if cfg.weight_average != "none" and state.average.last_step != state.step:
-        state.average.add(model, state.step)
-    moe_train = moe_statistics(model, rt, "train") or moe_train  # the steps since the last log line
-    moe = None if moe_train is None else {**moe_train, **({"val": moe_val} if moe_val else {})}
-    return TrainResult(state.step, state.train_ms, state.step * cfg.train_batch_tokens, val_loss, val_bpb, moe)
-
-
 def save_per_token(cfg: Config, evaluator: "Evaluator", model: nn.Module, name: str, step: int, log: Logger):
     """Every validation target's loss, in stream order, for comparing runs token by token."""
     losses = evaluator.per_token(model)
@@ -1711,23 +1520,6 @@ def save_per_token(cfg: Config, evaluator: "Evaluator", model: nn.Module, name: 
     log(f"per_token_loss: {path} tokens:{len(losses)} mean:{float(losses.astype(np.float64).mean()):.4f}")
 
 
-def change_depth(cfg: Config, model: GPT, state: TrainState, phases: list[tuple[int, float]], progress: float,
-                 log: Logger):
-    repeats = [r for r, start in phases if start <= progress][-1]
-    if repeats == model.repeats and state.depth_phases:
-        return
-    model.set_repeats(repeats)
-    state.depth_phases.append({"repeats": repeats, "step": state.step, "frac": progress})
-    state.average = WeightAverage(cfg.ema_decay)  # an average mixes weights of one depth only
-    log(f"depth_phase repeats:{repeats} step:{state.step} frac:{progress:.4f}")
-
-
-def checkpoint_due(cfg: Config, state: TrainState, elapsed_ms: float) -> bool:
-    by_steps = cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0
-    by_time = cfg.checkpoint_every_seconds and elapsed_ms - state.checkpoint_ms >= 1000 * cfg.checkpoint_every_seconds
-    return bool(by_steps or by_time)
-
-
 def check_same_on_all_ranks(rt: Runtime, value, what: str, log: Logger):
     """An invariant of the collective decisions: a disagreement is a bug, never to pass silently."""
     values = [None] * rt.world_size
@@ -1735,13 +1527,6 @@ def check_same_on_all_ranks(rt: Runtime, value, what: str, log: Logger):
     if any(v != values[0] for v in values):
         raise RuntimeError(f"ranks disagree on {what}: {values}")
     log(f"{what.replace(' ', '_')}_agreed ranks:{rt.world_size}")
-
-
-def agreed_elapsed_ms(rt: Runtime, local_ms: float) -> float:
-    if not rt.distributed:
-        return local_ms
-    t = torch.tensor([local_ms], device=rt.device, dtype=torch.float64)
-    return float(rt.all_reduce(t, dist.ReduceOp.MAX).item())
 
 
 def peak_memory_mib(rt: Runtime) -> float:
@@ -1764,38 +1549,92 @@ RESUME_FREE = {"run_id", "log_dir", "data_path", "tokenizer_path", "device", "co
                "checkpoint_every_seconds", "checkpoint_every_steps", "dist_timeout_seconds"}
 
 
-def checkpoint_files(cfg: Config) -> list[Path]:
-    """This run's checkpoints, oldest first (the step is zero-padded into the name)."""
-    return sorted(Path(cfg.log_dir).glob(f"{glob.escape(cfg.run_id)}_step*.ckpt"))
+class Checkpointer:
+    """Writes a checkpoint every CHECKPOINT_EVERY_STEPS steps or CHECKPOINT_EVERY_SECONDS of training
+    time, keeping the last CHECKPOINTS_KEPT, and continues a run from one (RESUME_FROM)."""
 
+    def __init__(self, cfg: Config, rt: Runtime, log: Logger):
+        self.cfg, self.rt, self.log = cfg, rt, log
+        self.last: Path | None = None  # the last good checkpoint, which a diverged run names
+        self.last_ms = 0.0  # the training time it was written at
 
-def save_checkpoint(cfg: Config, rt: Runtime, model: GPT, optimizers, state: TrainState, log: Logger):
-    """Rank 0 writes after a barrier; every rank learns whether it worked, so none runs on alone."""
-    path = Path(cfg.log_dir) / f"{cfg.run_id}_step{state.step:07d}.ckpt"
-    if rt.distributed:
-        dist.barrier()
-    error = ""
-    if rt.rank == 0:
-        t0 = time.perf_counter()
-        payload = {"format": 1, "config": dataclasses.asdict(cfg), "step": state.step, "train_ms": state.train_ms,
-                   "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
-                   "average": state.average.state_dict(), "depth": {"repeats": model.repeats, "phases": state.depth_phases},
-                   "rng": {"torch": torch.get_rng_state(),
-                           "cuda": torch.cuda.get_rng_state_all() if rt.is_cuda else []}}
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        data = buf.getbuffer()
+    def files(self) -> list[Path]:
+        """This run's checkpoints, oldest first (the step is zero-padded into the name)."""
+        return sorted(Path(self.cfg.log_dir).glob(f"{glob.escape(self.cfg.run_id)}_step*.ckpt"))
+
+    def due(self, step: int, elapsed_ms: float) -> bool:
+        every_steps, every_seconds = self.cfg.checkpoint_every_steps, self.cfg.checkpoint_every_seconds
+        return bool(every_steps and step % every_steps == 0
+                    or every_seconds and elapsed_ms - self.last_ms >= 1000 * every_seconds)
+
+    def save(self, pieces: "Pieces", step: int, train_ms: float, depth: DepthSchedule, average: WeightAverage):
+        """Rank 0 writes after a barrier; every rank learns whether it worked, so none runs on alone."""
+        cfg, rt = self.cfg, self.rt
+        path = Path(cfg.log_dir) / f"{cfg.run_id}_step{step:07d}.ckpt"
+        if rt.distributed:
+            dist.barrier()
+        error = ""
+        if rt.rank == 0:
+            t0 = time.perf_counter()
+            payload = {"format": 1, "config": dataclasses.asdict(cfg), "step": step, "train_ms": train_ms,
+                       "model": pieces.model.state_dict(), "optimizers": [opt.state_dict() for opt in pieces.optimizers],
+                       "average": average.state_dict(), "depth": depth.state_dict(),
+                       "rng": {"torch": torch.get_rng_state(),
+                               "cuda": torch.cuda.get_rng_state_all() if rt.is_cuda else []}}
+            buf = io.BytesIO()
+            torch.save(payload, buf)
+            data = buf.getbuffer()
+            try:
+                write_atomic(path, CHECKPOINT_MAGIC + hashlib.sha256(data).digest(), data)
+                for old in self.files()[:-CHECKPOINTS_KEPT]:
+                    old.unlink(missing_ok=True)
+                self.log(f"checkpoint: {path} step:{step} bytes:{len(data)} "
+                         f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            except InputError as e:
+                error = str(e)
+        failed = rt.all_reduce(torch.tensor([1 if error else 0], device=rt.device), dist.ReduceOp.MAX)
+        if int(failed.item()):
+            raise InputError(error or "rank 0 could not write the checkpoint")
+        self.last, self.last_ms = path, train_ms
+
+    def resume(self, pieces: "Pieces", depth: DepthSchedule, average: WeightAverage) -> tuple[int, float]:
+        """The step and training time to continue from: RESUME_FROM's, with the weights, optimizer
+        state, depth, weight average and RNG it saved; (0, 0) for a fresh run."""
+        cfg = self.cfg
+        if not cfg.resume_from:
+            return 0, 0.0
+        path = Path(cfg.resume_from) if cfg.resume_from != "auto" else (self.files() or [None])[-1]
+        if path is None:
+            raise InputError(f"RESUME_FROM=auto: no checkpoint of RUN_ID={cfg.run_id} in {cfg.log_dir}")
+        ckpt = load_checkpoint(path)
+        saved = ckpt["config"]
+        must = {**dataclasses.asdict(cfg.model), **{n: getattr(cfg, n) for n in RESUME_MUST_MATCH}}
+        there = {**saved, **saved.get("model", {})}
+        wrong = [f"{n.upper()}={there.get(n)!r} there, {v!r} here" for n, v in must.items() if there.get(n) != v]
+        if wrong:
+            raise InputError(f"checkpoint {path} is from another config: {'; '.join(wrong)}")
+        changed = [n for n, f in CONFIG_FIELDS.items() if f.name in saved and f.name not in RESUME_FREE
+                   and f.name not in must and saved[f.name] != getattr(cfg, f.name)]
+        if changed:
+            self.log(f"warning: resumed with changed settings {', '.join(changed)}: not the uninterrupted run any more")
         try:
-            write_atomic(path, CHECKPOINT_MAGIC + hashlib.sha256(data).digest(), data)
-            for old in checkpoint_files(cfg)[:-CHECKPOINTS_KEPT]:
-                old.unlink(missing_ok=True)
-            log(f"checkpoint: {path} step:{state.step} bytes:{len(data)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
-        except InputError as e:
-            error = str(e)
-    failed = rt.all_reduce(torch.tensor([1 if error else 0], device=rt.device), dist.ReduceOp.MAX)
-    if int(failed.item()):
-        raise InputError(error or "rank 0 could not write the checkpoint")
-    state.last_checkpoint, state.checkpoint_ms = path, state.train_ms
+            pieces.model.load_state_dict(ckpt["model"])
+            for opt, saved_opt in zip(pieces.optimizers, ckpt["optimizers"], strict=True):
+                settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                opt.load_state_dict(saved_opt)
+                for group, fresh in zip(opt.param_groups, settings):
+                    group.update(fresh)  # this run's settings, the checkpoint's moments
+            average.load_state_dict(ckpt["average"], self.rt.device)
+            depth.load_state_dict(ckpt["depth"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if self.rt.is_cuda and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise InputError(f"checkpoint {path}: does not fit this model ({str(e).splitlines()[0][:120]})") from None
+        step, train_ms = int(ckpt["step"]), float(ckpt["train_ms"])
+        self.last, self.last_ms = path, train_ms
+        self.log(f"resumed: from {path} step:{step} train_time:{train_ms:.0f}ms")
+        return step, train_ms
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -1817,52 +1656,6 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or not needed <= set(ckpt):
         raise InputError(f"checkpoint {path}: not a format-1 checkpoint")
     return ckpt
-
-
-def resume_path(cfg: Config) -> Path | None:
-    if not cfg.resume_from:
-        return None
-    if cfg.resume_from != "auto":
-        return Path(cfg.resume_from)
-    files = checkpoint_files(cfg)
-    if not files:
-        raise InputError(f"RESUME_FROM=auto: no checkpoint of RUN_ID={cfg.run_id} in {cfg.log_dir}")
-    return files[-1]
-
-
-def restore(cfg: Config, rt: Runtime, path: Path, model: GPT, optimizers, log: Logger) -> TrainState:
-    ckpt = load_checkpoint(path)
-    saved = ckpt["config"]
-    must = {**dataclasses.asdict(cfg.model), **{n: getattr(cfg, n) for n in RESUME_MUST_MATCH}}
-    there = {**saved, **saved.get("model", {})}
-    wrong = [f"{n.upper()}={there.get(n)!r} there, {v!r} here" for n, v in must.items() if there.get(n) != v]
-    if wrong:
-        raise InputError(f"checkpoint {path} is from another config: {'; '.join(wrong)}")
-    changed = [n for n, f in CONFIG_FIELDS.items() if f.name in saved and f.name not in RESUME_FREE
-               and f.name not in must and saved[f.name] != getattr(cfg, f.name)]
-    if changed:
-        log(f"warning: resumed with changed settings {', '.join(changed)}: not the uninterrupted run any more")
-    try:
-        model.load_state_dict(ckpt["model"])
-        for opt, saved_opt in zip(optimizers, ckpt["optimizers"], strict=True):
-            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            opt.load_state_dict(saved_opt)
-            for group, fresh in zip(opt.param_groups, settings):
-                group.update(fresh)  # this run's settings, the checkpoint's moments
-        state = TrainState(step=int(ckpt["step"]), train_ms=float(ckpt["train_ms"]),
-                           checkpoint_ms=float(ckpt["train_ms"]), last_checkpoint=path)
-        state.average = WeightAverage(cfg.ema_decay)
-        state.average.load_state_dict(ckpt["average"])
-        state.average.sums = {k: v.to(rt.device) for k, v in state.average.sums.items()}
-        model.set_repeats(int(ckpt["depth"]["repeats"]))
-        state.depth_phases = [dict(phase) for phase in ckpt["depth"]["phases"]]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if rt.is_cuda and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise InputError(f"checkpoint {path}: does not fit this model ({str(e).splitlines()[0][:120]})") from None
-    log(f"resumed: from {path} step:{state.step} train_time:{state.train_ms:.0f}ms")
-    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2830,9 +2623,16 @@ def build_model(spec: ModelSpec, device: torch.device) -> GPT:
         return GPT(spec).to(device)
 
 
-def assemble(cfg: Config, rt: Runtime) -> tuple[GPT, nn.Module, nn.Module, list[torch.optim.Optimizer]]:
-    """The model seeded by SEED, the model as it runs (compiled when COMPILE is on), the model as it
-    trains (wrapped in DDP when distributed) and its optimizers."""
+@dataclass
+class Pieces:
+    model: GPT  # the weights
+    compiled: nn.Module  # the model as it runs: compiled when COMPILE is on
+    train_model: nn.Module  # the model as it trains: wrapped in DDP when distributed
+    optimizers: list[torch.optim.Optimizer]
+
+
+def assemble(cfg: Config, rt: Runtime) -> Pieces:
+    """The model seeded by SEED, as it runs and as it trains, and its optimizers."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, rt.device)
     compiled = compile_fn(model) if rt.compile else model
@@ -2841,11 +2641,11 @@ def assemble(cfg: Config, rt: Runtime) -> tuple[GPT, nn.Module, nn.Module, list[
     train_model = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.is_cuda else None,
                                           broadcast_buffers=False, find_unused_parameters=one_pass_phase
                                           ) if rt.distributed else compiled
-    return model, compiled, train_model, build_optimizers(model, cfg, rt)
+    return Pieces(model, compiled, train_model, build_optimizers(model, cfg, rt))
 
 
 # ----------------------------------------------------------------------------------------------
-# main
+# main: a run from its config to its summary
 # ----------------------------------------------------------------------------------------------
 
 def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
@@ -2855,79 +2655,83 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         log(note)
     log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
         f"compile:{rt.compile} bf16:{rt.bf16} torch:{torch.__version__}")
-
     cfg, stream, evaluator, floor = load_data(cfg, rt, log)
-    scored = f" scored_fraction:{floor['scored_fraction']:.4f}" if cfg.doc_mode else ""
-    model, compiled, train_model, optimizers = assemble(cfg, rt)
-    counts = parameter_counts(model)
+    pieces = assemble(cfg, rt)
+    counts = parameter_counts(pieces.model)
     log(f"model_params:{counts['params_total']} trainable:{counts['params_trainable']}")
     log(format_parameter_counts(counts))
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
+    result = train(cfg, rt, pieces, stream, evaluator, log)
+    trained = training_report(cfg, rt, result, log)
+    averaged = apply_average(cfg, pieces, evaluator, result, log)
+    if cfg.per_token_loss_every:
+        save_per_token(cfg, evaluator, pieces.compiled, "final", result.steps, log)
+    exported, roundtrip = export_and_round_trip(cfg, rt, pieces.model, evaluator, log)
+    scored = score(cfg, evaluator, roundtrip, result, exported, floor, log)
+    compiled_graphs = compile_report() if rt.compile else None
+    if compiled_graphs:
+        log_compile(log, compiled_graphs)
+    return {"run_id": cfg.run_id, "world_size": rt.world_size, "device": str(rt.device),
+            "config": dataclasses.asdict(cfg), **trained, **counts, "val_loss": result.val_loss,
+            "val_bpb": result.val_bpb, "val_tokens": evaluator.n_targets, **exported, **scored, **floor, **averaged,
+            **({"depth_phases": result.depth_phases} if cfg.depth_schedule else {}),
+            **({"moe": result.moe} if result.moe else {}), **({"compile": compiled_graphs} if compiled_graphs else {})}
 
-    resume = resume_path(cfg)
-    train_state = restore(cfg, rt, resume, model, optimizers, log) if resume else TrainState(
-        average=WeightAverage(cfg.ema_decay))
-    untimed_warmup(cfg, rt, model, train_model, optimizers, stream, log)
-    result = train(cfg, rt, model, train_model, compiled, optimizers, stream, evaluator, log, train_state)
+
+def training_report(cfg: Config, rt: Runtime, result: TrainResult, log: Logger) -> dict:
+    """Steps, time, tokens and memory; the graphs training compiled; that all ranks changed depth alike."""
     if rt.compile:
         log_compile(log, compile_report())  # training's graphs; evaluation adds its own, counted at the end
     if rt.distributed and cfg.depth_schedule:
-        check_same_on_all_ranks(rt, [(p["repeats"], p["step"]) for p in train_state.depth_phases], "depth phases", log)
+        check_same_on_all_ranks(rt, [(p["repeats"], p["step"]) for p in result.depth_phases], "depth phases", log)
     peak = peak_memory_mib(rt)
     if rt.is_cuda:
         log(f"peak memory allocated: {peak:.0f} MiB reserved: {torch.cuda.max_memory_reserved(rt.device) // 2**20} MiB")
     else:
         log(f"peak memory rss: {peak:.0f} MiB")
-    averaged = {}
-    if cfg.weight_average != "none":
-        kind = cfg.weight_average
-        model.load_state_dict(train_state.average.average(model.state_dict()))
-        averaged = {"raw_val_loss": result.val_loss, "raw_val_bpb": result.val_bpb,
-                    f"{kind}_snapshots": train_state.average.count}
-        result.val_loss, result.val_bpb = evaluator.standard(compiled)
-        log(f"{kind}: snapshots:{train_state.average.count} raw val_bpb:{averaged['raw_val_bpb']:.4f} "
-            f"averaged val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f}")
-    if cfg.per_token_loss_every:
-        save_per_token(cfg, evaluator, compiled, "final", result.steps, log)
+    tokens = result.steps * cfg.train_batch_tokens
+    return {"steps": result.steps, "train_time_ms": result.train_time_ms, "tokens_seen": tokens,
+            "tokens_per_s": tokens / max(result.train_time_ms / 1000, 1e-9), "peak_mem_mib": peak}
 
-    exported, roundtrip = export_and_round_trip(cfg, rt, model, evaluator, log)
-    # Nothing is scored before the audits: the standard method's audit decides the headline lines.
+
+def apply_average(cfg: Config, pieces: Pieces, evaluator: "Evaluator", result: TrainResult, log: Logger) -> dict:
+    """With SWA or EMA, the model takes the averaged weights, which are then what is validated and exported."""
+    kind, average = cfg.weight_average, result.average
+    if kind == "none":
+        return {}
+    pieces.model.load_state_dict(average.average(pieces.model.state_dict()))
+    raw = {"raw_val_loss": result.val_loss, "raw_val_bpb": result.val_bpb, f"{kind}_snapshots": average.count}
+    result.val_loss, result.val_bpb = evaluator.standard(pieces.compiled)
+    log(f"{kind}: snapshots:{average.count} raw val_bpb:{raw['raw_val_bpb']:.4f} "
+        f"averaged val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f}")
+    return raw
+
+
+def score(cfg: Config, evaluator: "Evaluator", roundtrip: nn.Module, result: TrainResult, exported: dict, floor: dict,
+          log: Logger) -> dict:
+    """The audits, then the headline lines (withheld when the standard method fails its audit), then
+    every other method; a score below the source's entropy is flagged as the bug it is."""
     audits = run_audits(cfg, evaluator, roundtrip, log)
-    withheld = {}
+    withheld, fraction = {}, f" scored_fraction:{floor['scored_fraction']:.4f}" if cfg.doc_mode else ""
     if audits.get("standard", {"passed": True})["passed"]:
-        log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}{scored}")
-        log_roundtrip(log, exported, scored)
+        log(f"final_prequant_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}{fraction}")
+        log_roundtrip(log, exported, fraction)
     else:
         log("final_prequant and final_roundtrip FAILED their audit (standard): not scored")
         result.val_loss = result.val_bpb = None
         exported.update(roundtrip_val_loss=None, roundtrip_val_bpb=None)
         withheld = {"withheld": "the standard evaluation failed its audit: val_bpb and roundtrip_val_bpb not scored"}
     evaluated = final_evaluations(cfg, evaluator, roundtrip, log, exported["roundtrip_eval_ms"], audits)
-    compiled_graphs = compile_report() if rt.compile else None
-    if compiled_graphs:
-        log_compile(log, compiled_graphs)
-    scored = [evaluated.get(f"{name}_val_bpb") for name in cfg.eval_methods]
-    lowest = min([b for b in [result.val_bpb, exported["roundtrip_val_bpb"]] + scored if b is not None], default=math.inf)
+    scores = [result.val_bpb, exported["roundtrip_val_bpb"]] + [evaluated.get(f"{m}_val_bpb") for m in cfg.eval_methods]
+    lowest = min([b for b in scores if b is not None], default=math.inf)
     if "source_bpb" in floor:
         # Below the true entropy of the text is impossible for an honest evaluation: a bug, not a record.
         floor["below_source_entropy"] = lowest < floor["source_bpb"]
         if floor["below_source_entropy"]:
             log(f"WARNING below_source_entropy: val_bpb {lowest:.4f} < source_bpb {floor['source_bpb']:.4f}: "
                 f"the evaluation is wrong")
-
-    summary = {
-        "run_id": cfg.run_id, "world_size": rt.world_size, "device": str(rt.device),
-        "config": dataclasses.asdict(cfg), "steps": result.steps, "train_time_ms": result.train_time_ms,
-        "tokens_seen": result.tokens_seen,
-        "tokens_per_s": result.tokens_seen / max(result.train_time_ms / 1000, 1e-9),
-        **counts,
-        "val_loss": result.val_loss, "val_bpb": result.val_bpb,
-        "val_tokens": evaluator.n_targets, "peak_mem_mib": peak, **exported, **evaluated, **floor, **averaged, **withheld,
-        **({"depth_phases": train_state.depth_phases} if cfg.depth_schedule else {}),
-        **({"moe": result.moe} if result.moe else {}), **({"compile": compiled_graphs} if compiled_graphs else {}),
-    }
-    return summary
+    return {**evaluated, **withheld}
 
 
 def format_parameter_counts(counts: dict) -> str:
@@ -2941,7 +2745,7 @@ def print_dry_run(cfg: Config, notes: list[str]) -> int:
     print(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
     for note in notes:
         print(note)
-    counts = parameter_counts(assemble(cfg, Runtime(0, 1, 0, torch.device("meta"), False))[0])
+    counts = parameter_counts(assemble(cfg, Runtime(0, 1, 0, torch.device("meta"), False)).model)
     print(format_parameter_counts(counts))
     print(f"dry_run: {json.dumps(counts)}")
     return 0

@@ -1,5 +1,5 @@
 """The audit's power: each planted leak, audited under 20 audit seeds, and how often it is caught.
-README's mutation table quotes these fractions; each test asserts its fraction, so a weaker audit
+docs/evaluation.md's mutation table quotes these fractions; each test asserts its fraction, so a weaker audit
 fails here. Honest methods pass under the same seeds."""
 
 import dataclasses
@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import encode_docs, make_docs
-from test_eval import V, config, evaluator, stream, tables
+from test_eval import V, config, evaluator
 from test_model import randomize, tiny_model
 from train_gpt import (EVAL_METHODS, ByteTables, Evaluator, Logger, NgramExpert, Runtime, audit_method,
                        build_byte_tables, decoded_bytes, hedge_experts, hedge_method, method_windows,
-                       score_first, ttt_adapt)
+                       ttt_adapt)
 
 SEEDS = range(1, 21)
 SETTINGS = dict(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_CHUNK_TOKENS=8, TTT_STEPS=1, TTT_CHUNK_TOKENS=48, TTT_LR=0.05,

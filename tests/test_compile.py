@@ -72,7 +72,7 @@ def test_the_evaluations_distributions_go_through_the_compiled_forward():
     with torch.no_grad():
         logp = compiled(idx, last=5)
     assert (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())) == (1, 0)
-    torch.testing.assert_close(logp, torch.log_softmax(model.logits(idx)[:, -5:], -1))
+    torch.testing.assert_close(logp, torch.log_softmax(model.head(model.hidden(idx)[0])[:, -5:], -1))
 
 
 def test_a_recurrent_run_with_every_evaluation_compiles_the_graphs_it_plans(tiny_env, monkeypatch):

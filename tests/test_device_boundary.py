@@ -6,7 +6,6 @@ evaluation method (Hedge's tables included) and their audits run end to end with
 harness puts on its device living there; a `.numpy()` on one, or an op mixing it with host
 tensors, fails the test. The training step is held to one device-to-host transfer."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -93,8 +92,8 @@ def test_a_training_step_waits_for_the_device_once(tiny_env, device, monkeypatch
                                     train_gpt.ByteTables(torch.ones(cfg.vocab_size, dtype=torch.int32),
                                                          *[torch.zeros(cfg.vocab_size, dtype=torch.bool)] * 2))
     imitated_device.TRANSFERS.clear()
-    train_gpt.train(cfg, rt, model, model, model, train_gpt.build_optimizers(model, cfg, rt), stream, evaluator,
-                    train_gpt.Logger(None), train_gpt.TrainState())
+    pieces = train_gpt.Pieces(model, model, model, train_gpt.build_optimizers(model, cfg, rt))
+    train_gpt.train(cfg, rt, pieces, stream, evaluator, train_gpt.Logger(None))
     steps = " ".join(imitated_device.TRANSFERS).split("step")[1:]
     assert len(steps) == 16
     quiet = steps[10:15]  # steps 11-15: no log line (steps 1-10 and the last log), no validation

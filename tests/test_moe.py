@@ -169,6 +169,7 @@ def test_balancing_losses_enter_the_training_loss_only_with_their_coefficients()
     x = torch.randint(0, 64, (2, 16))
     assert weighted(x, x) > model(x, x) + 0.4  # 0.5 x (a Switch loss of at least 1), summed over 2 layers
     assert torch.equal(weighted(x, x, reduction="none"), model(x, x, reduction="none"))  # evaluation never sees them
+    assert GPT(config(MOE_NUM_EXPERTS="0").model).hidden(x)[1] is None  # a dense model has none
 
 
 @pytest.mark.parametrize("preset,frozen,total", [("some_study_a1", 302_530_560, 313.27e6), ("some_study_b1", 1_209_925_632, 1222.15e6),

@@ -136,3 +136,4 @@ def test_muon_momentum_warmup():
     assert muon_momentum_at(cfg, 0) == pytest.approx(0.85)
     assert muon_momentum_at(cfg, 50) == pytest.approx(0.90)
     assert muon_momentum_at(cfg, 500) == pytest.approx(0.95)
+    assert muon_momentum_at(config(muon_momentum=0.95, muon_momentum_warmup_steps=0), 0) == 0.95

@@ -60,7 +60,7 @@ def test_weight_averages_equal_hand_computations():
 
     model = torch.nn.Linear(3, 2)
     snapshots = []
-    swa, ema = WeightAverage(), WeightAverage(decay=0.9)
+    swa, ema = WeightAverage("swa"), WeightAverage("ema", decay=0.9)
     for step in range(4):
         with torch.no_grad():
             model.weight.add_(step + 1.0)

@@ -9,7 +9,7 @@
     python tools/bench.py --optimizer [--shape small] [--steps N]   # Muon's step: same-shape batches vs one at a time
 
 Prints tokens/s, ms/step, peak memory, and on CUDA the MFU (model FLOPs a token = 6 x matmul
-parameters + 12 x layers x dim x seq, over BENCH_PEAK_TFLOPS, default 790 for an H100's bf16).
+parameters + 12 x layers x dim x seq, over the dense bf16 datasheet peak of the device found, or BENCH_PEAK_TFLOPS).
 Env vars override the shape (e.g. MODEL_DIM=384 python tools/bench.py)."""
 
 import argparse
@@ -58,8 +58,8 @@ def build(shape: str, cpu_scale: bool = False, **overrides):
         # Each shape compiles afresh: all shapes share GPT.forward's code, and dynamo stops recompiling
         # one function after a few shapes, falling back to eager.
         torch._dynamo.reset()
-    model, compiled, _, optimizers = train_gpt.assemble(cfg, rt)
-    return cfg, rt, model, compiled, optimizers, list(model.parameters())
+    pieces = train_gpt.assemble(cfg, rt)
+    return cfg, rt, pieces, list(pieces.model.parameters())
 
 
 def profile(shape: str, steps: int, warmup: int) -> str:
@@ -70,7 +70,8 @@ def profile(shape: str, steps: int, warmup: int) -> str:
 
     # Names each compiled CPU kernel in the table instead of one opaque "CompiledFxGraph" row.
     torch._inductor.config.cpp.enable_kernel_profile = True
-    cfg, rt, model, train_model, optimizers, params = build(shape)
+    cfg, rt, pieces, params = build(shape)
+    train_model, optimizers = pieces.compiled, pieces.optimizers
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.is_cuda else [])
     with tempfile.TemporaryDirectory() as tmp:
         stream = random_stream(cfg, Path(tmp))
@@ -86,7 +87,8 @@ def profile(shape: str, steps: int, warmup: int) -> str:
 
 def measure(shape: str, steps: int, warmup: int, cpu_scale: bool = False) -> list[dict]:
     """One row per depth: the shape's full depth, or every depth of its DEPTH_SCHEDULE."""
-    cfg, rt, model, train_model, optimizers, params = build(shape, cpu_scale)
+    cfg, rt, pieces, params = build(shape, cpu_scale)
+    model, train_model, optimizers = pieces.model, pieces.compiled, pieces.optimizers
     depths = [r for r, _ in cfg.depth_phases]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,11 +150,20 @@ def measured_matmul_tflops(n: int = 8192, repeats: int = 20) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
+def count_matmul_params(model) -> int:
+    """Matmul weights a token passes through: block matrices once per pass (of an MoE layer, the router and
+    top_k experts' two matrices), and the head."""
+    per_pass = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
+    per_pass += sum(m.top_k * (m.w1[0].numel() + m.w2[0].numel()) for m in train_gpt.moe_modules(model))
+    head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
+    return model.repeats * per_pass + head
+
+
 def mfu(cfg, model, tokens_per_s: float, peak: float) -> float:
     """Model FLOPs utilisation at the model's current depth: 6 x matmul parameters + 12 x layers x
     dim x seq FLOPs a token, over `peak` TFLOP/s."""
     layers = cfg.num_layers * model.repeats
-    flops_per_token = 6 * train_gpt.count_matmul_params(model) + 12 * layers * cfg.model_dim * cfg.train_seq_len
+    flops_per_token = 6 * count_matmul_params(model) + 12 * layers * cfg.model_dim * cfg.train_seq_len
     return tokens_per_s * flops_per_token / (peak * 1e12)
 
 
@@ -164,8 +175,8 @@ def compiled_graphs() -> int:
 def measure_optimizer(shape: str, repeats: int) -> dict:
     """Muon's step on the shape's matrices (random gradients) as the harness runs it, against the
     same matrices stepped one Muon per matrix (no same-shape batches), in turns; medians of `repeats`."""
-    cfg, rt, model, _, optimizers, _ = build(shape)
-    muon = next(opt for opt in optimizers if isinstance(opt, train_gpt.Muon))
+    cfg, rt, pieces, _ = build(shape)
+    muon = next(opt for opt in pieces.optimizers if isinstance(opt, train_gpt.Muon))
     matrices = [p for group in muon.param_groups for p in group["params"]]
     singles = [train_gpt.Muon([p], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
                               weight_decay=cfg.muon_wd, ns_dtype=muon.ns_dtype, compile=rt.compile) for p in matrices]
@@ -192,23 +203,24 @@ def measure_checkpoint(shape: str, repeats: int) -> dict:
     """Time of one checkpoint write (and of a restore) for the shape, optimizer and SWA state filled."""
     one_sequence = str(train_gpt.load_config(shape_env(shape))[0].train_seq_len)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, rt, model, _, optimizers, params = build(shape, TRAIN_BATCH_TOKENS=one_sequence, GRAD_ACCUM_STEPS="1",
-                                                       SWA_ENABLED="1", LOG_DIR=tmp, RUN_ID="bench")
+        cfg, rt, pieces, params = build(shape, TRAIN_BATCH_TOKENS=one_sequence, GRAD_ACCUM_STEPS="1",
+                                        SWA_ENABLED="1", LOG_DIR=tmp, RUN_ID="bench")
         stream = random_stream(cfg, Path(tmp))
-        train_gpt.train_step(cfg, rt, model, params, optimizers, stream, 0, 1.0)
-        state = train_gpt.TrainState(step=1)
-        state.average.add(model, 1)
+        train_gpt.train_step(cfg, rt, pieces.model, params, pieces.optimizers, stream, 0, 1.0)
         log = train_gpt.Logger(None)
+        depth = train_gpt.DepthSchedule(cfg, pieces.model, log)
+        average = train_gpt.WeightAverage("swa")
+        average.add(pieces.model, 1)
+        checkpointer = train_gpt.Checkpointer(train_gpt.dataclasses.replace(cfg, resume_from="auto"), rt, log)
         saves, loads = [], []
         for i in range(repeats):
-            state.step = i + 1
             t0 = time.perf_counter()
-            train_gpt.save_checkpoint(cfg, rt, model, optimizers, state, log)
+            checkpointer.save(pieces, i + 1, 0.0, depth, average)
             saves.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            train_gpt.restore(cfg, rt, state.last_checkpoint, model, optimizers, log)
+            checkpointer.resume(pieces, depth, average)
             loads.append(time.perf_counter() - t0)
-        size = state.last_checkpoint.stat().st_size
+        size = checkpointer.last.stat().st_size
     return {"shape": shape, "checkpoint_bytes": size, "save_s_median": sorted(saves)[len(saves) // 2],
             "save_s_min": min(saves), "restore_s_median": sorted(loads)[len(loads) // 2], "repeats": repeats}
 
@@ -216,7 +228,8 @@ def measure_checkpoint(shape: str, repeats: int) -> dict:
 def measure_eval(shape: str, n_tokens: int, repeats: int, cpu_scale: bool = False, **overrides) -> list[dict]:
     """Scored tokens/s of standard, sliding and Hedge evaluation (EVAL_STRIDE, default 64) on random
     tokens, timed in turns so that each method sees the same machine; the median of `repeats`."""
-    cfg, rt, _, model, _, _ = build(shape, cpu_scale, **{"EVAL_STRIDE": "64", "HEDGE_ENABLED": "1", **overrides})
+    cfg, rt, pieces, _ = build(shape, cpu_scale, **{"EVAL_STRIDE": "64", "HEDGE_ENABLED": "1", **overrides})
+    model = pieces.compiled
     tokens = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, size=n_tokens + 1))
     ones = torch.ones(cfg.vocab_size, dtype=torch.int32)
     no = torch.zeros(cfg.vocab_size, dtype=torch.bool)

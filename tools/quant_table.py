@@ -32,7 +32,7 @@ def measure(path: Path, data: str | None, tokenizer: str | None) -> list[dict]:
         raise train_gpt.InputError(f"checkpoint {path}: its config does not load ({e})") from None
     rt = train_gpt.init_runtime(cfg)
     cfg, _, evaluator, _ = train_gpt.load_data(cfg, rt, train_gpt.Logger(None))
-    model = train_gpt.assemble(cfg, rt)[0]
+    model = train_gpt.assemble(cfg, rt).model
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
