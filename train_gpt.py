@@ -24,14 +24,11 @@ try:
 except ImportError:  # the export falls back to zlib and names it in the log
     zstandard = None
 
-
 class InputError(Exception):
     """Bad input from the user (env var, file, shard, artifact): one line, exit code 2."""
 
-
 class ConfigError(InputError):
     pass
-
 
 # ----------------------------------------------------------------------------------------------
 # Config: one typed, validated object built from env vars
@@ -39,7 +36,6 @@ class ConfigError(InputError):
 
 def var(default, help: str, lo=None, hi=None, choices=None):
     return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices})
-
 
 @dataclass(frozen=True)
 class Config:
@@ -196,7 +192,6 @@ class Config:
                           weight_average="swa" if self.swa_enabled else "ema" if self.ema_decay else "none")
         vars(self)["model"] = model_spec(self)
 
-
 CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config) if f.init}
 
 # Everything that builds a model, resolved: the artifact header stores it (in this order), the round trip rebuilds
@@ -206,7 +201,6 @@ ModelSpec = dataclasses.make_dataclass("ModelSpec", (
     "qk_gain_init tied_embed_init_std num_repeats xsa_last_n activation num_value_embeds moe_experts moe_top_k "
     "moe_expert_width moe_blocks moe_init moe_sparsity moe_frozen moe_aux_coef moe_zloss_coef seed").split(),
     frozen=True)
-
 
 def model_spec(cfg: Config) -> ModelSpec:
     hidden = max(1, round(cfg.mlp_mult * cfg.model_dim))
@@ -222,7 +216,6 @@ def model_spec(cfg: Config) -> ModelSpec:
                         "moe_expert_width": width // g if g else 0,
                         "moe_blocks": parse_moe_layers(cfg.moe_layers, cfg.num_layers) if experts else ()})
 
-
 def some_study(dim: int, heads: int, layers: int, experts: int, d_ffn: int, seq: int, batch_seqs: int) -> dict:
     """A SoME study run: frozen sparse experts, the rest trained AdamW-like at 8e-4, 4 epochs of 20,000 documents."""
     lr = "0.0008"
@@ -232,7 +225,6 @@ def some_study(dim: int, heads: int, layers: int, experts: int, d_ffn: int, seq:
             "TRAIN_BATCH_TOKENS": str(seq * batch_seqs), "DOC_MODE": "1", "EPOCHS": "4", "TRAIN_SUBSET_DOCS": "20000",
             "MAX_WALLCLOCK_SECONDS": "0", "MATRIX_OPTIMIZER": "adam", "MATRIX_LR": lr, "SCALAR_LR": lr,
             "EMBED_LR": lr, "HEAD_LR": lr, "WARMDOWN_ITERS": "0", "VAL_LOSS_EVERY": "0"}
-
 
 # Progressive-depth recurrence: 3 shared blocks applied up to 4 times (12 effective layers).
 RECURRENT = {"NUM_LAYERS": "3", "MODEL_DIM": "832", "NUM_HEADS": "8", "NUM_KV_HEADS": "4", "MLP_MULT": "2",
@@ -272,11 +264,9 @@ PRESETS = {
         ("c2", (768, 8, 8, 128, 1536, 512, 128)))},
 }
 
-
 # Set by torchrun, CUDA or the shell; never a typo of ours.
 FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PATH", "HOME"}
-
 
 def parse_value(name: str, raw: str, f: dataclasses.Field):
     kind, meta, text = {"int": int, "float": float, "bool": bool, "str": str}[f.type], f.metadata, raw.strip()
@@ -295,7 +285,6 @@ def parse_value(name: str, raw: str, f: dataclasses.Field):
     if meta["hi"] is not None and value > meta["hi"]:
         raise ConfigError(f"{name}={raw!r}: must be <= {meta['hi']}")
     return value
-
 
 def resolve_batch(values: dict, world_size: int) -> list[str]:
     """Fills in GRAD_ACCUM_STEPS; returns notes for the log. An explicit one must divide the batch; the default
@@ -319,7 +308,6 @@ def resolve_batch(values: dict, world_size: int) -> list[str]:
     return [f"train_batch_tokens rounded from {batch} to {values['train_batch_tokens']} so that it splits "
             f"evenly over world_size:{world_size} x grad_accum_steps:{accum} x train_seq_len:{seq}"]
 
-
 def parse_depth_schedule(text: str) -> tuple[tuple[int, float], ...]:
     """'2@0,3@0.4' -> ((2, 0.0), (3, 0.4)): passes from each fraction of the budget on."""
     try:
@@ -331,7 +319,6 @@ def parse_depth_schedule(text: str) -> tuple[tuple[int, float], ...]:
     if phases[0][1] != 0 or any(b <= a for (_, a), (_, b) in zip(phases, phases[1:])):
         raise ConfigError(f"DEPTH_SCHEDULE={text!r}: fractions must start at 0 and increase")
     return phases
-
 
 def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     """Config from env vars; returns it with notes (typo warnings, rounding) for the log."""
@@ -360,13 +347,11 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
                           f"DEPTH_SCHEDULE={cfg.depth_schedule!r} ({cfg.num_repeats})")
     return cfg, notes
 
-
 def typo_warnings(environ) -> list[str]:
     unknown = sorted(set(environ) - CONFIG_FIELDS.keys() - FOREIGN_ENV)
     close = {name: difflib.get_close_matches(name, list(CONFIG_FIELDS), n=1, cutoff=0.85) for name in unknown}
     return [f"warning: env var {name} is not a setting of train_gpt.py; did you mean {close[name][0]}?"
             for name in unknown if close[name] and name.replace("_", "").isupper()]
-
 
 def config_help() -> str:
     lines = ["train_gpt.py settings (env vars):"]
@@ -375,7 +360,6 @@ def config_help() -> str:
     for name, settings in PRESETS.items():
         lines.append(f"PRESET={name}: " + (" ".join(f"{k}={v}" for k, v in settings.items()) or "the defaults"))
     return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------------------------
 # Distributed + device
@@ -411,14 +395,12 @@ class Runtime:
             dist.all_reduce(tensor, op=op)
         return tensor
 
-
 def compile_fn(fn):
     """Static shapes: a graph per shape, counted, not slower dynamic-shape graphs. Past its recompile limit (8 by
     default) torch.compile runs a function eagerly, silently; GPT.forward alone serves training at every depth, the
     evaluations, TTT and the reloaded model (10 to 20 graphs), so the limit is set far above that."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(fn, dynamic=False)
-
 
 def compile_report() -> dict:
     """Graphs per compiled function, recompiles, graph breaks; `eager_fallback`: functions that reached the limit."""
@@ -430,7 +412,6 @@ def compile_report() -> dict:
             "graph_breaks": sum(counters["graph_break"].values()), "per_function": graphs,
             "eager_fallback": [name for name, n in graphs.items() if n >= limit]}
 
-
 def log_compile(log: "Logger", report: dict):
     log(f"compile: {report['graphs']} graphs, {report['recompiles']} recompiles, {report['graph_breaks']} graph breaks "
         f"(" + " ".join(f"{name}:{n}" for name, n in report["per_function"].items()) + ")")
@@ -438,10 +419,8 @@ def log_compile(log: "Logger", report: dict):
         log(f"WARNING compile_limit: {name} reached {torch._dynamo.config.cache_size_limit} graphs; later calls run "
             f"eagerly (slow): see which shapes recompile with TORCH_LOGS=recompiles")
 
-
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
 
 def init_runtime(cfg: Config) -> Runtime:
     rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
@@ -458,7 +437,6 @@ def init_runtime(cfg: Config) -> Runtime:
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout_seconds))
     auto = {"1": True, "0": False, "auto": cuda}
     return Runtime(rank, world, local_rank, device, auto[cfg.compile], auto[cfg.autocast])
-
 
 class Logger:
     """Writes the log file and the console on rank 0 only (the other ranks pass no path)."""
@@ -479,14 +457,12 @@ class Logger:
             print(msg, flush=True)
         print(msg, file=self.file, flush=True)
 
-
 # ----------------------------------------------------------------------------------------------
 # Data: shards, the training token stream, validation tokens, bits-per-byte tables
 # ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-
 
 def read_shard(path: str | Path) -> np.ndarray:
     """Memory-maps one shard after checking its header against the file size."""
@@ -509,14 +485,12 @@ def read_shard(path: str | Path) -> np.ndarray:
         return np.zeros(0, dtype="<u2")
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
 
-
 def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int) -> np.ndarray:
     if tokens.size and int(tokens.max()) >= vocab_size:
         where = offset + int(np.argmax(tokens >= vocab_size))
         raise InputError(f"shard {path}: token id {int(tokens[where - offset])} at position {where} "
                          f">= VOCAB_SIZE={vocab_size}")
     return tokens
-
 
 def find_shards(data_path: str, split: str) -> list[Path]:
     files = sorted(Path(p) for p in glob.glob(os.path.join(glob.escape(data_path), f"*_{split}_*.bin")))
@@ -525,7 +499,6 @@ def find_shards(data_path: str, split: str) -> list[Path]:
                          f"`python data/prepare.py` or `python data/synthetic.py`, or download the challenge's "
                          f"with `python data/fineweb.py --variant sp1024`")
     return files
-
 
 class TokenStream:
     """The training shards as one endless token stream: step s reads from s * TRAIN_BATCH_TOKENS on, each (rank,
@@ -560,12 +533,10 @@ class TokenStream:
             buf = buf.pin_memory().to(rt.device, non_blocking=True)
         return buf[:-1].view(seqs, cfg.train_seq_len), buf[1:].view(seqs, cfg.train_seq_len)
 
-
 def document_bounds(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
     """(start, end) of each document: from its BOS to the next, which it predicts; text before the first is none."""
     starts = np.flatnonzero(np.asarray(tokens) == bos_id)
     return [(int(a), int(b)) for a, b in zip(starts, np.append(starts[1:], len(tokens) - 1)) if b > a]
-
 
 class DocStream:
     """DOC_MODE's data: a sequence is one document, truncated or padded (targets -100: skipped). An epoch visits the
@@ -600,7 +571,6 @@ class DocStream:
             x[row, :n], y[row, :n] = piece[:-1], piece[1:]
         return x.to(rt.device), y.to(rt.device)
 
-
 def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> Tensor:
     """All validation tokens, trimmed as the challenge does to whole sequences plus one target."""
     tokens = np.concatenate([np.asarray(check_token_ids(read_shard(f), vocab_size, f, 0)) for f in files])
@@ -608,7 +578,6 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> 
     if usable <= 0:
         raise InputError(f"validation shards hold {len(tokens)} tokens; need more than TRAIN_SEQ_LEN={seq_len}")
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
-
 
 def read_meta(data_path: str) -> dict:
     """DATA_PATH/meta.json, which data/prepare.py writes beside its shards ({} when there is none)."""
@@ -622,7 +591,6 @@ def read_meta(data_path: str) -> dict:
     if not isinstance(meta, dict):
         raise InputError(f"{path}: not a JSON object")
     return meta
-
 
 def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
@@ -641,7 +609,6 @@ def load_tokenizer(path: Path, vocab_size: int):
                          f"byte-fallback bytes and bits per byte would be wrong")
     return sp
 
-
 def resolve_tokenizer(cfg: Config, meta: dict):
     """(path, tokenizer, its SHA-256): TOKENIZER_PATH, else meta.json's, else the challenge's. Refused when meta.json's
     SHA-256 says the shards were made with another: its byte counts would score the right tokens against wrong text."""
@@ -653,7 +620,6 @@ def resolve_tokenizer(cfg: Config, meta: dict):
         raise InputError(f"tokenizer {path} is not the one the shards in DATA_PATH={cfg.data_path} were made with "
                          f"(meta.json's tokenizer_sha256 {expected[:12]}...): set TOKENIZER_PATH to that one")
     return path, sp, sha
-
 
 @dataclass
 class ByteTables:
@@ -670,7 +636,6 @@ class ByteTables:
 
     def to(self, device) -> ByteTables:
         return ByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
-
 
 def decoded_bytes(sp):
     """The bytes targets stand for, counted with the tokenizer's own decoder so the audit can check the byte tables.
@@ -702,7 +667,6 @@ def decoded_bytes(sp):
         return total, slack
     return count
 
-
 def build_byte_tables(sp, vocab_size: int) -> ByteTables:
     size = max(sp.vocab_size(), vocab_size)
     base = torch.zeros(size, dtype=torch.int32)
@@ -715,7 +679,6 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
             base[i] = 1 if sp.IsByte(i) else len(piece.removeprefix("\u2581").encode("utf-8"))
     return ByteTables(base, space, boundary)
 
-
 # ----------------------------------------------------------------------------------------------
 # Model: GPT with an application plan over physical blocks
 # ----------------------------------------------------------------------------------------------
@@ -724,20 +687,16 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
 # half the bytes. Not on a CPU, where bf16 elementwise work is 10-18% slower a step (perf_notes 23).
 BF16_RESIDUAL_DEVICES = ("cuda",)
 
-
 def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
-
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x[..., :x.size(-1) // 2], x[..., x.size(-1) // 2:]  # slices, not chunk: inductor fuses them differently
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float):
@@ -767,7 +726,6 @@ class Attention(nn.Module):
             y = exclude_own_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
-
 def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA: removes from each head's output its component along the position's own value (broadcast per KV group)."""
     b, h, t, d = y.shape
@@ -775,14 +733,11 @@ def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
     y = y.view(b, v.size(1), h // v.size(1), t, d)
     return (y - (y * unit).sum(-1, keepdim=True) * unit).view(b, h, t, d)
 
-
 def squared(x: Tensor) -> Tensor:
     """x * x, not x.square() (pow): CUDA's autocast runs pow in float32 (twice the bytes; grouped_mm refuses it)."""
     return x * x
 
-
 ACTIVATIONS = {"relu2": lambda x: squared(F.relu(x)), "leaky_relu2": lambda x: squared(F.leaky_relu(x, 0.5))}
-
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: str):
@@ -793,7 +748,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
         return self.proj(self.activation(self.fc(x))), None  # no balancing losses, unlike an MoE FFN
-
 
 # Mixture-of-experts FFN: token-choice top-k over many small experts, optionally frozen -------
 
@@ -808,9 +762,7 @@ def random_matrix(rows: int, cols: int, init: str, sparsity: float, gain: float,
     w = torch.randn(rows, cols, generator=gen) * gain / math.sqrt(rows - zeros)
     return w.scatter_(0, torch.rand(rows, cols, generator=gen).topk(zeros, dim=0).indices, 0.0)
 
-
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
 
 def expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
     """rows (sorted by expert: expert e owns rows offsets[e-1]:offsets[e]) @ weight[e]. torch's grouped matmul needs
@@ -822,7 +774,6 @@ def expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows
         return GROUPED_MM(rows, weight, offs=offsets)
     return padded_expert_matmul(rows, weight, offsets, experts_of_rows)
 
-
 def padded_expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
     capacity = int(counts.max()) if len(rows) else 0
@@ -830,7 +781,6 @@ def padded_expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_
     padded = rows.new_zeros(weight.size(0), capacity, weight.size(1))
     padded[experts_of_rows, slot] = rows
     return torch.bmm(padded, weight)[experts_of_rows, slot]
-
 
 class SlotGather(torch.autograd.Function):
     """rows[order // k] for a permutation `order` of the k slots a row. The backward gathers by `inverse` and sums each
@@ -846,7 +796,6 @@ class SlotGather(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         grad = grad[ctx.saved_tensors[0]]
         return grad.view(-1, ctx.k, grad.size(-1)).sum(1) if ctx.k > 1 else grad, None, None, None
-
 
 class MoE(nn.Module):
     """Token-choice top-k over two-matrix FFNs with biases; `route_bias` (auxiliary-loss-free balancing) shifts only the
@@ -917,7 +866,6 @@ class MoE(nn.Module):
         """Auxiliary-loss-free balancing: experts above the mean load become less likely to be chosen."""
         self.route_bias += rate * torch.sign(load.mean() - load).to(self.route_bias.dtype)
 
-
 class Block(nn.Module):
     """Attention then the FFN slot, each scaled per channel; resid_mix blends in the embedding x0."""
 
@@ -934,7 +882,6 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), value_embed, exclusive)
         out, balance = self.ffn(rms_norm(x))
         return x + self.ffn_scale.to(x.dtype) * out, balance
-
 
 class GPT(nn.Module):
     """Token embedding -> blocks walked along `plan`, (block, pass) per effective layer -> tied head. A flat stack has
@@ -1017,10 +964,8 @@ class GPT(nn.Module):
             loss = loss + aux * balance[0] + z * balance[1]
         return loss
 
-
 def moe_modules(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
-
 
 def parse_moe_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     """'all', 'every2' (blocks 1, 3, 5, ...: every other block, as Switch places them) or '0,2,5'."""
@@ -1035,7 +980,6 @@ def parse_moe_layers(spec: str, num_layers: int) -> tuple[int, ...]:
         raise ConfigError(f"MOE_LAYERS={spec!r}: block indices must be in 0..{num_layers - 1}")
     return tuple(sorted(layers))
 
-
 def parameter_counts(model: GPT) -> dict:
     """Frozen experts count in params_total, not in params_stored (the artifact's); active: top_k experts a layer."""
     experts = [(m, t) for m in moe_modules(model) for t in (m.w1, m.b1, m.w2, m.b2)]
@@ -1044,7 +988,6 @@ def parameter_counts(model: GPT) -> dict:
     active = total - sum(t.numel() for _, t in experts) + sum(m.top_k * t[0].numel() for m, t in experts)
     return {"params_total": total, "params_trainable": trainable, "params_trainable_pct": 100 * trainable / total,
             "params_active_per_token": active, "params_stored": sum(t.numel() for t in model.state_dict().values())}
-
 
 # ----------------------------------------------------------------------------------------------
 # Optimizers and schedules
@@ -1061,7 +1004,6 @@ def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32, 
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
-
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then an orthogonalised update, one batch per shape (a matmul per Newton-Schulz product, not
@@ -1120,7 +1062,6 @@ class Muon(torch.optim.Optimizer):
                 batches.append(mine)
         return batches
 
-
 def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.Optimizer]:
     """Muon (Adam if MATRIX_OPTIMIZER=adam) for the matrices in blocks, MoE expert stacks too; Adam for the rest."""
     groups = {"matrices": [], "embedding": [], "head": [], "scalars": []}
@@ -1141,7 +1082,6 @@ def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.O
     muon.param_groups[0].update(base_lr=cfg.matrix_lr, name="matrices")
     return [adam, muon]
 
-
 def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
     """LR multiplier: linear warm-up, 1, then linear warm-down to 0 over the last WARMDOWN_ITERS steps, started under a
     wall-clock cap when less time is left than those steps at the mean step time so far (the challenge's rule)."""
@@ -1154,17 +1094,14 @@ def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
         down = min(down, max(0.0, remaining_ms / max(cfg.warmdown_iters * elapsed_ms / step, 1e-9)))
     return warm * down
 
-
 def budget_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
     """The fraction of the budget used: of the wall clock when capped, of the steps, whichever is further."""
     steps = step / cfg.iterations
     return max(steps, elapsed_ms / (cfg.max_wallclock_seconds * 1000)) if cfg.max_wallclock_seconds > 0 else steps
 
-
 def muon_momentum_at(cfg: Config, step: int) -> float:
     frac = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
-
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
@@ -1209,14 +1146,12 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
         moe.step_load.zero_()
     return total / cfg.grad_accum_steps, elapsed_ms
 
-
 class Diverged(Exception):
     """A non-finite loss or gradient: the run stops before the weights are touched."""
 
     def __init__(self, step: int, what: str, group: str):
         super().__init__(f"non-finite {what} at step {step} (parameter group: {group})")
         self.checkpoint: Path | None = None
-
 
 def non_finite_group(optimizers: list[torch.optim.Optimizer]) -> str:
     for opt in optimizers:
@@ -1225,7 +1160,6 @@ def non_finite_group(optimizers: list[torch.optim.Optimizer]) -> str:
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                     return f"{group['name']}, tensor {i} of shape {tuple(p.shape)}"
     return "none: the gradient norm overflowed"
-
 
 def untimed_warmup(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, log: Logger):
     """WARMUP_STEPS untimed steps at every depth the schedule will use, so that compilation stays out
@@ -1248,7 +1182,6 @@ def untimed_warmup(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStre
         moe.load.zero_()  # the warm-up's routing is not the run's
     rt.sync()
 
-
 # The loop's parts: each owns its state and says when it acts -------------------------------------
 
 class Clock:
@@ -1270,7 +1203,6 @@ class Clock:
         yield self.banked_ms
         self.rt.sync()
         self.t0 = time.perf_counter()
-
 
 class DepthSchedule:
     """Progressive depth: the passes the model runs from each fraction of the budget on. The fraction
@@ -1303,7 +1235,6 @@ class DepthSchedule:
     def load_state_dict(self, state: dict):
         self.model.set_repeats(int(state["repeats"]))
         self.changes = [dict(phase) for phase in state["phases"]]
-
 
 class WeightAverage:
     """A float32 average of weight snapshots taken at full depth: uniform (swa: every `every` steps
@@ -1344,7 +1275,6 @@ class WeightAverage:
     def load_state_dict(self, state: dict, device):
         self.sums = {k: v.to(device) for k, v in state["sums"].items()}
         self.count, self.last_step = int(state["count"]), int(state["last_step"])
-
 
 class Validator:
     """Validation while training: every VAL_LOSS_EVERY steps, at the end of each epoch (EPOCHS) and at
@@ -1391,7 +1321,6 @@ class Validator:
         if self.saving_per_token(step):
             save_per_token(cfg, self.evaluator, pieces.compiled, f"step_{step:06d}", step, log)
 
-
 @dataclass
 class TrainResult:
     steps: int
@@ -1401,7 +1330,6 @@ class TrainResult:
     average: WeightAverage
     depth_phases: list[dict]
     moe: dict | None = None  # expert load over the last logging window (and the last validation's)
-
 
 def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evaluator: "Evaluator", log: Logger
           ) -> TrainResult:
@@ -1453,7 +1381,6 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
     moe = None if moe_train is None else {**moe_train, **({"val": validator.moe} if validator.moe else {})}
     return TrainResult(step, train_ms, validator.val_loss, validator.val_bpb, average, depth.changes, moe)
 
-
 def log_train_step(cfg: Config, rt: Runtime, model: GPT, log: Logger, step: int, loss: Tensor, elapsed: float
                    ) -> dict | None:
     """Steps 1-10, every TRAIN_LOG_EVERY and the last: the loss over the ranks, tokens/s and, for an
@@ -1467,7 +1394,6 @@ def log_train_step(cfg: Config, rt: Runtime, model: GPT, log: Logger, step: int,
     log_moe(log, "train", stats)
     return stats
 
-
 def load_statistics(counts: Tensor) -> dict:
     """How evenly slots spread over experts: Gini (0 even, (n-1)/n all on one), Shannon entropy in
     bits (log2 n even) and 2^H, the effective number of experts; experts that got nothing."""
@@ -1480,7 +1406,6 @@ def load_statistics(counts: Tensor) -> dict:
     entropy = float(-(used * used.log2()).sum())
     return {"gini": gini, "entropy": entropy, "effective_experts": 2 ** entropy, "dead": int((counts == 0).sum()),
             "share": share.tolist()}
-
 
 def moe_statistics(model: nn.Module, rt: Runtime, mode: str) -> dict | None:
     """Per MoE layer, the load since the last call in `mode` (train or eval), over all ranks; resets it.
@@ -1497,7 +1422,6 @@ def moe_statistics(model: nn.Module, rt: Runtime, mode: str) -> dict | None:
     per_layer = [load_statistics(c) for c in counts]
     return {"layers": [m.layer for m in moes], **{key: [st[key] for st in per_layer] for key in per_layer[0]}}
 
-
 def log_moe(log: "Logger", what: str, stats: dict | None):
     if stats is None:
         return
@@ -1505,7 +1429,6 @@ def log_moe(log: "Logger", what: str, stats: dict | None):
     log(f"moe_{what} layers:{','.join(map(str, stats['layers']))} " + " ".join(
         f"{'entropy_bits' if key == 'entropy' else key}:{','.join(fmt.format(v) for v in stats[key])}"
         for key, fmt in fields))
-
 
 def save_per_token(cfg: Config, evaluator: "Evaluator", model: nn.Module, name: str, step: int, log: Logger):
     """Every validation target's loss, in stream order, for comparing runs token by token."""
@@ -1519,7 +1442,6 @@ def save_per_token(cfg: Config, evaluator: "Evaluator", model: nn.Module, name: 
     write_atomic(path, buffer.getvalue())
     log(f"per_token_loss: {path} tokens:{len(losses)} mean:{float(losses.astype(np.float64).mean()):.4f}")
 
-
 def check_same_on_all_ranks(rt: Runtime, value, what: str, log: Logger):
     """An invariant of the collective decisions: a disagreement is a bug, never to pass silently."""
     values = [None] * rt.world_size
@@ -1528,12 +1450,10 @@ def check_same_on_all_ranks(rt: Runtime, value, what: str, log: Logger):
         raise RuntimeError(f"ranks disagree on {what}: {values}")
     log(f"{what.replace(' ', '_')}_agreed ranks:{rt.world_size}")
 
-
 def peak_memory_mib(rt: Runtime) -> float:
     if rt.is_cuda:
         return torch.cuda.max_memory_allocated(rt.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: all a run needs to continue exactly, in a checksummed file loaded without pickle code
@@ -1547,7 +1467,6 @@ RESUME_MUST_MATCH = ("train_seq_len", "train_batch_tokens")
 RESUME_FREE = {"run_id", "log_dir", "data_path", "tokenizer_path", "device", "compile", "grad_accum_steps",
                "val_batch_size", "train_log_every", "resume_from", "fault_at_step", "fault_rank",
                "checkpoint_every_seconds", "checkpoint_every_steps", "dist_timeout_seconds"}
-
 
 class Checkpointer:
     """Writes a checkpoint every CHECKPOINT_EVERY_STEPS steps or CHECKPOINT_EVERY_SECONDS of training
@@ -1636,7 +1555,6 @@ class Checkpointer:
         self.log(f"resumed: from {path} step:{step} train_time:{train_ms:.0f}ms")
         return step, train_ms
 
-
 def load_checkpoint(path: Path) -> dict:
     try:
         blob = Path(path).read_bytes()
@@ -1657,7 +1575,6 @@ def load_checkpoint(path: Path) -> dict:
         raise InputError(f"checkpoint {path}: not a format-1 checkpoint")
     return ckpt
 
-
 # ----------------------------------------------------------------------------------------------
 # Export: per-group quantization, compression, a self-describing artifact, and loading it back
 # ----------------------------------------------------------------------------------------------
@@ -1676,7 +1593,6 @@ QUANT_SCHEMES = {
 }
 AUTO_ORDER = ("int8", "int6", "mixed")  # most precise first: QUANT=auto keeps the first that fits
 
-
 def tensor_group(name: str, t: Tensor) -> str:
     if not t.is_floating_point() or t.ndim < 2:
         return "scalars"
@@ -1689,7 +1605,6 @@ def tensor_group(name: str, t: Tensor) -> str:
     if ".ffn." in name:
         return "mlp"  # a dense FFN's matrices, or a stack of trained expert matrices
     return "scalars"  # per-layer vectors stacked in a table: skip weights, loop embeddings, scales
-
 
 def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Symmetric per-row integers in [-(2^(b-1)-1), 2^(b-1)-1] with fp16 scales, the clip of each row
@@ -1719,10 +1634,8 @@ def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
             best_scale = torch.where(better, scale, best_scale)
     return best_q.to(torch.int8), best_scale
 
-
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
-
 
 def pack_bits(q: Tensor, bits: int) -> Tensor:
     """Signed b-bit integers, offset to unsigned, 8 values in b bytes (little-endian bit order)."""
@@ -1734,7 +1647,6 @@ def pack_bits(q: Tensor, bits: int) -> Tensor:
     packed = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits]  # little-endian: the low b bytes
     return torch.from_numpy(np.ascontiguousarray(packed).reshape(-1))
 
-
 def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     groups = packed.numpy().reshape(-1, bits)
     full = np.zeros((len(groups), 8), dtype=np.uint8)
@@ -1743,7 +1655,6 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     mask = np.uint64(2 ** bits - 1)
     values = np.stack([(words >> np.uint64(bits * i)) & mask for i in range(8)], axis=1).reshape(-1)[:count]
     return torch.from_numpy(values.astype(np.int64) - 2 ** (bits - 1)).to(torch.int8)
-
 
 def encode_tensors(state: dict[str, Tensor], scheme: str) -> tuple[bytes, list[dict]]:
     """Raw payload and its layout: which bytes hold which tensor, in which encoding."""
@@ -1772,7 +1683,6 @@ def encode_tensors(state: dict[str, Tensor], scheme: str) -> tuple[bytes, list[d
         layout.append(entry)
     return buf.getvalue(), layout
 
-
 def decode_tensors(payload: bytes, layout: list[dict]) -> dict[str, Tensor]:
     def get(part: dict) -> Tensor:
         dtype = getattr(torch, part["dtype"])
@@ -1795,7 +1705,6 @@ def decode_tensors(payload: bytes, layout: list[dict]) -> dict[str, Tensor]:
             state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
     return state
 
-
 def group_report(raw: bytes, layout: list[dict], compressor: str) -> dict:
     """Per tensor group: parameters, bytes as fp32, bytes as stored, and bytes once that group alone
     is compressed (the artifact compresses all groups together, so these add up to a little more)."""
@@ -1812,13 +1721,11 @@ def group_report(raw: bytes, layout: list[dict], compressor: str) -> dict:
         row["ratio"] = row["fp32_bytes"] / max(row["compressed_bytes"], 1)
     return report
 
-
 def compress(data: bytes, method: str | None = None) -> tuple[bytes, str]:
     method = method or ("zstd" if zstandard is not None else "zlib")
     if method == "zstd":
         return zstandard.ZstdCompressor(level=22).compress(data), "zstd"
     return zlib.compress(data, 9), "zlib"
-
 
 def decompress(data: bytes, method: str, expected_size: int) -> bytes:
     try:
@@ -1836,7 +1743,6 @@ def decompress(data: bytes, method: str, expected_size: int) -> bytes:
         raise InputError(f"artifact payload decompressed to {len(out)} bytes, header says {expected_size}")
     return out
 
-
 def write_atomic(path: Path, *chunks: bytes):
     """Temp file, fsync, rename: a crash or a full disk never leaves a half-written file under `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -1851,7 +1757,6 @@ def write_atomic(path: Path, *chunks: bytes):
         tmp.unlink(missing_ok=True)
         raise InputError(f"cannot write {path}: {e.strerror}") from None
 
-
 def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None) -> tuple[bytes, dict]:
     """The artifact (magic, header length, JSON header with model config, layout and checksum, then
     the payload) and the per-group byte report."""
@@ -1864,12 +1769,10 @@ def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = No
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, group_report(raw, layout, method)
 
-
 def write_artifact(path: Path, model: GPT, scheme: str = "int8") -> tuple[int, str]:
     blob, _ = build_artifact(model, scheme)
     write_atomic(path, blob)
     return len(blob), parse_artifact(blob, path)[0]["compressor"]
-
 
 def read_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
     try:
@@ -1877,7 +1780,6 @@ def read_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
     except OSError as e:
         raise InputError(f"artifact {path}: cannot read ({e.strerror})") from None
     return parse_artifact(blob, path)
-
 
 def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
     """Header and tensors of an artifact, every byte checked before use."""
@@ -1906,7 +1808,6 @@ def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
         raise InputError(f"artifact {name}: corrupt tensor layout") from None
     return header, state
 
-
 def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) -> GPT:
     """A fresh model built from the artifact alone."""
     try:
@@ -1923,10 +1824,8 @@ def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) ->
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model.to(device)
 
-
 def load_artifact_model(path: Path, device) -> GPT:
     return model_from_artifact(*read_artifact(path), path, device)
-
 
 def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
     """Rank 0's bytes on every rank: other nodes of a multi-node run cannot read rank 0's disk."""
@@ -1940,7 +1839,6 @@ def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
     dist.broadcast(data, 0)
     return blob if rt.rank == 0 else data.cpu().numpy().tobytes()
 
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation: one core that scores windows of the validation stream; methods built on it; the audit
 # ----------------------------------------------------------------------------------------------
@@ -1951,7 +1849,6 @@ def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
 FULL_VAL_TOKENS = 62_021_632  # the challenge's sp1024 validation split
 EVAL_LIMIT_SECONDS = 600.0
 EVAL_GPUS = 8
-
 
 def sliding_windows(lo: int, hi: int, n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows scoring targets [lo, hi) once each. A window reads seq_len tokens and scores only the
@@ -1966,7 +1863,6 @@ def sliding_windows(lo: int, hi: int, n_targets: int, seq_len: int, stride: int)
         p = end
     return windows
 
-
 @dataclass
 class Scores:
     pos: Tensor  # target index of each scored token
@@ -1979,7 +1875,6 @@ class Scores:
             return Scores(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device),
                           torch.zeros(0, dtype=torch.int32, device=device))
         return Scores(*(torch.cat([getattr(s, k) for s in parts]) for k in ("pos", "nll", "nbytes")))
-
 
 class Evaluator:
     """Scores windows of the validation tokens, split across ranks, and reduces to loss and bpb."""
@@ -2092,7 +1987,6 @@ class Evaluator:
             nll = torch.cat([p[:int(s)] for p, s in zip(padded, sizes)])
         return nll.cpu().numpy().astype(np.float16) if self.rt.rank == 0 else None
 
-
 @dataclass
 class MethodRun:
     """One method's pass over (this rank's share of) the stream."""
@@ -2102,13 +1996,11 @@ class MethodRun:
     max_sum_error: float  # the largest |sum p - 1| over every distribution scored, where measured
     info: dict = field(default_factory=dict)
 
-
 def prob_sum_error(probs: Tensor) -> Tensor:
     """The largest |sum p - 1| over rows, kept on the device so a hot loop need not wait for it."""
     if not probs.numel():
         return torch.zeros((), dtype=torch.float64, device=probs.device)
     return (probs.sum(-1, dtype=torch.float64) - 1).abs().max()
-
 
 def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> MethodRun:
     """The one scorer, and the only code that reads a target before its method has been scored on it.
@@ -2135,20 +2027,16 @@ def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> Metho
         info = finished.value or {}
     return MethodRun(Scores.cat(parts, ev.rt.device), captured, float(max_error), info)
 
-
 def method_windows(cfg: Config, ev: Evaluator, lo: int, hi: int) -> list:
     """Windows of the eval methods: sliding ones with EVAL_STRIDE, else disjoint at EVAL_SEQ_LEN."""
     return sliding_windows(lo, hi, ev.n_targets, cfg.eval_window, cfg.eval_stride or cfg.eval_window)
 
-
 def standard_method(cfg: Config, ev: Evaluator, model: nn.Module):
     yield from ev.distributions(model, ev.rank_share(ev.standard_windows()), cfg.train_seq_len)
-
 
 def sliding_method(cfg: Config, ev: Evaluator, model: nn.Module):
     windows = sliding_windows(0, ev.n_targets, ev.n_targets, cfg.eval_window, cfg.eval_stride)
     yield from ev.distributions(model, ev.rank_share(windows), cfg.eval_window)
-
 
 # Hedge: an online mixture of experts, each a normalised distribution over the whole vocabulary ---
 
@@ -2160,7 +2048,6 @@ class NeuralExpert:
 
     def observe(self, pos: Tensor):
         pass
-
 
 class TemperedExpert:
     """The neural distribution sharpened where the model is sure and flattened where it is not:
@@ -2175,7 +2062,6 @@ class TemperedExpert:
 
     def observe(self, pos: Tensor):
         pass
-
 
 class NgramExpert:
     """N-gram counts of the scored tokens only, smoothed toward the neural distribution: with n
@@ -2211,11 +2097,9 @@ class NgramExpert:
         ones = torch.ones_like(pos, dtype=torch.int32)
         self.counts.index_put_((self.row(pos), self.tokens[pos + 1]), ones, accumulate=True)
 
-
 def hedge_experts(cfg: Config, tokens: Tensor) -> list:
     ngrams = [NgramExpert(tokens, order, cfg.vocab_size, cfg.hedge_prior, cfg.hedge_table_entries) for order in (1, 2, 3)]
     return [NeuralExpert(), *ngrams, TemperedExpert()]
-
 
 def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | None = None):
     """Score first, then learn, in blocks of HEDGE_CHUNK_TOKENS targets aligned to the stream (block
@@ -2263,12 +2147,10 @@ def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | N
     finish_block()
     return {"weights": {e.name: round(w, 6) for e, w in zip(experts, torch.softmax(log_w, 0).tolist())}}
 
-
 def observe_all(experts: list, positions: Tensor):
     for block in positions.split(1 << 20):
         for expert in experts:
             expert.observe(block)
-
 
 # Score-first test-time training ----------------------------------------------------------------
 
@@ -2288,7 +2170,6 @@ def ttt_method(cfg: Config, ev: Evaluator, model: nn.Module):
                 ttt_adapt(cfg, ev, model, params, optimizer, lo, hi, lr)
     finally:
         model.load_state_dict(saved)
-
 
 def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimizer, lo: int, hi: int, lr: float):
     """TTT_STEPS full-batch SGD steps on the chunk's targets, rows of TRAIN_SEQ_LEN split over ranks."""
@@ -2320,7 +2201,6 @@ def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimi
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-
 # The audit: does every distribution sum to one, and does no score look ahead? ------------------
 
 AUDIT_STRATA = 8  # cut points: one drawn in each eighth of the audited prefix, and each rank's first position
@@ -2328,7 +2208,6 @@ AUDIT_TOLERANCE = 1e-5  # scores are computed the same way in both runs; a look-
 AUDIT_NOISE_FACTOR = 10  # ... than this many times the run-to-run noise of a method that is not deterministic
 AUDIT_MAX_SUM_ERROR = 1e-3
 AUDIT_PLAIN_EVERY = 8  # one unperturbed copy in this many measures how a row moves with its place in a batch
-
 
 def replace_after(cfg: Config, ev: Evaluator, tokens: Tensor, cut: int, gen: torch.Generator) -> Tensor:
     """`tokens` with every token after position `cut` replaced by another. In DOC_MODE BOS stays and
@@ -2339,7 +2218,6 @@ def replace_after(cfg: Config, ev: Evaluator, tokens: Tensor, cut: int, gen: tor
         changed = torch.where(changed == ev.bos_id, (changed + 1) % cfg.vocab_size, changed)
         changed = torch.where(later == ev.bos_id, later, changed)
     return torch.cat([tokens[:cut + 1], changed])
-
 
 def window_check(cfg: Config, ev: Evaluator, model: nn.Module, windows: list, seq_len: int, positions: int,
                  gen: torch.Generator) -> dict:
@@ -2371,7 +2249,6 @@ def window_check(cfg: Config, ev: Evaluator, model: nn.Module, windows: list, se
     tolerance = max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * noise)
     return {"positions": min(positions, ev.n_targets), "max_change": change, "noise": noise,
             "causal": change <= tolerance}
-
 
 class RevealingEvaluator(Evaluator):
     """The audit's stream for what a method learns as it goes: while the method predicts the first
@@ -2412,13 +2289,11 @@ class RevealingEvaluator(Evaluator):
                 self.reveal(int(pos[row]))
                 yield pos[row:row + 1], logp[row:row + 1]
 
-
 def audit_seed(cfg: Config, rt: Runtime) -> int:
     """EVAL_AUDIT_SEED, or a fresh seed rank 0 draws for every rank: cut points that follow from SEED
     are points a model could be fitted around."""
     seed = cfg.eval_audit_seed or 1 + int.from_bytes(os.urandom(3), "little")
     return int(rt.all_reduce(torch.tensor(float(seed if rt.rank == 0 else 0), dtype=torch.float64, device=rt.device)))
-
 
 def rank_starts(rt: Runtime, scores: Scores) -> list[int]:
     """Every rank's first scored position, where a rank that took in its own targets early would show."""
@@ -2427,13 +2302,11 @@ def rank_starts(rt: Runtime, scores: Scores) -> list[int]:
         first[rt.rank] = scores.pos[0].double() + 1
     return [int(p) - 1 for p in rt.all_reduce(first).tolist() if p > 0]
 
-
 def audit_layout(cfg: Config, ev: Evaluator, name: str) -> tuple[list, int]:
     """The windows and length a method scores with: the standard method's own, or the eval methods'."""
     if name == "standard":
         return ev.standard_windows(), cfg.train_seq_len
     return method_windows(cfg, ev, 0, ev.n_targets), cfg.eval_window
-
 
 def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logger, name: str,
                  seed: int | None = None, checked: dict | None = None) -> dict:
@@ -2509,9 +2382,7 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
         f"{'passed' if result['passed'] else 'FAILED'}")
     return result
 
-
 EVAL_METHODS = {"standard": standard_method, "sliding": sliding_method, "hedge": hedge_method, "ttt": ttt_method}
-
 
 def run_audits(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger) -> dict:
     """With EVAL_AUDIT=1, every method's audit on the round-trip model, before anything is scored."""
@@ -2520,7 +2391,6 @@ def run_audits(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger) -> dic
     seed, checked = audit_seed(cfg, ev.rt), {}
     return {name: audit_method(cfg, ev, model, EVAL_METHODS[name], log, name, seed, checked)
             for name in ("standard", *cfg.eval_methods)}
-
 
 def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger, standard_ms: float,
                       audits: dict) -> dict:
@@ -2556,7 +2426,6 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
                         "passed": all(a["passed"] for a in audits.values()), "methods": audits}
     return out
 
-
 def eval_fit(ev: Evaluator, eval_ms: dict) -> dict:
     """Each method took ms here for n_targets on world_size devices of this kind; the full split on
     8 of them takes that much longer per token and that much shorter per device."""
@@ -2565,7 +2434,6 @@ def eval_fit(ev: Evaluator, eval_ms: dict) -> dict:
     return {"estimated_full_split_s": estimate, "fits": estimate <= EVAL_LIMIT_SECONDS,
             "basis": f"{ev.n_targets} targets on {ev.rt.world_size} x {ev.rt.device.type}, "
                      f"scaled to {FULL_VAL_TOKENS} on {EVAL_GPUS}"}
-
 
 # ----------------------------------------------------------------------------------------------
 # Assembly: the run's pieces, built one way for the trainer, the dry run and the tools
@@ -2586,7 +2454,6 @@ def source_floor(meta: dict, val_bytes: int, log: Logger) -> dict:
             out["source_bpb"] = float(meta["val_entropy_bits"]) / out["val_utf8_bytes"]
             log(f"source_entropy: val_entropy_bits:{meta['val_entropy_bits']:.1f} source_bpb:{out['source_bpb']:.4f}")
     return out
-
 
 def load_data(cfg: Config, rt: Runtime, log: Logger) -> tuple[Config, TokenStream | DocStream, Evaluator, dict]:
     """The training stream and the evaluator of DATA_PATH's shards, logged; with EPOCHS, the config
@@ -2615,13 +2482,11 @@ def load_data(cfg: Config, rt: Runtime, log: Logger) -> tuple[Config, TokenStrea
             f"scored_fraction:{floor['scored_fraction']:.4f} of the stream's: not comparable with a stream's bpb")
     return cfg, stream, evaluator, floor
 
-
 def build_model(spec: ModelSpec, device: torch.device) -> GPT:
     """On a meta device nothing is allocated (a dry run's accounting); elsewhere the weights are drawn
     on the CPU, so that an init is the same on every device."""
     with torch.device("meta") if device.type == "meta" else nullcontext():
         return GPT(spec).to(device)
-
 
 @dataclass
 class Pieces:
@@ -2629,7 +2494,6 @@ class Pieces:
     compiled: nn.Module  # the model as it runs: compiled when COMPILE is on
     train_model: nn.Module  # the model as it trains: wrapped in DDP when distributed
     optimizers: list[torch.optim.Optimizer]
-
 
 def assemble(cfg: Config, rt: Runtime) -> Pieces:
     """The model seeded by SEED, as it runs and as it trains, and its optimizers."""
@@ -2642,7 +2506,6 @@ def assemble(cfg: Config, rt: Runtime) -> Pieces:
                                           broadcast_buffers=False, find_unused_parameters=one_pass_phase
                                           ) if rt.distributed else compiled
     return Pieces(model, compiled, train_model, build_optimizers(model, cfg, rt))
-
 
 # ----------------------------------------------------------------------------------------------
 # main: a run from its config to its summary
@@ -2678,7 +2541,6 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
             **({"depth_phases": result.depth_phases} if cfg.depth_schedule else {}),
             **({"moe": result.moe} if result.moe else {}), **({"compile": compiled_graphs} if compiled_graphs else {})}
 
-
 def training_report(cfg: Config, rt: Runtime, result: TrainResult, log: Logger) -> dict:
     """Steps, time, tokens and memory; the graphs training compiled; that all ranks changed depth alike."""
     if rt.compile:
@@ -2694,7 +2556,6 @@ def training_report(cfg: Config, rt: Runtime, result: TrainResult, log: Logger) 
     return {"steps": result.steps, "train_time_ms": result.train_time_ms, "tokens_seen": tokens,
             "tokens_per_s": tokens / max(result.train_time_ms / 1000, 1e-9), "peak_mem_mib": peak}
 
-
 def apply_average(cfg: Config, pieces: Pieces, evaluator: "Evaluator", result: TrainResult, log: Logger) -> dict:
     """With SWA or EMA, the model takes the averaged weights, which are then what is validated and exported."""
     kind, average = cfg.weight_average, result.average
@@ -2706,7 +2567,6 @@ def apply_average(cfg: Config, pieces: Pieces, evaluator: "Evaluator", result: T
     log(f"{kind}: snapshots:{average.count} raw val_bpb:{raw['raw_val_bpb']:.4f} "
         f"averaged val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f}")
     return raw
-
 
 def score(cfg: Config, evaluator: "Evaluator", roundtrip: nn.Module, result: TrainResult, exported: dict, floor: dict,
           log: Logger) -> dict:
@@ -2733,12 +2593,10 @@ def score(cfg: Config, evaluator: "Evaluator", roundtrip: nn.Module, result: Tra
                 f"the evaluation is wrong")
     return {**evaluated, **withheld}
 
-
 def format_parameter_counts(counts: dict) -> str:
     return (f"params: total:{counts['params_total']} trainable:{counts['params_trainable']} "
             f"({counts['params_trainable_pct']:.2f}%) active_per_token:{counts['params_active_per_token']} "
             f"stored:{counts['params_stored']}")
-
 
 def print_dry_run(cfg: Config, notes: list[str]) -> int:
     """The config and the parameter accounting, from a model on the meta device: nothing allocated."""
@@ -2749,7 +2607,6 @@ def print_dry_run(cfg: Config, notes: list[str]) -> int:
     print(format_parameter_counts(counts))
     print(f"dry_run: {json.dumps(counts)}")
     return 0
-
 
 def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evaluator, log: Logger
                           ) -> tuple[dict, nn.Module]:
@@ -2799,13 +2656,11 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evalu
             "quant": {"scheme": scheme, "tried": tried}, "artifact_path": str(artifact_path),
             "roundtrip_eval_ms": eval_ms}, roundtrip
 
-
 def log_roundtrip(log: Logger, exported: dict, scored: str = ""):
     name = f"{exported['quant']['scheme']}_{exported['compressor']}"
     loss, bpb = exported["roundtrip_val_loss"], exported["roundtrip_val_bpb"]
     log(f"final_{name}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{exported['roundtrip_eval_ms']:.0f}ms")
     log(f"final_{name}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}{scored}")
-
 
 def main() -> int:
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
@@ -2859,7 +2714,6 @@ def main() -> int:
         print(f"error: rank {rt.rank}: a collective with the other ranks failed ({str(e).splitlines()[0][:160]}); "
               f"another rank probably died or hung: see its output", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
