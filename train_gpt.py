@@ -709,16 +709,13 @@ class Attention(nn.Module):
         inv_freq = 1.0 / rope_base ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def rotary(self, seq_len: int, device) -> tuple[Tensor, Tensor]:
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
-        return freqs.cos()[None, None], freqs.sin()[None, None]
-
     def forward(self, x: Tensor, value_embed: Tensor | None = None, exclusive: bool = False) -> Tensor:
         b, t, d = x.shape
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         v = v if value_embed is None else v + value_embed
         q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
-        cos, sin = self.rotary(t, x.device)
+        freqs = torch.outer(torch.arange(t, device=x.device, dtype=torch.float32), self.inv_freq.to(x.device))
+        cos, sin = freqs.cos()[None, None], freqs.sin()[None, None]
         q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)

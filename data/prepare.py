@@ -321,10 +321,10 @@ def trained_tokenizer(docs, val_docs: int, vocab_size: int, prefix: Path):
     """Trains on the training split and loads the result; the training text is released on return,
     before the encoding pass."""
     texts = tokenizer_training_text(docs, val_docs, TOKENIZER_TRAIN_CHARS)
-    return load_tokenizer(train_tokenizer(texts, prefix, vocab_size))
+    return load_shard_tokenizer(train_tokenizer(texts, prefix, vocab_size))
 
 
-def load_tokenizer(path: Path):
+def load_shard_tokenizer(path: Path):
     """The sentencepiece model at `path`, refused unless its ids fit the shards, its BOS is the
     challenge's and it has the standalone "\u2581" piece bits per byte need."""
     import sentencepiece as spm
@@ -415,7 +415,7 @@ def prepare(inputs: list[Path], out_dir: Path, tokenizer: Path | None, vocab_siz
     """Builds tokenizer, shards and meta.json in a staging folder inside `out_dir`, then publishes
     them; the staging folder goes away whatever happens. Returns meta.json's content."""
     check_inputs(inputs)
-    sp = load_tokenizer(tokenizer) if tokenizer is not None else None
+    sp = load_shard_tokenizer(tokenizer) if tokenizer is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
     try:

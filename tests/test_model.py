@@ -71,7 +71,8 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
     q = attn.c_q(x).view(b, t, 4, 8).transpose(1, 2)
     k = attn.c_k(x).view(b, t, 2, 8).transpose(1, 2)
     v = attn.c_v(x).view(b, t, 2, 8).transpose(1, 2)
-    cos, sin = attn.rotary(t, x.device)
+    angles = torch.arange(t, dtype=torch.float32)[:, None] / 10000.0 ** (torch.arange(0, 8, 2) / 8)
+    cos, sin = angles.cos(), angles.sin()
     norm = lambda z: F.rms_norm(z, (8,))  # noqa: E731
     q = apply_rotary(norm(q), cos, sin) * 1.5
     k = apply_rotary(norm(k), cos, sin).repeat_interleave(2, dim=1)
