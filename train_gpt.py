@@ -1638,23 +1638,16 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 def pack_bits(q: Tensor, bits: int) -> Tensor:
-    """Signed b-bit integers, offset to unsigned, 8 values in b bytes (little-endian bit order)."""
-    values = (q.flatten().numpy().astype(np.int64) + 2 ** (bits - 1)).astype(np.uint64)
-    values = np.pad(values, (0, -len(values) % 8)).reshape(-1, 8)
-    words = np.zeros(len(values), dtype=np.uint64)
-    for i in range(8):
-        words |= values[:, i] << np.uint64(bits * i)
-    packed = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits]  # little-endian: the low b bytes
-    return torch.from_numpy(np.ascontiguousarray(packed).reshape(-1))
+    """Signed b-bit integers, offset to unsigned, as one little-endian bit stream: 8 values in b bytes."""
+    values = (q.flatten().numpy().astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
+    values = np.pad(values, (0, -len(values) % 8))
+    low_bits = np.unpackbits(values[:, None], axis=1, bitorder="little")[:, :bits]
+    return torch.from_numpy(np.packbits(low_bits, bitorder="little"))
 
 def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
-    groups = packed.numpy().reshape(-1, bits)
-    full = np.zeros((len(groups), 8), dtype=np.uint8)
-    full[:, :bits] = groups
-    words = full.view("<u8").reshape(-1).astype(np.uint64)
-    mask = np.uint64(2 ** bits - 1)
-    values = np.stack([(words >> np.uint64(bits * i)) & mask for i in range(8)], axis=1).reshape(-1)[:count]
-    return torch.from_numpy(values.astype(np.int64) - 2 ** (bits - 1)).to(torch.int8)
+    low_bits = np.unpackbits(packed.numpy(), bitorder="little").reshape(-1, bits)[:count]
+    values = np.packbits(low_bits, axis=1, bitorder="little")[:, 0]  # each row zero-padded to 8 bits
+    return torch.from_numpy(values.astype(np.int16) - 2 ** (bits - 1)).to(torch.int8)
 
 def encode_tensors(state: dict[str, Tensor], scheme: str) -> tuple[bytes, list[dict]]:
     """Raw payload and its layout: which bytes hold which tensor, in which encoding."""
