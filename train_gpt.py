@@ -1649,33 +1649,6 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     values = np.packbits(low_bits, axis=1, bitorder="little")[:, 0]  # each row zero-padded to 8 bits
     return torch.from_numpy(values.astype(np.int16) - 2 ** (bits - 1)).to(torch.int8)
 
-def encode_tensors(state: dict[str, Tensor], scheme: str) -> tuple[bytes, list[dict]]:
-    """Raw payload and its layout: which bytes hold which tensor, in which encoding."""
-    buf, layout, offset = io.BytesIO(), [], 0
-
-    def put(t: Tensor) -> dict:
-        nonlocal offset
-        data = t.contiguous().cpu().numpy().tobytes()
-        buf.write(data)
-        part = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "offset": offset,
-                "nbytes": len(data)}
-        offset += len(data)
-        return part
-
-    for name, t in state.items():
-        group = tensor_group(name, t)
-        bits = QUANT_SCHEMES[scheme][group] if t.numel() >= QUANT_MIN_NUMEL else None
-        entry = {"name": name, "group": group, "shape": list(t.shape)}
-        if bits:
-            q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits)  # a stack of expert matrices: all rows
-            entry.update(encoding="int_rows", bits=bits, parts=[put(pack_bits(q, bits)), put(scale)])
-        elif t.is_floating_point():
-            entry.update(encoding="fp16", parts=[put(t.half())])
-        else:
-            entry.update(encoding="raw", parts=[put(t)])
-        layout.append(entry)
-    return buf.getvalue(), layout
-
 def decode_tensors(payload: bytes, layout: list[dict]) -> dict[str, Tensor]:
     def get(part: dict) -> Tensor:
         dtype = getattr(torch, part["dtype"])
@@ -1697,22 +1670,6 @@ def decode_tensors(payload: bytes, layout: list[dict]) -> dict[str, Tensor]:
         else:
             state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
     return state
-
-def group_report(raw: bytes, layout: list[dict], compressor: str) -> dict:
-    """Per tensor group: parameters, bytes as fp32, bytes as stored, and bytes once that group alone
-    is compressed (the artifact compresses all groups together, so these add up to a little more)."""
-    report = {}
-    for entry in layout:
-        row = report.setdefault(entry["group"], {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "chunks": []})
-        row["params"] += math.prod(entry["shape"])
-        row["fp32_bytes"] += 4 * math.prod(entry["shape"])
-        for part in entry["parts"]:
-            row["stored_bytes"] += part["nbytes"]
-            row["chunks"].append(raw[part["offset"]:part["offset"] + part["nbytes"]])
-    for row in report.values():
-        row["compressed_bytes"] = len(compress(b"".join(row.pop("chunks")), compressor)[0])
-        row["ratio"] = row["fp32_bytes"] / max(row["compressed_bytes"], 1)
-    return report
 
 def compress(data: bytes, method: str | None = None) -> tuple[bytes, str]:
     method = method or ("zstd" if zstandard is not None else "zlib")
@@ -1751,16 +1708,43 @@ def write_atomic(path: Path, *chunks: bytes):
         raise InputError(f"cannot write {path}: {e.strerror}") from None
 
 def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None) -> tuple[bytes, dict]:
-    """The artifact (magic, header length, JSON header with model config, layout and checksum, then
-    the payload) and the per-group byte report."""
-    # The artifact is made on the host: its packing and compression are numpy and bytes, and the
-    # host copy costs less than a second even for a 16 MB model.
-    raw, layout = encode_tensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, scheme)
+    """The artifact (magic, header length, JSON header with the model spec, the tensor layout and the checksum,
+    then the compressed payload) and per tensor group its parameters and bytes: as fp32, as stored, and
+    compressed alone (the artifact compresses all groups together, so these add up to a little more)."""
+    raw, layout, groups = io.BytesIO(), [], {}
+    # Made on the host: packing and compression are numpy and bytes, and the copy takes under a second at 16 MB.
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        group = tensor_group(name, t)
+        bits = QUANT_SCHEMES[scheme][group] if t.numel() >= QUANT_MIN_NUMEL else None
+        if bits:
+            q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits)  # a stack of expert matrices: all rows
+            encoding, parts = {"encoding": "int_rows", "bits": bits}, [pack_bits(q, bits), scale]
+        elif t.is_floating_point():
+            encoding, parts = {"encoding": "fp16"}, [t.half()]
+        else:
+            encoding, parts = {"encoding": "raw"}, [t]
+        row = groups.setdefault(group, {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "stored": bytearray()})
+        row["params"] += t.numel()
+        row["fp32_bytes"] += 4 * t.numel()
+        part_layout = []  # which bytes of the payload hold each part, and as what
+        for part in parts:
+            data = part.contiguous().numpy().tobytes()
+            part_layout.append({"dtype": str(part.dtype).removeprefix("torch."), "shape": list(part.shape),
+                                "offset": raw.tell(), "nbytes": len(data)})
+            raw.write(data)
+            row["stored"] += data
+        layout.append({"name": name, "group": group, "shape": list(t.shape), **encoding, "parts": part_layout})
+    raw = raw.getvalue()
     payload, method = compress(raw, compressor)
+    for row in groups.values():
+        stored = row.pop("stored")
+        row.update(stored_bytes=len(stored), compressed_bytes=len(compress(stored, method)[0]))
+        row["ratio"] = row["fp32_bytes"] / max(row["compressed_bytes"], 1)
     header = json.dumps({"format": 3, "model": dataclasses.asdict(model.spec), "quant": scheme, "compressor": method,
                          "tensors": layout, "raw_bytes": len(raw), "payload_bytes": len(payload),
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, group_report(raw, layout, method)
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, groups
 
 def write_artifact(path: Path, model: GPT, scheme: str = "int8") -> tuple[int, str]:
     blob, _ = build_artifact(model, scheme)
