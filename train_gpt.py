@@ -1649,49 +1649,11 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     values = np.packbits(low_bits, axis=1, bitorder="little")[:, 0]  # each row zero-padded to 8 bits
     return torch.from_numpy(values.astype(np.int16) - 2 ** (bits - 1)).to(torch.int8)
 
-def decode_tensors(payload: bytes, layout: list[dict]) -> dict[str, Tensor]:
-    def get(part: dict) -> Tensor:
-        dtype = getattr(torch, part["dtype"])
-        start, end = part["offset"], part["offset"] + part["nbytes"]
-        if end > len(payload):
-            raise InputError("artifact payload is shorter than its layout says")
-        if start == end:  # torch.frombuffer refuses an empty buffer; a 0-element tensor (one block's skips) is legal
-            return torch.empty(part["shape"], dtype=dtype)
-        return torch.frombuffer(bytearray(payload[start:end]), dtype=dtype).reshape(part["shape"])
-
-    state = {}
-    for entry in layout:
-        parts = [get(p) for p in entry["parts"]]
-        shape = entry["shape"]
-        if entry["encoding"] == "int_rows":
-            rows = len(parts[1])
-            q = unpack_bits(parts[0], int(entry["bits"]), math.prod(shape)).view(rows, -1)
-            state[entry["name"]] = dequantize_rows(q, parts[1]).reshape(shape)
-        else:
-            state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
-    return state
-
 def compress(data: bytes, method: str | None = None) -> tuple[bytes, str]:
     method = method or ("zstd" if zstandard is not None else "zlib")
     if method == "zstd":
         return zstandard.ZstdCompressor(level=22).compress(data), "zstd"
     return zlib.compress(data, 9), "zlib"
-
-def decompress(data: bytes, method: str, expected_size: int) -> bytes:
-    try:
-        if method == "zstd":
-            if zstandard is None:
-                raise InputError("artifact is zstd-compressed but the zstandard package is not installed")
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected_size)
-        elif method == "zlib":
-            out = zlib.decompress(data)
-        else:
-            raise InputError(f"artifact uses an unknown compressor {method!r}")
-    except (zlib.error, zstandard.ZstdError if zstandard else zlib.error):
-        raise InputError("artifact payload does not decompress") from None
-    if len(out) != expected_size:
-        raise InputError(f"artifact payload decompressed to {len(out)} bytes, header says {expected_size}")
-    return out
 
 def write_atomic(path: Path, *chunks: bytes):
     """Temp file, fsync, rename: a crash or a full disk never leaves a half-written file under `path`."""
@@ -1746,11 +1708,6 @@ def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = No
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, groups
 
-def write_artifact(path: Path, model: GPT, scheme: str = "int8") -> tuple[int, str]:
-    blob, _ = build_artifact(model, scheme)
-    write_atomic(path, blob)
-    return len(blob), parse_artifact(blob, path)[0]["compressor"]
-
 def read_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
     try:
         blob = Path(path).read_bytes()
@@ -1777,13 +1734,42 @@ def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
         raise InputError(f"artifact {name}: truncated (payload {len(payload)} bytes, header says {expected_payload})")
     if hashlib.sha256(payload).hexdigest() != checksum:
         raise InputError(f"artifact {name}: checksum mismatch (corrupt file)")
+    if method == "zstd" and zstandard is None:
+        raise InputError(f"artifact {name}: zstd-compressed but the zstandard package is not installed")
+    if method not in ("zstd", "zlib"):
+        raise InputError(f"artifact {name}: unknown compressor {method!r}")
     try:
-        state = decode_tensors(decompress(payload, method, raw_bytes), layout)
-    except InputError as e:
-        raise InputError(f"artifact {name}: {e}") from None
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
+        raw = (zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_bytes) if method == "zstd"
+               else zlib.decompress(payload))
+    except (zlib.error, zstandard.ZstdError if zstandard else zlib.error):
+        raise InputError(f"artifact {name}: payload does not decompress") from None
+    if len(raw) != raw_bytes:
+        raise InputError(f"artifact {name}: payload decompressed to {len(raw)} bytes, header says {raw_bytes}")
+    try:
+        return header, decode_tensors(raw, layout, name)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
         raise InputError(f"artifact {name}: corrupt tensor layout") from None
-    return header, state
+
+def decode_tensors(raw: bytes, layout: list[dict], name) -> dict[str, Tensor]:
+    def get(part: dict) -> Tensor:
+        dtype = getattr(torch, part["dtype"])
+        start, end = part["offset"], part["offset"] + part["nbytes"]
+        if end > len(raw):
+            raise InputError(f"artifact {name}: payload is shorter than its layout says")
+        if start == end:  # torch.frombuffer refuses an empty buffer; a 0-element tensor (one block's skips) is legal
+            return torch.empty(part["shape"], dtype=dtype)
+        return torch.frombuffer(bytearray(raw[start:end]), dtype=dtype).reshape(part["shape"])
+
+    state = {}
+    for entry in layout:
+        parts = [get(p) for p in entry["parts"]]
+        if entry["encoding"] == "int_rows":
+            packed, scale = parts
+            q = unpack_bits(packed, int(entry["bits"]), math.prod(entry["shape"])).view(len(scale), -1)
+            state[entry["name"]] = dequantize_rows(q, scale).reshape(entry["shape"])
+        else:
+            state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
+    return state
 
 def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) -> GPT:
     """A fresh model built from the artifact alone."""
@@ -1800,9 +1786,6 @@ def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) ->
         raise InputError(f"artifact {name}: tensors missing: {', '.join(missing[:3])}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model.to(device)
-
-def load_artifact_model(path: Path, device) -> GPT:
-    return model_from_artifact(*read_artifact(path), path, device)
 
 def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
     """Rank 0's bytes on every rank: other nodes of a multi-node run cannot read rank 0's disk."""
