@@ -1600,10 +1600,8 @@ def tensor_group(name: str, t: Tensor) -> str:
         return "embedding"
     if ".attn." in name:
         return "attention"
-    if ".ffn.router." in name:
-        return "router"
-    if ".ffn." in name:
-        return "mlp"  # a dense FFN's matrices, or a stack of trained expert matrices
+    if ".ffn." in name:  # a router, or a dense FFN's matrices or a stack of trained expert matrices
+        return "router" if ".ffn.router." in name else "mlp"
     return "scalars"  # per-layer vectors stacked in a table: skip weights, loop embeddings, scales
 
 def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -1649,19 +1647,15 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     values = np.packbits(low_bits, axis=1, bitorder="little")[:, 0]  # each row zero-padded to 8 bits
     return torch.from_numpy(values.astype(np.int16) - 2 ** (bits - 1)).to(torch.int8)
 
-def compress(data: bytes, method: str | None = None) -> tuple[bytes, str]:
-    method = method or ("zstd" if zstandard is not None else "zlib")
-    if method == "zstd":
-        return zstandard.ZstdCompressor(level=22).compress(data), "zstd"
-    return zlib.compress(data, 9), "zlib"
+def compress(data: bytes, method: str) -> bytes:
+    return zstandard.ZstdCompressor(level=22).compress(data) if method == "zstd" else zlib.compress(data, 9)
 
 def write_atomic(path: Path, *chunks: bytes):
     """Temp file, fsync, rename: a crash or a full disk never leaves a half-written file under `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            for chunk in chunks:  # written one by one: joining 200 MB of checkpoint would copy it
-                f.write(chunk)
+            f.writelines(chunks)  # one by one: joining 200 MB of checkpoint would copy it
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1679,16 +1673,14 @@ def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = No
         t = t.detach().cpu()
         group = tensor_group(name, t)
         bits = QUANT_SCHEMES[scheme][group] if t.numel() >= QUANT_MIN_NUMEL else None
+        encoding, parts = {"encoding": "raw"}, [t]
         if bits:
             q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits)  # a stack of expert matrices: all rows
             encoding, parts = {"encoding": "int_rows", "bits": bits}, [pack_bits(q, bits), scale]
         elif t.is_floating_point():
             encoding, parts = {"encoding": "fp16"}, [t.half()]
-        else:
-            encoding, parts = {"encoding": "raw"}, [t]
         row = groups.setdefault(group, {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "stored": bytearray()})
         row["params"] += t.numel()
-        row["fp32_bytes"] += 4 * t.numel()
         part_layout = []  # which bytes of the payload hold each part, and as what
         for part in parts:
             data = part.contiguous().numpy().tobytes()
@@ -1698,22 +1690,17 @@ def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = No
             row["stored"] += data
         layout.append({"name": name, "group": group, "shape": list(t.shape), **encoding, "parts": part_layout})
     raw = raw.getvalue()
-    payload, method = compress(raw, compressor)
+    method = compressor or ("zstd" if zstandard is not None else "zlib")
+    payload = compress(raw, method)
     for row in groups.values():
         stored = row.pop("stored")
-        row.update(stored_bytes=len(stored), compressed_bytes=len(compress(stored, method)[0]))
+        row.update(fp32_bytes=4 * row["params"], stored_bytes=len(stored),
+                   compressed_bytes=len(compress(stored, method)))
         row["ratio"] = row["fp32_bytes"] / max(row["compressed_bytes"], 1)
     header = json.dumps({"format": 3, "model": dataclasses.asdict(model.spec), "quant": scheme, "compressor": method,
                          "tensors": layout, "raw_bytes": len(raw), "payload_bytes": len(payload),
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, groups
-
-def read_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    try:
-        blob = Path(path).read_bytes()
-    except OSError as e:
-        raise InputError(f"artifact {path}: cannot read ({e.strerror})") from None
-    return parse_artifact(blob, path)
 
 def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
     """Header and tensors of an artifact, every byte checked before use."""
@@ -1734,10 +1721,8 @@ def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
         raise InputError(f"artifact {name}: truncated (payload {len(payload)} bytes, header says {expected_payload})")
     if hashlib.sha256(payload).hexdigest() != checksum:
         raise InputError(f"artifact {name}: checksum mismatch (corrupt file)")
-    if method == "zstd" and zstandard is None:
-        raise InputError(f"artifact {name}: zstd-compressed but the zstandard package is not installed")
-    if method not in ("zstd", "zlib"):
-        raise InputError(f"artifact {name}: unknown compressor {method!r}")
+    if method not in (("zstd", "zlib") if zstandard else ("zlib",)):
+        raise InputError(f"artifact {name}: compressor {method!r} unknown here (zstd needs the zstandard package)")
     try:
         raw = (zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_bytes) if method == "zstd"
                else zlib.decompress(payload))
@@ -1752,13 +1737,11 @@ def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
 
 def decode_tensors(raw: bytes, layout: list[dict], name) -> dict[str, Tensor]:
     def get(part: dict) -> Tensor:
-        dtype = getattr(torch, part["dtype"])
         start, end = part["offset"], part["offset"] + part["nbytes"]
         if end > len(raw):
             raise InputError(f"artifact {name}: payload is shorter than its layout says")
-        if start == end:  # torch.frombuffer refuses an empty buffer; a 0-element tensor (one block's skips) is legal
-            return torch.empty(part["shape"], dtype=dtype)
-        return torch.frombuffer(bytearray(raw[start:end]), dtype=dtype).reshape(part["shape"])
+        # numpy, as torch.frombuffer refuses an empty buffer: a 0-element tensor (one block's skips) is legal
+        return torch.from_numpy(np.frombuffer(raw[start:end], dtype=part["dtype"]).copy()).reshape(part["shape"])
 
     state = {}
     for entry in layout:
@@ -1789,15 +1772,10 @@ def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) ->
 
 def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
     """Rank 0's bytes on every rank: other nodes of a multi-node run cannot read rank 0's disk."""
-    if not rt.distributed:
-        return blob
-    size = torch.tensor([len(blob) if rt.rank == 0 else 0], dtype=torch.int64, device=rt.device)
-    dist.broadcast(size, 0)
-    data = torch.empty(int(size.item()), dtype=torch.uint8, device=rt.device)
-    if rt.rank == 0:
-        data.copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
-    dist.broadcast(data, 0)
-    return blob if rt.rank == 0 else data.cpu().numpy().tobytes()
+    shared = [blob]
+    if rt.distributed:
+        dist.broadcast_object_list(shared, src=0, device=rt.device)
+    return shared[0]
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation: one core that scores windows of the validation stream; methods built on it; the audit

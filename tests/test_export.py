@@ -10,7 +10,7 @@ import torch
 import train_gpt
 from test_model import randomize, tiny_model
 from train_gpt import (ARTIFACT_MAGIC, InputError, build_artifact, dequantize_rows, load_config, model_from_artifact,
-                       quantize_rows, read_artifact, write_atomic)
+                       parse_artifact, quantize_rows, write_atomic)
 
 
 @pytest.mark.parametrize("bits", [8, 6, 5])
@@ -65,6 +65,10 @@ def cfg_for(model_env=None):
     env = {"VOCAB_SIZE": "64", "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
            "TRAIN_BATCH_TOKENS": "1024", **(model_env or {})}
     return load_config(env)[0]
+
+
+def read_artifact(path):
+    return parse_artifact(path.read_bytes(), path)
 
 
 def exported(tmp_path, monkeypatch=None):
