@@ -1495,13 +1495,11 @@ class Checkpointer:
         error = ""
         if rt.rank == 0:
             t0 = time.perf_counter()
-            payload = {"format": 1, "config": dataclasses.asdict(cfg), "step": step, "train_ms": train_ms,
-                       "model": pieces.model.state_dict(), "optimizers": [opt.state_dict() for opt in pieces.optimizers],
-                       "average": average.state_dict(), "depth": depth.state_dict(),
-                       "rng": {"torch": torch.get_rng_state(),
-                               "cuda": torch.cuda.get_rng_state_all() if rt.is_cuda else []}}
             buf = io.BytesIO()
-            torch.save(payload, buf)
+            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if rt.is_cuda else []}
+            torch.save(dict(format=1, config=dataclasses.asdict(cfg), step=step, train_ms=train_ms, rng=rng,
+                            model=pieces.model.state_dict(), depth=depth.state_dict(), average=average.state_dict(),
+                            optimizers=[opt.state_dict() for opt in pieces.optimizers]), buf)
             data = buf.getbuffer()
             try:
                 write_atomic(path, CHECKPOINT_MAGIC + hashlib.sha256(data).digest(), data)
@@ -1517,8 +1515,7 @@ class Checkpointer:
         self.last, self.last_ms = path, train_ms
 
     def resume(self, pieces: "Pieces", depth: DepthSchedule, average: WeightAverage) -> tuple[int, float]:
-        """The step and training time to continue from: RESUME_FROM's, with the weights, optimizer
-        state, depth, weight average and RNG it saved; (0, 0) for a fresh run."""
+        """RESUME_FROM's step and training time, with all it saved restored; (0, 0) for a fresh run."""
         cfg = self.cfg
         if not cfg.resume_from:
             return 0, 0.0
@@ -1586,11 +1583,9 @@ SCALE_FLOOR = 1e-12  # a larger floor breaks the round trip of near-zero rows in
 CLIP_QUANTILES = (0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 # Bits per tensor group (None: fp16). Embeddings stay at 8 bits in every scheme: they are the most
 # sensitive to quantization and a small share of the bytes.
-QUANT_SCHEMES = {
-    "int8": {"embedding": 8, "attention": 8, "mlp": 8, "router": 8, "scalars": None},
-    "int6": {"embedding": 8, "attention": 6, "mlp": 6, "router": 8, "scalars": None},
-    "mixed": {"embedding": 8, "attention": 6, "mlp": 5, "router": 8, "scalars": None},
-}
+QUANT_SCHEMES = {"int8": {"embedding": 8, "attention": 8, "mlp": 8, "router": 8, "scalars": None},
+                 "int6": {"embedding": 8, "attention": 6, "mlp": 6, "router": 8, "scalars": None},
+                 "mixed": {"embedding": 8, "attention": 6, "mlp": 5, "router": 8, "scalars": None}}
 AUTO_ORDER = ("int8", "int6", "mixed")  # most precise first: QUANT=auto keeps the first that fits
 
 def tensor_group(name: str, t: Tensor) -> str:
@@ -1664,13 +1659,12 @@ def write_atomic(path: Path, *chunks: bytes):
         raise InputError(f"cannot write {path}: {e.strerror}") from None
 
 def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None) -> tuple[bytes, dict]:
-    """The artifact (magic, header length, JSON header with the model spec, the tensor layout and the checksum,
-    then the compressed payload) and per tensor group its parameters and bytes: as fp32, as stored, and
-    compressed alone (the artifact compresses all groups together, so these add up to a little more)."""
+    """The artifact (magic, header length, JSON header with model spec, layout and checksum, compressed payload) and
+    per tensor group its parameters and bytes as fp32, as stored and compressed alone (a little more than together)."""
     raw, layout, groups = io.BytesIO(), [], {}
     # Made on the host: packing and compression are numpy and bytes, and the copy takes under a second at 16 MB.
     for name, t in model.state_dict().items():
-        t = t.detach().cpu()
+        t = t.cpu()
         group = tensor_group(name, t)
         bits = QUANT_SCHEMES[scheme][group] if t.numel() >= QUANT_MIN_NUMEL else None
         encoding, parts = {"encoding": "raw"}, [t]
