@@ -1509,8 +1509,7 @@ class Checkpointer:
                          f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
             except InputError as e:
                 error = str(e)
-        failed = rt.all_reduce(torch.tensor([1 if error else 0], device=rt.device), dist.ReduceOp.MAX)
-        if int(failed.item()):
+        if rt.all_reduce(torch.tensor([1 if error else 0], device=rt.device), dist.ReduceOp.MAX).item():
             raise InputError(error or "rank 0 could not write the checkpoint")
         self.last, self.last_ms = path, train_ms
 
@@ -1581,8 +1580,7 @@ QUANT_MIN_NUMEL = 16_384  # smaller matrices (and every vector) are stored as fp
 SCALE_FLOOR = 1e-12  # a larger floor breaks the round trip of near-zero rows in young models
 # GPTQ-lite: each row keeps whichever clip (a quantile of its |w|, interpolated) reconstructs it best.
 CLIP_QUANTILES = (0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
-# Bits per tensor group (None: fp16). Embeddings stay at 8 bits in every scheme: they are the most
-# sensitive to quantization and a small share of the bytes.
+# Bits per tensor group (None: fp16). Embeddings keep 8 bits in every scheme: the most sensitive, and few bytes.
 QUANT_SCHEMES = {"int8": {"embedding": 8, "attention": 8, "mlp": 8, "router": 8, "scalars": None},
                  "int6": {"embedding": 8, "attention": 6, "mlp": 6, "router": 8, "scalars": None},
                  "mixed": {"embedding": 8, "attention": 6, "mlp": 5, "router": 8, "scalars": None}}
@@ -1749,7 +1747,6 @@ def decode_tensors(raw: bytes, layout: list[dict], name) -> dict[str, Tensor]:
     return state
 
 def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) -> GPT:
-    """A fresh model built from the artifact alone."""
     try:
         model = build_model(ModelSpec(**header["model"]), torch.device("cpu"))
     except (TypeError, ValueError, RuntimeError):
