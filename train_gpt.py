@@ -1492,13 +1492,11 @@ class Checkpointer:
         error = ""
         if rt.rank == 0:
             t0 = time.perf_counter()
-            payload = {"format": 1, "config": dataclasses.asdict(cfg), "step": step, "train_ms": train_ms,
-                       "model": pieces.model.state_dict(), "optimizers": [opt.state_dict() for opt in pieces.optimizers],
-                       "average": average.state_dict(), "depth": depth.state_dict(),
-                       "rng": {"torch": torch.get_rng_state(),
-                               "cuda": torch.cuda.get_rng_state_all() if rt.is_cuda else []}}
             buf = io.BytesIO()
-            torch.save(payload, buf)
+            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if rt.is_cuda else []}
+            torch.save(dict(format=1, config=dataclasses.asdict(cfg), step=step, train_ms=train_ms, rng=rng,
+                            model=pieces.model.state_dict(), depth=depth.state_dict(), average=average.state_dict(),
+                            optimizers=[opt.state_dict() for opt in pieces.optimizers]), buf)
             data = buf.getbuffer()
             try:
                 write_atomic(path, CHECKPOINT_MAGIC + hashlib.sha256(data).digest(), data)
@@ -1508,14 +1506,12 @@ class Checkpointer:
                          f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
             except InputError as e:
                 error = str(e)
-        failed = rt.all_reduce(torch.tensor([1 if error else 0], device=rt.device), dist.ReduceOp.MAX)
-        if int(failed.item()):
+        if rt.all_reduce(torch.tensor([1 if error else 0], device=rt.device), dist.ReduceOp.MAX).item():
             raise InputError(error or "rank 0 could not write the checkpoint")
         self.last, self.last_ms = path, train_ms
 
     def resume(self, pieces: "Pieces", depth: DepthSchedule, average: WeightAverage) -> tuple[int, float]:
-        """The step and training time to continue from: RESUME_FROM's, with the weights, optimizer
-        state, depth, weight average and RNG it saved; (0, 0) for a fresh run."""
+        """RESUME_FROM's step and training time, with all it saved restored; (0, 0) for a fresh run."""
         cfg = self.cfg
         if not cfg.resume_from:
             return 0, 0.0
@@ -1581,13 +1577,10 @@ QUANT_MIN_NUMEL = 16_384  # smaller matrices (and every vector) are stored as fp
 SCALE_FLOOR = 1e-12  # a larger floor breaks the round trip of near-zero rows in young models
 # GPTQ-lite: each row keeps whichever clip (a quantile of its |w|, interpolated) reconstructs it best.
 CLIP_QUANTILES = (0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
-# Bits per tensor group (None: fp16). Embeddings stay at 8 bits in every scheme: they are the most
-# sensitive to quantization and a small share of the bytes.
-QUANT_SCHEMES = {
-    "int8": {"embedding": 8, "attention": 8, "mlp": 8, "router": 8, "scalars": None},
-    "int6": {"embedding": 8, "attention": 6, "mlp": 6, "router": 8, "scalars": None},
-    "mixed": {"embedding": 8, "attention": 6, "mlp": 5, "router": 8, "scalars": None},
-}
+# Bits per tensor group (None: fp16). Embeddings keep 8 bits in every scheme: the most sensitive, and few bytes.
+QUANT_SCHEMES = {"int8": {"embedding": 8, "attention": 8, "mlp": 8, "router": 8, "scalars": None},
+                 "int6": {"embedding": 8, "attention": 6, "mlp": 6, "router": 8, "scalars": None},
+                 "mixed": {"embedding": 8, "attention": 6, "mlp": 5, "router": 8, "scalars": None}}
 AUTO_ORDER = ("int8", "int6", "mixed")  # most precise first: QUANT=auto keeps the first that fits
 
 def tensor_group(name: str, t: Tensor) -> str:
@@ -1597,10 +1590,8 @@ def tensor_group(name: str, t: Tensor) -> str:
         return "embedding"
     if ".attn." in name:
         return "attention"
-    if ".ffn.router." in name:
-        return "router"
-    if ".ffn." in name:
-        return "mlp"  # a dense FFN's matrices, or a stack of trained expert matrices
+    if ".ffn." in name:  # a router, or a dense FFN's matrices or a stack of trained expert matrices
+        return "router" if ".ffn.router." in name else "mlp"
     return "scalars"  # per-layer vectors stacked in a table: skip weights, loop embeddings, scales
 
 def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -1635,118 +1626,26 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 def pack_bits(q: Tensor, bits: int) -> Tensor:
-    """Signed b-bit integers, offset to unsigned, 8 values in b bytes (little-endian bit order)."""
-    values = (q.flatten().numpy().astype(np.int64) + 2 ** (bits - 1)).astype(np.uint64)
-    values = np.pad(values, (0, -len(values) % 8)).reshape(-1, 8)
-    words = np.zeros(len(values), dtype=np.uint64)
-    for i in range(8):
-        words |= values[:, i] << np.uint64(bits * i)
-    packed = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits]  # little-endian: the low b bytes
-    return torch.from_numpy(np.ascontiguousarray(packed).reshape(-1))
+    """Signed b-bit integers, offset to unsigned, as one little-endian bit stream: 8 values in b bytes."""
+    values = (q.flatten().numpy().astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
+    values = np.pad(values, (0, -len(values) % 8))
+    low_bits = np.unpackbits(values[:, None], axis=1, bitorder="little")[:, :bits]
+    return torch.from_numpy(np.packbits(low_bits, bitorder="little"))
 
 def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
-    groups = packed.numpy().reshape(-1, bits)
-    full = np.zeros((len(groups), 8), dtype=np.uint8)
-    full[:, :bits] = groups
-    words = full.view("<u8").reshape(-1).astype(np.uint64)
-    mask = np.uint64(2 ** bits - 1)
-    values = np.stack([(words >> np.uint64(bits * i)) & mask for i in range(8)], axis=1).reshape(-1)[:count]
-    return torch.from_numpy(values.astype(np.int64) - 2 ** (bits - 1)).to(torch.int8)
+    low_bits = np.unpackbits(packed.numpy(), bitorder="little").reshape(-1, bits)[:count]
+    values = np.packbits(low_bits, axis=1, bitorder="little")[:, 0]  # each row zero-padded to 8 bits
+    return torch.from_numpy(values.astype(np.int16) - 2 ** (bits - 1)).to(torch.int8)
 
-def encode_tensors(state: dict[str, Tensor], scheme: str) -> tuple[bytes, list[dict]]:
-    """Raw payload and its layout: which bytes hold which tensor, in which encoding."""
-    buf, layout, offset = io.BytesIO(), [], 0
-
-    def put(t: Tensor) -> dict:
-        nonlocal offset
-        data = t.contiguous().cpu().numpy().tobytes()
-        buf.write(data)
-        part = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "offset": offset,
-                "nbytes": len(data)}
-        offset += len(data)
-        return part
-
-    for name, t in state.items():
-        group = tensor_group(name, t)
-        bits = QUANT_SCHEMES[scheme][group] if t.numel() >= QUANT_MIN_NUMEL else None
-        entry = {"name": name, "group": group, "shape": list(t.shape)}
-        if bits:
-            q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits)  # a stack of expert matrices: all rows
-            entry.update(encoding="int_rows", bits=bits, parts=[put(pack_bits(q, bits)), put(scale)])
-        elif t.is_floating_point():
-            entry.update(encoding="fp16", parts=[put(t.half())])
-        else:
-            entry.update(encoding="raw", parts=[put(t)])
-        layout.append(entry)
-    return buf.getvalue(), layout
-
-def decode_tensors(payload: bytes, layout: list[dict]) -> dict[str, Tensor]:
-    def get(part: dict) -> Tensor:
-        dtype = getattr(torch, part["dtype"])
-        start, end = part["offset"], part["offset"] + part["nbytes"]
-        if end > len(payload):
-            raise InputError("artifact payload is shorter than its layout says")
-        if start == end:  # torch.frombuffer refuses an empty buffer; a 0-element tensor (one block's skips) is legal
-            return torch.empty(part["shape"], dtype=dtype)
-        return torch.frombuffer(bytearray(payload[start:end]), dtype=dtype).reshape(part["shape"])
-
-    state = {}
-    for entry in layout:
-        parts = [get(p) for p in entry["parts"]]
-        shape = entry["shape"]
-        if entry["encoding"] == "int_rows":
-            rows = len(parts[1])
-            q = unpack_bits(parts[0], int(entry["bits"]), math.prod(shape)).view(rows, -1)
-            state[entry["name"]] = dequantize_rows(q, parts[1]).reshape(shape)
-        else:
-            state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
-    return state
-
-def group_report(raw: bytes, layout: list[dict], compressor: str) -> dict:
-    """Per tensor group: parameters, bytes as fp32, bytes as stored, and bytes once that group alone
-    is compressed (the artifact compresses all groups together, so these add up to a little more)."""
-    report = {}
-    for entry in layout:
-        row = report.setdefault(entry["group"], {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "chunks": []})
-        row["params"] += math.prod(entry["shape"])
-        row["fp32_bytes"] += 4 * math.prod(entry["shape"])
-        for part in entry["parts"]:
-            row["stored_bytes"] += part["nbytes"]
-            row["chunks"].append(raw[part["offset"]:part["offset"] + part["nbytes"]])
-    for row in report.values():
-        row["compressed_bytes"] = len(compress(b"".join(row.pop("chunks")), compressor)[0])
-        row["ratio"] = row["fp32_bytes"] / max(row["compressed_bytes"], 1)
-    return report
-
-def compress(data: bytes, method: str | None = None) -> tuple[bytes, str]:
-    method = method or ("zstd" if zstandard is not None else "zlib")
-    if method == "zstd":
-        return zstandard.ZstdCompressor(level=22).compress(data), "zstd"
-    return zlib.compress(data, 9), "zlib"
-
-def decompress(data: bytes, method: str, expected_size: int) -> bytes:
-    try:
-        if method == "zstd":
-            if zstandard is None:
-                raise InputError("artifact is zstd-compressed but the zstandard package is not installed")
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected_size)
-        elif method == "zlib":
-            out = zlib.decompress(data)
-        else:
-            raise InputError(f"artifact uses an unknown compressor {method!r}")
-    except (zlib.error, zstandard.ZstdError if zstandard else zlib.error):
-        raise InputError("artifact payload does not decompress") from None
-    if len(out) != expected_size:
-        raise InputError(f"artifact payload decompressed to {len(out)} bytes, header says {expected_size}")
-    return out
+def compress(data: bytes, method: str) -> bytes:
+    return zstandard.ZstdCompressor(level=22).compress(data) if method == "zstd" else zlib.compress(data, 9)
 
 def write_atomic(path: Path, *chunks: bytes):
     """Temp file, fsync, rename: a crash or a full disk never leaves a half-written file under `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            for chunk in chunks:  # written one by one: joining 200 MB of checkpoint would copy it
-                f.write(chunk)
+            f.writelines(chunks)  # one by one: joining 200 MB of checkpoint would copy it
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1755,28 +1654,42 @@ def write_atomic(path: Path, *chunks: bytes):
         raise InputError(f"cannot write {path}: {e.strerror}") from None
 
 def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None) -> tuple[bytes, dict]:
-    """The artifact (magic, header length, JSON header with model config, layout and checksum, then
-    the payload) and the per-group byte report."""
-    # The artifact is made on the host: its packing and compression are numpy and bytes, and the
-    # host copy costs less than a second even for a 16 MB model.
-    raw, layout = encode_tensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, scheme)
-    payload, method = compress(raw, compressor)
+    """The artifact (magic, header length, JSON header with model spec, layout and checksum, compressed payload) and
+    per tensor group its parameters and bytes as fp32, as stored and compressed alone (a little more than together)."""
+    raw, layout, groups = io.BytesIO(), [], {}
+    # Made on the host: packing and compression are numpy and bytes, and the copy takes under a second at 16 MB.
+    for name, t in model.state_dict().items():
+        t = t.cpu()
+        group = tensor_group(name, t)
+        bits = QUANT_SCHEMES[scheme][group] if t.numel() >= QUANT_MIN_NUMEL else None
+        encoding, parts = {"encoding": "raw"}, [t]
+        if bits:
+            q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits)  # a stack of expert matrices: all rows
+            encoding, parts = {"encoding": "int_rows", "bits": bits}, [pack_bits(q, bits), scale]
+        elif t.is_floating_point():
+            encoding, parts = {"encoding": "fp16"}, [t.half()]
+        row = groups.setdefault(group, {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "stored": bytearray()})
+        row["params"] += t.numel()
+        part_layout = []  # which bytes of the payload hold each part, and as what
+        for part in parts:
+            data = part.contiguous().numpy().tobytes()
+            part_layout.append({"dtype": str(part.dtype).removeprefix("torch."), "shape": list(part.shape),
+                                "offset": raw.tell(), "nbytes": len(data)})
+            raw.write(data)
+            row["stored"] += data
+        layout.append({"name": name, "group": group, "shape": list(t.shape), **encoding, "parts": part_layout})
+    raw = raw.getvalue()
+    method = compressor or ("zstd" if zstandard is not None else "zlib")
+    payload = compress(raw, method)
+    for row in groups.values():
+        stored = row.pop("stored")
+        row.update(fp32_bytes=4 * row["params"], stored_bytes=len(stored),
+                   compressed_bytes=len(compress(stored, method)))
+        row["ratio"] = row["fp32_bytes"] / max(row["compressed_bytes"], 1)
     header = json.dumps({"format": 3, "model": dataclasses.asdict(model.spec), "quant": scheme, "compressor": method,
                          "tensors": layout, "raw_bytes": len(raw), "payload_bytes": len(payload),
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, group_report(raw, layout, method)
-
-def write_artifact(path: Path, model: GPT, scheme: str = "int8") -> tuple[int, str]:
-    blob, _ = build_artifact(model, scheme)
-    write_atomic(path, blob)
-    return len(blob), parse_artifact(blob, path)[0]["compressor"]
-
-def read_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    try:
-        blob = Path(path).read_bytes()
-    except OSError as e:
-        raise InputError(f"artifact {path}: cannot read ({e.strerror})") from None
-    return parse_artifact(blob, path)
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, groups
 
 def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
     """Header and tensors of an artifact, every byte checked before use."""
@@ -1797,16 +1710,40 @@ def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
         raise InputError(f"artifact {name}: truncated (payload {len(payload)} bytes, header says {expected_payload})")
     if hashlib.sha256(payload).hexdigest() != checksum:
         raise InputError(f"artifact {name}: checksum mismatch (corrupt file)")
+    if method not in (("zstd", "zlib") if zstandard else ("zlib",)):
+        raise InputError(f"artifact {name}: compressor {method!r} unknown here (zstd needs the zstandard package)")
     try:
-        state = decode_tensors(decompress(payload, method, raw_bytes), layout)
-    except InputError as e:
-        raise InputError(f"artifact {name}: {e}") from None
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
+        raw = (zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_bytes) if method == "zstd"
+               else zlib.decompress(payload))
+    except (zlib.error, zstandard.ZstdError if zstandard else zlib.error):
+        raise InputError(f"artifact {name}: payload does not decompress") from None
+    if len(raw) != raw_bytes:
+        raise InputError(f"artifact {name}: payload decompressed to {len(raw)} bytes, header says {raw_bytes}")
+    try:
+        return header, decode_tensors(raw, layout, name)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
         raise InputError(f"artifact {name}: corrupt tensor layout") from None
-    return header, state
+
+def decode_tensors(raw: bytes, layout: list[dict], name) -> dict[str, Tensor]:
+    def get(part: dict) -> Tensor:
+        start, end = part["offset"], part["offset"] + part["nbytes"]
+        if end > len(raw):
+            raise InputError(f"artifact {name}: payload is shorter than its layout says")
+        # numpy, as torch.frombuffer refuses an empty buffer: a 0-element tensor (one block's skips) is legal
+        return torch.from_numpy(np.frombuffer(raw[start:end], dtype=part["dtype"]).copy()).reshape(part["shape"])
+
+    state = {}
+    for entry in layout:
+        parts = [get(p) for p in entry["parts"]]
+        if entry["encoding"] == "int_rows":
+            packed, scale = parts
+            q = unpack_bits(packed, int(entry["bits"]), math.prod(entry["shape"])).view(len(scale), -1)
+            state[entry["name"]] = dequantize_rows(q, scale).reshape(entry["shape"])
+        else:
+            state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
+    return state
 
 def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) -> GPT:
-    """A fresh model built from the artifact alone."""
     try:
         model = build_model(ModelSpec(**header["model"]), torch.device("cpu"))
     except (TypeError, ValueError, RuntimeError):
@@ -1821,20 +1758,12 @@ def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) ->
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model.to(device)
 
-def load_artifact_model(path: Path, device) -> GPT:
-    return model_from_artifact(*read_artifact(path), path, device)
-
 def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
     """Rank 0's bytes on every rank: other nodes of a multi-node run cannot read rank 0's disk."""
-    if not rt.distributed:
-        return blob
-    size = torch.tensor([len(blob) if rt.rank == 0 else 0], dtype=torch.int64, device=rt.device)
-    dist.broadcast(size, 0)
-    data = torch.empty(int(size.item()), dtype=torch.uint8, device=rt.device)
-    if rt.rank == 0:
-        data.copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
-    dist.broadcast(data, 0)
-    return blob if rt.rank == 0 else data.cpu().numpy().tobytes()
+    shared = [blob]
+    if rt.distributed:
+        dist.broadcast_object_list(shared, src=0, device=rt.device)
+    return shared[0]
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation: one core that scores windows of the validation stream; methods built on it; the audit

@@ -9,8 +9,8 @@ import torch
 
 import train_gpt
 from test_model import randomize, tiny_model
-from train_gpt import (ARTIFACT_MAGIC, InputError, dequantize_rows, load_artifact_model, load_config, quantize_rows,
-                       read_artifact, write_artifact, write_atomic)
+from train_gpt import (ARTIFACT_MAGIC, InputError, build_artifact, dequantize_rows, load_config, model_from_artifact,
+                       parse_artifact, quantize_rows, write_atomic)
 
 
 @pytest.mark.parametrize("bits", [8, 6, 5])
@@ -67,11 +67,16 @@ def cfg_for(model_env=None):
     return load_config(env)[0]
 
 
+def read_artifact(path):
+    return parse_artifact(path.read_bytes(), path)
+
+
 def exported(tmp_path, monkeypatch=None):
     model = randomize(tiny_model())
     path = tmp_path / "m.ptz"
-    size, method = write_artifact(path, model)
-    return model, path, size, method
+    blob, _ = build_artifact(model)
+    write_atomic(path, blob)
+    return model, path, len(blob), read_artifact(path)[0]["compressor"]
 
 
 def test_artifact_round_trip_rebuilds_the_model(tmp_path, monkeypatch):
@@ -80,7 +85,7 @@ def test_artifact_round_trip_rebuilds_the_model(tmp_path, monkeypatch):
     assert path.stat().st_size == size and method == "zstd"
     header, state = read_artifact(path)
     assert {e["encoding"] for e in header["tensors"]} == {"int_rows", "fp16"}
-    loaded = load_artifact_model(path, "cpu")
+    loaded = model_from_artifact(*read_artifact(path), path, "cpu")
     x = torch.randint(0, 64, (2, 16))
     ref = model(x, x)
     assert abs(loaded(x, x).item() - ref.item()) < 0.02 * ref.item()
@@ -92,7 +97,7 @@ def test_zlib_fallback_is_named_and_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(train_gpt, "zstandard", None)
     _, path, _, method = exported(tmp_path)
     assert method == "zlib" and read_artifact(path)[0]["compressor"] == "zlib"
-    load_artifact_model(path, "cpu")
+    model_from_artifact(*read_artifact(path), path, "cpu")
 
 
 def test_corrupt_byte_fails_the_checksum(tmp_path):
@@ -132,7 +137,7 @@ def test_artifact_whose_config_does_not_fit_its_tensors_is_refused(tmp_path):
     _, path, _, _ = exported(tmp_path)
     rewrite_header(path, lambda h: h["model"].update(model_dim=64, num_heads=4))
     with pytest.raises(InputError, match="does not fit this model"):
-        load_artifact_model(path, "cpu")
+        model_from_artifact(*read_artifact(path), path, "cpu")
 
 
 def test_layout_pointing_past_the_payload_is_refused(tmp_path):

@@ -5,7 +5,7 @@ import re
 import sys
 
 from conftest import ROOT, run_trainer
-from train_gpt import read_artifact
+from train_gpt import parse_artifact
 
 SCHEDULE_ENV = {"NUM_LAYERS": "2", "DEPTH_SCHEDULE": "1@0,2@0.3,3@0.6", "XSA_LAST_N": "2",
                 "NUM_VALUE_EMBEDS": "1", "ACTIVATION": "leaky_relu2", "ITERATIONS": "20", "WARMUP_STEPS": "0"}
@@ -25,7 +25,7 @@ def test_depth_follows_the_schedule_and_export_uses_the_final_depth(tiny_env):
     assert [round(p["frac"], 2) for p in summary["depth_phases"]] == [0.0, 0.3, 0.6]
     # snapshots only from weights trained at full depth (from step 12 on): steps 14, 16, 18, 20
     assert summary["swa_snapshots"] == 4
-    header, _ = read_artifact(ROOT / summary["artifact_path"])
+    header, _ = parse_artifact((ROOT / summary["artifact_path"]).read_bytes(), summary["artifact_path"])
     assert header["model"]["num_repeats"] == 3 and header["model"]["xsa_last_n"] == 2
     assert abs(summary["roundtrip_val_bpb"] - summary["val_bpb"]) < 0.05
 
