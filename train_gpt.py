@@ -1130,8 +1130,7 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
             torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     # The step's one host sync: the ranks agree on the clock (so LR schedules and the stop agree) and
     # learn whether the gradient is finite, before any weight moves.
-    verdict = torch.zeros(2, dtype=torch.float64, device=rt.device)
-    verdict[0] = clock_ms()
+    verdict = torch.tensor([clock_ms(), 0.0], dtype=torch.float64, device=rt.device)
     verdict[1] = (~torch.isfinite(norm)).double()
     elapsed_ms, non_finite = rt.all_reduce(verdict, dist.ReduceOp.MAX).tolist()
     if non_finite:
@@ -1155,7 +1154,6 @@ class Diverged(Exception):
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
         group = next(culprits, "none: the gradient norm overflowed")
         super().__init__(f"non-finite {what} at step {step} (parameter group: {group})")
-        self.checkpoint: Path | None = None
 
 def untimed_warmup(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, log: Logger):
     """WARMUP_STEPS untimed steps at every depth the schedule will use, so that compilation stays out
@@ -1258,8 +1256,7 @@ class WeightAverage:
                 self.sums[name].lerp_(t, 1 - self.decay)
             else:
                 self.sums[name] += t
-        self.count += 1
-        self.last_step = step
+        self.count, self.last_step = self.count + 1, step
 
     def average(self, like: dict[str, Tensor]) -> dict[str, Tensor]:
         divisor = 1 if self.kind == "ema" else self.count
@@ -1313,18 +1310,17 @@ class Validator:
 
 def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evaluator: "Evaluator", log: Logger
           ) -> tuple[dict, WeightAverage]:
-    """Each step: maybe change depth, maybe validate, train, maybe add to the weight average, maybe
-    checkpoint; until ITERATIONS or the wall-clock cap. Returns the summary's training figures and the average."""
+    """Trains until ITERATIONS or the wall-clock cap; returns the summary's training figures and the weight average."""
     model = pieces.model
     depth = DepthSchedule(cfg, model, log)
     average = WeightAverage(cfg.weight_average, cfg.ema_decay, cfg.swa_start_frac, cfg.swa_every)
     checkpointer = Checkpointer(cfg, rt, log)
     validator = Validator(cfg, rt, evaluator, stream, log)
     step, train_ms = checkpointer.resume(pieces, depth, average)
-    untimed_warmup(cfg, rt, pieces, stream, log)
     params, moe_train, stop = list(model.parameters()), None, False
-    clock, elapsed = Clock(rt, train_ms), train_ms
     try:
+        untimed_warmup(cfg, rt, pieces, stream, log)
+        clock, elapsed = Clock(rt, train_ms), train_ms
         while True:
             if depth.update(step, budget_progress(cfg, step, elapsed)):
                 average.reset()  # an average mixes weights of one depth only
@@ -1351,7 +1347,10 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
                 stop = True
                 log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
     except Diverged as e:
-        e.checkpoint = checkpointer.last
+        log(f"error: {e}; last good checkpoint: {checkpointer.last or 'none'}")
+        log(f"to continue with a lower learning rate: RESUME_FROM={checkpointer.last or '<a checkpoint>'} RUN_ID="
+            f"{cfg.run_id} MATRIX_LR={cfg.matrix_lr / 2:g} SCALAR_LR={cfg.scalar_lr / 2:g} "
+            f"TIED_EMBED_LR={cfg.tied_embed_lr / 2:g} (and CHECKPOINT_EVERY_STEPS to checkpoint more often)")
         raise
     if depth.finish(step):
         average.reset()
@@ -1365,8 +1364,7 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
 
 def log_train_step(cfg: Config, rt: Runtime, model: GPT, log: Logger, step: int, loss: Tensor, elapsed: float
                    ) -> dict | None:
-    """Steps 1-10, every TRAIN_LOG_EVERY and the last: the loss over the ranks, tokens/s and, for an
-    MoE, the expert load since the last line, which it returns."""
+    """The loss over the ranks and tokens/s, logged; for an MoE, the expert load since the last line, returned."""
     if not (step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations):
         return None
     loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
@@ -2408,25 +2406,9 @@ def eval_fit(ev: Evaluator, eval_ms: dict) -> dict:
 # Assembly: the run's pieces, built one way for the trainer, the dry run and the tools
 # ----------------------------------------------------------------------------------------------
 
-def source_floor(meta: dict, val_bytes: int, log: Logger) -> dict:
-    """What DATA_PATH/meta.json says about the validation text: its UTF-8 bytes (checked against the
-    bytes the scored targets stand for) and, for the synthetic corpus, its true information content
-    (no honest model can score below it)."""
-    out = {}
-    if meta.get("val_utf8_bytes"):
-        out["val_utf8_bytes"] = int(meta["val_utf8_bytes"])
-        if abs(val_bytes - out["val_utf8_bytes"]) > 0.02 * out["val_utf8_bytes"]:
-            log(f"WARNING val_bytes_mismatch: the scored targets stand for {val_bytes} bytes, meta.json's validation "
-                f"text has {out['val_utf8_bytes']} ({val_bytes / out['val_utf8_bytes'] - 1:+.1%}): this bpb is not "
-                f"the text's")
-        if meta.get("val_entropy_bits") is not None:
-            out["source_bpb"] = float(meta["val_entropy_bits"]) / out["val_utf8_bytes"]
-            log(f"source_entropy: val_entropy_bits:{meta['val_entropy_bits']:.1f} source_bpb:{out['source_bpb']:.4f}")
-    return out
-
 def load_data(cfg: Config, rt: Runtime, log: Logger) -> tuple[Config, TokenStream | DocStream, Evaluator, dict]:
     """The training stream and the evaluator of DATA_PATH's shards, logged; with EPOCHS, the config
-    with the ITERATIONS they make; and what meta.json says of the validation text (source_floor)."""
+    with the ITERATIONS they make; the summary's figures of the validation text."""
     meta = read_meta(cfg.data_path)
     tokenizer_path, sp, tokenizer_sha = resolve_tokenizer(cfg, meta)
     train_files, val_files = find_shards(cfg.data_path, "train"), find_shards(cfg.data_path, "val")
@@ -2444,12 +2426,22 @@ def load_data(cfg: Config, rt: Runtime, log: Logger) -> tuple[Config, TokenStrea
     log(f"tokenizer: {tokenizer_path} sha256:{tokenizer_sha}")
     log(f"train_loader:dataset:{cfg.data_path} train_shards:{len(train_files)} tokens:{stream.total}")
     log(f"val_loader:shards:{len(val_files)} tokens:{evaluator.n_targets} val_bytes:{val_bytes}")
-    floor = {"val_bytes": val_bytes, **source_floor(meta, val_bytes, log)}
+    figures = {"val_bytes": val_bytes}
+    if meta.get("val_utf8_bytes"):  # meta.json's count of the validation text's bytes, which val_bytes should match
+        text_bytes = figures["val_utf8_bytes"] = int(meta["val_utf8_bytes"])
+        if abs(val_bytes - text_bytes) > 0.02 * text_bytes:
+            log(f"WARNING val_bytes_mismatch: the scored targets stand for {val_bytes} bytes, meta.json's validation "
+                f"text has {text_bytes} ({val_bytes / text_bytes - 1:+.1%}): this bpb is not the text's")
+        if meta.get("val_entropy_bits") is not None:
+            # The synthetic corpus's true information content: no honest model can score below it.
+            figures["source_bpb"] = float(meta["val_entropy_bits"]) / text_bytes
+            log(f"source_entropy: val_entropy_bits:{meta['val_entropy_bits']:.1f} "
+                f"source_bpb:{figures['source_bpb']:.4f}")
     if cfg.doc_mode:
-        floor["scored_fraction"] = evaluator.scored_fraction()
+        figures["scored_fraction"] = evaluator.scored_fraction()
         log(f"doc_mode: standard evaluation scores each document's first {cfg.train_seq_len} targets, "
-            f"scored_fraction:{floor['scored_fraction']:.4f} of the stream's: not comparable with a stream's bpb")
-    return cfg, stream, evaluator, floor
+            f"scored_fraction:{figures['scored_fraction']:.4f} of the stream's: not comparable with a stream's bpb")
+    return cfg, stream, evaluator, figures
 
 def build_model(spec: ModelSpec, device: torch.device) -> GPT:
     """On a meta device nothing is allocated (a dry run's accounting); elsewhere the weights are drawn
@@ -2488,7 +2480,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         log(note)
     log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
         f"compile:{rt.compile} bf16:{rt.bf16} torch:{torch.__version__}")
-    cfg, stream, evaluator, floor = load_data(cfg, rt, log)
+    cfg, stream, evaluator, val_text = load_data(cfg, rt, log)
     pieces = assemble(cfg, rt)
     counts = parameter_counts(pieces.model)
     log(f"model_params:{counts['params_total']} trainable:{counts['params_trainable']}")
@@ -2497,7 +2489,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
     trained, average = train(cfg, rt, pieces, stream, evaluator, log)
     summary = {"run_id": cfg.run_id, "world_size": rt.world_size, "device": str(rt.device),
-               "config": dataclasses.asdict(cfg), **trained, **counts, "val_tokens": evaluator.n_targets, **floor}
+               "config": dataclasses.asdict(cfg), **trained, **counts, "val_tokens": evaluator.n_targets, **val_text}
     training_report(cfg, rt, summary, log)
     apply_average(pieces, evaluator, average, summary, log)
     if cfg.per_token_loss_every:
@@ -2600,9 +2592,8 @@ def score(cfg: Config, evaluator: Evaluator, roundtrip: nn.Module, summary: dict
         summary.update(val_loss=None, val_bpb=None, roundtrip_val_loss=None, roundtrip_val_bpb=None,
                        withheld="the standard evaluation failed its audit: val_bpb and roundtrip_val_bpb not scored")
     summary.update(final_evaluations(cfg, evaluator, roundtrip, log, summary["roundtrip_eval_ms"], audits))
-    scores = [summary[key] for key in ("val_bpb", "roundtrip_val_bpb")] + [
-        summary.get(f"{m}_val_bpb") for m in cfg.eval_methods]
-    lowest = min([b for b in scores if b is not None], default=math.inf)
+    bpbs = [summary.get(f"{method}val_bpb") for method in ("", "roundtrip_", *(f"{m}_" for m in cfg.eval_methods))]
+    lowest = min([b for b in bpbs if b is not None], default=math.inf)
     if "source_bpb" in summary:
         # Below the true entropy of the text is impossible for an honest evaluation: a bug, not a record.
         summary["below_source_entropy"] = lowest < summary["source_bpb"]
@@ -2655,11 +2646,7 @@ def main() -> int:
             log(f"error: {e}", console=False)
             log("exit:2", console=False)
         return 2
-    except Diverged as e:  # only run() raises it, so the log exists
-        log(f"error: {e}; last good checkpoint: {e.checkpoint or 'none'}")
-        log(f"to continue with a lower learning rate: RESUME_FROM={e.checkpoint or '<a checkpoint>'} RUN_ID="
-            f"{cfg.run_id} MATRIX_LR={cfg.matrix_lr / 2:g} SCALAR_LR={cfg.scalar_lr / 2:g} "
-            f"TIED_EMBED_LR={cfg.tied_embed_lr / 2:g} (and CHECKPOINT_EVERY_STEPS to checkpoint more often)")
+    except Diverged:  # train() has logged why, and how to continue
         log("exit:3")
         return 3
     except (RuntimeError, dist.DistError) as e:
