@@ -1243,9 +1243,8 @@ class WeightAverage:
         self.count, self.last_step = 0, -1
 
     def due(self, model: GPT, step: int, progress: float) -> bool:
-        if self.kind == "none" or model.repeats != model.max_repeats:
-            return False
-        return self.kind == "ema" or (step % self.every == 0 and progress >= self.start_frac)
+        return self.kind != "none" and model.repeats == model.max_repeats and (
+            self.kind == "ema" or (step % self.every == 0 and progress >= self.start_frac))
 
     def add(self, model: nn.Module, step: int):
         for name, t in model.state_dict().items():
