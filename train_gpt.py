@@ -1418,6 +1418,7 @@ def peak_memory_mib(rt: Runtime) -> float:
     if rt.is_cuda:
         return torch.cuda.max_memory_allocated(rt.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: all a run needs to continue exactly, in a checksummed file loaded without pickle code
 # ----------------------------------------------------------------------------------------------
