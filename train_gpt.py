@@ -1937,9 +1937,6 @@ class Evaluator:
         most = max(1, self.cfg.val_batch_size // (seq_len * self.rt.world_size))
         return min(most, 1 << (max(n_rows, 1) - 1).bit_length()) if self.rt.compile else most
 
-    def score(self, model: nn.Module, windows: list, seq_len: int) -> Scores:
-        return score_first(self, self.distributions(model, windows, seq_len)).scores
-
     def reduce(self, scores: Scores) -> tuple[float, float]:
         sums = torch.stack([scores.nll.double().sum(), torch.tensor(float(scores.nll.numel()), device=self.rt.device,
                             dtype=torch.float64), scores.nbytes.double().sum()])
@@ -1952,8 +1949,7 @@ class Evaluator:
         return int(self.tables.count(self.device_tokens[pos], self.device_tokens[pos + 1]).sum())
 
     def standard_windows(self) -> list:
-        """Disjoint windows of TRAIN_SEQ_LEN; in DOC_MODE one window a document, from its BOS, scoring
-        at most TRAIN_SEQ_LEN targets (the end of the document included)."""
+        """Disjoint windows of TRAIN_SEQ_LEN; in DOC_MODE one a document, from its BOS, scoring its first targets."""
         seq = self.cfg.train_seq_len
         if self.cfg.doc_mode:
             return [(a, 0, min(b - a, seq)) for a, b in document_bounds(self.tokens.numpy(), self.bos_id)]
@@ -1964,11 +1960,11 @@ class Evaluator:
         return sum(stop - first for _, first, stop in self.standard_windows()) / self.n_targets
 
     def standard(self, model: nn.Module) -> tuple[float, float]:
-        return self.reduce(self.score(model, self.rank_share(self.standard_windows()), self.cfg.train_seq_len))
+        return self.reduce(score_first(self, standard_method(self.cfg, self, model)).scores)
 
     def per_token(self, model: nn.Module) -> np.ndarray | None:
         """Every target's loss in stream order, gathered on rank 0 (None elsewhere)."""
-        nll = self.score(model, self.rank_share(self.standard_windows()), self.cfg.train_seq_len).nll
+        nll = score_first(self, standard_method(self.cfg, self, model)).scores.nll
         if self.rt.distributed:
             shares = [None] * self.rt.world_size
             dist.all_gather_object(shares, nll.cpu())
@@ -1983,11 +1979,10 @@ class MethodRun:
     info: dict = field(default_factory=dict)
 
 def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> MethodRun:
-    """The one scorer, and the only code that reads a target before its method has been scored on it.
-    A method is a generator: it yields (positions, log next-token distributions) from what it has been
-    told so far; each yield returns those positions' targets, once scored; its return value is the run's
-    info. With `capture` (the audit), every distribution's sum is measured and those at the captured
-    positions are kept. Bytes come from the byte tables, not the method."""
+    """The one scorer, and the only code that reads a target before its method has been scored on it. A method
+    is a generator yielding (positions, log next-token distributions); each yield returns those targets, once
+    scored, and its return value is the run's info. With `capture` (the audit) every distribution's sum is
+    measured and those at the captured positions are kept. Bytes come from the byte tables, not the method."""
     parts, captured = [], {}
     max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)  # on the device: no wait in the loop
     try:
@@ -1999,9 +1994,7 @@ def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> Metho
             if capture is not None and len(pos):
                 probs = logp.exp()
                 max_error = torch.maximum(max_error, (probs.sum(-1, dtype=torch.float64) - 1).abs().max())
-                for row, p in enumerate(pos.tolist()):
-                    if p in capture:
-                        captured[p] = probs[row].float().cpu()
+                captured.update({p: probs[row].float().cpu() for row, p in enumerate(pos.tolist()) if p in capture})
             pos, logp = method.send(target)
     except StopIteration as finished:
         info = finished.value or {}
@@ -2029,8 +2022,7 @@ class NeuralExpert:
         pass  # the model learns nothing from the scored tokens
 
 class TemperedExpert(NeuralExpert):
-    """The neural distribution sharpened where the model is sure and flattened where it is not:
-    temperature 0.7 + 0.6 * H / ln V, H the entropy of the neural distribution at that position."""
+    """The neural distribution sharpened where the model is sure (low entropy) and flattened where it is not."""
 
     name = "tempered"
 
@@ -2040,9 +2032,8 @@ class TemperedExpert(NeuralExpert):
         return torch.softmax(logp / temperature, dim=-1)
 
 class NgramExpert:
-    """N-gram counts of the scored tokens only, smoothed toward the neural distribution: with n counts in
-    the context, p(v) = (count(v) + prior * p_neural(v)) / (n + prior), so an unseen context falls back to
-    the model. A context (the last order-1 tokens) selects a row of counts, hashed when there are more
+    """Counts of the scored tokens only, plus `prior` times the neural distribution, so an unseen context falls
+    back to the model. A context (the last order-1 tokens) selects a row of counts, hashed when there are more
     contexts than rows; a row is normalised over all V tokens, so a collision blurs but never breaks it."""
 
     def __init__(self, tokens: Tensor, order: int, vocab_size: int, prior: float, max_entries: int):
@@ -2077,13 +2068,11 @@ def hedge_experts(cfg: Config, tokens: Tensor) -> list:
                               for order in (1, 2, 3)), TemperedExpert()]
 
 def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | None = None):
-    """Score first, then learn, in blocks of HEDGE_CHUNK_TOKENS targets aligned to the stream: each target
-    is scored by the mixture as it stood when its block began; only once the block is over do the weights
-    (Hedge: log w -= eta * the experts' mean loss) and the n-gram counts take in its targets. As the blocks
-    are the stream's, the counts never depend on VAL_BATCH_SIZE or the world size: a rank starts with the
-    counts of every block before its first, and takes that block in whole when it ends (its targets before
-    the rank's stretch were scored by the rank before). The weights start from the prior on every rank,
-    so with eta > 0 they differ between world sizes."""
+    """Score first, then learn, in blocks of HEDGE_CHUNK_TOKENS targets aligned to the stream: a target is scored
+    by the mixture as it stood when its block began; the weights (log w -= eta * an expert's mean loss) and the
+    counts take in a block once it is over. The blocks being the stream's, the counts never depend on the batch
+    or the world size (a rank starts with every earlier block's counts and takes in its first block whole, though
+    the rank before scored part of it); the weights, starting from the prior on every rank, do when eta > 0."""
     experts = experts if experts is not None else hedge_experts(cfg, ev.device_tokens)
     windows = ev.rank_share(method_windows(cfg, ev, 0, ev.n_targets))
     size = cfg.hedge_chunk_tokens
@@ -2100,10 +2089,9 @@ def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | N
                 expert.observe(part)
 
     def finish_block():
-        nonlocal log_w
         if block_losses:
-            log_w = log_w - cfg.hedge_eta * torch.cat(block_losses, 1).mean(1)
-            log_w = log_w - log_w.logsumexp(0)
+            log_w.sub_(cfg.hedge_eta * torch.cat(block_losses, 1).mean(1))
+            log_w.sub_(log_w.logsumexp(0))
         observe(block * size, min((block + 1) * size, end))
         block_losses.clear()
 
@@ -2114,15 +2102,14 @@ def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | N
             if cursor // size != block:
                 finish_block()
                 block = cursor // size
-            stop = min(first + len(scored), (block + 1) * size)
-            rows = slice(cursor - first, stop - first)
+            rows = slice(cursor - first, min(len(scored), (block + 1) * size - first))
             pos = scored[rows]
             probs = torch.stack([e.probs(pos, logp[rows]) for e in experts])  # [experts, tokens, V]
             mixture = torch.einsum("e,etv->tv", torch.softmax(log_w, 0), probs)
             target = yield pos, mixture.clamp_min(1e-38).log()
             block_losses.append(-probs.gather(-1, target.view(1, -1, 1).expand(len(experts), -1, 1)).squeeze(-1)
                                 .clamp_min(1e-38).log())
-            cursor = stop
+            cursor = first + rows.stop
     finish_block()
     return {"weights": {e.name: round(w, 6) for e, w in zip(experts, torch.softmax(log_w, 0).tolist())}}
 
@@ -2193,10 +2180,9 @@ def replace_after(cfg: Config, ev: Evaluator, tokens: Tensor, cut: int, gen: tor
     return torch.cat([tokens[:cut + 1], changed])
 
 def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, gen: torch.Generator) -> dict:
-    """Every one of the first EVAL_AUDIT_POSITIONS positions, in the window of the standard or the eval
-    methods that scores it, must get the same distribution with every later token of the window replaced.
-    One perturbed copy a position, batched, so a leak at any single position is caught with certainty;
-    unperturbed copies measure how far a row moves with its place in a batch, which sets the tolerance."""
+    """Each of the first EVAL_AUDIT_POSITIONS positions, in the standard or eval methods' window scoring it, must
+    keep its distribution when every later token of the window is replaced: one perturbed copy a position, so a
+    leak at any one is caught for certain; unperturbed copies measure how a row moves with its place in a batch."""
     positions = cfg.eval_audit_positions
     windows, seq_len = ((ev.standard_windows(), cfg.train_seq_len) if standard
                         else (method_windows(cfg, ev, 0, ev.n_targets), cfg.eval_window))
@@ -2204,19 +2190,19 @@ def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, g
     covering = [w for w in windows if w[0] + w[1] < positions]
     reference = score_first(ev, ev.distributions(model, covering, seq_len), capture=set(range(positions))).captured
     mine = ev.rank_share([(s, t) for s, first, stop in covering for t in range(first, stop) if s + t < positions])
-    copies, copy_windows, copy_targets, plain = [], [], [], []
+    copies = []  # (window's tokens, offset of the checked position, its target, unperturbed)
     for k, (start, offset) in enumerate(mine):
         window = F.pad(ev.tokens[start:start + seq_len], (0, max(0, start + seq_len - len(ev.tokens))))
         for perturbed in (True, False) if k % AUDIT_PLAIN_EVERY == 0 else (True,):
-            copy_windows.append((len(copies) * seq_len, offset, offset + 1))
-            copies.append(replace_after(cfg, ev, window, offset, gen) if perturbed else window)
-            copy_targets.append(start + offset)
-            plain.append(not perturbed)
+            copies.append((replace_after(cfg, ev, window, offset, gen) if perturbed else window, offset,
+                           start + offset, not perturbed))
     change = noise = torch.zeros((), dtype=torch.float64)
     if copies:
-        copy_ev = ev.with_tokens(torch.cat(copies + [copies[-1][:1]]))
+        tokens, offsets, targets, plain = zip(*copies)
+        copy_ev = ev.with_tokens(torch.cat([*tokens, tokens[-1][:1]]))
+        copy_windows = [(i * seq_len, offset, offset + 1) for i, offset in enumerate(offsets)]
         rows = torch.cat([logp for _, logp in copy_ev.distributions(model, copy_windows, seq_len)]).exp().cpu()
-        gaps = torch.stack([(row - reference[t]).abs().max() for row, t in zip(rows, copy_targets)]).double()
+        gaps = torch.stack([(row - reference[t]).abs().max() for row, t in zip(rows, targets)]).double()
         is_plain = torch.tensor(plain)
         change, noise = gaps[~is_plain].max(), gaps[is_plain].max()
     change, noise = ev.rt.all_reduce(torch.stack([change, noise]).to(ev.rt.device), dist.ReduceOp.MAX).tolist()
@@ -2225,11 +2211,10 @@ def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, g
             "causal": change <= tolerance}
 
 class RevealingEvaluator(Evaluator):
-    """The audit's stream for what a method learns as it goes: while the method predicts the first `rows`
-    positions of `own` (this rank's), one at a time, every later target of this rank is replaced, and the
-    true ones come back only as they are scored; a method that reads ahead reads the replacements. Other
-    ranks' targets stay true (what TTT may learn once they are scored; reading their future is for the cut
-    points to catch), and so do the windows the model reads (window_check's to check)."""
+    """The audit's stream for what a method learns as it goes: while it predicts the first `rows` of this rank's
+    positions `own`, one at a time, this rank's later targets are replaced, the true ones coming back as they
+    are scored. Other ranks' targets stay true (TTT may learn them once scored; the cut points catch a read of
+    their future), and so do the windows the model reads (window_check checks those)."""
 
     def __init__(self, ev: Evaluator, own: Tensor, rows: int, gen: torch.Generator):
         start = int(own[0]) if len(own) else 0
@@ -2277,11 +2262,11 @@ def rank_starts(rt: Runtime, scores: Scores) -> list[int]:
 
 def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logger, name: str,
                  seed: int | None = None, checked: dict | None = None) -> dict:
-    """`method` on a prefix of the stream, through the scorer as the final evaluation runs it. Every
-    distribution sums to one; no distribution moves when the tokens after its position change: in the
-    model's windows (window_check), in what the method learns as it goes (a RevealingEvaluator run), and
-    for both at the cut points, where the run is repeated with the tokens after the cut replaced; the
-    scored bytes match the decoded text. `checked` shares the window checks between methods."""
+    """`method` on a prefix of the stream, scored as the final evaluation is. Every distribution sums to one;
+    none moves when the tokens after its position change, in the model's windows (window_check), in what the
+    method learns as it goes (RevealingEvaluator), and for both at the cut points, where the run is repeated
+    with the tokens after the cut replaced; the bytes counted match the decoded text. `checked` shares the
+    window checks between methods of the same windows."""
     t0 = time.perf_counter()
     length = min(ev.n_targets, max(cfg.eval_audit_tokens, 2 * cfg.ttt_chunk_tokens if cfg.ttt_steps else 0))
     prefix = ev.with_tokens(ev.tokens[:length + 1])
@@ -2318,10 +2303,10 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     revealed = score_first(revealing, method(cfg, revealing, model), capture=set(watched))
     reveal_change = max([float((revealed.captured[p] - again.captured[p]).abs().max()) if p in revealed.captured
                          else math.inf for p in watched], default=0.0)
-    checked = {} if checked is None else checked
-    if (name == "standard") not in checked:
-        checked[name == "standard"] = window_check(cfg, prefix, model, name == "standard", gen)
-    windows = checked[name == "standard"]
+    checked, standard = {} if checked is None else checked, name == "standard"
+    if standard not in checked:
+        checked[standard] = window_check(cfg, prefix, model, standard, gen)
+    windows = checked[standard]
     decoded = prefix.text_bytes(prefix.tokens, base.scores.pos.cpu()) if prefix.text_bytes else (0, 0)
     counted = torch.tensor([float(base.scores.nbytes.sum()), *decoded], dtype=torch.float64, device=ev.rt.device)
     flags = [max(error, revealed.max_sum_error), float(bool(moved)), reveal_change]
@@ -2388,6 +2373,7 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
                         "causal": all(a["causal"] for a in audits.values()),
                         "passed": all(a["passed"] for a in audits.values()), "methods": audits}
     return out
+
 # ----------------------------------------------------------------------------------------------
 # Assembly: the run's pieces, built one way for the trainer, the dry run and the tools
 # ----------------------------------------------------------------------------------------------
