@@ -1917,9 +1917,8 @@ class Evaluator:
                 x = torch.stack([F.pad(self.tokens[s:s + seq_len], (0, max(0, s + seq_len - len(self.tokens))))
                                  for s, _, _ in reads]).to(self.rt.device)
                 pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in chunk]).to(self.rt.device)
-                # The model gives the distributions of each row's last positions: all of a whole
-                # window, a stride of a sliding one (whose scored targets end the window). Their
-                # number is a power of two, so the compiled graphs are few whatever the windows.
+                # The model gives the distributions of each row's last positions (all of a whole window, a stride
+                # of a sliding one), a power of two of them, so the compiled graphs are few whatever the windows.
                 last = min(seq_len, 1 << (seq_len - min(first for _, first, _ in chunk) - 1).bit_length())
                 skip = seq_len - last
                 with self.rt.autocast():
@@ -1932,8 +1931,7 @@ class Evaluator:
             model.train(was_training)
 
     def rows_per_forward(self, n_rows: int, seq_len: int) -> int:
-        """VAL_BATCH_SIZE tokens over all ranks; compiled, a power of two, so that the graphs' static
-        batch sizes are few whatever the number of windows (a prefix for the audit, a TTT chunk)."""
+        """VAL_BATCH_SIZE tokens over all ranks; compiled, a power of two, so few static batch sizes are compiled."""
         most = max(1, self.cfg.val_batch_size // (seq_len * self.rt.world_size))
         return min(most, 1 << (max(n_rows, 1) - 1).bit_length()) if self.rt.compile else most
 
@@ -2170,8 +2168,7 @@ AUDIT_MAX_SUM_ERROR = 1e-3
 AUDIT_PLAIN_EVERY = 8  # one unperturbed copy in this many measures how a row moves with its place in a batch
 
 def replace_after(cfg: Config, ev: Evaluator, tokens: Tensor, cut: int, gen: torch.Generator) -> Tensor:
-    """`tokens` with every token after position `cut` replaced by another. In DOC_MODE BOS stays and
-    nothing becomes one, so documents keep the bounds that decide the windows."""
+    """`tokens` with each one after `cut` replaced; in DOC_MODE BOS stays and nothing becomes one (the windows stay)."""
     later = tokens[cut + 1:]
     changed = (later + torch.randint(1, cfg.vocab_size, later.shape, generator=gen)) % cfg.vocab_size
     if cfg.doc_mode:
@@ -2206,9 +2203,8 @@ def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, g
         is_plain = torch.tensor(plain)
         change, noise = gaps[~is_plain].max(), gaps[is_plain].max()
     change, noise = ev.rt.all_reduce(torch.stack([change, noise]).to(ev.rt.device), dist.ReduceOp.MAX).tolist()
-    tolerance = max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * noise)
     return {"positions": min(positions, ev.n_targets), "max_change": change, "noise": noise,
-            "causal": change <= tolerance}
+            "causal": change <= max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * noise)}
 
 class RevealingEvaluator(Evaluator):
     """The audit's stream for what a method learns as it goes: while it predicts the first `rows` of this rank's
@@ -2248,8 +2244,7 @@ class RevealingEvaluator(Evaluator):
                     yield pos[row:row + 1], logp[row:row + 1]
 
 def audit_seed(cfg: Config, rt: Runtime) -> int:
-    """EVAL_AUDIT_SEED, or a fresh seed rank 0 draws for every rank: cut points that follow from SEED
-    are points a model could be fitted around."""
+    """EVAL_AUDIT_SEED, or a fresh one from rank 0: cut points that follow from SEED could be fitted around."""
     seed = cfg.eval_audit_seed or 1 + int.from_bytes(os.urandom(3), "little")
     return int(rt.all_reduce(torch.tensor(float(seed if rt.rank == 0 else 0), dtype=torch.float64, device=rt.device)))
 
@@ -2339,8 +2334,7 @@ def run_audits(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger) -> dic
 
 def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger, standard_ms: float,
                       audits: dict) -> dict:
-    """Runs every enabled method that passed its audit (or every one, unaudited) on the round-trip
-    model; logs each and estimates whether the whole evaluation would fit the challenge's limit."""
+    """Every enabled method that passed its audit (or every one, unaudited), and whether all would fit the limit."""
     out, eval_ms = {}, {"standard": standard_ms}
     for name in cfg.eval_methods:
         if cfg.eval_audit and not audits[name]["passed"]:
