@@ -1744,9 +1744,8 @@ EVAL_LIMIT_SECONDS = 600.0
 EVAL_GPUS = 8
 
 def sliding_windows(lo: int, hi: int, n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows scoring targets [lo, hi) once each. A window reads seq_len tokens and scores only the
-    targets it adds (at most `stride`); the stream's first window scores all it reads, having no
-    context to wait for. stride = seq_len gives the disjoint windows of standard evaluation."""
+    """Windows scoring targets [lo, hi) once each, at most `stride` new ones a window; the stream's first
+    window scores all it reads, having no context to wait for. stride = seq_len: standard evaluation's."""
     seq_len = min(seq_len, n_targets)
     windows, p = [], lo
     while p < hi:
@@ -1774,18 +1773,11 @@ class Evaluator:
 
     def __init__(self, cfg: Config, rt: Runtime, val_tokens: Tensor, tables: ByteTables, bos_id: int = -1,
                  text_bytes=None):
-        self.cfg, self.rt = cfg, rt
-        self.tokens = val_tokens
-        self.tables = tables.to(rt.device)
-        self.bos_id = bos_id
+        self.cfg, self.rt, self.tokens, self.bos_id = cfg, rt, val_tokens, bos_id
+        self.tables, self.n_targets = tables.to(rt.device), len(val_tokens) - 1
         self.text_bytes = text_bytes  # (tokens, positions) -> the bytes the targets there decode to (the audit's count)
 
-    @property
-    def n_targets(self) -> int:
-        return len(self.tokens) - 1
-
     def with_tokens(self, tokens: Tensor) -> "Evaluator":
-        """The same evaluator over other tokens: the audit's prefix and its perturbed copies."""
         return Evaluator(self.cfg, self.rt, tokens, self.tables, self.bos_id, self.text_bytes)
 
     def rank_share(self, windows: list) -> list:
@@ -1818,9 +1810,8 @@ class Evaluator:
                 x = torch.stack([F.pad(self.tokens[s:s + seq_len], (0, max(0, s + seq_len - len(self.tokens))))
                                  for s, _, _ in reads]).to(self.rt.device)
                 pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in chunk]).to(self.rt.device)
-                # The model gives the distributions of each row's last positions: all of a whole
-                # window, a stride of a sliding one (whose scored targets end the window). Their
-                # number is a power of two, so the compiled graphs are few whatever the windows.
+                # The model gives the distributions of each row's last positions (all of a whole window, a stride
+                # of a sliding one), a power of two of them, so the compiled graphs are few whatever the windows.
                 last = min(seq_len, 1 << (seq_len - min(first for _, first, _ in chunk) - 1).bit_length())
                 skip = seq_len - last
                 with self.rt.autocast():
@@ -1833,29 +1824,23 @@ class Evaluator:
             model.train(was_training)
 
     def rows_per_forward(self, n_rows: int, seq_len: int) -> int:
-        """VAL_BATCH_SIZE tokens over all ranks; compiled, a power of two, so that the graphs' static
-        batch sizes are few whatever the number of windows (a prefix for the audit, a TTT chunk)."""
+        """VAL_BATCH_SIZE tokens over all ranks; compiled, a power of two, so few static batch sizes are compiled."""
         most = max(1, self.cfg.val_batch_size // (seq_len * self.rt.world_size))
         return min(most, 1 << (max(n_rows, 1) - 1).bit_length()) if self.rt.compile else most
-
-    def score(self, model: nn.Module, windows: list, seq_len: int) -> Scores:
-        return score_first(self, self.distributions(model, windows, seq_len)).scores
 
     def reduce(self, scores: Scores) -> tuple[float, float]:
         sums = torch.stack([scores.nll.double().sum(), torch.tensor(float(scores.nll.numel()), device=self.rt.device,
                             dtype=torch.float64), scores.nbytes.double().sum()])
         loss_sum, count, byte_sum = self.rt.all_reduce(sums).tolist()
-        val_loss = loss_sum / count
-        return val_loss, loss_sum / math.log(2) / byte_sum
+        return loss_sum / count, loss_sum / math.log(2) / byte_sum
 
     def val_bytes(self) -> int:
         """Bytes of the targets standard evaluation scores: the bpb denominator."""
         pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in self.standard_windows()])
-        return int(self.tables.count(self.tokens[pos].to(self.rt.device), self.tokens[pos + 1].to(self.rt.device)).sum())
+        return int(self.tables.count(self.device_tokens[pos], self.device_tokens[pos + 1]).sum())
 
     def standard_windows(self) -> list:
-        """Disjoint windows of TRAIN_SEQ_LEN; in DOC_MODE one window a document, from its BOS, scoring
-        at most TRAIN_SEQ_LEN targets (the end of the document included)."""
+        """Disjoint windows of TRAIN_SEQ_LEN; in DOC_MODE one a document, from its BOS, scoring its first targets."""
         seq = self.cfg.train_seq_len
         if self.cfg.doc_mode:
             return [(a, 0, min(b - a, seq)) for a, b in document_bounds(self.tokens.numpy(), self.bos_id)]
@@ -1866,55 +1851,41 @@ class Evaluator:
         return sum(stop - first for _, first, stop in self.standard_windows()) / self.n_targets
 
     def standard(self, model: nn.Module) -> tuple[float, float]:
-        return self.reduce(self.score(model, self.rank_share(self.standard_windows()), self.cfg.train_seq_len))
+        return self.reduce(score_first(self, standard_method(self.cfg, self, model)).scores)
 
     def per_token(self, model: nn.Module) -> np.ndarray | None:
         """Every target's loss in stream order, gathered on rank 0 (None elsewhere)."""
-        nll = self.score(model, self.rank_share(self.standard_windows()), self.cfg.train_seq_len).nll
+        nll = score_first(self, standard_method(self.cfg, self, model)).scores.nll
         if self.rt.distributed:
-            sizes = [torch.zeros(1, dtype=torch.long, device=self.rt.device) for _ in range(self.rt.world_size)]
-            dist.all_gather(sizes, torch.tensor([nll.numel()], device=self.rt.device))
-            width = max(int(s) for s in sizes)
-            padded = [torch.zeros(width, device=self.rt.device) for _ in sizes]
-            dist.all_gather(padded, F.pad(nll, (0, width - nll.numel())))
-            nll = torch.cat([p[:int(s)] for p, s in zip(padded, sizes)])
+            shares = [None] * self.rt.world_size
+            dist.all_gather_object(shares, nll.cpu())
+            nll = torch.cat(shares)
         return nll.cpu().numpy().astype(np.float16) if self.rt.rank == 0 else None
 
 @dataclass
 class MethodRun:
-    """One method's pass over (this rank's share of) the stream."""
-
-    scores: Scores
+    scores: Scores  # of this rank's share of the stream
     captured: dict[int, Tensor]  # target index -> the whole next-token distribution it was scored with
     max_sum_error: float  # the largest |sum p - 1| over every distribution scored, where measured
     info: dict = field(default_factory=dict)
 
-def prob_sum_error(probs: Tensor) -> Tensor:
-    """The largest |sum p - 1| over rows, kept on the device so a hot loop need not wait for it."""
-    if not probs.numel():
-        return torch.zeros((), dtype=torch.float64, device=probs.device)
-    return (probs.sum(-1, dtype=torch.float64) - 1).abs().max()
-
 def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> MethodRun:
-    """The one scorer, and the only code that reads a target before its method has been scored on it.
-    A method is a generator: it yields (positions, log next-token distributions) from what it has been
-    told so far, and each yield returns the targets of those positions, once they are scored. Its
-    return value is the run's info. With `capture` (the audit), every distribution's sum is measured
-    and those at the captured positions are kept. Bytes come from the byte tables, not the method."""
+    """The one scorer, and the only code that reads a target before its method has been scored on it. A method
+    is a generator yielding (positions, log next-token distributions); each yield returns those targets, once
+    scored, and its return value is the run's info. With `capture` (the audit) every distribution's sum is
+    measured and those at the captured positions are kept. Bytes come from the byte tables, not the method."""
     parts, captured = [], {}
-    max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)
+    max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)  # on the device: no wait in the loop
     try:
         pos, logp = next(method)
         while True:
             target = ev.targets(pos)
             nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
             parts.append(Scores(pos, nll, ev.tables.count(ev.device_tokens[pos], target)))
-            if capture is not None:
+            if capture is not None and len(pos):
                 probs = logp.exp()
-                max_error = torch.maximum(max_error, prob_sum_error(probs))
-                for row, p in enumerate(pos.tolist()):
-                    if p in capture:
-                        captured[p] = probs[row].float().cpu()
+                max_error = torch.maximum(max_error, (probs.sum(-1, dtype=torch.float64) - 1).abs().max())
+                captured.update({p: probs[row].float().cpu() for row, p in enumerate(pos.tolist()) if p in capture})
             pos, logp = method.send(target)
     except StopIteration as finished:
         info = finished.value or {}
@@ -1928,8 +1899,7 @@ def standard_method(cfg: Config, ev: Evaluator, model: nn.Module):
     yield from ev.distributions(model, ev.rank_share(ev.standard_windows()), cfg.train_seq_len)
 
 def sliding_method(cfg: Config, ev: Evaluator, model: nn.Module):
-    windows = sliding_windows(0, ev.n_targets, ev.n_targets, cfg.eval_window, cfg.eval_stride)
-    yield from ev.distributions(model, ev.rank_share(windows), cfg.eval_window)
+    yield from ev.distributions(model, ev.rank_share(method_windows(cfg, ev, 0, ev.n_targets)), cfg.eval_window)
 
 # Hedge: an online mixture of experts, each a normalised distribution over the whole vocabulary ---
 
@@ -1940,11 +1910,10 @@ class NeuralExpert:
         return logp.exp()
 
     def observe(self, pos: Tensor):
-        pass
+        pass  # the model learns nothing from the scored tokens
 
-class TemperedExpert:
-    """The neural distribution sharpened where the model is sure and flattened where it is not:
-    temperature 0.7 + 0.6 * H / ln V, H the entropy of the neural distribution at that position."""
+class TemperedExpert(NeuralExpert):
+    """The neural distribution sharpened where the model is sure (low entropy) and flattened where it is not."""
 
     name = "tempered"
 
@@ -1953,15 +1922,10 @@ class TemperedExpert:
         temperature = 0.7 + 0.6 * entropy / math.log(logp.size(-1))
         return torch.softmax(logp / temperature, dim=-1)
 
-    def observe(self, pos: Tensor):
-        pass
-
 class NgramExpert:
-    """N-gram counts of the scored tokens only, smoothed toward the neural distribution: with n
-    counts in the context, p(v) = (count(v) + prior * p_neural(v)) / (n + prior), so an unseen
-    context falls back to the model and a well-seen one follows its counts. A context (the last
-    order-1 tokens) selects a row of counts, hashed when there are more contexts than rows; each row
-    is normalised over all V tokens, so a hash collision blurs the estimate but never breaks it."""
+    """Counts of the scored tokens only, plus `prior` times the neural distribution, so an unseen context falls
+    back to the model. A context (the last order-1 tokens) selects a row of counts, hashed when there are more
+    contexts than rows; a row is normalised over all V tokens, so a collision blurs but never breaks it."""
 
     def __init__(self, tokens: Tensor, order: int, vocab_size: int, prior: float, max_entries: int):
         self.name = ("unigram", "bigram", "trigram")[order - 1] if order <= 3 else f"{order}gram"
@@ -1991,59 +1955,54 @@ class NgramExpert:
         self.counts.index_put_((self.row(pos), self.tokens[pos + 1]), ones, accumulate=True)
 
 def hedge_experts(cfg: Config, tokens: Tensor) -> list:
-    ngrams = [NgramExpert(tokens, order, cfg.vocab_size, cfg.hedge_prior, cfg.hedge_table_entries) for order in (1, 2, 3)]
-    return [NeuralExpert(), *ngrams, TemperedExpert()]
+    return [NeuralExpert(), *(NgramExpert(tokens, order, cfg.vocab_size, cfg.hedge_prior, cfg.hedge_table_entries)
+                              for order in (1, 2, 3)), TemperedExpert()]
 
 def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | None = None):
-    """Score first, then learn, in blocks of HEDGE_CHUNK_TOKENS targets aligned to the stream (block
-    k holds targets k*N .. (k+1)*N-1): each target is scored by the mixture as it stood when its
-    block began, and only once the block is over do the weights (Hedge: log w -= eta * the experts'
-    mean loss) and the n-gram counts take in its targets. The blocks are the stream's, not a batch's
-    or a rank's, so the counts never depend on VAL_BATCH_SIZE or the world size: a rank starts with
-    the counts of every block before the one it starts in, and takes that block in whole when it
-    ends (its targets before the rank's stretch were scored by the rank before). The weights start
-    from the prior on every rank, so with eta > 0 they differ between world sizes."""
+    """Score first, then learn, in blocks of HEDGE_CHUNK_TOKENS targets aligned to the stream: a target is scored
+    by the mixture as it stood when its block began; the weights (log w -= eta * an expert's mean loss) and the
+    counts take in a block once it is over. The blocks being the stream's, the counts never depend on the batch
+    or the world size (a rank starts with every earlier block's counts and takes in its first block whole, though
+    the rank before scored part of it); the weights, starting from the prior on every rank, do when eta > 0."""
     experts = experts if experts is not None else hedge_experts(cfg, ev.device_tokens)
     windows = ev.rank_share(method_windows(cfg, ev, 0, ev.n_targets))
     size = cfg.hedge_chunk_tokens
     # The neural expert starts with most of the weight: the count tables begin empty.
-    log_w = torch.tensor([2.0 if isinstance(e, NeuralExpert) else 0.0 for e in experts], device=ev.rt.device)
+    log_w = torch.tensor([2.0 if e.name == "neural" else 0.0 for e in experts], device=ev.rt.device)
     block_losses = []
     cursor = windows[0][0] + windows[0][1] if windows else 0  # the next target to score: this rank's are contiguous
     end = windows[-1][0] + windows[-1][2] if windows else 0
     block = cursor // size
-    observe_all(experts, torch.arange(block * size, device=ev.rt.device))
+
+    def observe(lo: int, hi: int):
+        for part in torch.arange(lo, hi, device=ev.rt.device).split(1 << 20):
+            for expert in experts:
+                expert.observe(part)
 
     def finish_block():
-        nonlocal log_w
         if block_losses:
-            log_w = log_w - cfg.hedge_eta * torch.cat(block_losses, 1).mean(1)
-            log_w = log_w - log_w.logsumexp(0)
-        observe_all(experts, torch.arange(block * size, min((block + 1) * size, end), device=ev.rt.device))
+            log_w.sub_(cfg.hedge_eta * torch.cat(block_losses, 1).mean(1))
+            log_w.sub_(log_w.logsumexp(0))
+        observe(block * size, min((block + 1) * size, end))
         block_losses.clear()
 
+    observe(0, block * size)
     for scored, logp in ev.distributions(model, windows, cfg.eval_window):
         first = cursor
         while cursor < first + len(scored):
             if cursor // size != block:
                 finish_block()
                 block = cursor // size
-            stop = min(first + len(scored), (block + 1) * size)
-            rows = slice(cursor - first, stop - first)
+            rows = slice(cursor - first, min(len(scored), (block + 1) * size - first))
             pos = scored[rows]
             probs = torch.stack([e.probs(pos, logp[rows]) for e in experts])  # [experts, tokens, V]
             mixture = torch.einsum("e,etv->tv", torch.softmax(log_w, 0), probs)
             target = yield pos, mixture.clamp_min(1e-38).log()
             block_losses.append(-probs.gather(-1, target.view(1, -1, 1).expand(len(experts), -1, 1)).squeeze(-1)
                                 .clamp_min(1e-38).log())
-            cursor = stop
+            cursor = first + rows.stop
     finish_block()
     return {"weights": {e.name: round(w, 6) for e, w in zip(experts, torch.softmax(log_w, 0).tolist())}}
-
-def observe_all(experts: list, positions: Tensor):
-    for block in positions.split(1 << 20):
-        for expert in experts:
-            expert.observe(block)
 
 # Score-first test-time training ----------------------------------------------------------------
 
@@ -2069,7 +2028,6 @@ def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimi
     seq = min(cfg.train_seq_len, hi - lo)
     starts = list(range(lo, hi - seq + 1, seq))
     mine = starts[ev.rt.rank::ev.rt.world_size]
-    total_tokens = len(starts) * seq
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
@@ -2084,7 +2042,7 @@ def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimi
                 x = torch.cat([x, x[-1:].expand(batch - len(rows), -1)])
                 y = F.pad(y, (0, 0, 0, batch - len(rows)), value=-100)
             with ev.rt.autocast():
-                loss = model(x, y, reduction="none").float().sum() / total_tokens
+                loss = model(x, y, reduction="none").float().sum() / (len(starts) * seq)
             loss.backward()
         for p in params:
             if p.grad is None:
@@ -2103,8 +2061,7 @@ AUDIT_MAX_SUM_ERROR = 1e-3
 AUDIT_PLAIN_EVERY = 8  # one unperturbed copy in this many measures how a row moves with its place in a batch
 
 def replace_after(cfg: Config, ev: Evaluator, tokens: Tensor, cut: int, gen: torch.Generator) -> Tensor:
-    """`tokens` with every token after position `cut` replaced by another. In DOC_MODE BOS stays and
-    nothing becomes one, so documents keep the bounds that decide the windows."""
+    """`tokens` with each one after `cut` replaced; in DOC_MODE BOS stays and nothing becomes one (the windows stay)."""
     later = tokens[cut + 1:]
     changed = (later + torch.randint(1, cfg.vocab_size, later.shape, generator=gen)) % cfg.vocab_size
     if cfg.doc_mode:
@@ -2112,44 +2069,41 @@ def replace_after(cfg: Config, ev: Evaluator, tokens: Tensor, cut: int, gen: tor
         changed = torch.where(later == ev.bos_id, later, changed)
     return torch.cat([tokens[:cut + 1], changed])
 
-def window_check(cfg: Config, ev: Evaluator, model: nn.Module, windows: list, seq_len: int, positions: int,
-                 gen: torch.Generator) -> dict:
-    """Every position t below `positions`, in the window that scores it: the window with every token
-    after t replaced must give t the distribution the whole window gives it, from the function every
-    method scores with. One perturbed copy of the window a position, batched (a leak at any single
-    position is caught here with certainty); unperturbed copies measure how far a row moves with its
-    place in a batch, which sets the tolerance."""
+def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, gen: torch.Generator) -> dict:
+    """Each of the first EVAL_AUDIT_POSITIONS positions, in the standard or eval methods' window scoring it, must
+    keep its distribution when every later token of the window is replaced: one perturbed copy a position, so a
+    leak at any one is caught for certain; unperturbed copies measure how a row moves with its place in a batch."""
+    positions = cfg.eval_audit_positions
+    windows, seq_len = ((ev.standard_windows(), cfg.train_seq_len) if standard
+                        else (method_windows(cfg, ev, 0, ev.n_targets), cfg.eval_window))
     seq_len = min(seq_len, ev.n_targets)
     covering = [w for w in windows if w[0] + w[1] < positions]
     reference = score_first(ev, ev.distributions(model, covering, seq_len), capture=set(range(positions))).captured
     mine = ev.rank_share([(s, t) for s, first, stop in covering for t in range(first, stop) if s + t < positions])
-    copies, copy_windows, copy_targets, plain = [], [], [], []
+    copies = []  # (window's tokens, offset of the checked position, its target, unperturbed)
     for k, (start, offset) in enumerate(mine):
         window = F.pad(ev.tokens[start:start + seq_len], (0, max(0, start + seq_len - len(ev.tokens))))
         for perturbed in (True, False) if k % AUDIT_PLAIN_EVERY == 0 else (True,):
-            copy_windows.append((len(copies) * seq_len, offset, offset + 1))
-            copies.append(replace_after(cfg, ev, window, offset, gen) if perturbed else window)
-            copy_targets.append(start + offset)
-            plain.append(not perturbed)
+            copies.append((replace_after(cfg, ev, window, offset, gen) if perturbed else window, offset,
+                           start + offset, not perturbed))
     change = noise = torch.zeros((), dtype=torch.float64)
     if copies:
-        copy_ev = ev.with_tokens(torch.cat(copies + [copies[-1][:1]]))
+        tokens, offsets, targets, plain = zip(*copies)
+        copy_ev = ev.with_tokens(torch.cat([*tokens, tokens[-1][:1]]))
+        copy_windows = [(i * seq_len, offset, offset + 1) for i, offset in enumerate(offsets)]
         rows = torch.cat([logp for _, logp in copy_ev.distributions(model, copy_windows, seq_len)]).exp().cpu()
-        gaps = torch.stack([(row - reference[t]).abs().max() for row, t in zip(rows, copy_targets)]).double()
+        gaps = torch.stack([(row - reference[t]).abs().max() for row, t in zip(rows, targets)]).double()
         is_plain = torch.tensor(plain)
         change, noise = gaps[~is_plain].max(), gaps[is_plain].max()
     change, noise = ev.rt.all_reduce(torch.stack([change, noise]).to(ev.rt.device), dist.ReduceOp.MAX).tolist()
-    tolerance = max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * noise)
     return {"positions": min(positions, ev.n_targets), "max_change": change, "noise": noise,
-            "causal": change <= tolerance}
+            "causal": change <= max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * noise)}
 
 class RevealingEvaluator(Evaluator):
-    """The audit's stream for what a method learns as it goes: while the method predicts the first
-    `rows` positions of `own` (the positions this rank scores), one position at a time, every later
-    target of this rank is replaced, and the true ones come back only as the scorer scores them. A
-    method that reads ahead of its scores reads the replacements, and its distributions move. Other
-    ranks' targets stay true (what a rank may learn once the others have scored, as TTT does; a rank
-    reading the others' future is a cut point's to catch), and so do the windows (window_check's)."""
+    """The audit's stream for what a method learns as it goes: while it predicts the first `rows` of this rank's
+    positions `own`, one at a time, this rank's later targets are replaced, the true ones coming back as they
+    are scored. Other ranks' targets stay true (TTT may learn them once scored; the cut points catch a read of
+    their future), and so do the windows the model reads (window_check checks those)."""
 
     def __init__(self, ev: Evaluator, own: Tensor, rows: int, gen: torch.Generator):
         start = int(own[0]) if len(own) else 0
@@ -2177,14 +2131,13 @@ class RevealingEvaluator(Evaluator):
             if int(pos[0]) >= self.until:
                 self.reveal(len(self.tokens) - 1)
                 yield pos, logp
-                continue
-            for row in range(len(pos)):
-                self.reveal(int(pos[row]))
-                yield pos[row:row + 1], logp[row:row + 1]
+            else:
+                for row in range(len(pos)):
+                    self.reveal(int(pos[row]))
+                    yield pos[row:row + 1], logp[row:row + 1]
 
 def audit_seed(cfg: Config, rt: Runtime) -> int:
-    """EVAL_AUDIT_SEED, or a fresh seed rank 0 draws for every rank: cut points that follow from SEED
-    are points a model could be fitted around."""
+    """EVAL_AUDIT_SEED, or a fresh one from rank 0: cut points that follow from SEED could be fitted around."""
     seed = cfg.eval_audit_seed or 1 + int.from_bytes(os.urandom(3), "little")
     return int(rt.all_reduce(torch.tensor(float(seed if rt.rank == 0 else 0), dtype=torch.float64, device=rt.device)))
 
@@ -2195,23 +2148,13 @@ def rank_starts(rt: Runtime, scores: Scores) -> list[int]:
         first[rt.rank] = scores.pos[0].double() + 1
     return [int(p) - 1 for p in rt.all_reduce(first).tolist() if p > 0]
 
-def audit_layout(cfg: Config, ev: Evaluator, name: str) -> tuple[list, int]:
-    """The windows and length a method scores with: the standard method's own, or the eval methods'."""
-    if name == "standard":
-        return ev.standard_windows(), cfg.train_seq_len
-    return method_windows(cfg, ev, 0, ev.n_targets), cfg.eval_window
-
 def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logger, name: str,
                  seed: int | None = None, checked: dict | None = None) -> dict:
-    """`method` on a prefix of the stream, through the scorer as the final evaluation runs it. Every
-    distribution it scores sums to one. No position's distribution moves when the tokens after it
-    change: checked for the model's windows at each of the first EVAL_AUDIT_POSITIONS positions
-    (window_check), for what the method learns as it goes at each of its rank's first
-    EVAL_AUDIT_POSITIONS positions (a RevealingEvaluator run), and for both at cut points (one drawn in
-    each eighth of the prefix, and every rank's first position), where the run is repeated with the
-    tokens after the cut replaced: no earlier score and not the distribution at the cut may move. The
-    bytes the scored targets stand for match the tokenizer's decoded text. `checked` keeps the window
-    checks for the methods of the same windows."""
+    """`method` on a prefix of the stream, scored as the final evaluation is. Every distribution sums to one;
+    none moves when the tokens after its position change, in the model's windows (window_check), in what the
+    method learns as it goes (RevealingEvaluator), and for both at the cut points, where the run is repeated
+    with the tokens after the cut replaced; the bytes counted match the decoded text. `checked` shares the
+    window checks between methods of the same windows."""
     t0 = time.perf_counter()
     length = min(ev.n_targets, max(cfg.eval_audit_tokens, 2 * cfg.ttt_chunk_tokens if cfg.ttt_steps else 0))
     prefix = ev.with_tokens(ev.tokens[:length + 1])
@@ -2248,31 +2191,28 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     revealed = score_first(revealing, method(cfg, revealing, model), capture=set(watched))
     reveal_change = max([float((revealed.captured[p] - again.captured[p]).abs().max()) if p in revealed.captured
                          else math.inf for p in watched], default=0.0)
-    error = max(error, revealed.max_sum_error)
-    checked = {} if checked is None else checked
-    if (name == "standard") not in checked:
-        checked[name == "standard"] = window_check(cfg, prefix, model, *audit_layout(cfg, prefix, name),
-                                                   cfg.eval_audit_positions, gen)
-    windows = checked[name == "standard"]
+    checked, standard = {} if checked is None else checked, name == "standard"
+    if standard not in checked:
+        checked[standard] = window_check(cfg, prefix, model, standard, gen)
+    windows = checked[standard]
     decoded = prefix.text_bytes(prefix.tokens, base.scores.pos.cpu()) if prefix.text_bytes else (0, 0)
     counted = torch.tensor([float(base.scores.nbytes.sum()), *decoded], dtype=torch.float64, device=ev.rt.device)
-    flags = ev.rt.all_reduce(torch.tensor([error, float(bool(moved)), reveal_change], device=ev.rt.device,
-                                          dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+    flags = [max(error, revealed.max_sum_error), float(bool(moved)), reveal_change]
+    error, any_moved, reveal_change = ev.rt.all_reduce(torch.tensor(flags, dtype=torch.float64, device=ev.rt.device),
+                                                       dist.ReduceOp.MAX).tolist()
     counted, decoded, slack = ev.rt.all_reduce(counted).tolist()
     bytes_gap = abs(counted - decoded) if prefix.text_bytes else 0.0
-    result = {"max_prob_sum_error": flags[0], "causal": flags[1] == 0 and flags[2] <= tolerance and windows["causal"],
-              "reveal_change": flags[2], "tokens": length,
+    causal = any_moved == 0 and reveal_change <= tolerance and windows["causal"]
+    result = {"max_prob_sum_error": error, "causal": causal, "reveal_change": reveal_change, "tokens": length,
               "seed": seed, "cuts": cuts, "moved_at": moved, "repeat_noise": repeat_noise, "tolerance": tolerance,
               "window_check": windows, "bytes": {"counted": counted, "decoded": decoded, "slack": slack}
               if prefix.text_bytes else None, "bytes_gap": bytes_gap}
-    result["passed"] = (result["causal"] and result["max_prob_sum_error"] < AUDIT_MAX_SUM_ERROR
-                        and bytes_gap <= slack)
+    result["passed"] = causal and error < AUDIT_MAX_SUM_ERROR and bytes_gap <= slack
     result["seconds"] = time.perf_counter() - t0
-    log(f"audit {name}: max_prob_sum_error:{result['max_prob_sum_error']:.3e} causal:{str(result['causal']).lower()} "
-        f"positions:{windows['positions']} window_change:{windows['max_change']:.1e} reveal_change:{flags[2]:.1e} "
-        f"tokens:{length} cuts:{len(cuts)} "
-        f"repeat_noise:{repeat_noise:.1e} bytes_gap:{bytes_gap:.0f} seed:{seed} time:{result['seconds']:.1f}s "
-        f"{'passed' if result['passed'] else 'FAILED'}")
+    log(f"audit {name}: max_prob_sum_error:{error:.3e} causal:{str(causal).lower()} "
+        f"positions:{windows['positions']} window_change:{windows['max_change']:.1e} reveal_change:{reveal_change:.1e} "
+        f"tokens:{length} cuts:{len(cuts)} repeat_noise:{repeat_noise:.1e} bytes_gap:{bytes_gap:.0f} seed:{seed} "
+        f"time:{result['seconds']:.1f}s {'passed' if result['passed'] else 'FAILED'}")
     return result
 
 EVAL_METHODS = {"standard": standard_method, "sliding": sliding_method, "hedge": hedge_method, "ttt": ttt_method}
@@ -2287,9 +2227,7 @@ def run_audits(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger) -> dic
 
 def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger, standard_ms: float,
                       audits: dict) -> dict:
-    """Runs every enabled method that passed its audit (or every one, unaudited) on the round-trip
-    model; logs each and estimates whether the whole evaluation would fit the challenge's limit on
-    the full split."""
+    """Every enabled method that passed its audit (or every one, unaudited), and whether all would fit the limit."""
     out, eval_ms = {}, {"standard": standard_ms}
     for name in cfg.eval_methods:
         if cfg.eval_audit and not audits[name]["passed"]:
@@ -2308,25 +2246,20 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
             log(f"{name}_weights: " + " ".join(f"{k}:{v:.4f}" for k, v in run.info["weights"].items()))
         log(f"final_{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms[name]:.0f}ms")
         log(f"final_{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    # Each method took eval_ms for n_targets on world_size devices of this kind; the full split on
+    # 8 of them takes that much longer per token and that much shorter per device.
+    estimate = sum(eval_ms.values()) / 1000 * (FULL_VAL_TOKENS / ev.n_targets * ev.rt.world_size / EVAL_GPUS)
     out["eval_ms"] = eval_ms
-    out["eval_fit"] = eval_fit(ev, eval_ms)
-    log(f"total_eval_time:{sum(eval_ms.values()) / 1000:.1f}s estimated_full_split_8gpu:"
-        f"{out['eval_fit']['estimated_full_split_s']:.1f}s fits_{EVAL_LIMIT_SECONDS:.0f}s:"
-        f"{str(out['eval_fit']['fits']).lower()}")
+    out["eval_fit"] = {"estimated_full_split_s": estimate, "fits": estimate <= EVAL_LIMIT_SECONDS,
+                       "basis": f"{ev.n_targets} targets on {ev.rt.world_size} x {ev.rt.device.type}, "
+                                f"scaled to {FULL_VAL_TOKENS} on {EVAL_GPUS}"}
+    log(f"total_eval_time:{sum(eval_ms.values()) / 1000:.1f}s estimated_full_split_8gpu:{estimate:.1f}s "
+        f"fits_{EVAL_LIMIT_SECONDS:.0f}s:{str(out['eval_fit']['fits']).lower()}")
     if audits:
         out["audit"] = {"max_prob_sum_error": max(a["max_prob_sum_error"] for a in audits.values()),
                         "causal": all(a["causal"] for a in audits.values()),
                         "passed": all(a["passed"] for a in audits.values()), "methods": audits}
     return out
-
-def eval_fit(ev: Evaluator, eval_ms: dict) -> dict:
-    """Each method took ms here for n_targets on world_size devices of this kind; the full split on
-    8 of them takes that much longer per token and that much shorter per device."""
-    scale = FULL_VAL_TOKENS / ev.n_targets * ev.rt.world_size / EVAL_GPUS
-    estimate = sum(eval_ms.values()) / 1000 * scale
-    return {"estimated_full_split_s": estimate, "fits": estimate <= EVAL_LIMIT_SECONDS,
-            "basis": f"{ev.n_targets} targets on {ev.rt.world_size} x {ev.rt.device.type}, "
-                     f"scaled to {FULL_VAL_TOKENS} on {EVAL_GPUS}"}
 
 # ----------------------------------------------------------------------------------------------
 # Assembly: the run's pieces, built one way for the trainer, the dry run and the tools
