@@ -1107,8 +1107,7 @@ def muon_momentum_at(cfg: Config, step: int) -> float:
 def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Tensor],
                optimizers: list[torch.optim.Optimizer], stream: TokenStream, step: int, scale: float,
                clock_ms=lambda: 0.0) -> tuple[Tensor, float]:
-    """One optimizer step over the global batch; returns this rank's mean loss (a tensor) and the
-    training time all ranks agree on, read from `clock_ms` before the optimizers step."""
+    """One optimizer step over the global batch: this rank's mean loss (a tensor), and `clock_ms` as the ranks agree."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
@@ -1142,8 +1141,7 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
     return total / cfg.grad_accum_steps, elapsed_ms
 
 class Diverged(Exception):
-    """A non-finite loss or gradient: the run stops before the weights are touched. The message names
-    the first parameter whose gradient is not finite."""
+    """A non-finite loss or gradient, before the weights move, naming the first parameter at fault."""
 
     def __init__(self, step: int, what: str, optimizers: list[torch.optim.Optimizer]):
         culprits = (f"{group['name']}, tensor {i} of shape {tuple(p.shape)}" for opt in optimizers
@@ -1153,8 +1151,7 @@ class Diverged(Exception):
         super().__init__(f"non-finite {what} at step {step} (parameter group: {group})")
 
 def untimed_warmup(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, log: Logger):
-    """WARMUP_STEPS untimed steps at every depth the schedule will use, so that compilation stays out
-    of the timed budget; then weights, optimizer state and depth go back."""
+    """WARMUP_STEPS untimed steps at every depth of the schedule (compilation, allocator); then all goes back."""
     if cfg.warmup_steps == 0:
         return
     model, optimizers = pieces.model, pieces.optimizers
@@ -1196,8 +1193,7 @@ class Clock:
         self.t0 = time.perf_counter()
 
 class DepthSchedule:
-    """Progressive depth: the passes the model runs from each fraction of the budget on. The fraction
-    comes from the clock the ranks agree on, so every rank changes depth at the same step."""
+    """The passes the model runs from each fraction of the budget on; see docs/recurrence.md, "The depth schedule"."""
 
     def __init__(self, cfg: Config, model: GPT, log: Logger):
         self.phases = cfg.depth_phases if cfg.depth_schedule else ()
@@ -1228,8 +1224,7 @@ class DepthSchedule:
         self.changes = [dict(phase) for phase in state["phases"]]
 
 class WeightAverage:
-    """A float32 average of weight snapshots taken at full depth: uniform (swa: every `every` steps
-    once `start_frac` of the budget is used) or exponential with `decay` (ema: every step)."""
+    """SWA or EMA of the weights at full depth; see docs/recurrence.md, "Weight averaging: SWA and EMA"."""
 
     def __init__(self, kind: str, decay: float = 0.0, start_frac: float = 0.0, every: int = 1):
         self.kind, self.decay, self.start_frac, self.every = kind, decay, start_frac, every
@@ -1266,8 +1261,7 @@ class WeightAverage:
         self.count, self.last_step = int(state["count"]), int(state["last_step"])
 
 class Validator:
-    """Validation while training: every VAL_LOSS_EVERY steps, at the end of each epoch (EPOCHS) and at
-    the last step; every validation target's loss saved every PER_TOKEN_LOSS_EVERY steps."""
+    """Validation every VAL_LOSS_EVERY steps, at each epoch's end and the last step; per-token losses."""
 
     def __init__(self, cfg: Config, rt: Runtime, evaluator: "Evaluator", stream, log: Logger):
         self.cfg, self.rt, self.evaluator, self.log = cfg, rt, evaluator, log
@@ -1369,8 +1363,7 @@ def log_train_step(cfg: Config, rt: Runtime, model: GPT, log: Logger, step: int,
     return moe_statistics(model, rt, "train", log)
 
 def load_statistics(counts: Tensor) -> dict:
-    """How evenly slots spread over experts: Gini (0 even, (n-1)/n all on one), Shannon entropy in
-    bits (log2 n even) and 2^H, the effective number of experts; experts that got nothing."""
+    """How evenly slots spread over experts; see docs/moe.md, "Balancing and statistics"."""
     counts = counts.double().cpu()
     n, total = counts.numel(), counts.sum()
     share = counts / total
@@ -1382,8 +1375,7 @@ def load_statistics(counts: Tensor) -> dict:
             "share": share.tolist()}
 
 def moe_statistics(model: nn.Module, rt: Runtime, mode: str, log: Logger | None = None) -> dict | None:
-    """Per MoE layer, the load since the last call in `mode` (train or val) over all ranks, logged
-    when `log` is given; resets it. A collective: every rank calls it at the same point."""
+    """Per MoE layer, the `mode` (train or val) load since the last call, over all ranks (a collective); resets it."""
     moes = moe_modules(model)
     if not moes:
         return None
@@ -1425,16 +1417,14 @@ def peak_memory_mib(rt: Runtime) -> float:
 
 CHECKPOINT_MAGIC = b"PGOLFCK1"
 CHECKPOINTS_KEPT = 2
-# A resume must rebuild the same model on the same token stream. Other settings may change (a lower
-# LR after a divergence, say): the log then says the run is no longer the uninterrupted one.
+# What a resume must keep, and what it may change without a warning: see docs/operations.md, "Long runs".
 RESUME_MUST_MATCH = ("train_seq_len", "train_batch_tokens")
 RESUME_FREE = {"run_id", "log_dir", "data_path", "tokenizer_path", "device", "compile", "grad_accum_steps",
                "val_batch_size", "train_log_every", "resume_from", "fault_at_step", "fault_rank",
                "checkpoint_every_seconds", "checkpoint_every_steps", "dist_timeout_seconds"}
 
 class Checkpointer:
-    """Writes a checkpoint every CHECKPOINT_EVERY_STEPS steps or CHECKPOINT_EVERY_SECONDS of training
-    time, keeping the last CHECKPOINTS_KEPT, and continues a run from one (RESUME_FROM)."""
+    """Writes checkpoints and continues a run from one; see docs/operations.md, "Long runs"."""
 
     def __init__(self, cfg: Config, rt: Runtime, log: Logger):
         self.cfg, self.rt, self.log = cfg, rt, log
@@ -2266,8 +2256,7 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
 # ----------------------------------------------------------------------------------------------
 
 def load_data(cfg: Config, rt: Runtime, log: Logger) -> tuple[Config, TokenStream | DocStream, Evaluator, dict]:
-    """The training stream and the evaluator of DATA_PATH's shards, logged; with EPOCHS, the config
-    with the ITERATIONS they make; the summary's figures of the validation text."""
+    """The config (EPOCHS set ITERATIONS), training stream, evaluator and validation text's figures of DATA_PATH."""
     meta = read_meta(cfg.data_path)
     tokenizer_path, sp, tokenizer_sha = resolve_tokenizer(cfg, meta)
     train_files, val_files = find_shards(cfg.data_path, "train"), find_shards(cfg.data_path, "val")
@@ -2291,8 +2280,7 @@ def load_data(cfg: Config, rt: Runtime, log: Logger) -> tuple[Config, TokenStrea
         if abs(val_bytes - text_bytes) > 0.02 * text_bytes:
             log(f"WARNING val_bytes_mismatch: the scored targets stand for {val_bytes} bytes, meta.json's validation "
                 f"text has {text_bytes} ({val_bytes / text_bytes - 1:+.1%}): this bpb is not the text's")
-        if meta.get("val_entropy_bits") is not None:
-            # The synthetic corpus's true information content: no honest model can score below it.
+        if meta.get("val_entropy_bits") is not None:  # the synthetic corpus's: see docs/evaluation.md, "Honesty checks"
             figures["source_bpb"] = float(meta["val_entropy_bits"]) / text_bytes
             log(f"source_entropy: val_entropy_bits:{meta['val_entropy_bits']:.1f} "
                 f"source_bpb:{figures['source_bpb']:.4f}")
@@ -2303,8 +2291,7 @@ def load_data(cfg: Config, rt: Runtime, log: Logger) -> tuple[Config, TokenStrea
     return cfg, stream, evaluator, figures
 
 def build_model(spec: ModelSpec, device: torch.device) -> GPT:
-    """On a meta device nothing is allocated (a dry run's accounting); elsewhere the weights are drawn
-    on the CPU, so that an init is the same on every device."""
+    """Weights drawn on the CPU, so that an init is the same on every device; on the meta device, nothing allocated."""
     with torch.device("meta") if device.type == "meta" else nullcontext():
         return GPT(spec).to(device)
 
@@ -2361,8 +2348,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     return summary
 
 def training_report(cfg: Config, rt: Runtime, summary: dict, log: Logger):
-    """Tokens and memory; the graphs training compiled; that all ranks changed depth alike (a collective
-    decision: a disagreement is a bug, never to pass silently)."""
+    """Tokens and memory; the graphs training compiled; that all ranks changed depth alike (a disagreement is a bug)."""
     if rt.compile:
         log_compile(log, compile_report())
     if rt.distributed and cfg.depth_schedule:
@@ -2391,9 +2377,8 @@ def apply_average(pieces: Pieces, evaluator: Evaluator, average: WeightAverage, 
 
 def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evaluator, summary: dict, log: Logger
                           ) -> nn.Module:
-    """Rank 0 builds the artifact of each scheme tried (QUANT=auto: the most precise first, until one
-    fits); every rank rebuilds a model from each one's bytes alone and evaluates it. The last one
-    tried is written. Returns its model, which the other final evaluations use."""
+    """Each scheme tried (docs/outputs.md, "Quantization") built by rank 0, rebuilt from its bytes alone on every rank
+    and evaluated; the last one tried is written, and its model returned for the other final evaluations."""
     artifact_path = Path(cfg.log_dir) / f"{cfg.run_id}.ptz"
     bytes_code = len(Path(__file__).read_bytes())
     tried = []
@@ -2435,8 +2420,7 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evalu
     return roundtrip
 
 def score(cfg: Config, evaluator: Evaluator, roundtrip: nn.Module, summary: dict, log: Logger):
-    """The audits, then the headline lines (withheld when the standard method fails its audit), then
-    every other method; a score below the source's entropy is flagged as the bug it is."""
+    """The audits, the headline lines (withheld if the standard method fails its audit), every other method."""
     audits = run_audits(cfg, evaluator, roundtrip, log)
     fraction = f" scored_fraction:{summary['scored_fraction']:.4f}" if cfg.doc_mode else ""
     if audits.get("standard", {"passed": True})["passed"]:
@@ -2453,8 +2437,7 @@ def score(cfg: Config, evaluator: Evaluator, roundtrip: nn.Module, summary: dict
     summary.update(final_evaluations(cfg, evaluator, roundtrip, log, summary["roundtrip_eval_ms"], audits))
     bpbs = [summary.get(f"{method}val_bpb") for method in ("", "roundtrip_", *(f"{m}_" for m in cfg.eval_methods))]
     lowest = min([b for b in bpbs if b is not None], default=math.inf)
-    if "source_bpb" in summary:
-        # Below the true entropy of the text is impossible for an honest evaluation: a bug, not a record.
+    if "source_bpb" in summary:  # see docs/evaluation.md, "Honesty checks"
         summary["below_source_entropy"] = lowest < summary["source_bpb"]
         if summary["below_source_entropy"]:
             log(f"WARNING below_source_entropy: val_bpb {lowest:.4f} < source_bpb {summary['source_bpb']:.4f}: "
@@ -2470,7 +2453,7 @@ def main() -> int:
     if "--help" in args or "-h" in args:
         print(config_help())
         return 0
-    rt = log = None
+    rt, log = None, Logger(None)  # a log that writes nothing until the run's is opened
     try:
         unknown = [arg for arg in args if arg != "--dry-run"]
         if unknown:
@@ -2479,12 +2462,9 @@ def main() -> int:
         cfg, notes = load_config({**os.environ, **({"DRY_RUN": "1"} if "--dry-run" in args else {})},
                                  world_size_from_env())
         if cfg.dry_run:  # the config and the parameter accounting of a model on the meta device: nothing allocated
-            print(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
-            for note in notes:
-                print(note)
+            print(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}", *notes, sep="\n")
             counts = parameter_counts(assemble(cfg, Runtime(0, 1, 0, torch.device("meta"), False)).model)
-            print(format_parameter_counts(counts))
-            print(f"dry_run: {json.dumps(counts)}")
+            print(format_parameter_counts(counts), f"dry_run: {json.dumps(counts)}", sep="\n")
             return 0
         rt = init_runtime(cfg)
         log = Logger(Path(cfg.log_dir) / f"{cfg.run_id}.txt" if rt.rank == 0 else None)
@@ -2501,9 +2481,8 @@ def main() -> int:
         return code
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
-        if log is not None:
-            log(f"error: {e}", console=False)
-            log("exit:2", console=False)
+        log(f"error: {e}", console=False)
+        log("exit:2", console=False)
         return 2
     except Diverged:  # train() has logged why, and how to continue
         log("exit:3")
