@@ -1107,7 +1107,7 @@ def muon_momentum_at(cfg: Config, step: int) -> float:
 def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Tensor],
                optimizers: list[torch.optim.Optimizer], stream: TokenStream, step: int, scale: float,
                clock_ms=lambda: 0.0) -> tuple[Tensor, float]:
-    """One optimizer step over the global batch: this rank's mean loss (a tensor), and `clock_ms` as the ranks agree."""
+    """One optimizer step over the global batch: this rank's mean loss (a tensor), and the clock the ranks agree on."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
