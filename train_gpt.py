@@ -143,8 +143,8 @@ class Config:
                                        "LOG_DIR/<RUN_ID>_per_token/ (0 = off)", lo=0)
     # export
     artifact_limit_bytes: int = var(16_000_000, "code + compressed model must fit in this", lo=1)
-    quant: str = var("int8", "artifact precision per tensor group: int8, int6, mixed (docs/outputs.md), or auto: the most "
-                             "precise that fits ARTIFACT_LIMIT_BYTES", choices=("int8", "int6", "mixed", "auto"))
+    quant: str = var("int8", "artifact precision per tensor group: int8, int6, mixed (docs/outputs.md), or auto: the "
+                             "most precise that fits ARTIFACT_LIMIT_BYTES", choices=("int8", "int6", "mixed", "auto"))
     # faults
     checkpoint_every_seconds: float = var(0.0, "checkpoint every N seconds of training time (0 = off)", lo=0.0)
     checkpoint_every_steps: int = var(0, "checkpoint every N steps (0 = off)", lo=0)
@@ -264,10 +264,6 @@ PRESETS = {
         ("c2", (768, 8, 8, 128, 1536, 512, 128)))},
 }
 
-# Set by torchrun, CUDA or the shell; never a typo of ours.
-FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-               "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PATH", "HOME"}
-
 def parse_value(name: str, raw: str, f: dataclasses.Field):
     kind, meta, text = {"int": int, "float": float, "bool": bool, "str": str}[f.type], f.metadata, raw.strip()
     words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -287,8 +283,7 @@ def parse_value(name: str, raw: str, f: dataclasses.Field):
     return value
 
 def resolve_batch(values: dict, world_size: int) -> list[str]:
-    """Fills in GRAD_ACCUM_STEPS; returns notes for the log. An explicit one must divide the batch; the default
-    (8 // world size: 1, 2, 4 and 8 GPUs see one global batch) rounds the batch to the nearest size that splits."""
+    """Fills in GRAD_ACCUM_STEPS, rounding the batch if need be (docs/operations.md, "Settings"); returns log notes."""
     batch, seq, accum = values["train_batch_tokens"], values["train_seq_len"], values["grad_accum_steps"]
     if batch < seq:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be at least TRAIN_SEQ_LEN={seq}")
@@ -322,7 +317,10 @@ def parse_depth_schedule(text: str) -> tuple[tuple[int, float], ...]:
 
 def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     """Config from env vars; returns it with notes (typo warnings, rounding) for the log."""
-    notes = typo_warnings(environ)
+    unknown = sorted(set(environ) - CONFIG_FIELDS.keys())
+    close = {name: difflib.get_close_matches(name, list(CONFIG_FIELDS), n=1, cutoff=0.85) for name in unknown}
+    notes = [f"warning: env var {name} is not a setting of train_gpt.py; did you mean {close[name][0]}?"
+             for name in unknown if close[name] and name.replace("_", "").isupper()]
     layers = {}
     for name in filter(None, environ.get("PRESET", "").split(",")):
         if name not in PRESETS:
@@ -335,8 +333,7 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
         raise ConfigError(f"ITERATIONS={environ['ITERATIONS']}: set EPOCHS or ITERATIONS, not both")
     notes += resolve_batch(values, world_size)
     if not values["run_id"]:
-        # torchrun gives every rank the same TORCHELASTIC_RUN_ID, so all ranks agree on the name; without
-        # --rdzv_id a multi-node launch's is "none", which every such run would share.
+        # The same on every rank: torchrun's rendezvous id, unless "none" (see docs/operations.md, "Launching").
         elastic = os.environ.get("TORCHELASTIC_RUN_ID") or "none"
         values["run_id"] = elastic if elastic != "none" else time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     if any(c in values["run_id"] for c in "/\\") or values["run_id"] in (".", ".."):
@@ -346,12 +343,6 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
         raise ConfigError(f"NUM_REPEATS={values['num_repeats']}: must equal the last phase of "
                           f"DEPTH_SCHEDULE={cfg.depth_schedule!r} ({cfg.num_repeats})")
     return cfg, notes
-
-def typo_warnings(environ) -> list[str]:
-    unknown = sorted(set(environ) - CONFIG_FIELDS.keys() - FOREIGN_ENV)
-    close = {name: difflib.get_close_matches(name, list(CONFIG_FIELDS), n=1, cutoff=0.85) for name in unknown}
-    return [f"warning: env var {name} is not a setting of train_gpt.py; did you mean {close[name][0]}?"
-            for name in unknown if close[name] and name.replace("_", "").isupper()]
 
 def config_help() -> str:
     lines = ["train_gpt.py settings (env vars):"]
@@ -373,14 +364,8 @@ class Runtime:
     device: torch.device
     compile: bool
     bf16: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.device.type == "cuda"
+    distributed = property(lambda self: self.world_size > 1)
+    is_cuda = property(lambda self: self.device.type == "cuda")
 
     def autocast(self):
         # Off by default on CPU: without native bf16 (AMX, AVX-512 BF16) it is slower, and tests want float32 figures.
@@ -396,9 +381,7 @@ class Runtime:
         return tensor
 
 def compile_fn(fn):
-    """Static shapes: a graph per shape, counted, not slower dynamic-shape graphs. Past its recompile limit (8 by
-    default) torch.compile runs a function eagerly, silently; GPT.forward alone serves training at every depth, the
-    evaluations, TTT and the reloaded model (10 to 20 graphs), so the limit is set far above that."""
+    """Static shapes, a graph per shape, under a raised recompile limit: see docs/operations.md, "Compilation"."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(fn, dynamic=False)
 
@@ -407,10 +390,9 @@ def compile_report() -> dict:
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
     graphs = {f.__qualname__: len(_debug_get_cache_entry_list(f.__code__)) for f in (GPT.forward, newton_schulz)}
-    limit = torch._dynamo.config.cache_size_limit
     return {"graphs": sum(graphs.values()), "recompiles": sum(max(0, n - 1) for n in graphs.values()),
             "graph_breaks": sum(counters["graph_break"].values()), "per_function": graphs,
-            "eager_fallback": [name for name, n in graphs.items() if n >= limit]}
+            "eager_fallback": [name for name, n in graphs.items() if n >= torch._dynamo.config.cache_size_limit]}
 
 def log_compile(log: "Logger", report: dict):
     log(f"compile: {report['graphs']} graphs, {report['recompiles']} recompiles, {report['graph_breaks']} graph breaks "
@@ -481,8 +463,6 @@ def read_shard(path: str | Path) -> np.ndarray:
     if count < 0 or size != SHARD_HEADER_BYTES + 2 * count:
         raise InputError(f"shard {path}: header declares {count} tokens ({SHARD_HEADER_BYTES + 2 * count} bytes) "
                          f"but the file has {size} bytes")
-    if count == 0:
-        return np.zeros(0, dtype="<u2")
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int) -> np.ndarray:
@@ -501,8 +481,7 @@ def find_shards(data_path: str, split: str) -> list[Path]:
     return files
 
 class TokenStream:
-    """The training shards as one endless token stream: step s reads from s * TRAIN_BATCH_TOKENS on, each (rank,
-    micro-step) a contiguous run of the step's sequences, so a step sees the same tokens however it is split."""
+    """The training shards as one endless token stream, read by step: see docs/data.md, "The training stream"."""
 
     def __init__(self, files: list[Path], vocab_size: int):
         self.files, self.vocab_size = files, vocab_size
@@ -539,12 +518,10 @@ def document_bounds(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(starts, np.append(starts[1:], len(tokens) - 1)) if b > a]
 
 class DocStream:
-    """DOC_MODE's data: a sequence is one document, truncated or padded (targets -100: skipped). An epoch visits the
-    first TRAIN_SUBSET_DOCS once in an order drawn from (SEED, epoch): step s's batch is a function of s alone."""
+    """DOC_MODE's training data, a document a sequence: see docs/moe.md, "Document mode"."""
 
     def __init__(self, files: list[Path], cfg: Config, bos_id: int):
-        self.tokens = np.concatenate([np.asarray(read_shard(f)) for f in files])
-        check_token_ids(self.tokens, cfg.vocab_size, files[0] if len(files) == 1 else "the training shards", 0)
+        self.tokens = np.concatenate([np.asarray(check_token_ids(read_shard(f), cfg.vocab_size, f, 0)) for f in files])
         self.docs = document_bounds(self.tokens, bos_id)[:cfg.train_subset_docs or None]
         self.seed, self.total = cfg.seed, len(self.tokens)
         if not self.docs:
@@ -582,10 +559,8 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> 
 def read_meta(data_path: str) -> dict:
     """DATA_PATH/meta.json, which data/prepare.py writes beside its shards ({} when there is none)."""
     path = Path(data_path) / "meta.json"
-    if not path.is_file():
-        return {}
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text()) if path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(f"{path}: not valid JSON") from None
     if not isinstance(meta, dict):
@@ -596,9 +571,8 @@ def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
     if not path.is_file():
         raise InputError(f"tokenizer {path} not found: set TOKENIZER_PATH to the sentencepiece .model of the data")
-    sp = spm.SentencePieceProcessor()
     try:
-        sp.Load(str(path))
+        sp = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError):
         raise InputError(f"tokenizer {path}: not a sentencepiece model") from None
     if sp.vocab_size() > vocab_size:
@@ -610,8 +584,7 @@ def load_tokenizer(path: Path, vocab_size: int):
     return sp
 
 def resolve_tokenizer(cfg: Config, meta: dict):
-    """(path, tokenizer, its SHA-256): TOKENIZER_PATH, else meta.json's, else the challenge's. Refused when meta.json's
-    SHA-256 says the shards were made with another: its byte counts would score the right tokens against wrong text."""
+    """(path, tokenizer, its SHA-256), chosen and checked against meta.json as docs/data.md, "Tokenizers" says."""
     path = Path(cfg.tokenizer_path or meta.get("tokenizer") or "./data/tokenizers/fineweb_1024_bpe.model")
     sp = load_tokenizer(path, cfg.vocab_size)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -638,15 +611,13 @@ class ByteTables:
         return ByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
 
 def decoded_bytes(sp):
-    """The bytes targets stand for, counted with the tokenizer's own decoder so the audit can check the byte tables.
-    Boundary tokens (control, unknown, unused) stand for nothing, nor does the first space after one; each text is
-    decoded after a fixed piece, as the decoder drops a leading space. Returns (bytes, slack): a run ending inside a
-    character of byte pieces decodes it as U+FFFD, up to 3 bytes off."""
+    """The audit's count of the bytes targets stand for, by the tokenizer's own decoder (docs/evaluation.md, "The
+    audit"). Returns (bytes, slack): a run ending inside a character of byte pieces decodes it as U+FFFD (<= 3 off)."""
     boundary = {i for i in range(sp.vocab_size()) if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)}
     spaced = {i for i in range(sp.vocab_size()) if sp.IdToPiece(i).startswith("\u2581")}
     anchor = next(i for i in range(sp.vocab_size()) if i not in boundary | spaced and not sp.IsByte(i))
 
-    def text(ids: list[int]) -> int:
+    def text(ids: list[int]) -> int:  # after a fixed piece, as the decoder drops a leading space
         return len(sp.decode([anchor] + ids).encode()) - len(sp.decode([anchor]).encode())
 
     def count(tokens: Tensor, positions: Tensor) -> tuple[int, int]:
