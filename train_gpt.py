@@ -194,8 +194,7 @@ class Config:
 
 CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config) if f.init}
 
-# Everything that builds a model, resolved: the artifact header stores it (in this order), the round trip rebuilds
-# from it. MoE figures are after granularity (its experts, their width, the experts a token takes).
+# Everything that builds a model, resolved (MoE figures after granularity): the artifact header stores it, in order.
 ModelSpec = dataclasses.make_dataclass("ModelSpec", (
     "vocab_size num_layers model_dim num_heads num_kv_heads mlp_hidden tie_embeddings logit_softcap rope_base "
     "qk_gain_init tied_embed_init_std num_repeats xsa_last_n activation num_value_embeds moe_experts moe_top_k "
@@ -256,7 +255,6 @@ PRESETS = {
                   "TRAIN_BATCH_TOKENS": "65536", "MAX_WALLCLOCK_SECONDS": "20", "WARMUP_STEPS": "2",
                   "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "50", "VAL_BATCH_SIZE": "131072", "EVAL_STRIDE": "64",
                   "HEDGE_ENABLED": "1", "TTT_STEPS": "1", "TTT_CHUNK_TOKENS": "8192", "EVAL_AUDIT": "1"},
-    # The SoME study's seven runs.
     **{f"some_study_{name}": some_study(*shape) for name, shape in (
         ("a1", (384, 6, 6, 64, 1024, 512, 128)), ("a2", (384, 6, 6, 64, 1024, 768, 42)),
         ("a3", (384, 6, 6, 64, 1024, 1024, 31)), ("b1", (384, 8, 8, 128, 1536, 512, 128)),
@@ -287,14 +285,13 @@ def resolve_batch(values: dict, world_size: int) -> list[str]:
     batch, seq, accum = values["train_batch_tokens"], values["train_seq_len"], values["grad_accum_steps"]
     if batch < seq:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be at least TRAIN_SEQ_LEN={seq}")
-    if accum > 0:
-        if batch % (world_size * accum * seq):
-            raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be divisible by world_size*GRAD_ACCUM_STEPS*"
-                              f"TRAIN_SEQ_LEN = {world_size}*{accum}*{seq} = {world_size * accum * seq}")
-        return []
-    accum = max(1, min(8 // world_size, batch // (world_size * seq)))
-    if batch % (world_size * seq) == 0:  # the batch splits over the ranks: take the most micro-batches dividing it
-        accum = max(a for a in range(1, accum + 1) if batch // (world_size * seq) % a == 0)
+    if accum == 0:
+        accum = max(1, min(8 // world_size, batch // (world_size * seq)))
+        if batch % (world_size * seq) == 0:  # the batch splits over the ranks: the most micro-batches dividing it
+            accum = max(a for a in range(1, accum + 1) if batch // (world_size * seq) % a == 0)
+    elif batch % (world_size * accum * seq):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be divisible by world_size*GRAD_ACCUM_STEPS*"
+                          f"TRAIN_SEQ_LEN = {world_size}*{accum}*{seq} = {world_size * accum * seq}")
     values["grad_accum_steps"] = accum
     unit = world_size * accum * seq
     if batch % unit == 0:
@@ -443,8 +440,7 @@ class Logger:
 # Data: shards, the training token stream, validation tokens, bits-per-byte tables
 # ----------------------------------------------------------------------------------------------
 
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
-SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4  # the header is 256 little-endian int32
 
 def read_shard(path: str | Path) -> np.ndarray:
     """Memory-maps one shard after checking its header against the file size."""
@@ -492,17 +488,14 @@ class TokenStream:
             raise InputError(f"training shards hold {self.total} tokens; need at least 2")
 
     def read(self, start: int, length: int) -> np.ndarray:
-        out = np.empty(length, dtype=np.int64)
-        filled, pos = 0, start % self.total
-        while filled < length:
+        pieces, pos = [], start % self.total
+        while length > 0:
             i = int(np.searchsorted(self.starts, pos, side="right")) - 1
             offset = pos - int(self.starts[i])
-            piece = self.shards[i][offset:offset + length - filled]
-            check_token_ids(piece, self.vocab_size, self.files[i], offset)
-            out[filled:filled + len(piece)] = piece
-            filled += len(piece)
-            pos = (pos + len(piece)) % self.total
-        return out
+            piece = check_token_ids(self.shards[i][offset:offset + length], self.vocab_size, self.files[i], offset)
+            pieces.append(piece)
+            length, pos = length - len(piece), (pos + len(piece)) % self.total
+        return np.concatenate(pieces, dtype=np.int64)
 
     def micro_batch(self, cfg: Config, rt: Runtime, step: int, micro: int) -> tuple[Tensor, Tensor]:
         seqs = cfg.train_batch_tokens // (cfg.train_seq_len * rt.world_size * cfg.grad_accum_steps)
@@ -640,15 +633,13 @@ def decoded_bytes(sp):
 
 def build_byte_tables(sp, vocab_size: int) -> ByteTables:
     size = max(sp.vocab_size(), vocab_size)
-    base = torch.zeros(size, dtype=torch.int32)
-    space = torch.zeros(size, dtype=torch.bool)
-    boundary = torch.ones(size, dtype=torch.bool)
+    base, space, boundary = [0] * size, [False] * size, [True] * size
     for i in range(sp.vocab_size()):
         if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)):
             piece = sp.IdToPiece(i)
             boundary[i], space[i] = False, piece.startswith("\u2581") and not sp.IsByte(i)
             base[i] = 1 if sp.IsByte(i) else len(piece.removeprefix("\u2581").encode("utf-8"))
-    return ByteTables(base, space, boundary)
+    return ByteTables(torch.tensor(base, dtype=torch.int32), torch.tensor(space), torch.tensor(boundary))
 
 # ----------------------------------------------------------------------------------------------
 # Model: GPT with an application plan over physical blocks
