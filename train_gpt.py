@@ -243,8 +243,7 @@ PRESETS = {
     # The baseline with a frozen-expert MoE FFN: 16 experts, top-2, each half the dense width.
     "moe_frozen": {"MOE_NUM_EXPERTS": "16", "MOE_TOP_K": "2", "MOE_INIT": "sparse", "MOE_FROZEN": "1"},
     "cpu": CPU,
-    # run.sh's job on its embedded synthetic corpus, tuned there at 380-540 steps (docs/perf_notes.md 10-11, 16);
-    # on a small real text these settings overfit (docs/perf_notes.md 19).
+    # run.sh's job on its synthetic corpus, tuned there (docs/perf_notes.md 10-11, 16); overfits small real text (19).
     "cpu_embedded": {**CPU, "NUM_VALUE_EMBEDS": "1", "MATRIX_LR": "0.02", "MUON_MOMENTUM_WARMUP_STEPS": "1000"},
     # The benchmark's shapes scaled to seconds a step on a CPU (tools/bench.py).
     "bench_cpu": {"NUM_LAYERS": "4", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "256",
