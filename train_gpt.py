@@ -401,8 +401,7 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 def init_runtime(cfg: Config) -> Runtime:
-    rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world, local_rank = world_size_from_env(), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = (cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu") == "cuda"
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -414,7 +413,7 @@ def init_runtime(cfg: Config) -> Runtime:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout_seconds))
     auto = {"1": True, "0": False, "auto": cuda}
-    return Runtime(rank, world, local_rank, device, auto[cfg.compile], auto[cfg.autocast])
+    return Runtime(int(os.environ.get("RANK", "0")), world, local_rank, device, auto[cfg.compile], auto[cfg.autocast])
 
 class Logger:
     """Writes the log file and the console on rank 0 only (the other ranks pass no path)."""
