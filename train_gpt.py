@@ -143,8 +143,8 @@ class Config:
                                        "LOG_DIR/<RUN_ID>_per_token/ (0 = off)", lo=0)
     # export
     artifact_limit_bytes: int = var(16_000_000, "code + compressed model must fit in this", lo=1)
-    quant: str = var("int8", "artifact precision per tensor group: int8, int6, mixed (docs/outputs.md), or auto: the most "
-                             "precise that fits ARTIFACT_LIMIT_BYTES", choices=("int8", "int6", "mixed", "auto"))
+    quant: str = var("int8", "artifact precision per tensor group: int8, int6, mixed (docs/outputs.md), or auto: the "
+                             "most precise that fits ARTIFACT_LIMIT_BYTES", choices=("int8", "int6", "mixed", "auto"))
     # faults
     checkpoint_every_seconds: float = var(0.0, "checkpoint every N seconds of training time (0 = off)", lo=0.0)
     checkpoint_every_steps: int = var(0, "checkpoint every N steps (0 = off)", lo=0)
@@ -194,8 +194,7 @@ class Config:
 
 CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config) if f.init}
 
-# Everything that builds a model, resolved: the artifact header stores it (in this order), the round trip rebuilds
-# from it. MoE figures are after granularity (its experts, their width, the experts a token takes).
+# Everything that builds a model, resolved (MoE figures after granularity): the artifact header stores it, in order.
 ModelSpec = dataclasses.make_dataclass("ModelSpec", (
     "vocab_size num_layers model_dim num_heads num_kv_heads mlp_hidden tie_embeddings logit_softcap rope_base "
     "qk_gain_init tied_embed_init_std num_repeats xsa_last_n activation num_value_embeds moe_experts moe_top_k "
@@ -244,8 +243,7 @@ PRESETS = {
     # The baseline with a frozen-expert MoE FFN: 16 experts, top-2, each half the dense width.
     "moe_frozen": {"MOE_NUM_EXPERTS": "16", "MOE_TOP_K": "2", "MOE_INIT": "sparse", "MOE_FROZEN": "1"},
     "cpu": CPU,
-    # run.sh's job on its embedded synthetic corpus, tuned there at 380-540 steps (docs/perf_notes.md 10-11, 16);
-    # on a small real text these settings overfit (docs/perf_notes.md 19).
+    # run.sh's job on its synthetic corpus, tuned there (docs/perf_notes.md 10-11, 16); overfits small real text (19).
     "cpu_embedded": {**CPU, "NUM_VALUE_EMBEDS": "1", "MATRIX_LR": "0.02", "MUON_MOMENTUM_WARMUP_STEPS": "1000"},
     # The benchmark's shapes scaled to seconds a step on a CPU (tools/bench.py).
     "bench_cpu": {"NUM_LAYERS": "4", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "256",
@@ -256,17 +254,12 @@ PRESETS = {
                   "TRAIN_BATCH_TOKENS": "65536", "MAX_WALLCLOCK_SECONDS": "20", "WARMUP_STEPS": "2",
                   "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "50", "VAL_BATCH_SIZE": "131072", "EVAL_STRIDE": "64",
                   "HEDGE_ENABLED": "1", "TTT_STEPS": "1", "TTT_CHUNK_TOKENS": "8192", "EVAL_AUDIT": "1"},
-    # The SoME study's seven runs.
     **{f"some_study_{name}": some_study(*shape) for name, shape in (
         ("a1", (384, 6, 6, 64, 1024, 512, 128)), ("a2", (384, 6, 6, 64, 1024, 768, 42)),
         ("a3", (384, 6, 6, 64, 1024, 1024, 31)), ("b1", (384, 8, 8, 128, 1536, 512, 128)),
         ("b2", (384, 8, 10, 128, 1536, 512, 128)), ("c1", (512, 8, 8, 128, 1536, 512, 128)),
         ("c2", (768, 8, 8, 128, 1536, 512, 128)))},
 }
-
-# Set by torchrun, CUDA or the shell; never a typo of ours.
-FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-               "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PATH", "HOME"}
 
 def parse_value(name: str, raw: str, f: dataclasses.Field):
     kind, meta, text = {"int": int, "float": float, "bool": bool, "str": str}[f.type], f.metadata, raw.strip()
@@ -287,19 +280,17 @@ def parse_value(name: str, raw: str, f: dataclasses.Field):
     return value
 
 def resolve_batch(values: dict, world_size: int) -> list[str]:
-    """Fills in GRAD_ACCUM_STEPS; returns notes for the log. An explicit one must divide the batch; the default
-    (8 // world size: 1, 2, 4 and 8 GPUs see one global batch) rounds the batch to the nearest size that splits."""
+    """Fills in GRAD_ACCUM_STEPS, rounding the batch if need be (docs/operations.md, "Settings"); returns log notes."""
     batch, seq, accum = values["train_batch_tokens"], values["train_seq_len"], values["grad_accum_steps"]
     if batch < seq:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be at least TRAIN_SEQ_LEN={seq}")
-    if accum > 0:
-        if batch % (world_size * accum * seq):
-            raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be divisible by world_size*GRAD_ACCUM_STEPS*"
-                              f"TRAIN_SEQ_LEN = {world_size}*{accum}*{seq} = {world_size * accum * seq}")
-        return []
-    accum = max(1, min(8 // world_size, batch // (world_size * seq)))
-    if batch % (world_size * seq) == 0:  # the batch splits over the ranks: take the most micro-batches dividing it
-        accum = max(a for a in range(1, accum + 1) if batch // (world_size * seq) % a == 0)
+    if accum == 0:
+        accum = max(1, min(8 // world_size, batch // (world_size * seq)))
+        if batch % (world_size * seq) == 0:  # the batch splits over the ranks: the most micro-batches dividing it
+            accum = max(a for a in range(1, accum + 1) if batch // (world_size * seq) % a == 0)
+    elif batch % (world_size * accum * seq):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be divisible by world_size*GRAD_ACCUM_STEPS*"
+                          f"TRAIN_SEQ_LEN = {world_size}*{accum}*{seq} = {world_size * accum * seq}")
     values["grad_accum_steps"] = accum
     unit = world_size * accum * seq
     if batch % unit == 0:
@@ -322,7 +313,10 @@ def parse_depth_schedule(text: str) -> tuple[tuple[int, float], ...]:
 
 def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     """Config from env vars; returns it with notes (typo warnings, rounding) for the log."""
-    notes = typo_warnings(environ)
+    unknown = sorted(set(environ) - CONFIG_FIELDS.keys())
+    close = {name: difflib.get_close_matches(name, list(CONFIG_FIELDS), n=1, cutoff=0.85) for name in unknown}
+    notes = [f"warning: env var {name} is not a setting of train_gpt.py; did you mean {close[name][0]}?"
+             for name in unknown if close[name] and name.replace("_", "").isupper()]
     layers = {}
     for name in filter(None, environ.get("PRESET", "").split(",")):
         if name not in PRESETS:
@@ -335,8 +329,7 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
         raise ConfigError(f"ITERATIONS={environ['ITERATIONS']}: set EPOCHS or ITERATIONS, not both")
     notes += resolve_batch(values, world_size)
     if not values["run_id"]:
-        # torchrun gives every rank the same TORCHELASTIC_RUN_ID, so all ranks agree on the name; without
-        # --rdzv_id a multi-node launch's is "none", which every such run would share.
+        # The same on every rank: torchrun's rendezvous id, unless "none" (see docs/operations.md, "Launching").
         elastic = os.environ.get("TORCHELASTIC_RUN_ID") or "none"
         values["run_id"] = elastic if elastic != "none" else time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     if any(c in values["run_id"] for c in "/\\") or values["run_id"] in (".", ".."):
@@ -346,12 +339,6 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
         raise ConfigError(f"NUM_REPEATS={values['num_repeats']}: must equal the last phase of "
                           f"DEPTH_SCHEDULE={cfg.depth_schedule!r} ({cfg.num_repeats})")
     return cfg, notes
-
-def typo_warnings(environ) -> list[str]:
-    unknown = sorted(set(environ) - CONFIG_FIELDS.keys() - FOREIGN_ENV)
-    close = {name: difflib.get_close_matches(name, list(CONFIG_FIELDS), n=1, cutoff=0.85) for name in unknown}
-    return [f"warning: env var {name} is not a setting of train_gpt.py; did you mean {close[name][0]}?"
-            for name in unknown if close[name] and name.replace("_", "").isupper()]
 
 def config_help() -> str:
     lines = ["train_gpt.py settings (env vars):"]
@@ -373,14 +360,8 @@ class Runtime:
     device: torch.device
     compile: bool
     bf16: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.device.type == "cuda"
+    distributed = property(lambda self: self.world_size > 1)
+    is_cuda = property(lambda self: self.device.type == "cuda")
 
     def autocast(self):
         # Off by default on CPU: without native bf16 (AMX, AVX-512 BF16) it is slower, and tests want float32 figures.
@@ -396,9 +377,7 @@ class Runtime:
         return tensor
 
 def compile_fn(fn):
-    """Static shapes: a graph per shape, counted, not slower dynamic-shape graphs. Past its recompile limit (8 by
-    default) torch.compile runs a function eagerly, silently; GPT.forward alone serves training at every depth, the
-    evaluations, TTT and the reloaded model (10 to 20 graphs), so the limit is set far above that."""
+    """Static shapes, a graph per shape, under a raised recompile limit: see docs/operations.md, "Compilation"."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(fn, dynamic=False)
 
@@ -407,10 +386,9 @@ def compile_report() -> dict:
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
     graphs = {f.__qualname__: len(_debug_get_cache_entry_list(f.__code__)) for f in (GPT.forward, newton_schulz)}
-    limit = torch._dynamo.config.cache_size_limit
     return {"graphs": sum(graphs.values()), "recompiles": sum(max(0, n - 1) for n in graphs.values()),
             "graph_breaks": sum(counters["graph_break"].values()), "per_function": graphs,
-            "eager_fallback": [name for name, n in graphs.items() if n >= limit]}
+            "eager_fallback": [name for name, n in graphs.items() if n >= torch._dynamo.config.cache_size_limit]}
 
 def log_compile(log: "Logger", report: dict):
     log(f"compile: {report['graphs']} graphs, {report['recompiles']} recompiles, {report['graph_breaks']} graph breaks "
@@ -423,8 +401,7 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 def init_runtime(cfg: Config) -> Runtime:
-    rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world, local_rank = world_size_from_env(), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = (cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu") == "cuda"
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -436,7 +413,7 @@ def init_runtime(cfg: Config) -> Runtime:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout_seconds))
     auto = {"1": True, "0": False, "auto": cuda}
-    return Runtime(rank, world, local_rank, device, auto[cfg.compile], auto[cfg.autocast])
+    return Runtime(int(os.environ.get("RANK", "0")), world, local_rank, device, auto[cfg.compile], auto[cfg.autocast])
 
 class Logger:
     """Writes the log file and the console on rank 0 only (the other ranks pass no path)."""
@@ -461,8 +438,7 @@ class Logger:
 # Data: shards, the training token stream, validation tokens, bits-per-byte tables
 # ----------------------------------------------------------------------------------------------
 
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
-SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4  # the header is 256 little-endian int32
 
 def read_shard(path: str | Path) -> np.ndarray:
     """Memory-maps one shard after checking its header against the file size."""
@@ -481,8 +457,6 @@ def read_shard(path: str | Path) -> np.ndarray:
     if count < 0 or size != SHARD_HEADER_BYTES + 2 * count:
         raise InputError(f"shard {path}: header declares {count} tokens ({SHARD_HEADER_BYTES + 2 * count} bytes) "
                          f"but the file has {size} bytes")
-    if count == 0:
-        return np.zeros(0, dtype="<u2")
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int) -> np.ndarray:
@@ -501,8 +475,7 @@ def find_shards(data_path: str, split: str) -> list[Path]:
     return files
 
 class TokenStream:
-    """The training shards as one endless token stream: step s reads from s * TRAIN_BATCH_TOKENS on, each (rank,
-    micro-step) a contiguous run of the step's sequences, so a step sees the same tokens however it is split."""
+    """The training shards as one endless token stream, read by step: see docs/data.md, "The training stream"."""
 
     def __init__(self, files: list[Path], vocab_size: int):
         self.files, self.vocab_size = files, vocab_size
@@ -513,17 +486,14 @@ class TokenStream:
             raise InputError(f"training shards hold {self.total} tokens; need at least 2")
 
     def read(self, start: int, length: int) -> np.ndarray:
-        out = np.empty(length, dtype=np.int64)
-        filled, pos = 0, start % self.total
-        while filled < length:
+        pieces, pos = [], start % self.total
+        while length > 0:
             i = int(np.searchsorted(self.starts, pos, side="right")) - 1
             offset = pos - int(self.starts[i])
-            piece = self.shards[i][offset:offset + length - filled]
-            check_token_ids(piece, self.vocab_size, self.files[i], offset)
-            out[filled:filled + len(piece)] = piece
-            filled += len(piece)
-            pos = (pos + len(piece)) % self.total
-        return out
+            piece = check_token_ids(self.shards[i][offset:offset + length], self.vocab_size, self.files[i], offset)
+            pieces.append(piece)
+            length, pos = length - len(piece), (pos + len(piece)) % self.total
+        return np.concatenate(pieces, dtype=np.int64)
 
     def micro_batch(self, cfg: Config, rt: Runtime, step: int, micro: int) -> tuple[Tensor, Tensor]:
         seqs = cfg.train_batch_tokens // (cfg.train_seq_len * rt.world_size * cfg.grad_accum_steps)
@@ -539,12 +509,10 @@ def document_bounds(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(starts, np.append(starts[1:], len(tokens) - 1)) if b > a]
 
 class DocStream:
-    """DOC_MODE's data: a sequence is one document, truncated or padded (targets -100: skipped). An epoch visits the
-    first TRAIN_SUBSET_DOCS once in an order drawn from (SEED, epoch): step s's batch is a function of s alone."""
+    """DOC_MODE's training data, a document a sequence: see docs/moe.md, "Document mode"."""
 
     def __init__(self, files: list[Path], cfg: Config, bos_id: int):
-        self.tokens = np.concatenate([np.asarray(read_shard(f)) for f in files])
-        check_token_ids(self.tokens, cfg.vocab_size, files[0] if len(files) == 1 else "the training shards", 0)
+        self.tokens = np.concatenate([np.asarray(check_token_ids(read_shard(f), cfg.vocab_size, f, 0)) for f in files])
         self.docs = document_bounds(self.tokens, bos_id)[:cfg.train_subset_docs or None]
         self.seed, self.total = cfg.seed, len(self.tokens)
         if not self.docs:
@@ -582,10 +550,8 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> 
 def read_meta(data_path: str) -> dict:
     """DATA_PATH/meta.json, which data/prepare.py writes beside its shards ({} when there is none)."""
     path = Path(data_path) / "meta.json"
-    if not path.is_file():
-        return {}
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text()) if path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(f"{path}: not valid JSON") from None
     if not isinstance(meta, dict):
@@ -596,9 +562,8 @@ def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
     if not path.is_file():
         raise InputError(f"tokenizer {path} not found: set TOKENIZER_PATH to the sentencepiece .model of the data")
-    sp = spm.SentencePieceProcessor()
     try:
-        sp.Load(str(path))
+        sp = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError):
         raise InputError(f"tokenizer {path}: not a sentencepiece model") from None
     if sp.vocab_size() > vocab_size:
@@ -610,8 +575,7 @@ def load_tokenizer(path: Path, vocab_size: int):
     return sp
 
 def resolve_tokenizer(cfg: Config, meta: dict):
-    """(path, tokenizer, its SHA-256): TOKENIZER_PATH, else meta.json's, else the challenge's. Refused when meta.json's
-    SHA-256 says the shards were made with another: its byte counts would score the right tokens against wrong text."""
+    """(path, tokenizer, its SHA-256), chosen and checked against meta.json as docs/data.md, "Tokenizers" says."""
     path = Path(cfg.tokenizer_path or meta.get("tokenizer") or "./data/tokenizers/fineweb_1024_bpe.model")
     sp = load_tokenizer(path, cfg.vocab_size)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -638,15 +602,13 @@ class ByteTables:
         return ByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
 
 def decoded_bytes(sp):
-    """The bytes targets stand for, counted with the tokenizer's own decoder so the audit can check the byte tables.
-    Boundary tokens (control, unknown, unused) stand for nothing, nor does the first space after one; each text is
-    decoded after a fixed piece, as the decoder drops a leading space. Returns (bytes, slack): a run ending inside a
-    character of byte pieces decodes it as U+FFFD, up to 3 bytes off."""
+    """The audit's count of the bytes targets stand for, by the tokenizer's own decoder (docs/evaluation.md, "The
+    audit"). Returns (bytes, slack): a run ending inside a character of byte pieces decodes it as U+FFFD (<= 3 off)."""
     boundary = {i for i in range(sp.vocab_size()) if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)}
     spaced = {i for i in range(sp.vocab_size()) if sp.IdToPiece(i).startswith("\u2581")}
     anchor = next(i for i in range(sp.vocab_size()) if i not in boundary | spaced and not sp.IsByte(i))
 
-    def text(ids: list[int]) -> int:
+    def text(ids: list[int]) -> int:  # after a fixed piece, as the decoder drops a leading space
         return len(sp.decode([anchor] + ids).encode()) - len(sp.decode([anchor]).encode())
 
     def count(tokens: Tensor, positions: Tensor) -> tuple[int, int]:
@@ -669,15 +631,13 @@ def decoded_bytes(sp):
 
 def build_byte_tables(sp, vocab_size: int) -> ByteTables:
     size = max(sp.vocab_size(), vocab_size)
-    base = torch.zeros(size, dtype=torch.int32)
-    space = torch.zeros(size, dtype=torch.bool)
-    boundary = torch.ones(size, dtype=torch.bool)
+    base, space, boundary = [0] * size, [False] * size, [True] * size
     for i in range(sp.vocab_size()):
         if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)):
             piece = sp.IdToPiece(i)
             boundary[i], space[i] = False, piece.startswith("\u2581") and not sp.IsByte(i)
             base[i] = 1 if sp.IsByte(i) else len(piece.removeprefix("\u2581").encode("utf-8"))
-    return ByteTables(base, space, boundary)
+    return ByteTables(torch.tensor(base, dtype=torch.int32), torch.tensor(space), torch.tensor(boundary))
 
 # ----------------------------------------------------------------------------------------------
 # Model: GPT with an application plan over physical blocks
