@@ -749,8 +749,7 @@ class MLP(nn.Module):
 # Mixture-of-experts FFN: token-choice top-k over many small experts, optionally frozen -------
 
 def random_matrix(rows: int, cols: int, init: str, sparsity: float, gain: float, gen: torch.Generator) -> Tensor:
-    """A matrix applied as x @ W whose outputs have variance gain² for inputs of unit variance. sparse: a `sparsity`
-    fraction of every column is zero, the rest N(0, gain² / nonzeros)."""
+    """W for x @ W: outputs of variance gain² for inputs of unit variance; the schemes: docs/moe.md, "Init"."""
     if init == "orthogonal":
         return nn.init.orthogonal_(torch.empty(rows, cols), generator=gen) * gain * math.sqrt(cols / min(rows, cols))
     if init == "normal":
@@ -762,8 +761,7 @@ def random_matrix(rows: int, cols: int, init: str, sparsity: float, gain: float,
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 def expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
-    """rows (sorted by expert: expert e owns rows offsets[e-1]:offsets[e]) @ weight[e]. torch's grouped matmul needs
-    16-byte aligned strides and bf16 rows (float32 only eagerly on a CPU); else a padded batched matmul runs."""
+    """rows (expert e's are rows offsets[e-1]:offsets[e]) @ weight[e]; when to pad: docs/moe.md, "Padded fallback"."""
     weight = weight.to(rows.dtype)
     aligned = all((d * rows.element_size()) % 16 == 0 for d in weight.shape[1:])
     eager_cpu_f32 = rows.dtype == torch.float32 and rows.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -780,8 +778,7 @@ def padded_expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_
     return torch.bmm(padded, weight)[experts_of_rows, slot]
 
 class SlotGather(torch.autograd.Function):
-    """rows[order // k] for a permutation `order` of the k slots a row. The backward gathers by `inverse` and sums each
-    row's slots: autograd's scatter-add compiles to atomic adds (slow on a CPU, nondeterministic on CUDA)."""
+    """rows[order // k], k slots a row; the backward a gather by `inverse`, no scatter-add (docs/moe.md, "Dispatch")."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, order: Tensor, inverse: Tensor, k: int) -> Tensor:
@@ -795,8 +792,7 @@ class SlotGather(torch.autograd.Function):
         return grad.view(-1, ctx.k, grad.size(-1)).sum(1) if ctx.k > 1 else grad, None, None, None
 
 class MoE(nn.Module):
-    """Token-choice top-k over two-matrix FFNs with biases; `route_bias` (auxiliary-loss-free balancing) shifts only the
-    choice. Frozen experts are buffers outside the state dict, regenerated from (seed, layer, expert) on any build."""
+    """Token-choice top-k over two-matrix FFNs with biases, frozen or trained: see docs/moe.md."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int, d_ffn: int, activation: str, init: str,
                  frozen: bool, sparsity: float, seed: int, layer: int):
@@ -881,9 +877,7 @@ class Block(nn.Module):
         return x + self.ffn_scale.to(x.dtype) * out, balance
 
 class GPT(nn.Module):
-    """Token embedding -> blocks walked along `plan`, (block, pass) per effective layer -> tied head. A flat stack has
-    U-Net skips between its halves; a recurrent one has a loop embedding per effective layer and mixes into each block
-    its output of the previous pass. Value embeddings add learned tables of the input tokens to the attention values."""
+    """Token embedding -> blocks walked along `plan`, (block, pass) per effective layer -> head: docs/recurrence.md."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -1003,8 +997,7 @@ def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32, 
     return x.mT if transposed else x
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then an orthogonalised update, one batch per shape (a matmul per Newton-Schulz product, not
-    one per matrix). Rank r orthogonalises matrices r, r+W, ... of each shape; one all-reduce shares the updates."""
+    """Nesterov momentum, then orthogonalised updates batched by shape, shared out over ranks: docs/operations.md."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.float32, compile: bool = False):
@@ -1045,8 +1038,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(params, [s.view_as(p).to(p.dtype) for s, p in zip(slots, params)], alpha=-group["lr"])
 
     def shape_batches(self, params: list[Tensor]) -> list[list[int]]:
-        """Of each shape, this rank's matrices (r, r+W, ...) as one batch; on a CPU, past 192 a side, one a batch:
-        there a batched matmul is slower than a loop of single ones (docs/perf_notes.md 14)."""
+        """Rank r's matrices of a shape (r, r+W, ...) as a batch; on a CPU past 192 a side, one each (perf_notes 14)."""
         by_shape: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)
@@ -1080,8 +1072,7 @@ def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.O
     return [adam, muon]
 
 def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
-    """LR multiplier: linear warm-up, 1, then linear warm-down to 0 over the last WARMDOWN_ITERS steps, started under a
-    wall-clock cap when less time is left than those steps at the mean step time so far (the challenge's rule)."""
+    """LR multiplier: linear warm-up, 1, then linear warm-down to 0, timed when capped (docs/operations.md)."""
     warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     if cfg.warmdown_iters == 0:
         return warm
