@@ -683,8 +683,7 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
 # Model: GPT with an application plan over physical blocks
 # ----------------------------------------------------------------------------------------------
 
-# Under autocast on these the residual stream is bf16, as in the challenge's bf16 model: norms, adds and scales move
-# half the bytes. Not on a CPU, where bf16 elementwise work is 10-18% slower a step (perf_notes 23).
+# Devices whose residual stream is bf16 under autocast (half the bytes): on a CPU that is slower (perf_notes 23).
 BF16_RESIDUAL_DEVICES = ("cuda",)
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -946,8 +945,7 @@ class GPT(nn.Module):
         h, balance = self.hidden(idx)
         if targets is None:
             return F.log_softmax(self.head(h[:, -last:] if last else h), dim=-1)
-        logits = self.head(h)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        loss = F.cross_entropy(self.head(h).flatten(0, 1), targets.reshape(-1), reduction=reduction)
         if reduction != "mean":
             return loss.view_as(targets)
         aux, z = self.spec.moe_aux_coef, self.spec.moe_zloss_coef
@@ -961,13 +959,11 @@ def moe_modules(model: nn.Module) -> list[MoE]:
 def parse_moe_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     """'all', 'every2' (blocks 1, 3, 5, ...: every other block, as Switch places them) or '0,2,5'."""
     named = {"all": range(num_layers), "every2": range(1, num_layers, 2)}
-    if spec in named:
-        return tuple(named[spec])
     try:
-        layers = {int(item) for item in spec.split(",")}
+        layers = set(named[spec]) if spec in named else {int(item) for item in spec.split(",")}
     except ValueError:
         raise ConfigError(f"MOE_LAYERS={spec!r}: expected all, every2 or a list of block indices like 0,2,5") from None
-    if min(layers) < 0 or max(layers) >= num_layers:
+    if not layers <= set(range(num_layers)):
         raise ConfigError(f"MOE_LAYERS={spec!r}: block indices must be in 0..{num_layers - 1}")
     return tuple(sorted(layers))
 
@@ -1027,8 +1023,7 @@ class Muon(torch.optim.Optimizer):
                 # A lone matrix is not stacked: as a batch of one it would take the batched-matmul kernel.
                 batch = torch.stack([directions[i] for i in mine]) if len(mine) > 1 else directions[mine[0]]
                 updates = self.orthogonalise(batch, group["backend_steps"], self.ns_dtype).reshape(len(mine), -1)
-                rows, cols = params[mine[0]].shape[-2:]
-                updates *= max(1.0, rows / cols) ** 0.5
+                updates *= max(1.0, batch.size(-2) / batch.size(-1)) ** 0.5
                 for i, update in zip(mine, updates):
                     slots[i].copy_(update)
             if self.world_size > 1:
