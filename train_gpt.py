@@ -812,8 +812,7 @@ class MoE(nn.Module):
         self.register_buffer("step_load", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         if self.w1.is_meta:
             return  # a dry run counts parameters and allocates nothing
-        # Unit output variance: 1 / sqrt(E[act(z)^2]) for z ~ N(0, 1), e.g. E[relu(z)^4] = 3/2.
-        out_gain = 1 / math.sqrt({"relu2": 1.5, "leaky_relu2": 1.5 + 3 / 32}[activation])
+        out_gain = 1 / math.sqrt({"relu2": 1.5, "leaky_relu2": 1.5 + 3 / 32}[activation])  # E[act(z)²], z ~ N(0, 1)
         with torch.no_grad():
             for e in range(num_experts):  # a generator per expert: any one can be regenerated alone, anywhere
                 digest = hashlib.sha256(f"moe-expert:{seed}:{layer}:{e}".encode()).digest()
