@@ -730,8 +730,7 @@ def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
     return (y - (y * unit).sum(-1, keepdim=True) * unit).view(b, h, t, d)
 
 def squared(x: Tensor) -> Tensor:
-    """x * x, not x.square() (pow): CUDA's autocast runs pow in float32 (twice the bytes; grouped_mm refuses it)."""
-    return x * x
+    return x * x  # not x.square(), a pow: CUDA's autocast runs it in float32 (twice the bytes; grouped_mm refuses it)
 
 ACTIVATIONS = {"relu2": lambda x: squared(F.relu(x)), "leaky_relu2": lambda x: squared(F.leaky_relu(x, 0.5))}
 
@@ -956,7 +955,6 @@ def moe_modules(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 def parse_moe_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """'all', 'every2' (blocks 1, 3, 5, ...: every other block, as Switch places them) or '0,2,5'."""
     named = {"all": range(num_layers), "every2": range(1, num_layers, 2)}
     try:
         layers = set(named[spec]) if spec in named else {int(item) for item in spec.split(",")}
