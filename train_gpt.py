@@ -643,8 +643,7 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
 # Model: GPT with an application plan over physical blocks
 # ----------------------------------------------------------------------------------------------
 
-# Under autocast on these the residual stream is bf16, as in the challenge's bf16 model: norms, adds and scales move
-# half the bytes. Not on a CPU, where bf16 elementwise work is 10-18% slower a step (perf_notes 23).
+# Devices whose residual stream is bf16 under autocast (half the bytes): on a CPU that is slower (perf_notes 23).
 BF16_RESIDUAL_DEVICES = ("cuda",)
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -691,8 +690,7 @@ def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
     return (y - (y * unit).sum(-1, keepdim=True) * unit).view(b, h, t, d)
 
 def squared(x: Tensor) -> Tensor:
-    """x * x, not x.square() (pow): CUDA's autocast runs pow in float32 (twice the bytes; grouped_mm refuses it)."""
-    return x * x
+    return x * x  # not x.square(), a pow: CUDA's autocast runs it in float32 (twice the bytes; grouped_mm refuses it)
 
 ACTIVATIONS = {"relu2": lambda x: squared(F.relu(x)), "leaky_relu2": lambda x: squared(F.leaky_relu(x, 0.5))}
 
@@ -709,8 +707,7 @@ class MLP(nn.Module):
 # Mixture-of-experts FFN: token-choice top-k over many small experts, optionally frozen -------
 
 def random_matrix(rows: int, cols: int, init: str, sparsity: float, gain: float, gen: torch.Generator) -> Tensor:
-    """A matrix applied as x @ W whose outputs have variance gain² for inputs of unit variance. sparse: a `sparsity`
-    fraction of every column is zero, the rest N(0, gain² / nonzeros)."""
+    """W for x @ W: outputs of variance gain² for inputs of unit variance; the schemes: docs/moe.md, "Init"."""
     if init == "orthogonal":
         return nn.init.orthogonal_(torch.empty(rows, cols), generator=gen) * gain * math.sqrt(cols / min(rows, cols))
     if init == "normal":
@@ -722,8 +719,7 @@ def random_matrix(rows: int, cols: int, init: str, sparsity: float, gain: float,
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 def expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_of_rows: Tensor) -> Tensor:
-    """rows (sorted by expert: expert e owns rows offsets[e-1]:offsets[e]) @ weight[e]. torch's grouped matmul needs
-    16-byte aligned strides and bf16 rows (float32 only eagerly on a CPU); else a padded batched matmul runs."""
+    """rows (expert e's are rows offsets[e-1]:offsets[e]) @ weight[e]; when to pad: docs/moe.md, "Padded fallback"."""
     weight = weight.to(rows.dtype)
     aligned = all((d * rows.element_size()) % 16 == 0 for d in weight.shape[1:])
     eager_cpu_f32 = rows.dtype == torch.float32 and rows.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -740,8 +736,7 @@ def padded_expert_matmul(rows: Tensor, weight: Tensor, offsets: Tensor, experts_
     return torch.bmm(padded, weight)[experts_of_rows, slot]
 
 class SlotGather(torch.autograd.Function):
-    """rows[order // k] for a permutation `order` of the k slots a row. The backward gathers by `inverse` and sums each
-    row's slots: autograd's scatter-add compiles to atomic adds (slow on a CPU, nondeterministic on CUDA)."""
+    """rows[order // k], k slots a row; the backward a gather by `inverse`, no scatter-add (docs/moe.md, "Dispatch")."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, order: Tensor, inverse: Tensor, k: int) -> Tensor:
@@ -755,8 +750,7 @@ class SlotGather(torch.autograd.Function):
         return grad.view(-1, ctx.k, grad.size(-1)).sum(1) if ctx.k > 1 else grad, None, None, None
 
 class MoE(nn.Module):
-    """Token-choice top-k over two-matrix FFNs with biases; `route_bias` (auxiliary-loss-free balancing) shifts only the
-    choice. Frozen experts are buffers outside the state dict, regenerated from (seed, layer, expert) on any build."""
+    """Token-choice top-k over two-matrix FFNs with biases, frozen or trained: see docs/moe.md."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int, d_ffn: int, activation: str, init: str,
                  frozen: bool, sparsity: float, seed: int, layer: int):
@@ -777,8 +771,7 @@ class MoE(nn.Module):
         self.register_buffer("step_load", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         if self.w1.is_meta:
             return  # a dry run counts parameters and allocates nothing
-        # Unit output variance: 1 / sqrt(E[act(z)^2]) for z ~ N(0, 1), e.g. E[relu(z)^4] = 3/2.
-        out_gain = 1 / math.sqrt({"relu2": 1.5, "leaky_relu2": 1.5 + 3 / 32}[activation])
+        out_gain = 1 / math.sqrt({"relu2": 1.5, "leaky_relu2": 1.5 + 3 / 32}[activation])  # E[act(z)²], z ~ N(0, 1)
         with torch.no_grad():
             for e in range(num_experts):  # a generator per expert: any one can be regenerated alone, anywhere
                 digest = hashlib.sha256(f"moe-expert:{seed}:{layer}:{e}".encode()).digest()
@@ -841,9 +834,7 @@ class Block(nn.Module):
         return x + self.ffn_scale.to(x.dtype) * out, balance
 
 class GPT(nn.Module):
-    """Token embedding -> blocks walked along `plan`, (block, pass) per effective layer -> tied head. A flat stack has
-    U-Net skips between its halves; a recurrent one has a loop embedding per effective layer and mixes into each block
-    its output of the previous pass. Value embeddings add learned tables of the input tokens to the attention values."""
+    """Token embedding -> blocks walked along `plan`, (block, pass) per effective layer -> head: docs/recurrence.md."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -912,8 +903,7 @@ class GPT(nn.Module):
         h, balance = self.hidden(idx)
         if targets is None:
             return F.log_softmax(self.head(h[:, -last:] if last else h), dim=-1)
-        logits = self.head(h)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        loss = F.cross_entropy(self.head(h).flatten(0, 1), targets.reshape(-1), reduction=reduction)
         if reduction != "mean":
             return loss.view_as(targets)
         aux, z = self.spec.moe_aux_coef, self.spec.moe_zloss_coef
@@ -925,15 +915,12 @@ def moe_modules(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 def parse_moe_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """'all', 'every2' (blocks 1, 3, 5, ...: every other block, as Switch places them) or '0,2,5'."""
     named = {"all": range(num_layers), "every2": range(1, num_layers, 2)}
-    if spec in named:
-        return tuple(named[spec])
     try:
-        layers = {int(item) for item in spec.split(",")}
+        layers = set(named[spec]) if spec in named else {int(item) for item in spec.split(",")}
     except ValueError:
         raise ConfigError(f"MOE_LAYERS={spec!r}: expected all, every2 or a list of block indices like 0,2,5") from None
-    if min(layers) < 0 or max(layers) >= num_layers:
+    if not layers <= set(range(num_layers)):
         raise ConfigError(f"MOE_LAYERS={spec!r}: block indices must be in 0..{num_layers - 1}")
     return tuple(sorted(layers))
 
@@ -963,8 +950,7 @@ def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32, 
     return x.mT if transposed else x
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then an orthogonalised update, one batch per shape (a matmul per Newton-Schulz product, not
-    one per matrix). Rank r orthogonalises matrices r, r+W, ... of each shape; one all-reduce shares the updates."""
+    """Nesterov momentum, then orthogonalised updates batched by shape, shared out over ranks: docs/operations.md."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.float32, compile: bool = False):
@@ -994,8 +980,7 @@ class Muon(torch.optim.Optimizer):
                 # A lone matrix is not stacked: as a batch of one it would take the batched-matmul kernel.
                 batch = torch.stack([directions[i] for i in mine]) if len(mine) > 1 else directions[mine[0]]
                 updates = self.orthogonalise(batch, group["backend_steps"], self.ns_dtype).reshape(len(mine), -1)
-                rows, cols = params[mine[0]].shape[-2:]
-                updates *= max(1.0, rows / cols) ** 0.5
+                updates *= max(1.0, batch.size(-2) / batch.size(-1)) ** 0.5
                 for i, update in zip(mine, updates):
                     slots[i].copy_(update)
             if self.world_size > 1:
@@ -1005,8 +990,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(params, [s.view_as(p).to(p.dtype) for s, p in zip(slots, params)], alpha=-group["lr"])
 
     def shape_batches(self, params: list[Tensor]) -> list[list[int]]:
-        """Of each shape, this rank's matrices (r, r+W, ...) as one batch; on a CPU, past 192 a side, one a batch:
-        there a batched matmul is slower than a loop of single ones (docs/perf_notes.md 14)."""
+        """Rank r's matrices of a shape (r, r+W, ...) as a batch; on a CPU past 192 a side, one each (perf_notes 14)."""
         by_shape: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)
@@ -1040,8 +1024,7 @@ def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.O
     return [adam, muon]
 
 def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
-    """LR multiplier: linear warm-up, 1, then linear warm-down to 0 over the last WARMDOWN_ITERS steps, started under a
-    wall-clock cap when less time is left than those steps at the mean step time so far (the challenge's rule)."""
+    """LR multiplier: linear warm-up, 1, then linear warm-down to 0, timed when capped (docs/operations.md)."""
     warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     if cfg.warmdown_iters == 0:
         return warm
