@@ -1740,8 +1740,7 @@ EVAL_LIMIT_SECONDS = 600.0
 EVAL_GPUS = 8
 
 def sliding_windows(lo: int, hi: int, n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows scoring targets [lo, hi) once each, at most `stride` new ones a window; the stream's first
-    window scores all it reads, having no context to wait for. stride = seq_len: standard evaluation's."""
+    """Windows scoring targets [lo, hi) once each, at most `stride` new ones a window (docs/evaluation.md, sliding)."""
     seq_len = min(seq_len, n_targets)
     windows, p = [], lo
     while p < hi:
@@ -2053,9 +2052,8 @@ def replace_after(cfg: Config, ev: Evaluator, tokens: Tensor, cut: int, gen: tor
 def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, gen: torch.Generator) -> dict:
     """The audit's check of the standard or the eval methods' windows, position by position: docs/evaluation.md."""
     positions = cfg.eval_audit_positions
-    windows, seq_len = ((ev.standard_windows(), cfg.train_seq_len) if standard
-                        else (method_windows(cfg, ev, 0, ev.n_targets), cfg.eval_window))
-    seq_len = min(seq_len, ev.n_targets)
+    windows = ev.standard_windows() if standard else method_windows(cfg, ev, 0, ev.n_targets)
+    seq_len = min(cfg.train_seq_len if standard else cfg.eval_window, ev.n_targets)
     covering = [w for w in windows if w[0] + w[1] < positions]
     reference = score_first(ev, ev.distributions(model, covering, seq_len), capture=set(range(positions))).captured
     mine = ev.rank_share([(s, t) for s, first, stop in covering for t in range(first, stop) if s + t < positions])
@@ -2136,8 +2134,7 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     base = score_first(prefix, method(cfg, prefix, model), capture=drawn)
     cuts = sorted(drawn | set(rank_starts(ev.rt, base.scores)))
     watched = base.scores.pos[:cfg.eval_audit_positions].tolist()  # this rank's first scored positions
-    # The same tokens again: a method that trains (TTT) differs from itself on a GPU, whose atomic
-    # additions come in any order, and a cut must move a score by more than that to count against it.
+    # The same tokens again: a cut must move a score by more than the method's own run-to-run noise.
     again = score_first(prefix, method(cfg, prefix, model), capture=set(cuts) | set(watched))
     gaps = [float((base.scores.nll - again.scores.nll).abs().max())] if base.scores.nll.numel() else []
     gaps += [float((base.captured[c] - again.captured[c]).abs().max()) for c in drawn if c in base.captured]
@@ -2153,9 +2150,8 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
         before = again.scores.pos < cut
         same = torch.equal(again.scores.pos, perturbed.scores.pos) and torch.allclose(
             again.scores.nll[before], perturbed.scores.nll[before], rtol=0, atol=tolerance)
-        if cut in again.captured:
-            same = same and cut in perturbed.captured and torch.allclose(
-                again.captured[cut], perturbed.captured[cut], rtol=0, atol=tolerance)
+        if cut in again.captured:  # and so, when the positions are the same, in perturbed.captured
+            same = same and torch.allclose(again.captured[cut], perturbed.captured[cut], rtol=0, atol=tolerance)
         if not same:
             moved.append(cut)
     revealing = RevealingEvaluator(prefix, base.scores.pos, len(watched), gen)
