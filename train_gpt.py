@@ -1495,8 +1495,7 @@ def tensor_group(name: str, t: Tensor) -> str:
     return "scalars"  # per-layer vectors stacked in a table: skip weights, loop embeddings, scales
 
 def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row integers in [-(2^(b-1)-1), 2^(b-1)-1] with fp16 scales, the clip of each row
-    chosen among CLIP_QUANTILES by squared reconstruction error."""
+    """Symmetric per-row b-bit integers and fp16 scales: see docs/outputs.md, "Quantization"."""
     w = w.float()
     qmax = 2 ** (bits - 1) - 1
     ordered = w.abs().sort(dim=1).values
@@ -1554,8 +1553,7 @@ def write_atomic(path: Path, *chunks: bytes):
         raise InputError(f"cannot write {path}: {e.strerror}") from None
 
 def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None) -> tuple[bytes, dict]:
-    """The artifact (magic, header length, JSON header with model spec, layout and checksum, compressed payload) and
-    per tensor group its parameters and bytes as fp32, as stored and compressed alone (a little more than together)."""
+    """The artifact (docs/outputs.md) and per tensor group its parameters and bytes: fp32, stored, compressed alone."""
     raw, layout, groups = io.BytesIO(), [], {}
     # Made on the host: packing and compression are numpy and bytes, and the copy takes under a second at 16 MB.
     for name, t in model.state_dict().items():
@@ -1668,17 +1666,14 @@ def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
 # ----------------------------------------------------------------------------------------------
 # Evaluation: one core that scores windows of the validation stream; methods built on it; the audit
 # ----------------------------------------------------------------------------------------------
-# Target i of the validation stream is token i+1, predicted from tokens 0..i. A window is
-# (start, first, stop): the model reads seq_len tokens from `start` and is scored on the targets
-# start+first .. start+stop-1. Every method scores each target exactly once, in stream order per rank.
+# Windows (start, first, stop) and targets: see docs/evaluation.md, "One core, several methods".
 
 FULL_VAL_TOKENS = 62_021_632  # the challenge's sp1024 validation split
 EVAL_LIMIT_SECONDS = 600.0
 EVAL_GPUS = 8
 
 def sliding_windows(lo: int, hi: int, n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows scoring targets [lo, hi) once each, at most `stride` new ones a window; the stream's first
-    window scores all it reads, having no context to wait for. stride = seq_len: standard evaluation's."""
+    """Windows scoring targets [lo, hi) once each, at most `stride` new ones a window (docs/evaluation.md, sliding)."""
     seq_len = min(seq_len, n_targets)
     windows, p = [], lo
     while p < hi:
@@ -1727,8 +1722,7 @@ class Evaluator:
 
     @torch.no_grad()
     def distributions(self, model: nn.Module, windows: list[tuple[int, int, int]], seq_len: int):
-        """Yields (target positions, log next-token distributions) a forward at a time, from the windows'
-        tokens alone: a window ends at its last scored position, so no target is ever in the model's input."""
+        """Yields (positions, log next-token distributions) a forward at a time, from the windows' tokens alone."""
         seq_len = min(seq_len, self.n_targets)
         batch = self.rows_per_forward(len(windows), seq_len)
         was_training = model.training
@@ -1736,15 +1730,13 @@ class Evaluator:
         try:
             for i in range(0, len(windows), batch):
                 chunk = windows[i:i + batch]
-                # A window may read past the stream's end (a document at the end, in DOC_MODE); what it
-                # reads after its last scored position cannot change a causal model's distributions.
+                # A window may read past the stream's end (DOC_MODE): what follows its last scored target moves nothing.
                 # Compiled, a short last batch is padded with copies of its last window, never scored.
                 reads = chunk + chunk[-1:] * (batch - len(chunk)) if self.rt.compile else chunk
                 x = torch.stack([F.pad(self.tokens[s:s + seq_len], (0, max(0, s + seq_len - len(self.tokens))))
                                  for s, _, _ in reads]).to(self.rt.device)
                 pos = torch.cat([torch.arange(s + first, s + stop) for s, first, stop in chunk]).to(self.rt.device)
-                # The model gives the distributions of each row's last positions (all of a whole window, a stride
-                # of a sliding one), a power of two of them, so the compiled graphs are few whatever the windows.
+                # Each row's last positions, a power of two of them: see docs/operations.md, "Compilation".
                 last = min(seq_len, 1 << (seq_len - min(first for _, first, _ in chunk) - 1).bit_length())
                 skip = seq_len - last
                 with self.rt.autocast():
@@ -1803,10 +1795,8 @@ class MethodRun:
     info: dict = field(default_factory=dict)
 
 def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> MethodRun:
-    """The one scorer, and the only code that reads a target before its method has been scored on it. A method
-    is a generator yielding (positions, log next-token distributions); each yield returns those targets, once
-    scored, and its return value is the run's info. With `capture` (the audit) every distribution's sum is
-    measured and those at the captured positions are kept. Bytes come from the byte tables, not the method."""
+    """The one scorer: see docs/evaluation.md, "Scoring". A method's return value is the run's info; with `capture`
+    (the audit) every distribution's sum is measured and the distributions at the captured positions are kept."""
     parts, captured = [], {}
     max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)  # on the device: no wait in the loop
     try:
@@ -1856,9 +1846,7 @@ class TemperedExpert(NeuralExpert):
         return torch.softmax(logp / temperature, dim=-1)
 
 class NgramExpert:
-    """Counts of the scored tokens only, plus `prior` times the neural distribution, so an unseen context falls
-    back to the model. A context (the last order-1 tokens) selects a row of counts, hashed when there are more
-    contexts than rows; a row is normalised over all V tokens, so a collision blurs but never breaks it."""
+    """Counts of the scored tokens by context (the last order-1), smoothed toward the model: docs/evaluation.md."""
 
     def __init__(self, tokens: Tensor, order: int, vocab_size: int, prior: float, max_entries: int):
         self.name = ("unigram", "bigram", "trigram")[order - 1] if order <= 3 else f"{order}gram"
@@ -1872,12 +1860,9 @@ class NgramExpert:
         key = torch.zeros_like(pos)
         for back in range(self.order - 1):
             earlier = pos - back
-            # Before the stream's start the context holds V, an id no token has.
             token = torch.where(earlier >= 0, self.tokens[earlier.clamp_min(0)], self.vocab_size)
             key = key * (self.vocab_size + 1) + token
-        if self.hashed:
-            key = (key * 0x9E3779B1) % 2_147_483_629 % self.rows
-        return key % self.rows
+        return (key * 0x9E3779B1) % 2_147_483_629 % self.rows if self.hashed else key
 
     def probs(self, pos: Tensor, logp: Tensor) -> Tensor:
         weights = self.counts[self.row(pos)].float() + self.prior * logp.exp()
@@ -1892,11 +1877,7 @@ def hedge_experts(cfg: Config, tokens: Tensor) -> list:
                               for order in (1, 2, 3)), TemperedExpert()]
 
 def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | None = None):
-    """Score first, then learn, in blocks of HEDGE_CHUNK_TOKENS targets aligned to the stream: a target is scored
-    by the mixture as it stood when its block began; the weights (log w -= eta * an expert's mean loss) and the
-    counts take in a block once it is over. The blocks being the stream's, the counts never depend on the batch
-    or the world size (a rank starts with every earlier block's counts and takes in its first block whole, though
-    the rank before scored part of it); the weights, starting from the prior on every rank, do when eta > 0."""
+    """Score first, then learn, in blocks of HEDGE_CHUNK_TOKENS aligned to the stream: see docs/evaluation.md."""
     experts = experts if experts is not None else hedge_experts(cfg, ev.device_tokens)
     windows = ev.rank_share(method_windows(cfg, ev, 0, ev.n_targets))
     size = cfg.hedge_chunk_tokens
@@ -1940,8 +1921,7 @@ def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | N
 # Score-first test-time training ----------------------------------------------------------------
 
 def ttt_method(cfg: Config, ev: Evaluator, model: nn.Module):
-    """Chunk by chunk: score the chunk, then train on it (never the last), so no score depends on a
-    token the model has trained on. The weights are restored afterwards."""
+    """Chunk by chunk: score the chunk, then train on it (never the last); the weights are restored afterwards."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
@@ -2003,13 +1983,10 @@ def replace_after(cfg: Config, ev: Evaluator, tokens: Tensor, cut: int, gen: tor
     return torch.cat([tokens[:cut + 1], changed])
 
 def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, gen: torch.Generator) -> dict:
-    """Each of the first EVAL_AUDIT_POSITIONS positions, in the standard or eval methods' window scoring it, must
-    keep its distribution when every later token of the window is replaced: one perturbed copy a position, so a
-    leak at any one is caught for certain; unperturbed copies measure how a row moves with its place in a batch."""
+    """The audit's check of the standard or the eval methods' windows, position by position: docs/evaluation.md."""
     positions = cfg.eval_audit_positions
-    windows, seq_len = ((ev.standard_windows(), cfg.train_seq_len) if standard
-                        else (method_windows(cfg, ev, 0, ev.n_targets), cfg.eval_window))
-    seq_len = min(seq_len, ev.n_targets)
+    windows = ev.standard_windows() if standard else method_windows(cfg, ev, 0, ev.n_targets)
+    seq_len = min(cfg.train_seq_len if standard else cfg.eval_window, ev.n_targets)
     covering = [w for w in windows if w[0] + w[1] < positions]
     reference = score_first(ev, ev.distributions(model, covering, seq_len), capture=set(range(positions))).captured
     mine = ev.rank_share([(s, t) for s, first, stop in covering for t in range(first, stop) if s + t < positions])
@@ -2033,16 +2010,12 @@ def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, g
             "causal": change <= max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * noise)}
 
 class RevealingEvaluator(Evaluator):
-    """The audit's stream for what a method learns as it goes: while it predicts the first `rows` of this rank's
-    positions `own`, one at a time, this rank's later targets are replaced, the true ones coming back as they
-    are scored. Other ranks' targets stay true (TTT may learn them once scored; the cut points catch a read of
-    their future), and so do the windows the model reads (window_check checks those)."""
+    """The audit's stream for what a method learns, on the first `rows` of `own` (this rank's): docs/evaluation.md."""
 
     def __init__(self, ev: Evaluator, own: Tensor, rows: int, gen: torch.Generator):
         start = int(own[0]) if len(own) else 0
         hidden = torch.zeros(len(ev.tokens), dtype=torch.bool)
         hidden[own.cpu() + 1] = True
-        hidden[:start + 1] = False
         tokens = torch.where(hidden, replace_after(ev.cfg, ev, ev.tokens, start, gen), ev.tokens)
         super().__init__(ev.cfg, ev.rt, tokens, ev.tables, ev.bos_id, ev.text_bytes)
         self.truth, self.known = ev.with_tokens(ev.tokens), start
@@ -2083,11 +2056,7 @@ def rank_starts(rt: Runtime, scores: Scores) -> list[int]:
 
 def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logger, name: str,
                  seed: int | None = None, checked: dict | None = None) -> dict:
-    """`method` on a prefix of the stream, scored as the final evaluation is. Every distribution sums to one;
-    none moves when the tokens after its position change, in the model's windows (window_check), in what the
-    method learns as it goes (RevealingEvaluator), and for both at the cut points, where the run is repeated
-    with the tokens after the cut replaced; the bytes counted match the decoded text. `checked` shares the
-    window checks between methods of the same windows."""
+    """The audit of `method` (docs/evaluation.md, "The audit"); `checked` shares window checks between methods."""
     t0 = time.perf_counter()
     length = min(ev.n_targets, max(cfg.eval_audit_tokens, 2 * cfg.ttt_chunk_tokens if cfg.ttt_steps else 0))
     prefix = ev.with_tokens(ev.tokens[:length + 1])
@@ -2098,8 +2067,7 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     base = score_first(prefix, method(cfg, prefix, model), capture=drawn)
     cuts = sorted(drawn | set(rank_starts(ev.rt, base.scores)))
     watched = base.scores.pos[:cfg.eval_audit_positions].tolist()  # this rank's first scored positions
-    # The same tokens again: a method that trains (TTT) differs from itself on a GPU, whose atomic
-    # additions come in any order, and a cut must move a score by more than that to count against it.
+    # The same tokens again: a cut must move a score by more than the method's own run-to-run noise.
     again = score_first(prefix, method(cfg, prefix, model), capture=set(cuts) | set(watched))
     gaps = [float((base.scores.nll - again.scores.nll).abs().max())] if base.scores.nll.numel() else []
     gaps += [float((base.captured[c] - again.captured[c]).abs().max()) for c in drawn if c in base.captured]
@@ -2115,9 +2083,8 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
         before = again.scores.pos < cut
         same = torch.equal(again.scores.pos, perturbed.scores.pos) and torch.allclose(
             again.scores.nll[before], perturbed.scores.nll[before], rtol=0, atol=tolerance)
-        if cut in again.captured:
-            same = same and cut in perturbed.captured and torch.allclose(
-                again.captured[cut], perturbed.captured[cut], rtol=0, atol=tolerance)
+        if cut in again.captured:  # and so, when the positions are the same, in perturbed.captured
+            same = same and torch.allclose(again.captured[cut], perturbed.captured[cut], rtol=0, atol=tolerance)
         if not same:
             moved.append(cut)
     revealing = RevealingEvaluator(prefix, base.scores.pos, len(watched), gen)
@@ -2179,8 +2146,7 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
             log(f"{name}_weights: " + " ".join(f"{k}:{v:.4f}" for k, v in run.info["weights"].items()))
         log(f"final_{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms[name]:.0f}ms")
         log(f"final_{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    # Each method took eval_ms for n_targets on world_size devices of this kind; the full split on
-    # 8 of them takes that much longer per token and that much shorter per device.
+    # eval_ms scaled from n_targets on world_size devices to the full split on EVAL_GPUS: docs/evaluation.md, "Time".
     estimate = sum(eval_ms.values()) / 1000 * (FULL_VAL_TOKENS / ev.n_targets * ev.rt.world_size / EVAL_GPUS)
     out["eval_ms"] = eval_ms
     out["eval_fit"] = {"estimated_full_split_s": estimate, "fits": estimate <= EVAL_LIMIT_SECONDS,
