@@ -466,6 +466,10 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int
                          f">= VOCAB_SIZE={vocab_size}")
     return tokens
 
+def read_tokens(files: list[Path], vocab_size: int) -> np.ndarray:
+    """Every token of the shards, in memory, each id checked against the vocabulary."""
+    return np.concatenate([np.asarray(check_token_ids(read_shard(f), vocab_size, f, 0)) for f in files])
+
 def find_shards(data_path: str, split: str) -> list[Path]:
     files = sorted(Path(p) for p in glob.glob(os.path.join(glob.escape(data_path), f"*_{split}_*.bin")))
     if not files:
@@ -512,7 +516,7 @@ class DocStream:
     """DOC_MODE's training data, a document a sequence: see docs/moe.md, "Document mode"."""
 
     def __init__(self, files: list[Path], cfg: Config, bos_id: int):
-        self.tokens = np.concatenate([np.asarray(check_token_ids(read_shard(f), cfg.vocab_size, f, 0)) for f in files])
+        self.tokens = read_tokens(files, cfg.vocab_size)
         self.docs = document_bounds(self.tokens, bos_id)[:cfg.train_subset_docs or None]
         self.seed, self.total = cfg.seed, len(self.tokens)
         if not self.docs:
@@ -541,7 +545,7 @@ class DocStream:
 
 def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> Tensor:
     """All validation tokens, trimmed as the challenge does to whole sequences plus one target."""
-    tokens = np.concatenate([np.asarray(check_token_ids(read_shard(f), vocab_size, f, 0)) for f in files])
+    tokens = read_tokens(files, vocab_size)
     usable = (len(tokens) - 1) // seq_len * seq_len
     if usable <= 0:
         raise InputError(f"validation shards hold {len(tokens)} tokens; need more than TRAIN_SEQ_LEN={seq_len}")
