@@ -13,20 +13,32 @@ Exit 0 when every folder passes, 1 with one line per problem otherwise, 2 for a 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import hashlib
 import json
+import lzma
 import math
 import re
 import sys
 from pathlib import Path
 
-TRACKS = ("track_10min_16mb", "track_non_record_16mb", "track_cpu_embedded")
+# What submission.json's `track` may say in each folder of records/: the challenge writes its own
+# folders' tracks in several spellings.
+TRACK_NAMES = {"track_10min_16mb": ("track_10min_16mb", "10min_16mb"),
+               "track_non_record_16mb": ("track_non_record_16mb", "non_record_16mb", "non-record-16mb",
+                                         "non-record-unlimited-compute-16mb"),
+               "track_cpu_embedded": ("track_cpu_embedded", "cpu_embedded")}
+TRACKS = tuple(TRACK_NAMES)
+HARNESS_TRACKS = ("track_cpu_embedded",)  # tracks whose folders must hold this harness's logs
 FILES = ("README.md", "submission.json", "train_gpt.py")
-REQUIRED = {"author": str, "github_id": str, "name": str, "blurb": str, "date": str, "val_loss": (int, float),
-            "val_bpb": (int, float), "bytes_total": int, "bytes_code": int, "seeds": list}
-OPTIONAL = {"track": str, "metric": str, "record": bool, "previous_record": str, "seed_results": dict}
+REQUIRED = {"author": str, "github_id": str, "name": str, "blurb": str, "date": str, "val_bpb": (int, float),
+            "bytes_total": int}
+# The challenge's own folders may lack these; a folder of this harness's logs must have them.
+HARNESS_REQUIRED = {"val_loss": (int, float), "bytes_code": int, "seeds": list}
+OPTIONAL = {**HARNESS_REQUIRED, "track": str, "metric": str, "record": bool, "previous_record": str,
+            "seed_results": dict}
 DEFAULT_LIMIT = 16_000_000  # every track is a 16 MB (decimal) track
 MIN_IMPROVEMENT = 0.005  # nats, as the challenge asks of a new record
 MAX_P = 0.01
@@ -41,11 +53,17 @@ PINNED = {"track_cpu_embedded/2026-11-22_run_sh_default":
           "bfd88a08752213ae2f103524be4bd36cc9513b19996d60a10d705e96be80b350"}
 
 CONFIG = re.compile(r"^config: (\{.*\})$", re.M)
-SIZES = {"code": re.compile(r"^Code size: (\d+) bytes$", re.M),
-         "total": re.compile(r"^Total submission size \S+: (\d+) bytes$", re.M),
-         "model": re.compile(r"^Serialized model \S+: (\d+) bytes$", re.M)}
+SEED = re.compile(r"^\s*seed[:=] ?(\d+)\s*$", re.M)  # the challenge's logs: `seed:1337` or `  seed: 42`
+DATE = re.compile(r"(\d{4}-\d{2}-\d{2})(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?Z?)?")
+# The counted code: this harness's `Code size: N bytes (packed: M bytes)` counts M; the challenge's logs
+# say `Code size: N bytes`, or `Code size (compressed): N bytes` beside the uncompressed size.
+CODE_SIZE = re.compile(r"^Code size(?: \((compressed|uncompressed)\))?: (\d+) bytes(?: \(packed: (\d+) bytes.*\))?$",
+                       re.M)
+SIZES = {"total": re.compile(r"^Total submission size \S+: (\d+) bytes\b", re.M),
+         "model": re.compile(r"^Serialized model \S+: (\d+) bytes\b", re.M)}
 FINAL = re.compile(r"^final_(\S+)_exact val_loss:(\S+) val_bpb:(\S+)(?: .*)?$", re.M)
 CODE_SHA = re.compile(r"^Code sha256: ([0-9a-f]{64})$", re.M)
+PROGRAM_SHA = re.compile(r"^Program sha256: ([0-9a-f]{64})\b", re.M)
 TOKENIZER = re.compile(r"^tokenizer: \S+ sha256:([0-9a-f]{64})$", re.M)
 TOKENIZER_PATH = re.compile(r"^val_bpb:enabled tokenizer_path=(\S+)$", re.M)
 AUDIT = re.compile(r"^audit (\S+): .* (passed|FAILED)$", re.M)
@@ -63,6 +81,7 @@ class Verdict:
     notes: list[str] = dataclasses.field(default_factory=list)  # worth printing even when the folder passes
     submission: dict | None = None
     tokenizer: str | None = None  # what its logs scored with, when they agree
+    harness: bool = True  # whether its logs are this harness's (a `config:` line), not the challenge's own
 
     def say(self, problem: str):
         self.problems.append(problem)
@@ -179,9 +198,10 @@ def read_submission(folder: Path, verdict: Verdict) -> dict | None:
 def check_types(submission: dict, verdict: Verdict) -> bool:
     """Whether every field has the type the later checks rely on."""
     fine = True
+    required = {**REQUIRED, **(HARNESS_REQUIRED if verdict.harness else {})}
     for key, kind in {**REQUIRED, **OPTIONAL}.items():
         if key not in submission:
-            if key in REQUIRED:
+            if key in required:
                 verdict.say(f"submission.json lacks {key}")
                 fine = False
         elif not has_type(submission[key], kind):
@@ -192,15 +212,23 @@ def check_types(submission: dict, verdict: Verdict) -> bool:
 
 def check_fields(submission: dict, folder: Path, verdict: Verdict) -> bool:
     """The fields' values on their own; whether the seeds are usable for comparing with the logs."""
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", submission["date"]) or not parses_as_date(submission["date"]):
+    if date_of(submission) is None:
         verdict.say(f"submission.json date {submission['date']!r} is not an ISO date YYYY-MM-DD")
-    if "track" in submission and submission["track"] != folder.parent.name:
+    if "track" in submission and submission["track"] not in TRACK_NAMES.get(folder.parent.name, ()):
         verdict.say(f"submission.json track {submission['track']!r} is not the folder's track {folder.parent.name!r}")
-    seeds = submission["seeds"]
+    seeds = submission.get("seeds")
+    if seeds is None:
+        return True  # the challenge's folders may leave them out: the logs' seeds are taken
     if not seeds or not all(is_seed(s) for s in seeds) or len(set(seeds)) != len(seeds):
         verdict.say("submission.json seeds must be a non-empty list of distinct integers")
         return False
     return True
+
+
+def date_of(submission: dict) -> str | None:
+    """The YYYY-MM-DD of `date`, which the challenge's folders may write as an ISO date and time."""
+    found = DATE.fullmatch(submission["date"])
+    return found.group(1) if found and parses_as_date(found.group(1)) else None
 
 
 def parses_as_date(text: str) -> bool:
@@ -214,17 +242,25 @@ def parses_as_date(text: str) -> bool:
 # Logs -----------------------------------------------------------------------------------------
 
 def log_paths(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix in (".txt", ".log") and p.stem.lower() != "readme")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".txt", ".log")
+                  and p.stem.lower() != "readme" and not p.name.startswith("requirements"))
 
 
 def read_log(path: Path) -> dict:
     """What check.py needs from one of the harness's logs."""
     text = path.read_text(errors="replace")
-    log = {"path": path, "config": read_config(text), "finals": read_finals(text),
+    log = {"path": path, "text": text, "config": read_config(text), "finals": read_finals(text),
            "audits": {name: verdict == "passed" for name, verdict in AUDIT.findall(text)},
            "failures": FAILURE.findall(text), "exits": [int(code) for code in EXIT.findall(text)],
-           "code_sha256": CODE_SHA.findall(text), "tokenizer": read_tokenizer(text)}
+           "code_sha256": CODE_SHA.findall(text), "program_sha256": PROGRAM_SHA.findall(text),
+           "tokenizer": read_tokenizer(text)}
+    if log["config"] is not None:
+        log["seed"] = log["config"].get("seed")
+    elif SEED.search(text):
+        log["seed"] = int(SEED.search(text).group(1))
+    counted = [int(packed or size) for kind, size, packed in CODE_SIZE.findall(text) if kind != "uncompressed"]
+    if counted:
+        log["code"] = counted[-1]
     for key, pattern in SIZES.items():
         found = pattern.findall(text)
         if found:
@@ -260,10 +296,10 @@ def read_finals(text: str) -> list[tuple[str, float, float]]:
 
 
 def metric_of(log: dict, metric: str | None) -> tuple[float, float] | None:
-    """(val_loss, val_bpb) of the scored line: the last final line of that name, by default the last
-    round trip through the artifact."""
+    """(val_loss, val_bpb) of the scored line: the last final line of that name; by default the last
+    round trip through the artifact, or in the challenge's logs their last final line."""
     def scored(name: str) -> bool:
-        return name == metric if metric is not None else name.endswith("_roundtrip")
+        return name == metric if metric is not None else name.endswith("_roundtrip") or log["config"] is None
 
     found = [(loss, bpb) for name, loss, bpb in log["finals"] if scored(name)]
     return found[-1] if found else None
@@ -277,12 +313,15 @@ def logs_by_seed(logs: list[dict], metric: str | None, verdict: Verdict) -> dict
     by_seed = {}
     for log in logs:
         name = log["path"].name
-        if log["config"] is None:
+        if log["config"] is None and verdict.harness:
             verdict.say(f"{name} has no config line")
             continue
-        seed = log["config"].get("seed")
+        seed = log.get("seed")
         if not is_seed(seed):
-            verdict.say(f"{name}'s config has no integer seed")
+            verdict.say(f"{name}'s config has no integer seed" if verdict.harness else f"{name} has no seed: line")
+            continue
+        if seed in by_seed and by_seed[seed]["text"] == log["text"]:
+            verdict.notes.append(f"{name} is a copy of {by_seed[seed]['path'].name}: read once")
             continue
         if seed in by_seed:
             verdict.say(f"{name} repeats seed {seed} of {by_seed[seed]['path'].name}")
@@ -306,6 +345,10 @@ def check_folder(folder: Path, seen: tuple = ()) -> Verdict:
     logs = [read_log(p) for p in log_paths(folder)]
     if not logs:
         verdict.say("no train log (*.txt or *.log)")
+    verdict.harness = any(log["config"] is not None for log in logs) or folder.parent.name in HARNESS_TRACKS
+    if not verdict.harness:
+        verdict.notes.append("the logs are not this harness's (no config: line): figures, sizes and seeds are "
+                             "checked against them; the code by its size only, and no audit")
     submission = verdict.submission = read_submission(folder, verdict)
     if submission is None or not check_types(submission, verdict) or not check_fields(submission, folder, verdict):
         return verdict
@@ -314,7 +357,7 @@ def check_folder(folder: Path, seen: tuple = ()) -> Verdict:
         return verdict
     check_runs(folder, logs, verdict)
     by_seed = logs_by_seed(logs, metric, verdict)
-    if set(by_seed) != set(submission["seeds"]):
+    if set(by_seed) != set(submission.get("seeds", by_seed)):
         verdict.say(f"the logs' seeds {sorted(by_seed)} are not submission.json's seeds "
                     f"{sorted(submission['seeds'])} (one log a seed)")
     if by_seed:
@@ -334,6 +377,8 @@ def check_metric(metric: str | None, logs: list[dict], verdict: Verdict) -> bool
     unquantized model, nor a method nothing checked."""
     if metric is None or metric.endswith("_roundtrip"):
         return True
+    if not verdict.harness:
+        return True  # the challenge's logs name their own lines, and no audit of theirs can be read
     if metric not in AUDITED_METHODS:
         verdict.say(f"metric {metric!r} is not a score: the artifact's round trip (the default) or an audited "
                     f"method ({', '.join(AUDITED_METHODS)})")
@@ -351,12 +396,17 @@ def check_runs(folder: Path, logs: list[dict], verdict: Verdict):
         name = log["path"].name
         for line in log["failures"]:
             verdict.say(f"{name} reports: {line[:160]}")
+        if not verdict.harness:
+            continue
         if not pinned and not log["exits"]:
             verdict.say(f"{name} has no exit: line: the run did not finish")
         elif log["exits"] and log["exits"][-1] != 0:
             verdict.say(f"{name} ended with exit:{log['exits'][-1]}")
         if folder.parent.name in STREAM_TRACKS and log["config"] and log["config"].get("doc_mode"):
             verdict.say(f"{name} ran with DOC_MODE, which scores part of each document: not a {folder.parent.name} score")
+    scored = {log["finals"][-1][0] for log in logs if log["finals"] and log["config"] is None}
+    if not verdict.harness and len(scored) > 1:
+        verdict.say(f"the logs' last final lines score different things ({', '.join(sorted(scored))})")
     tokenizers = {log["tokenizer"] for log in logs}
     if len(tokenizers) > 1:
         verdict.say(f"the logs scored with different tokenizers ({', '.join(sorted(map(str, tokenizers)))})")
@@ -374,7 +424,7 @@ def check_place(folder: Path, verdict: Verdict):
 def check_means(submission: dict, measured: list[tuple[float, float]], verdict: Verdict):
     for index, key in enumerate(("val_loss", "val_bpb")):
         mean = sum(values[index] for values in measured) / len(measured)
-        if not agrees(submission[key], mean):
+        if key in submission and not agrees(submission[key], mean):
             verdict.say(f"submission.json {key} {submission[key]} disagrees with the logs' mean {mean:.8f}")
 
 
@@ -395,14 +445,17 @@ def check_seed_results(results: dict, by_seed: dict[int, dict], metric: str | No
             if field in result and not (has_type(claimed, (int, float)) and agrees(claimed, measured[index])):
                 verdict.say(f"seed_results for seed {key}: {field} {claimed} disagrees with "
                             f"{log['path'].name}'s {measured[index]:.8f}")
+        if "artifact_bytes" in result and result["artifact_bytes"] != log.get("total"):
+            verdict.say(f"seed_results for seed {key}: artifact_bytes {result['artifact_bytes']} is not "
+                        f"{log['path'].name}'s Total submission size {log.get('total')}")
 
 
 def check_bytes(submission: dict, folder: Path, logs: list[dict], verdict: Verdict):
     code_path = folder / "train_gpt.py"
     code = len(code_path.read_bytes()) if code_path.is_file() else None
-    if code is not None:
-        check_code_identity(folder, hashlib.sha256(code_path.read_bytes()).hexdigest(), logs, verdict)
-    if code is not None and submission["bytes_code"] != code:
+    if code is not None and verdict.harness:
+        check_code_identity(folder, code_path.read_bytes(), logs, verdict)
+    if code is not None and submission.get("bytes_code", code) != code:
         verdict.say(f"submission.json bytes_code {submission['bytes_code']} is not train_gpt.py's size {code}")
     for log in logs:
         name = log["path"].name
@@ -414,13 +467,27 @@ def check_bytes(submission: dict, folder: Path, logs: list[dict], verdict: Verdi
         if "total" not in log:
             verdict.say(f"{name} has no Total submission size line")
     totals = [log for log in logs if "total" in log]
-    if totals:
-        check_total(submission, max(totals, key=lambda log: log["total"]), verdict)
+    if totals and code is not None:
+        check_total(submission, code, totals, verdict)
     check_limit(submission, logs, verdict)
 
 
-def check_code_identity(folder: Path, sha: str, logs: list[dict], verdict: Verdict):
-    """The folder's train_gpt.py is the code each log ran, by the SHA-256 the run logged at its start."""
+def packed_program(code: bytes) -> bytes | None:
+    """The program a packed train_gpt.py runs (its longest string literal, lzma-compressed), else None."""
+    try:
+        literals = [node.value for node in ast.walk(ast.parse(code))
+                    if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+        return lzma.decompress(max(literals, key=len).encode("latin-1")) if literals else None
+    except (SyntaxError, ValueError, lzma.LZMAError, UnicodeEncodeError):
+        return None
+
+
+def check_code_identity(folder: Path, code: bytes, logs: list[dict], verdict: Verdict):
+    """The folder's train_gpt.py is the code each log ran, by the SHA-256 the run logged at its start: of
+    the file itself, or, packed, of the program it holds (the code without comments and docstrings)."""
+    sha = hashlib.sha256(code).hexdigest()
+    program = packed_program(code)
+    program_sha = hashlib.sha256(program).hexdigest() if program is not None else None
     pinned = PINNED.get(f"{folder.parent.name}/{folder.name}")
     if pinned:
         if sha != pinned:
@@ -430,29 +497,38 @@ def check_code_identity(folder: Path, sha: str, logs: list[dict], verdict: Verdi
         name = log["path"].name
         if not log["code_sha256"]:
             verdict.say(f"{name} has no Code sha256 line")
+        elif program_sha is not None and log["program_sha256"][-1:] == [program_sha]:
+            continue
         elif log["code_sha256"][-1] != sha:
             verdict.say(f"{name} ran code with SHA-256 {log['code_sha256'][-1][:12]}..., not this train_gpt.py "
                         f"({sha[:12]}...)")
 
 
-def check_total(submission: dict, largest: dict, verdict: Verdict):
-    """bytes_total is the largest seed's, so that every seed's artifact fits."""
+def check_total(submission: dict, code: int, totals: list[dict], verdict: Verdict):
+    """bytes_total is the largest seed's, so that every seed's artifact fits (the challenge's own folders
+    may give another seed's: check_limit holds every seed to the limit)."""
+    largest = max(totals, key=lambda log: log["total"])
+    if not verdict.harness:
+        largest = next((log for log in totals if log["total"] == submission["bytes_total"]), largest)
     name = largest["path"].name
     if submission["bytes_total"] != largest["total"]:
         verdict.say(f"submission.json bytes_total {submission['bytes_total']} is not the largest total in the "
                     f"logs ({largest['total']}, {name})")
     if "model" not in largest:
         verdict.say(f"{name} has no Serialized model line")
-    elif submission["bytes_total"] - submission["bytes_code"] != largest["model"]:
-        verdict.say(f"bytes_total - bytes_code is not {name}'s serialized model ({largest['model']} bytes)")
+    elif submission["bytes_total"] - code != largest["model"]:
+        verdict.say(f"bytes_total - the code's {code} bytes is not {name}'s serialized model ({largest['model']} bytes)")
 
 
 def check_limit(submission: dict, logs: list[dict], verdict: Verdict):
     # a run may have been held to a tighter limit, but no track allows more than 16 MB
-    limits = [log["config"].get("artifact_limit_bytes") for log in logs]
+    limits = [(log["config"] or {}).get("artifact_limit_bytes") for log in logs]
     limit = min([DEFAULT_LIMIT] + [value for value in limits if has_type(value, int)])
     if submission["bytes_total"] > limit:
         verdict.say(f"bytes_total {submission['bytes_total']} is over the limit of {limit} bytes")
+    for log in logs:
+        if log.get("total", 0) > limit:
+            verdict.say(f"{log['path'].name}'s Total submission size {log['total']} is over the limit of {limit} bytes")
 
 
 def check_record(submission: dict, folder: Path, measured: list[tuple[float, float]], verdict: Verdict,
@@ -472,10 +548,13 @@ def check_record(submission: dict, folder: Path, measured: list[tuple[float, flo
         verdict.say(f"previous_record {name} does not exist")
         return
     prior = check_folder(previous, seen + (folder,))
-    if prior.problems:
+    if standing(prior) is None:
         verdict.say(f"previous_record {name} does not pass its own checks ({prior.problems[0]})")
         return
-    best = track_best(folder, submission["date"], seen + (folder,))
+    if prior.problems:
+        verdict.notes.append(f"previous_record {name} is the challenge's own folder, taken at its submission.json's "
+                             f"figures (val_bpb {prior.submission['val_bpb']})")
+    best = track_best(folder, date_of(submission), seen + (folder,))
     if best is not None and best[0] != previous:
         verdict.say(f"previous_record {name} is not the track's best before this claim: "
                     f"{best[0].relative_to(folder.parents[2]).as_posix()} (val_bpb {best[1]['val_bpb']})")
@@ -484,7 +563,7 @@ def check_record(submission: dict, folder: Path, measured: list[tuple[float, flo
         verdict.say("a record claim needs at least 2 seeds for its significance (3 are usual)")
         return
     losses, bpbs = [loss for loss, _ in measured], [bpb for _, bpb in measured]
-    if verdict.tokenizer is not None and verdict.tokenizer == prior.tokenizer:
+    if verdict.tokenizer is not None and verdict.tokenizer == prior.tokenizer and "val_loss" in prior.submission:
         values, against, margin, unit = losses, float(prior.submission["val_loss"]), MIN_IMPROVEMENT, "nats"
     else:
         # Nats per token of two tokenizers are not comparable: bits per byte are, and the margin in
@@ -504,18 +583,29 @@ def check_record(submission: dict, folder: Path, measured: list[tuple[float, flo
         verdict.notes.append(f"record claim shown: {figures}")
 
 
+def standing(verdict: Verdict) -> dict | None:
+    """The submission a folder stands for as a previous record: one that passes, or one of the challenge's
+    own folders (logs this checker cannot fully read), taken at its claim; None for a failing folder."""
+    if not verdict.problems:
+        return verdict.submission
+    readable = verdict.submission is not None and has_type(verdict.submission.get("val_bpb"), (int, float))
+    if not verdict.harness and readable and date_of(verdict.submission):
+        return verdict.submission
+    return None
+
+
 def track_best(folder: Path, date: str, seen: tuple) -> tuple[Path, dict] | None:
-    """The passing folder of `folder`'s track, other than it, dated no later than `date`, with the
-    lowest val_bpb: the record a claim on that date must beat."""
+    """The folder of `folder`'s track, other than it, dated no later than `date`, standing as a record
+    (see `standing`) with the lowest val_bpb: the record a claim on that date must beat."""
     best = None
     for other in sorted(p.resolve() for p in folder.parent.iterdir() if p.is_dir()):
         if other == folder or other in seen:
             continue
-        verdict = check_folder(other, seen)
-        if verdict.problems or verdict.submission["date"] > date:
+        submission = standing(check_folder(other, seen))
+        if submission is None or date_of(submission) > date:
             continue
-        if best is None or verdict.submission["val_bpb"] < best[1]["val_bpb"]:
-            best = (other, verdict.submission)
+        if best is None or submission["val_bpb"] < best[1]["val_bpb"]:
+            best = (other, submission)
     return best
 
 

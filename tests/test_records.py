@@ -337,3 +337,121 @@ def test_doc_mode_is_refused_on_the_stream_tracks(tmp_path, track, refused):
     folder = make_folder(tmp_path, track=track, log={"doc_mode": True})
     out = run(folder)
     assert (out.returncode == 1 and "ran with DOC_MODE" in out.stdout) == refused, out.stdout
+
+
+# The challenge's own folders: their logs' shapes, their submission.json fields ---------------------
+
+CHALLENGE_CODE = b"print('the challenge baseline')\n" * 3
+
+
+def challenge_log(seed: int, loss: float, bpb: float, model_bytes: int, code: int = len(CHALLENGE_CODE),
+                  compressed: bool = False) -> str:
+    """A log in the shape of the challenge's records (2026-03 baseline and its successors)."""
+    code_lines = ([f"Code size (uncompressed): {code * 5} bytes", f"Code size (compressed): {code} bytes"]
+                  if compressed else [f"Code size: {code} bytes"])
+    return "\n".join([
+        f"seed:{seed}", "step:20000/20000 val_loss:2.0600 val_bpb:1.2200 train_time:600000ms",
+        "Serialized model: 67224983 bytes", *code_lines, "Total submission size: 67272625 bytes",
+        f"Serialized model int8+zlib: {model_bytes} bytes (payload:17178912 raw_torch:17224025 payload_ratio:3.91x)",
+        f"Total submission size int8+zlib: {model_bytes + code} bytes",
+        f"final_int8_zlib_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:1400ms",
+        f"final_int8_zlib_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}", ""])
+
+
+def challenge_folder(root, name="2026-03-18_baseline", folder_track="track_10min_16mb", losses=(2.07, 2.08, 2.06),
+                     model_bytes=15_800_000, **overrides):
+    folder = root / "records" / folder_track / name
+    folder.mkdir(parents=True)
+    (folder / "README.md").write_text("# x\n")
+    (folder / "train_gpt.py").write_bytes(CHALLENGE_CODE)
+    (folder / "requirements.txt").write_text("zstandard\n")  # not a log
+    for seed, loss in zip(SEEDS, losses):
+        (folder / f"train_seed{seed}.log").write_text(challenge_log(seed, loss, loss * 0.59, model_bytes + seed))
+    mean = sum(losses) / len(losses)
+    submission = {"author": "a", "github_id": "a", "name": name, "blurb": "b", "date": "2026-03-18T14:56:29Z",
+                  "track": "10min_16mb", "val_loss": round(mean, 8), "val_bpb": round(mean * 0.59, 8),
+                  "bytes_total": model_bytes + 1337 + len(CHALLENGE_CODE), **overrides}
+    (folder / "submission.json").write_text(json.dumps(submission))
+    return folder
+
+
+def test_the_challenges_own_folders_pass_in_their_shapes(tmp_path):
+    """Their seeds from `seed:` lines, an ISO date and time, `track: 10min_16mb`, one seed's bytes_total, no
+    bytes_code or seeds fields, and `Serialized model …: N bytes (payload…)` lines."""
+    folder = challenge_folder(tmp_path)
+    out = run(folder)
+    assert out.returncode == 0 and "not this harness's" in out.stdout, out.stdout
+    (folder / "train.log").write_bytes((folder / "train_seed1337.log").read_bytes())  # as several of theirs do
+    out = run(folder)
+    assert out.returncode == 0 and "train_seed1337.log is a copy of train.log: read once" in out.stdout, out.stdout
+    other = challenge_folder(tmp_path, name="2026-03-19_other", folder_track="track_non_record_16mb",
+                             track="non-record-unlimited-compute-16mb")
+    assert run(other).returncode == 0, run(other).stdout
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda f: patch(f, val_bpb=1.2), "val_bpb 1.2 disagrees"),
+    (lambda f: (f / "train_gpt.py").write_bytes(CHALLENGE_CODE + b"#"), "not the code that made it"),
+    (lambda f: patch(f, bytes_total=15_900_000), "bytes_total 15900000 is not the largest total"),
+    (lambda f: patch(f, seeds=[1, 2, 3]), "are not submission.json's seeds"),
+    (lambda f: patch(f, track="cpu_embedded"), "not the folder's track"),
+    (lambda f: (f / "train_seed42.log").write_text(challenge_log(42, 2.07, 1.22, 16_000_000)),
+     "train_seed42.log's Total submission size 16000096 is over the limit"),
+    (lambda f: (f / "train_seed42.log").write_text(challenge_log(42, 2.07, 1.22, 1000).replace(
+        "final_int8_zlib_roundtrip_exact", "final_int8_zlib_sliding_exact")), "score different things"),
+    (lambda f: (f / "train_seed42.log").write_text(challenge_log(1337, 2.07, 1.22, 1000)), "repeats seed 1337"),
+    (lambda f: patch(f, seed_results={"42": {"val_bpb": round(2.08 * 0.59, 8), "artifact_bytes": 15_000_000}}),
+     "seed_results for seed 42: artifact_bytes 15000000 is not train_seed42.log's Total submission size"),
+])
+def test_tampered_copies_of_the_challenges_folders_are_refused(tmp_path, change, expected):
+    folder = challenge_folder(tmp_path)
+    change(folder)
+    out = run(folder)
+    assert out.returncode == 1 and expected in out.stdout, out.stdout
+
+
+def pack(program: bytes) -> bytes:
+    """A packed train_gpt.py as train_gpt.py writes one: lzma bytes in a latin-1 string literal."""
+    import lzma
+    literal = lzma.compress(program).decode("latin-1").replace("\\", "\\\\").replace("\r", "\\r").replace(
+        "\0", "\\x00").replace('"', '\\"')
+    return f'#coding:latin-1\nimport lzma\nexec(lzma.decompress("""{literal}""".encode("latin-1")))\n'.encode(
+        "latin-1")
+
+
+def test_a_packed_train_gpt_counts_its_compressed_size_and_is_tied_by_its_program(tmp_path):
+    program = b"print('the program')\n" * 50
+    packed = pack(program)
+    assert check.packed_program(packed) == program
+    source_sha = hashlib.sha256(b"# the source, with comments\n" + program).hexdigest()
+    program_line = f"Program sha256: {hashlib.sha256(program).hexdigest()}"
+    folder = make_folder(tmp_path, log={"code": len(packed), "sha": source_sha, "extra": (program_line,)})
+    (folder / "train_gpt.py").write_bytes(packed)
+    patch(folder, bytes_code=len(packed), bytes_total=1000 + len(packed))
+    out = run(folder)
+    assert out.returncode == 0, out.stdout
+    (folder / "train_gpt.py").write_bytes(pack(program.replace(b"the program", b"the pr0gram")))
+    out = run(folder)
+    assert out.returncode == 1 and "ran code with SHA-256" in out.stdout, out.stdout
+
+
+def test_a_claim_can_beat_the_challenges_own_best(tmp_path):
+    """The challenge's folders stand as previous records at their submission.json's figures."""
+    challenge_folder(tmp_path, name="2026-03-18_old", losses=(2.07, 2.08, 2.06))
+    best = challenge_folder(tmp_path, name="2026-03-20_best", losses=(2.00, 2.01, 1.99))
+    patch(best, val_loss=1.0)  # its logs no longer agree: it stands at its claim all the same
+    folder = make_folder(tmp_path, name="2026-11-22_claim", track="track_10min_16mb", losses=(0.98, 0.97, 0.99),
+                         bpb_per_nat=0.59, record=True, previous_record="records/track_10min_16mb/2026-03-18_old")
+    out = run(folder)
+    assert out.returncode == 1 and "is not the track's best before this claim" in out.stdout, out.stdout
+    patch(folder, previous_record="records/track_10min_16mb/2026-03-20_best")
+    out = run(folder)
+    assert "is the challenge's own folder, taken at its submission.json's figures" in out.stdout, out.stdout
+    assert out.returncode == 0 and "record claim shown" in out.stdout, out.stdout
+
+
+def test_the_cpu_track_takes_only_this_harness_logs(tmp_path):
+    folder = challenge_folder(tmp_path, folder_track="track_cpu_embedded", track="cpu_embedded",
+                              bytes_code=len(CHALLENGE_CODE), seeds=list(SEEDS))
+    out = run(folder)
+    assert out.returncode == 1 and "has no config line" in out.stdout, out.stdout
