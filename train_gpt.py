@@ -291,11 +291,10 @@ def resolve_batch(values: dict, world_size: int) -> list[str]:
     elif batch % (world_size * accum * seq):
         raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be divisible by world_size*GRAD_ACCUM_STEPS*"
                           f"TRAIN_SEQ_LEN = {world_size}*{accum}*{seq} = {world_size * accum * seq}")
-    values["grad_accum_steps"] = accum
     unit = world_size * accum * seq
+    values.update(grad_accum_steps=accum, train_batch_tokens=max(1, round(batch / unit)) * unit)
     if batch % unit == 0:
         return []
-    values["train_batch_tokens"] = max(1, round(batch / unit)) * unit
     return [f"train_batch_tokens rounded from {batch} to {values['train_batch_tokens']} so that it splits "
             f"evenly over world_size:{world_size} x grad_accum_steps:{accum} x train_seq_len:{seq}"]
 
@@ -341,12 +340,11 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     return cfg, notes
 
 def config_help() -> str:
-    lines = ["train_gpt.py settings (env vars):"]
-    for name, f in CONFIG_FIELDS.items():
-        lines.append(f"  {name:<28} {f.type:<5} default {f.default!r:<38} {f.metadata['help']}")
-    for name, settings in PRESETS.items():
-        lines.append(f"PRESET={name}: " + (" ".join(f"{k}={v}" for k, v in settings.items()) or "the defaults"))
-    return "\n".join(lines)
+    settings = [f"  {name:<28} {f.type:<5} default {f.default!r:<38} {f.metadata['help']}"
+                for name, f in CONFIG_FIELDS.items()]
+    presets = [f"PRESET={name}: " + (" ".join(f"{k}={v}" for k, v in values.items()) or "the defaults")
+               for name, values in PRESETS.items()]
+    return "\n".join(["train_gpt.py settings (env vars):", *settings, *presets])
 
 # ----------------------------------------------------------------------------------------------
 # Distributed + device
@@ -428,11 +426,10 @@ class Logger:
                 raise InputError(f"cannot write the log {path}: {e.strerror}") from None
 
     def __call__(self, msg: str, console: bool = True):
-        if self.file is None:
-            return
-        if console:
-            print(msg, flush=True)
-        print(msg, file=self.file, flush=True)
+        if self.file is not None:
+            if console:
+                print(msg, flush=True)
+            print(msg, file=self.file, flush=True)
 
 # ----------------------------------------------------------------------------------------------
 # Data: shards, the training token stream, validation tokens, bits-per-byte tables
