@@ -437,9 +437,8 @@ class Logger:
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4  # the header is 256 little-endian int32
 
-def read_shard(path: str | Path) -> np.ndarray:
+def read_shard(path: Path) -> np.ndarray:
     """Memory-maps one shard after checking its header against the file size."""
-    path = Path(path)
     try:
         with open(path, "rb") as f:
             head, size = f.read(SHARD_HEADER_BYTES), os.fstat(f.fileno()).st_size
@@ -588,7 +587,7 @@ def resolve_tokenizer(cfg: Config, meta: dict):
 
 @dataclass
 class ByteTables:
-    """Per token id (larger vocab): bytes of its text, leading word space, boundary (control/unknown/unused)."""
+    """Per token id of VOCAB_SIZE: bytes of its text, leading word space, boundary (control/unknown/unused)."""
 
     base_bytes: Tensor
     has_leading_space: Tensor
@@ -631,8 +630,7 @@ def decoded_bytes(sp):
     return count
 
 def build_byte_tables(sp, vocab_size: int) -> ByteTables:
-    size = max(sp.vocab_size(), vocab_size)
-    base, space, boundary = [0] * size, [False] * size, [True] * size
+    base, space, boundary = [0] * vocab_size, [False] * vocab_size, [True] * vocab_size
     for i in range(sp.vocab_size()):
         if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)):
             piece = sp.IdToPiece(i)
