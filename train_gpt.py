@@ -558,26 +558,22 @@ def read_meta(data_path: str) -> dict:
         raise InputError(f"{path}: not a JSON object")
     return meta
 
-def load_tokenizer(path: Path, vocab_size: int):
+def resolve_tokenizer(cfg: Config, meta: dict):
+    """(path, tokenizer, its SHA-256), chosen and checked as docs/data.md, "Tokenizers" says."""
     import sentencepiece as spm
+    path = Path(cfg.tokenizer_path or meta.get("tokenizer") or "./data/tokenizers/fineweb_1024_bpe.model")
     if not path.is_file():
         raise InputError(f"tokenizer {path} not found: set TOKENIZER_PATH to the sentencepiece .model of the data")
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError):
         raise InputError(f"tokenizer {path}: not a sentencepiece model") from None
-    if sp.vocab_size() > vocab_size:
-        raise InputError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+    if sp.vocab_size() > cfg.vocab_size:
+        raise InputError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={cfg.vocab_size}; "
                          f"set VOCAB_SIZE to at least {sp.vocab_size()}")
     if sp.PieceToId("\u2581") == sp.unk_id():
         raise InputError(f"tokenizer {path} has no standalone '\u2581' piece: spaces would be counted as "
                          f"byte-fallback bytes and bits per byte would be wrong")
-    return sp
-
-def resolve_tokenizer(cfg: Config, meta: dict):
-    """(path, tokenizer, its SHA-256), chosen and checked against meta.json as docs/data.md, "Tokenizers" says."""
-    path = Path(cfg.tokenizer_path or meta.get("tokenizer") or "./data/tokenizers/fineweb_1024_bpe.model")
-    sp = load_tokenizer(path, cfg.vocab_size)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     expected = meta.get("tokenizer_sha256")
     if expected and sha != expected:
