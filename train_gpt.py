@@ -457,9 +457,8 @@ def read_shard(path: Path) -> np.ndarray:
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int) -> np.ndarray:
     if tokens.size and int(tokens.max()) >= vocab_size:
-        where = offset + int(np.argmax(tokens >= vocab_size))
-        raise InputError(f"shard {path}: token id {int(tokens[where - offset])} at position {where} "
-                         f">= VOCAB_SIZE={vocab_size}")
+        i = int(np.argmax(tokens >= vocab_size))
+        raise InputError(f"shard {path}: token id {int(tokens[i])} at position {offset + i} >= VOCAB_SIZE={vocab_size}")
     return tokens
 
 def read_tokens(files: list[Path], vocab_size: int) -> np.ndarray:
