@@ -2,8 +2,7 @@
 
 config -> distributed/device -> data -> model -> optimizers -> training -> checkpoints -> export -> evaluation -> main.
 Launch with `torchrun --standalone --nproc_per_node=N train_gpt.py` (or `python train_gpt.py`);
-every hyperparameter is an env var, `python train_gpt.py --help` lists them.
-"""
+every hyperparameter is an env var, `python train_gpt.py --help` lists them."""
 
 from __future__ import annotations
 
@@ -163,7 +162,6 @@ class Config:
     model: "ModelSpec" = field(init=False)
 
     def __post_init__(self):
-        """Checks the settings against each other and resolves what derives from them."""
         if self.model_dim % self.num_heads:
             raise ConfigError(f"NUM_HEADS={self.num_heads}: must divide MODEL_DIM={self.model_dim}")
         if self.num_heads % self.num_kv_heads:
