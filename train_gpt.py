@@ -200,8 +200,7 @@ ModelSpec = dataclasses.make_dataclass("ModelSpec", (
     frozen=True)
 
 def model_spec(cfg: Config) -> ModelSpec:
-    hidden = max(1, round(cfg.mlp_mult * cfg.model_dim))
-    experts = cfg.moe_num_experts
+    hidden, experts = max(1, round(cfg.mlp_mult * cfg.model_dim)), cfg.moe_num_experts
     if experts and cfg.moe_top_k > experts:
         raise ConfigError(f"MOE_TOP_K={cfg.moe_top_k}: must not exceed MOE_NUM_EXPERTS={experts}")
     width = cfg.moe_d_ffn or max(1, round(hidden / cfg.moe_top_k))  # the dense FFN's active width
@@ -571,8 +570,7 @@ def resolve_tokenizer(cfg: Config, meta: dict):
     if sp.PieceToId("\u2581") == sp.unk_id():
         raise InputError(f"tokenizer {path} has no standalone '\u2581' piece: spaces would be counted as "
                          f"byte-fallback bytes and bits per byte would be wrong")
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    expected = meta.get("tokenizer_sha256")
+    sha, expected = hashlib.sha256(path.read_bytes()).hexdigest(), meta.get("tokenizer_sha256")
     if expected and sha != expected:
         raise InputError(f"tokenizer {path} is not the one the shards in DATA_PATH={cfg.data_path} were made with "
                          f"(meta.json's tokenizer_sha256 {expected[:12]}...): set TOKENIZER_PATH to that one")
