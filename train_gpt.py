@@ -193,11 +193,10 @@ class Config:
 CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config) if f.init}
 
 # Everything that builds a model, resolved (MoE figures after granularity): the artifact header stores it, in order.
-ModelSpec = dataclasses.make_dataclass("ModelSpec", (
+ModelSpec = dataclasses.make_dataclass("ModelSpec", frozen=True, fields=(
     "vocab_size num_layers model_dim num_heads num_kv_heads mlp_hidden tie_embeddings logit_softcap rope_base "
     "qk_gain_init tied_embed_init_std num_repeats xsa_last_n activation num_value_embeds moe_experts moe_top_k "
-    "moe_expert_width moe_blocks moe_init moe_sparsity moe_frozen moe_aux_coef moe_zloss_coef seed").split(),
-    frozen=True)
+    "moe_expert_width moe_blocks moe_init moe_sparsity moe_frozen moe_aux_coef moe_zloss_coef seed").split())
 
 def model_spec(cfg: Config) -> ModelSpec:
     hidden, experts = max(1, round(cfg.mlp_mult * cfg.model_dim)), cfg.moe_num_experts
