@@ -2,8 +2,7 @@
 
 config -> distributed/device -> data -> model -> optimizers -> training -> checkpoints -> export -> evaluation -> main.
 Launch with `torchrun --standalone --nproc_per_node=N train_gpt.py` (or `python train_gpt.py`);
-every hyperparameter is an env var, `python train_gpt.py --help` lists them.
-"""
+every hyperparameter is an env var, `python train_gpt.py --help` lists them."""
 
 from __future__ import annotations
 
@@ -163,7 +162,6 @@ class Config:
     model: "ModelSpec" = field(init=False)
 
     def __post_init__(self):
-        """Checks the settings against each other and resolves what derives from them."""
         if self.model_dim % self.num_heads:
             raise ConfigError(f"NUM_HEADS={self.num_heads}: must divide MODEL_DIM={self.model_dim}")
         if self.num_heads % self.num_kv_heads:
@@ -195,15 +193,13 @@ class Config:
 CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config) if f.init}
 
 # Everything that builds a model, resolved (MoE figures after granularity): the artifact header stores it, in order.
-ModelSpec = dataclasses.make_dataclass("ModelSpec", (
+ModelSpec = dataclasses.make_dataclass("ModelSpec", frozen=True, fields=(
     "vocab_size num_layers model_dim num_heads num_kv_heads mlp_hidden tie_embeddings logit_softcap rope_base "
     "qk_gain_init tied_embed_init_std num_repeats xsa_last_n activation num_value_embeds moe_experts moe_top_k "
-    "moe_expert_width moe_blocks moe_init moe_sparsity moe_frozen moe_aux_coef moe_zloss_coef seed").split(),
-    frozen=True)
+    "moe_expert_width moe_blocks moe_init moe_sparsity moe_frozen moe_aux_coef moe_zloss_coef seed").split())
 
 def model_spec(cfg: Config) -> ModelSpec:
-    hidden = max(1, round(cfg.mlp_mult * cfg.model_dim))
-    experts = cfg.moe_num_experts
+    hidden, experts = max(1, round(cfg.mlp_mult * cfg.model_dim)), cfg.moe_num_experts
     if experts and cfg.moe_top_k > experts:
         raise ConfigError(f"MOE_TOP_K={cfg.moe_top_k}: must not exceed MOE_NUM_EXPERTS={experts}")
     width = cfg.moe_d_ffn or max(1, round(hidden / cfg.moe_top_k))  # the dense FFN's active width
@@ -291,11 +287,10 @@ def resolve_batch(values: dict, world_size: int) -> list[str]:
     elif batch % (world_size * accum * seq):
         raise ConfigError(f"TRAIN_BATCH_TOKENS={batch}: must be divisible by world_size*GRAD_ACCUM_STEPS*"
                           f"TRAIN_SEQ_LEN = {world_size}*{accum}*{seq} = {world_size * accum * seq}")
-    values["grad_accum_steps"] = accum
     unit = world_size * accum * seq
+    values.update(grad_accum_steps=accum, train_batch_tokens=max(1, round(batch / unit)) * unit)
     if batch % unit == 0:
         return []
-    values["train_batch_tokens"] = max(1, round(batch / unit)) * unit
     return [f"train_batch_tokens rounded from {batch} to {values['train_batch_tokens']} so that it splits "
             f"evenly over world_size:{world_size} x grad_accum_steps:{accum} x train_seq_len:{seq}"]
 
@@ -341,12 +336,11 @@ def load_config(environ, world_size: int = 1) -> tuple[Config, list[str]]:
     return cfg, notes
 
 def config_help() -> str:
-    lines = ["train_gpt.py settings (env vars):"]
-    for name, f in CONFIG_FIELDS.items():
-        lines.append(f"  {name:<28} {f.type:<5} default {f.default!r:<38} {f.metadata['help']}")
-    for name, settings in PRESETS.items():
-        lines.append(f"PRESET={name}: " + (" ".join(f"{k}={v}" for k, v in settings.items()) or "the defaults"))
-    return "\n".join(lines)
+    settings = [f"  {name:<28} {f.type:<5} default {f.default!r:<38} {f.metadata['help']}"
+                for name, f in CONFIG_FIELDS.items()]
+    presets = [f"PRESET={name}: " + (" ".join(f"{k}={v}" for k, v in values.items()) or "the defaults")
+               for name, values in PRESETS.items()]
+    return "\n".join(["train_gpt.py settings (env vars):", *settings, *presets])
 
 # ----------------------------------------------------------------------------------------------
 # Distributed + device
@@ -428,11 +422,10 @@ class Logger:
                 raise InputError(f"cannot write the log {path}: {e.strerror}") from None
 
     def __call__(self, msg: str, console: bool = True):
-        if self.file is None:
-            return
-        if console:
-            print(msg, flush=True)
-        print(msg, file=self.file, flush=True)
+        if self.file is not None:
+            if console:
+                print(msg, flush=True)
+            print(msg, file=self.file, flush=True)
 
 # ----------------------------------------------------------------------------------------------
 # Data: shards, the training token stream, validation tokens, bits-per-byte tables
@@ -440,9 +433,8 @@ class Logger:
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4  # the header is 256 little-endian int32
 
-def read_shard(path: str | Path) -> np.ndarray:
+def read_shard(path: Path) -> np.ndarray:
     """Memory-maps one shard after checking its header against the file size."""
-    path = Path(path)
     try:
         with open(path, "rb") as f:
             head, size = f.read(SHARD_HEADER_BYTES), os.fstat(f.fileno()).st_size
@@ -461,9 +453,8 @@ def read_shard(path: str | Path) -> np.ndarray:
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int) -> np.ndarray:
     if tokens.size and int(tokens.max()) >= vocab_size:
-        where = offset + int(np.argmax(tokens >= vocab_size))
-        raise InputError(f"shard {path}: token id {int(tokens[where - offset])} at position {where} "
-                         f">= VOCAB_SIZE={vocab_size}")
+        i = int(np.argmax(tokens >= vocab_size))
+        raise InputError(f"shard {path}: token id {int(tokens[i])} at position {offset + i} >= VOCAB_SIZE={vocab_size}")
     return tokens
 
 def read_tokens(files: list[Path], vocab_size: int) -> np.ndarray:
@@ -562,28 +553,23 @@ def read_meta(data_path: str) -> dict:
         raise InputError(f"{path}: not a JSON object")
     return meta
 
-def load_tokenizer(path: Path, vocab_size: int):
+def resolve_tokenizer(cfg: Config, meta: dict):
+    """(path, tokenizer, its SHA-256), chosen and checked as docs/data.md, "Tokenizers" says."""
     import sentencepiece as spm
+    path = Path(cfg.tokenizer_path or meta.get("tokenizer") or "./data/tokenizers/fineweb_1024_bpe.model")
     if not path.is_file():
         raise InputError(f"tokenizer {path} not found: set TOKENIZER_PATH to the sentencepiece .model of the data")
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError):
         raise InputError(f"tokenizer {path}: not a sentencepiece model") from None
-    if sp.vocab_size() > vocab_size:
-        raise InputError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+    if sp.vocab_size() > cfg.vocab_size:
+        raise InputError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={cfg.vocab_size}; "
                          f"set VOCAB_SIZE to at least {sp.vocab_size()}")
     if sp.PieceToId("\u2581") == sp.unk_id():
         raise InputError(f"tokenizer {path} has no standalone '\u2581' piece: spaces would be counted as "
                          f"byte-fallback bytes and bits per byte would be wrong")
-    return sp
-
-def resolve_tokenizer(cfg: Config, meta: dict):
-    """(path, tokenizer, its SHA-256), chosen and checked against meta.json as docs/data.md, "Tokenizers" says."""
-    path = Path(cfg.tokenizer_path or meta.get("tokenizer") or "./data/tokenizers/fineweb_1024_bpe.model")
-    sp = load_tokenizer(path, cfg.vocab_size)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    expected = meta.get("tokenizer_sha256")
+    sha, expected = hashlib.sha256(path.read_bytes()).hexdigest(), meta.get("tokenizer_sha256")
     if expected and sha != expected:
         raise InputError(f"tokenizer {path} is not the one the shards in DATA_PATH={cfg.data_path} were made with "
                          f"(meta.json's tokenizer_sha256 {expected[:12]}...): set TOKENIZER_PATH to that one")
@@ -591,7 +577,7 @@ def resolve_tokenizer(cfg: Config, meta: dict):
 
 @dataclass
 class ByteTables:
-    """Per token id (larger vocab): bytes of its text, leading word space, boundary (control/unknown/unused)."""
+    """Per token id of VOCAB_SIZE: bytes of its text, leading word space, boundary (control/unknown/unused)."""
 
     base_bytes: Tensor
     has_leading_space: Tensor
@@ -634,8 +620,7 @@ def decoded_bytes(sp):
     return count
 
 def build_byte_tables(sp, vocab_size: int) -> ByteTables:
-    size = max(sp.vocab_size(), vocab_size)
-    base, space, boundary = [0] * size, [False] * size, [True] * size
+    base, space, boundary = [0] * vocab_size, [False] * vocab_size, [True] * vocab_size
     for i in range(sp.vocab_size()):
         if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)):
             piece = sp.IdToPiece(i)

@@ -8,8 +8,8 @@ import torch
 
 from conftest import BOS, ROOT, encode_docs, make_docs
 from data.prepare import write_shard
-from train_gpt import (InputError, Runtime, TokenStream, build_byte_tables, load_config, load_tokenizer,
-                       load_validation_tokens, read_shard)
+from train_gpt import (InputError, Runtime, TokenStream, build_byte_tables, load_config, load_validation_tokens,
+                       read_shard, resolve_tokenizer)
 
 
 def raw_shard(path: Path, header: list[int], body: bytes) -> Path:
@@ -144,6 +144,11 @@ def test_byte_table_entries(tokenizer):
 
 
 SP1024 = ROOT.parent / "shared" / "data" / "fineweb_1024_bpe.model"
+
+
+def load_tokenizer(path: Path, vocab_size: int):
+    cfg, _ = load_config({"TOKENIZER_PATH": str(path), "VOCAB_SIZE": str(vocab_size), "RUN_ID": "t"})
+    return resolve_tokenizer(cfg, {})[1]
 
 
 @pytest.mark.skipif(not SP1024.is_file(), reason="the challenge tokenizer is not beside this checkout")
