@@ -821,11 +821,15 @@ class MoE(nn.Module):
         self.route_bias += rate * torch.sign(load.mean() - load).to(self.route_bias.dtype)
 
 class Block(nn.Module):
-    """Attention then the FFN slot, each scaled per channel; resid_mix blends in the embedding x0."""
+    """Attention then the FFN slot (an MoE in spec.moe_blocks), each scaled per channel; resid_mix blends in x0."""
 
-    def __init__(self, dim: int, attn: nn.Module, ffn: nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
-        self.attn, self.ffn = attn, ffn
+        dim = spec.model_dim
+        self.attn = Attention(dim, spec.num_heads, spec.num_kv_heads, spec.rope_base, spec.qk_gain_init)
+        self.ffn = MLP(dim, spec.mlp_hidden, spec.activation) if layer not in spec.moe_blocks else MoE(
+            dim, spec.moe_experts, spec.moe_top_k, spec.moe_expert_width, spec.activation, spec.moe_init,
+            spec.moe_frozen, spec.moe_sparsity, spec.seed, layer)
         self.attn_scale, self.ffn_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
@@ -845,13 +849,7 @@ class GPT(nn.Module):
         self.spec, self.num_layers, self.max_repeats = spec, spec.num_layers, spec.num_repeats
         dim, vocab, depth = spec.model_dim, spec.vocab_size, spec.num_layers * spec.num_repeats
         self.tok_emb = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList()
-        for layer in range(spec.num_layers):
-            attn = Attention(dim, spec.num_heads, spec.num_kv_heads, spec.rope_base, spec.qk_gain_init)
-            ffn = MLP(dim, spec.mlp_hidden, spec.activation) if layer not in spec.moe_blocks else MoE(
-                dim, spec.moe_experts, spec.moe_top_k, spec.moe_expert_width, spec.activation, spec.moe_init,
-                spec.moe_frozen, spec.moe_sparsity, spec.seed, layer)
-            self.blocks.append(Block(dim, attn, ffn))
+        self.blocks = nn.ModuleList(Block(spec, layer) for layer in range(spec.num_layers))
         recurrent, n_value = spec.num_repeats > 1, spec.num_value_embeds
         self.skip_weights = None if recurrent else nn.Parameter(torch.ones(depth // 2, dim))
         self.loop_embeds = nn.Parameter(torch.zeros(depth, dim)) if recurrent else None
