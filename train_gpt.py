@@ -708,7 +708,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
         return self.proj(self.activation(self.fc(x))), None  # no balancing losses, unlike an MoE FFN
 
-# Mixture-of-experts FFN: token-choice top-k over many small experts, optionally frozen -------
+# Mixture-of-experts FFN: token-choice top-k over two-matrix experts with biases, optionally frozen: docs/moe.md ---
 
 def random_matrix(rows: int, cols: int, init: str, sparsity: float, gain: float, gen: torch.Generator) -> Tensor:
     """W for x @ W: outputs of variance gain² for inputs of unit variance; the schemes: docs/moe.md, "Init"."""
@@ -754,8 +754,6 @@ class SlotGather(torch.autograd.Function):
         return grad.view(-1, ctx.k, grad.size(-1)).sum(1) if ctx.k > 1 else grad, None, None, None
 
 class MoE(nn.Module):
-    """Token-choice top-k over two-matrix FFNs with biases, frozen or trained: see docs/moe.md."""
-
     def __init__(self, dim: int, num_experts: int, top_k: int, d_ffn: int, activation: str, init: str,
                  frozen: bool, sparsity: float, seed: int, layer: int):
         super().__init__()
