@@ -981,8 +981,7 @@ class Muon(torch.optim.Optimizer):
                 batch = torch.stack([directions[i] for i in mine]) if len(mine) > 1 else directions[mine[0]]
                 updates = self.orthogonalise(batch, group["backend_steps"], self.ns_dtype).reshape(len(mine), -1)
                 updates *= max(1.0, batch.size(-2) / batch.size(-1)) ** 0.5
-                for i, update in zip(mine, updates):
-                    slots[i].copy_(update)
+                torch._foreach_copy_([slots[i] for i in mine], updates.unbind())
             if self.world_size > 1:
                 dist.all_reduce(flat)
             if group["weight_decay"]:
