@@ -844,7 +844,7 @@ class GPT(nn.Module):
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.spec, self.num_layers, self.max_repeats = spec, spec.num_layers, spec.num_repeats
+        self.spec, self.max_repeats = spec, spec.num_repeats
         dim, vocab, depth = spec.model_dim, spec.vocab_size, spec.num_layers * spec.num_repeats
         self.tok_emb = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(Block(spec, layer) for layer in range(spec.num_layers))
@@ -867,7 +867,7 @@ class GPT(nn.Module):
         if not 1 <= repeats <= self.max_repeats:
             raise ValueError(f"repeats must be in 1..{self.max_repeats}, got {repeats}")
         self.repeats = repeats
-        self.plan = [(block, p) for p in range(repeats) for block in range(self.num_layers)]
+        self.plan = [(block, p) for p in range(repeats) for block in range(self.spec.num_layers)]
 
     def hidden(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
         """The final hidden states, and the MoE layers' (load-balancing, z) losses summed (None if dense)."""
@@ -937,11 +937,11 @@ def parameter_counts(model: GPT) -> dict:
 # Optimizers and schedules
 # ----------------------------------------------------------------------------------------------
 
-def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> Tensor:
+def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Approximately orthogonalises grad (pushes its singular values toward 1) with a quintic iteration."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = grad.to(dtype)
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # a stack of matrices (MoE experts) is one each
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # a stack of matrices (MoE experts) is one each
     transposed = x.size(-2) > x.size(-1)
     x = x.mT if transposed else x
     for _ in range(steps):
