@@ -1008,11 +1008,10 @@ def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.O
     kinds = {"tok_emb.weight": "embedding", "value_embeds": "embedding", "lm_head.weight": "head"}
     for name, p in model.named_parameters():
         groups["matrices" if name.startswith("blocks.") and p.ndim >= 2 else kinds.get(name, "scalars")].append(p)
-    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    adam_lrs = [("embedding", embed_lr), ("scalars", cfg.scalar_lr), ("head", cfg.head_lr)]
-    if cfg.matrix_optimizer == "adam":
-        adam_lrs.append(("matrices", cfg.matrix_lr))
-    adam_groups = [dict(params=groups[name], lr=lr, base_lr=lr, name=name) for name, lr in adam_lrs if groups[name]]
+    lrs = {"embedding": cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr, "scalars": cfg.scalar_lr,
+           "head": cfg.head_lr, "matrices": cfg.matrix_lr}  # Adam's groups come in this order
+    on_adam = [name for name in lrs if groups[name] and (name != "matrices" or cfg.matrix_optimizer == "adam")]
+    adam_groups = [dict(params=groups[name], lr=lrs[name], base_lr=lrs[name], name=name) for name in on_adam]
     adam = torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.is_cuda)
     if cfg.matrix_optimizer == "adam":
         return [adam]
