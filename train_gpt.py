@@ -693,7 +693,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
         return self.proj(self.activation(self.fc(x))), None  # no balancing losses, unlike an MoE FFN
 
-# Mixture-of-experts FFN: token-choice top-k over many small experts, optionally frozen -------
+# Mixture-of-experts FFN: token-choice top-k over two-matrix experts with biases, optionally frozen: docs/moe.md ---
 
 def random_matrix(rows: int, cols: int, init: str, sparsity: float, gain: float, gen: torch.Generator) -> Tensor:
     """W for x @ W: outputs of variance gain² for inputs of unit variance; the schemes: docs/moe.md, "Init"."""
@@ -739,8 +739,6 @@ class SlotGather(torch.autograd.Function):
         return grad.view(-1, ctx.k, grad.size(-1)).sum(1) if ctx.k > 1 else grad, None, None, None
 
 class MoE(nn.Module):
-    """Token-choice top-k over two-matrix FFNs with biases, frozen or trained: see docs/moe.md."""
-
     def __init__(self, dim: int, num_experts: int, top_k: int, d_ffn: int, activation: str, init: str,
                  frozen: bool, sparsity: float, seed: int, layer: int):
         super().__init__()
@@ -806,11 +804,15 @@ class MoE(nn.Module):
         self.route_bias += rate * torch.sign(load.mean() - load).to(self.route_bias.dtype)
 
 class Block(nn.Module):
-    """Attention then the FFN slot, each scaled per channel; resid_mix blends in the embedding x0."""
+    """Attention then the FFN slot (an MoE in spec.moe_blocks), each scaled per channel; resid_mix blends in x0."""
 
-    def __init__(self, dim: int, attn: nn.Module, ffn: nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
-        self.attn, self.ffn = attn, ffn
+        dim = spec.model_dim
+        self.attn = Attention(dim, spec.num_heads, spec.num_kv_heads, spec.rope_base, spec.qk_gain_init)
+        self.ffn = MLP(dim, spec.mlp_hidden, spec.activation) if layer not in spec.moe_blocks else MoE(
+            dim, spec.moe_experts, spec.moe_top_k, spec.moe_expert_width, spec.activation, spec.moe_init,
+            spec.moe_frozen, spec.moe_sparsity, spec.seed, layer)
         self.attn_scale, self.ffn_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
@@ -827,16 +829,10 @@ class GPT(nn.Module):
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.spec, self.num_layers, self.max_repeats = spec, spec.num_layers, spec.num_repeats
+        self.spec, self.max_repeats = spec, spec.num_repeats
         dim, vocab, depth = spec.model_dim, spec.vocab_size, spec.num_layers * spec.num_repeats
         self.tok_emb = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList()
-        for layer in range(spec.num_layers):
-            attn = Attention(dim, spec.num_heads, spec.num_kv_heads, spec.rope_base, spec.qk_gain_init)
-            ffn = MLP(dim, spec.mlp_hidden, spec.activation) if layer not in spec.moe_blocks else MoE(
-                dim, spec.moe_experts, spec.moe_top_k, spec.moe_expert_width, spec.activation, spec.moe_init,
-                spec.moe_frozen, spec.moe_sparsity, spec.seed, layer)
-            self.blocks.append(Block(dim, attn, ffn))
+        self.blocks = nn.ModuleList(Block(spec, layer) for layer in range(spec.num_layers))
         recurrent, n_value = spec.num_repeats > 1, spec.num_value_embeds
         self.skip_weights = None if recurrent else nn.Parameter(torch.ones(depth // 2, dim))
         self.loop_embeds = nn.Parameter(torch.zeros(depth, dim)) if recurrent else None
@@ -856,7 +852,7 @@ class GPT(nn.Module):
         if not 1 <= repeats <= self.max_repeats:
             raise ValueError(f"repeats must be in 1..{self.max_repeats}, got {repeats}")
         self.repeats = repeats
-        self.plan = [(block, p) for p in range(repeats) for block in range(self.num_layers)]
+        self.plan = [(block, p) for p in range(repeats) for block in range(self.spec.num_layers)]
 
     def hidden(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
         """The final hidden states, and the MoE layers' (load-balancing, z) losses summed (None if dense)."""
@@ -926,11 +922,11 @@ def parameter_counts(model: GPT) -> dict:
 # Optimizers and schedules
 # ----------------------------------------------------------------------------------------------
 
-def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> Tensor:
+def newton_schulz(grad: Tensor, steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Approximately orthogonalises grad (pushes its singular values toward 1) with a quintic iteration."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = grad.to(dtype)
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # a stack of matrices (MoE experts) is one each
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # a stack of matrices (MoE experts) is one each
     transposed = x.size(-2) > x.size(-1)
     x = x.mT if transposed else x
     for _ in range(steps):
@@ -970,8 +966,7 @@ class Muon(torch.optim.Optimizer):
                 batch = torch.stack([directions[i] for i in mine]) if len(mine) > 1 else directions[mine[0]]
                 updates = self.orthogonalise(batch, group["backend_steps"], self.ns_dtype).reshape(len(mine), -1)
                 updates *= max(1.0, batch.size(-2) / batch.size(-1)) ** 0.5
-                for i, update in zip(mine, updates):
-                    slots[i].copy_(update)
+                torch._foreach_copy_([slots[i] for i in mine], updates.unbind())
             if self.world_size > 1:
                 dist.all_reduce(flat)
             if group["weight_decay"]:
@@ -998,11 +993,10 @@ def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.O
     kinds = {"tok_emb.weight": "embedding", "value_embeds": "embedding", "lm_head.weight": "head"}
     for name, p in model.named_parameters():
         groups["matrices" if name.startswith("blocks.") and p.ndim >= 2 else kinds.get(name, "scalars")].append(p)
-    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    adam_lrs = [("embedding", embed_lr), ("scalars", cfg.scalar_lr), ("head", cfg.head_lr)]
-    if cfg.matrix_optimizer == "adam":
-        adam_lrs.append(("matrices", cfg.matrix_lr))
-    adam_groups = [dict(params=groups[name], lr=lr, base_lr=lr, name=name) for name, lr in adam_lrs if groups[name]]
+    lrs = {"embedding": cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr, "scalars": cfg.scalar_lr,
+           "head": cfg.head_lr, "matrices": cfg.matrix_lr}  # Adam's groups come in this order
+    on_adam = [name for name in lrs if groups[name] and (name != "matrices" or cfg.matrix_optimizer == "adam")]
+    adam_groups = [dict(params=groups[name], lr=lrs[name], base_lr=lrs[name], name=name) for name in on_adam]
     adam = torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.is_cuda)
     if cfg.matrix_optimizer == "adam":
         return [adam]
