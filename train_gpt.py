@@ -1274,7 +1274,11 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
                                        lr_scale(cfg, step, elapsed), clock.ms)
             step += 1
             validator.add_train_loss(loss)
-            moe_train = log_train_step(cfg, rt, model, log, step, loss, elapsed) or moe_train
+            if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
+                mean = rt.all_reduce(loss.clone()) / rt.world_size
+                log(f"step:{step}/{cfg.iterations} train_loss:{mean.item():.4f} train_time:{elapsed:.0f}ms step_avg:"
+                    f"{elapsed / step:.2f}ms tok_s:{step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9):.0f}")
+                moe_train = moe_statistics(model, rt, "train", log) or moe_train
             if average.due(model, step, budget_progress(cfg, step, elapsed)):
                 average.add(model, step)
             if checkpointer.due(step, elapsed):
@@ -1298,16 +1302,6 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
         moe = {**moe, "val": validator.moe}
     return {"steps": step, "train_time_ms": train_ms, "val_loss": validator.val_loss, "val_bpb": validator.val_bpb,
             **({"depth_phases": depth.changes} if cfg.depth_schedule else {}), **({"moe": moe} if moe else {})}, average
-
-def log_train_step(cfg: Config, rt: Runtime, model: GPT, log: Logger, step: int, loss: Tensor, elapsed: float
-                   ) -> dict | None:
-    """The loss over the ranks and tokens/s, logged; for an MoE, the expert load since the last line, returned."""
-    if not (step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations):
-        return None
-    loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
-    log(f"step:{step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
-        f"step_avg:{elapsed / step:.2f}ms tok_s:{step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9):.0f}")
-    return moe_statistics(model, rt, "train", log)
 
 def load_statistics(counts: Tensor) -> dict:
     """How evenly slots spread over experts; see docs/moe.md, "Balancing and statistics"."""
