@@ -1115,7 +1115,6 @@ def untimed_warmup(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStre
     model.set_repeats(repeats)
     for moe in moe_modules(model):
         moe.load.zero_()  # the warm-up's routing is not the run's
-    rt.sync()
 
 # The loop's parts: each owns its state and says when it acts -------------------------------------
 
