@@ -1509,13 +1509,11 @@ def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         divisor = scale.float().clamp_min(SCALE_FLOOR)[:, None]
         q = torch.round(w.clamp(-clip[:, None], clip[:, None]) / divisor).clamp(-qmax, qmax)
         err = (q * divisor - w).square().sum(1)
-        if best_err is None:
-            best_err, best_q, best_scale = err, q, scale
-        else:
+        if best_err is not None:  # a row keeps its earlier clip unless this one does strictly better
             better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_q = torch.where(better[:, None], q, best_q)
-            best_scale = torch.where(better, scale, best_scale)
+            err, q = torch.where(better, err, best_err), torch.where(better[:, None], q, best_q)
+            scale = torch.where(better, scale, best_scale)
+        best_err, best_q, best_scale = err, q, scale
     return best_q.to(torch.int8), best_scale
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
