@@ -1549,7 +1549,7 @@ def write_atomic(path: Path, *chunks: bytes):
 
 def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None) -> tuple[bytes, dict]:
     """The artifact (docs/outputs.md) and per tensor group its parameters and bytes: fp32, stored, compressed alone."""
-    raw, layout, groups = io.BytesIO(), [], {}
+    raw, layout, groups = bytearray(), [], {}
     # Made on the host: packing and compression are numpy and bytes, and the copy takes under a second at 16 MB.
     for name, t in model.state_dict().items():
         t = t.cpu()
@@ -1567,11 +1567,10 @@ def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = No
         for part in parts:
             data = part.contiguous().numpy().tobytes()
             part_layout.append({"dtype": str(part.dtype).removeprefix("torch."), "shape": list(part.shape),
-                                "offset": raw.tell(), "nbytes": len(data)})
-            raw.write(data)
+                                "offset": len(raw), "nbytes": len(data)})
+            raw += data
             row["stored"] += data
         layout.append({"name": name, "group": group, "shape": list(t.shape), **encoding, "parts": part_layout})
-    raw = raw.getvalue()
     method = compressor or ("zstd" if zstandard is not None else "zlib")
     payload = compress(raw, method)
     for row in groups.values():
