@@ -1381,11 +1381,9 @@ class Checkpointer:
                     or every_seconds and elapsed_ms - self.last_ms >= 1000 * every_seconds)
 
     def save(self, pieces: "Pieces", step: int, train_ms: float, depth: DepthSchedule, average: WeightAverage):
-        """Rank 0 writes after a barrier; every rank learns whether it worked, so none runs on alone."""
+        """Rank 0 writes (the paused clock's all-reduce was the barrier); all learn if it worked: none runs on alone."""
         cfg, rt = self.cfg, self.rt
         path = Path(cfg.log_dir) / f"{cfg.run_id}_step{step:07d}.ckpt"
-        if rt.distributed:
-            dist.barrier()
         error = ""
         if rt.rank == 0:
             t0 = time.perf_counter()
