@@ -1177,8 +1177,7 @@ class WeightAverage:
         self.reset()
 
     def reset(self):
-        self.sums: dict[str, Tensor] = {}
-        self.count, self.last_step = 0, -1
+        self.sums, self.count, self.last_step = {}, 0, -1
 
     def due(self, model: GPT, step: int, progress: float) -> bool:
         return self.kind != "none" and model.repeats == model.max_repeats and (
@@ -1368,8 +1367,7 @@ class Checkpointer:
 
     def __init__(self, cfg: Config, rt: Runtime, log: Logger):
         self.cfg, self.rt, self.log = cfg, rt, log
-        self.last: Path | None = None  # the last good checkpoint, which a diverged run names
-        self.last_ms = 0.0  # the training time it was written at
+        self.last, self.last_ms = None, 0.0  # the last good checkpoint (a diverged run names it) and its training time
 
     def files(self) -> list[Path]:
         """This run's checkpoints, oldest first (the step is zero-padded into the name)."""
