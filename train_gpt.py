@@ -1094,7 +1094,6 @@ def untimed_warmup(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStre
     model.set_repeats(repeats)
     for moe in moe_modules(model):
         moe.load.zero_()  # the warm-up's routing is not the run's
-    rt.sync()
 
 # The loop's parts: each owns its state and says when it acts -------------------------------------
 
@@ -1157,8 +1156,7 @@ class WeightAverage:
         self.reset()
 
     def reset(self):
-        self.sums: dict[str, Tensor] = {}
-        self.count, self.last_step = 0, -1
+        self.sums, self.count, self.last_step = {}, 0, -1
 
     def due(self, model: GPT, step: int, progress: float) -> bool:
         return self.kind != "none" and model.repeats == model.max_repeats and (
@@ -1253,7 +1251,11 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
                                        lr_scale(cfg, step, elapsed), clock.ms)
             step += 1
             validator.add_train_loss(loss)
-            moe_train = log_train_step(cfg, rt, model, log, step, loss, elapsed) or moe_train
+            if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
+                mean = rt.all_reduce(loss.clone()) / rt.world_size
+                log(f"step:{step}/{cfg.iterations} train_loss:{mean.item():.4f} train_time:{elapsed:.0f}ms step_avg:"
+                    f"{elapsed / step:.2f}ms tok_s:{step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9):.0f}")
+                moe_train = moe_statistics(model, rt, "train", log) or moe_train
             if average.due(model, step, budget_progress(cfg, step, elapsed)):
                 average.add(model, step)
             if checkpointer.due(step, elapsed):
@@ -1277,16 +1279,6 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
         moe = {**moe, "val": validator.moe}
     return {"steps": step, "train_time_ms": train_ms, "val_loss": validator.val_loss, "val_bpb": validator.val_bpb,
             **({"depth_phases": depth.changes} if cfg.depth_schedule else {}), **({"moe": moe} if moe else {})}, average
-
-def log_train_step(cfg: Config, rt: Runtime, model: GPT, log: Logger, step: int, loss: Tensor, elapsed: float
-                   ) -> dict | None:
-    """The loss over the ranks and tokens/s, logged; for an MoE, the expert load since the last line, returned."""
-    if not (step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations):
-        return None
-    loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
-    log(f"step:{step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
-        f"step_avg:{elapsed / step:.2f}ms tok_s:{step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9):.0f}")
-    return moe_statistics(model, rt, "train", log)
 
 def load_statistics(counts: Tensor) -> dict:
     """How evenly slots spread over experts; see docs/moe.md, "Balancing and statistics"."""
@@ -1354,8 +1346,7 @@ class Checkpointer:
 
     def __init__(self, cfg: Config, rt: Runtime, log: Logger):
         self.cfg, self.rt, self.log = cfg, rt, log
-        self.last: Path | None = None  # the last good checkpoint, which a diverged run names
-        self.last_ms = 0.0  # the training time it was written at
+        self.last, self.last_ms = None, 0.0  # the last good checkpoint (a diverged run names it) and its training time
 
     def files(self) -> list[Path]:
         """This run's checkpoints, oldest first (the step is zero-padded into the name)."""
@@ -1367,11 +1358,9 @@ class Checkpointer:
                     or every_seconds and elapsed_ms - self.last_ms >= 1000 * every_seconds)
 
     def save(self, pieces: "Pieces", step: int, train_ms: float, depth: DepthSchedule, average: WeightAverage):
-        """Rank 0 writes after a barrier; every rank learns whether it worked, so none runs on alone."""
+        """Rank 0 writes (the paused clock's all-reduce was the barrier); all learn if it worked: none runs on alone."""
         cfg, rt = self.cfg, self.rt
         path = Path(cfg.log_dir) / f"{cfg.run_id}_step{step:07d}.ckpt"
-        if rt.distributed:
-            dist.barrier()
         error = ""
         if rt.rank == 0:
             t0 = time.perf_counter()
@@ -1495,13 +1484,11 @@ def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         divisor = scale.float().clamp_min(SCALE_FLOOR)[:, None]
         q = torch.round(w.clamp(-clip[:, None], clip[:, None]) / divisor).clamp(-qmax, qmax)
         err = (q * divisor - w).square().sum(1)
-        if best_err is None:
-            best_err, best_q, best_scale = err, q, scale
-        else:
+        if best_err is not None:  # a row keeps its earlier clip unless this one does strictly better
             better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_q = torch.where(better[:, None], q, best_q)
-            best_scale = torch.where(better, scale, best_scale)
+            err, q = torch.where(better, err, best_err), torch.where(better[:, None], q, best_q)
+            scale = torch.where(better, scale, best_scale)
+        best_err, best_q, best_scale = err, q, scale
     return best_q.to(torch.int8), best_scale
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
@@ -1537,7 +1524,7 @@ def write_atomic(path: Path, *chunks: bytes):
 
 def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None) -> tuple[bytes, dict]:
     """The artifact (docs/outputs.md) and per tensor group its parameters and bytes: fp32, stored, compressed alone."""
-    raw, layout, groups = io.BytesIO(), [], {}
+    raw, layout, groups = bytearray(), [], {}
     # Made on the host: packing and compression are numpy and bytes, and the copy takes under a second at 16 MB.
     for name, t in model.state_dict().items():
         t = t.cpu()
@@ -1555,11 +1542,10 @@ def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = No
         for part in parts:
             data = part.contiguous().numpy().tobytes()
             part_layout.append({"dtype": str(part.dtype).removeprefix("torch."), "shape": list(part.shape),
-                                "offset": raw.tell(), "nbytes": len(data)})
-            raw.write(data)
+                                "offset": len(raw), "nbytes": len(data)})
+            raw += data
             row["stored"] += data
         layout.append({"name": name, "group": group, "shape": list(t.shape), **encoding, "parts": part_layout})
-    raw = raw.getvalue()
     method = compressor or ("zstd" if zstandard is not None else "zlib")
     payload = compress(raw, method)
     for row in groups.values():
