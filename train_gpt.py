@@ -381,21 +381,20 @@ def compile_fn(fn):
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(fn, dynamic=False)
 
-def compile_report() -> dict:
-    """Graphs per compiled function, recompiles, graph breaks; `eager_fallback`: functions that reached the limit."""
+def compile_report(log: "Logger") -> dict:
+    """Graphs per compiled function, recompiles, graph breaks, logged; `eager_fallback`: functions at the limit."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
     graphs = {f.__qualname__: len(_debug_get_cache_entry_list(f.__code__)) for f in (GPT.forward, newton_schulz)}
-    return {"graphs": sum(graphs.values()), "recompiles": sum(max(0, n - 1) for n in graphs.values()),
-            "graph_breaks": sum(counters["graph_break"].values()), "per_function": graphs,
-            "eager_fallback": [name for name, n in graphs.items() if n >= torch._dynamo.config.cache_size_limit]}
-
-def log_compile(log: "Logger", report: dict):
+    report = {"graphs": sum(graphs.values()), "recompiles": sum(max(0, n - 1) for n in graphs.values()),
+              "graph_breaks": sum(counters["graph_break"].values()), "per_function": graphs,
+              "eager_fallback": [name for name, n in graphs.items() if n >= torch._dynamo.config.cache_size_limit]}
     log(f"compile: {report['graphs']} graphs, {report['recompiles']} recompiles, {report['graph_breaks']} graph breaks "
-        f"(" + " ".join(f"{name}:{n}" for name, n in report["per_function"].items()) + ")")
+        f"(" + " ".join(f"{name}:{n}" for name, n in graphs.items()) + ")")
     for name in report["eager_fallback"]:
         log(f"WARNING compile_limit: {name} reached {torch._dynamo.config.cache_size_limit} graphs; later calls run "
             f"eagerly (slow): see which shapes recompile with TORCH_LOGS=recompiles")
+    return report
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -2256,14 +2255,13 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     roundtrip = export_and_round_trip(cfg, rt, pieces.model, evaluator, summary, log)
     score(cfg, evaluator, roundtrip, summary, log)
     if rt.compile:
-        summary["compile"] = compile_report()  # training's graphs and evaluation's
-        log_compile(log, summary["compile"])
+        summary["compile"] = compile_report(log)  # training's graphs and evaluation's
     return summary
 
 def training_report(cfg: Config, rt: Runtime, summary: dict, log: Logger):
     """Tokens and memory; the graphs training compiled; that all ranks changed depth alike (a disagreement is a bug)."""
     if rt.compile:
-        log_compile(log, compile_report())
+        compile_report(log)
     if rt.distributed and cfg.depth_schedule:
         phases = [None] * rt.world_size
         dist.all_gather_object(phases, [(p["repeats"], p["step"]) for p in summary["depth_phases"]])

@@ -169,7 +169,7 @@ def mfu(cfg, model, tokens_per_s: float, peak: float) -> float:
 
 def compiled_graphs() -> int:
     """Graphs of the model's forward built so far: one more per depth phase means one recompile."""
-    return train_gpt.compile_report()["per_function"]["GPT.forward"]
+    return train_gpt.compile_report(train_gpt.Logger(None))["per_function"]["GPT.forward"]
 
 
 def measure_optimizer(shape: str, repeats: int) -> dict:
