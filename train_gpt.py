@@ -1686,18 +1686,8 @@ def sliding_windows(lo: int, hi: int, n_targets: int, seq_len: int, stride: int)
         p = end
     return windows
 
-@dataclass
-class Scores:
-    pos: Tensor  # target index of each scored token
-    nll: Tensor  # nats
-    nbytes: Tensor  # bytes each scored token stands for
-
-    @staticmethod
-    def cat(parts: list["Scores"], device) -> "Scores":
-        if not parts:
-            return Scores(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device),
-                          torch.zeros(0, dtype=torch.int32, device=device))
-        return Scores(*(torch.cat([getattr(s, k) for s in parts]) for k in ("pos", "nll", "nbytes")))
+def over_ranks(rt: Runtime, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    return rt.all_reduce(torch.tensor(values, dtype=torch.float64, device=rt.device), op).tolist()
 
 class Evaluator:
     """Scores windows of the validation tokens, split across ranks, and reduces to loss and bpb."""
@@ -1756,10 +1746,9 @@ class Evaluator:
         most = max(1, self.cfg.val_batch_size // (seq_len * self.rt.world_size))
         return min(most, 1 << (max(n_rows, 1) - 1).bit_length()) if self.rt.compile else most
 
-    def reduce(self, scores: Scores) -> tuple[float, float]:
-        sums = torch.stack([scores.nll.double().sum(), torch.tensor(float(scores.nll.numel()), device=self.rt.device,
-                            dtype=torch.float64), scores.nbytes.double().sum()])
-        loss_sum, count, byte_sum = self.rt.all_reduce(sums).tolist()
+    def reduce(self, scores: "MethodRun") -> tuple[float, float]:
+        loss_sum, count, byte_sum = over_ranks(self.rt, [float(scores.nll.double().sum()), scores.nll.numel(),
+                                                         float(scores.nbytes.double().sum())])
         return loss_sum / count, loss_sum / math.log(2) / byte_sum
 
     def val_bytes(self) -> int:
@@ -1779,11 +1768,11 @@ class Evaluator:
         return sum(stop - first for _, first, stop in self.standard_windows()) / self.n_targets
 
     def standard(self, model: nn.Module) -> tuple[float, float]:
-        return self.reduce(score_first(self, standard_method(self.cfg, self, model)).scores)
+        return self.reduce(score_first(self, standard_method(self.cfg, self, model)))
 
     def per_token(self, model: nn.Module) -> np.ndarray | None:
         """Every target's loss in stream order, gathered on rank 0 (None elsewhere)."""
-        nll = score_first(self, standard_method(self.cfg, self, model)).scores.nll
+        nll = score_first(self, standard_method(self.cfg, self, model)).nll
         if self.rt.distributed:
             shares = [None] * self.rt.world_size
             dist.all_gather_object(shares, nll.cpu())
@@ -1792,7 +1781,9 @@ class Evaluator:
 
 @dataclass
 class MethodRun:
-    scores: Scores  # of this rank's share of the stream
+    pos: Tensor  # target index of each scored token of this rank's share of the stream
+    nll: Tensor  # nats
+    nbytes: Tensor  # bytes each scored token stands for
     captured: dict[int, Tensor]  # target index -> the whole next-token distribution it was scored with
     max_sum_error: float  # the largest |sum p - 1| over every distribution scored, where measured
     info: dict = field(default_factory=dict)
@@ -1800,14 +1791,16 @@ class MethodRun:
 def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> MethodRun:
     """The one scorer: see docs/evaluation.md, "Scoring". A method's return value is the run's info; with `capture`
     (the audit) every distribution's sum is measured and the distributions at the captured positions are kept."""
-    parts, captured = [], {}
-    max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)  # on the device: no wait in the loop
+    device, captured = ev.rt.device, {}
+    parts = [(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device),
+              torch.zeros(0, dtype=torch.int32, device=device))]  # what a rank without windows scores
+    max_error = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no wait in the loop
     try:
         pos, logp = next(method)
         while True:
             target = ev.targets(pos)
             nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            parts.append(Scores(pos, nll, ev.tables.count(ev.device_tokens[pos], target)))
+            parts.append((pos, nll, ev.tables.count(ev.device_tokens[pos], target)))
             if capture is not None and len(pos):
                 probs = logp.exp()
                 max_error = torch.maximum(max_error, (probs.sum(-1, dtype=torch.float64) - 1).abs().max())
@@ -1815,7 +1808,7 @@ def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> Metho
             pos, logp = method.send(target)
     except StopIteration as finished:
         info = finished.value or {}
-    return MethodRun(Scores.cat(parts, ev.rt.device), captured, float(max_error), info)
+    return MethodRun(*(torch.cat(column) for column in zip(*parts)), captured, float(max_error), info)
 
 def method_windows(cfg: Config, ev: Evaluator, lo: int, hi: int) -> list:
     """Windows of the eval methods: sliding ones with EVAL_STRIDE, else disjoint at EVAL_SEQ_LEN."""
@@ -1999,7 +1992,7 @@ def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, g
         for perturbed in (True, False) if k % AUDIT_PLAIN_EVERY == 0 else (True,):
             copies.append((replace_after(cfg, ev, window, offset, gen) if perturbed else window, offset,
                            start + offset, not perturbed))
-    change = noise = torch.zeros((), dtype=torch.float64)
+    change = noise = 0.0
     if copies:
         tokens, offsets, targets, plain = zip(*copies)
         copy_ev = ev.with_tokens(torch.cat([*tokens, tokens[-1][:1]]))
@@ -2007,8 +2000,8 @@ def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, g
         rows = torch.cat([logp for _, logp in copy_ev.distributions(model, copy_windows, seq_len)]).exp().cpu()
         gaps = torch.stack([(row - reference[t]).abs().max() for row, t in zip(rows, targets)]).double()
         is_plain = torch.tensor(plain)
-        change, noise = gaps[~is_plain].max(), gaps[is_plain].max()
-    change, noise = ev.rt.all_reduce(torch.stack([change, noise]).to(ev.rt.device), dist.ReduceOp.MAX).tolist()
+        change, noise = float(gaps[~is_plain].max()), float(gaps[is_plain].max())
+    change, noise = over_ranks(ev.rt, [change, noise], dist.ReduceOp.MAX)
     return {"positions": min(positions, ev.n_targets), "max_change": change, "noise": noise,
             "causal": change <= max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * noise)}
 
@@ -2048,14 +2041,7 @@ class RevealingEvaluator(Evaluator):
 def audit_seed(cfg: Config, rt: Runtime) -> int:
     """EVAL_AUDIT_SEED, or a fresh one from rank 0: cut points that follow from SEED could be fitted around."""
     seed = cfg.eval_audit_seed or 1 + int.from_bytes(os.urandom(3), "little")
-    return int(rt.all_reduce(torch.tensor(float(seed if rt.rank == 0 else 0), dtype=torch.float64, device=rt.device)))
-
-def rank_starts(rt: Runtime, scores: Scores) -> list[int]:
-    """Every rank's first scored position, where a rank that took in its own targets early would show."""
-    first = torch.zeros(rt.world_size, dtype=torch.float64, device=rt.device)
-    if scores.pos.numel():
-        first[rt.rank] = scores.pos[0].double() + 1
-    return [int(p) - 1 for p in rt.all_reduce(first).tolist() if p > 0]
+    return int(over_ranks(rt, [seed if rt.rank == 0 else 0])[0])
 
 def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logger, name: str,
                  seed: int | None = None, checked: dict | None = None) -> dict:
@@ -2068,14 +2054,16 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     edges = [length * k // AUDIT_STRATA for k in range(AUDIT_STRATA + 1)]
     drawn = {int(torch.randint(a, b, (), generator=gen)) for a, b in zip(edges, edges[1:]) if b > a}
     base = score_first(prefix, method(cfg, prefix, model), capture=drawn)
-    cuts = sorted(drawn | set(rank_starts(ev.rt, base.scores)))
-    watched = base.scores.pos[:cfg.eval_audit_positions].tolist()  # this rank's first scored positions
+    # Every rank's first scored position is cut too: a rank that took in its own targets early would show there.
+    first = [-1.0] * ev.rt.world_size
+    first[ev.rt.rank] = float(base.pos[0]) if len(base.pos) else -1.0
+    cuts = sorted(drawn | {int(p) for p in over_ranks(ev.rt, first, dist.ReduceOp.MAX) if p >= 0})
+    watched = base.pos[:cfg.eval_audit_positions].tolist()  # this rank's first scored positions
     # The same tokens again: a cut must move a score by more than the method's own run-to-run noise.
     again = score_first(prefix, method(cfg, prefix, model), capture=set(cuts) | set(watched))
-    gaps = [float((base.scores.nll - again.scores.nll).abs().max())] if base.scores.nll.numel() else []
+    gaps = [float((base.nll - again.nll).abs().max())] if base.nll.numel() else []
     gaps += [float((base.captured[c] - again.captured[c]).abs().max()) for c in drawn if c in base.captured]
-    repeat_noise = float(ev.rt.all_reduce(torch.tensor(max(gaps, default=0.0), dtype=torch.float64,
-                                                        device=ev.rt.device), dist.ReduceOp.MAX))
+    repeat_noise = over_ranks(ev.rt, [max(gaps, default=0.0)], dist.ReduceOp.MAX)[0]
     tolerance = max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * repeat_noise)
     error = max(base.max_sum_error, again.max_sum_error)
     moved = []
@@ -2083,14 +2071,14 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
         perturbed = score_first(prefix, method(cfg, prefix.with_tokens(replace_after(cfg, ev, prefix.tokens, cut, gen)),
                                                model), capture={cut})
         error = max(error, perturbed.max_sum_error)
-        before = again.scores.pos < cut
-        same = torch.equal(again.scores.pos, perturbed.scores.pos) and torch.allclose(
-            again.scores.nll[before], perturbed.scores.nll[before], rtol=0, atol=tolerance)
+        before = again.pos < cut
+        same = torch.equal(again.pos, perturbed.pos) and torch.allclose(
+            again.nll[before], perturbed.nll[before], rtol=0, atol=tolerance)
         if cut in again.captured:  # and so, when the positions are the same, in perturbed.captured
             same = same and torch.allclose(again.captured[cut], perturbed.captured[cut], rtol=0, atol=tolerance)
         if not same:
             moved.append(cut)
-    revealing = RevealingEvaluator(prefix, base.scores.pos, len(watched), gen)
+    revealing = RevealingEvaluator(prefix, base.pos, len(watched), gen)
     revealed = score_first(revealing, method(cfg, revealing, model), capture=set(watched))
     reveal_change = max([float((revealed.captured[p] - again.captured[p]).abs().max()) if p in revealed.captured
                          else math.inf for p in watched], default=0.0)
@@ -2098,12 +2086,10 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     if standard not in checked:
         checked[standard] = window_check(cfg, prefix, model, standard, gen)
     windows = checked[standard]
-    decoded = prefix.text_bytes(prefix.tokens, base.scores.pos.cpu()) if prefix.text_bytes else (0, 0)
-    counted = torch.tensor([float(base.scores.nbytes.sum()), *decoded], dtype=torch.float64, device=ev.rt.device)
-    flags = [max(error, revealed.max_sum_error), float(bool(moved)), reveal_change]
-    error, any_moved, reveal_change = ev.rt.all_reduce(torch.tensor(flags, dtype=torch.float64, device=ev.rt.device),
-                                                       dist.ReduceOp.MAX).tolist()
-    counted, decoded, slack = ev.rt.all_reduce(counted).tolist()
+    decoded = prefix.text_bytes(prefix.tokens, base.pos.cpu()) if prefix.text_bytes else (0, 0)
+    error, any_moved, reveal_change = over_ranks(ev.rt, [max(error, revealed.max_sum_error), float(bool(moved)),
+                                                         reveal_change], dist.ReduceOp.MAX)
+    counted, decoded, slack = over_ranks(ev.rt, [float(base.nbytes.sum()), *decoded])
     bytes_gap = abs(counted - decoded) if prefix.text_bytes else 0.0
     causal = any_moved == 0 and reveal_change <= tolerance and windows["causal"]
     result = {"max_prob_sum_error": error, "causal": causal, "reveal_change": reveal_change, "tokens": length,
@@ -2140,7 +2126,7 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
         ev.rt.sync()
         t0 = time.perf_counter()
         run = score_first(ev, EVAL_METHODS[name](cfg, ev, model))
-        loss, bpb = ev.reduce(run.scores)
+        loss, bpb = ev.reduce(run)
         ev.rt.sync()
         eval_ms[name] = 1000 * (time.perf_counter() - t0)
         out.update({f"{name}_val_loss": loss, f"{name}_val_bpb": bpb})

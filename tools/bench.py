@@ -237,7 +237,7 @@ def measure_eval(shape: str, n_tokens: int, repeats: int, cpu_scale: bool = Fals
     methods = ["standard", "sliding", "hedge"]
 
     def score(name: str, evaluator) -> int:
-        return train_gpt.score_first(evaluator, train_gpt.EVAL_METHODS[name](cfg, evaluator, model)).scores.nll.numel()
+        return train_gpt.score_first(evaluator, train_gpt.EVAL_METHODS[name](cfg, evaluator, model)).nll.numel()
 
     for name in methods:  # compilation and allocator warm-up, outside the timing
         score(name, ev.with_tokens(tokens[:2 * cfg.train_seq_len + 1]))
