@@ -1786,7 +1786,7 @@ class MethodRun:
     nbytes: Tensor  # bytes each scored token stands for
     captured: dict[int, Tensor]  # target index -> the whole next-token distribution it was scored with
     max_sum_error: float  # the largest |sum p - 1| over every distribution scored, where measured
-    info: dict = field(default_factory=dict)
+    info: dict  # what the method returned
 
 def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> MethodRun:
     """The one scorer: see docs/evaluation.md, "Scoring". A method's return value is the run's info; with `capture`
@@ -2083,9 +2083,7 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     reveal_change = max([float((revealed.captured[p] - again.captured[p]).abs().max()) if p in revealed.captured
                          else math.inf for p in watched], default=0.0)
     checked, standard = {} if checked is None else checked, name == "standard"
-    if standard not in checked:
-        checked[standard] = window_check(cfg, prefix, model, standard, gen)
-    windows = checked[standard]
+    windows = checked[standard] = checked.get(standard) or window_check(cfg, prefix, model, standard, gen)
     decoded = prefix.text_bytes(prefix.tokens, base.pos.cpu()) if prefix.text_bytes else (0, 0)
     error, any_moved, reveal_change = over_ranks(ev.rt, [max(error, revealed.max_sum_error), float(bool(moved)),
                                                          reveal_change], dist.ReduceOp.MAX)
@@ -2137,10 +2135,9 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
         log(f"final_{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     # eval_ms scaled from n_targets on world_size devices to the full split on EVAL_GPUS: docs/evaluation.md, "Time".
     estimate = sum(eval_ms.values()) / 1000 * (FULL_VAL_TOKENS / ev.n_targets * ev.rt.world_size / EVAL_GPUS)
-    out["eval_ms"] = eval_ms
-    out["eval_fit"] = {"estimated_full_split_s": estimate, "fits": estimate <= EVAL_LIMIT_SECONDS,
-                       "basis": f"{ev.n_targets} targets on {ev.rt.world_size} x {ev.rt.device.type}, "
-                                f"scaled to {FULL_VAL_TOKENS} on {EVAL_GPUS}"}
+    out.update(eval_ms=eval_ms, eval_fit={"estimated_full_split_s": estimate, "fits": estimate <= EVAL_LIMIT_SECONDS,
+                                          "basis": f"{ev.n_targets} targets on {ev.rt.world_size} x "
+                                                   f"{ev.rt.device.type}, scaled to {FULL_VAL_TOKENS} on {EVAL_GPUS}"})
     log(f"total_eval_time:{sum(eval_ms.values()) / 1000:.1f}s estimated_full_split_8gpu:{estimate:.1f}s "
         f"fits_{EVAL_LIMIT_SECONDS:.0f}s:{str(out['eval_fit']['fits']).lower()}")
     if audits:
@@ -2201,7 +2198,6 @@ class Pieces:
     optimizers: list[torch.optim.Optimizer]
 
 def assemble(cfg: Config, rt: Runtime) -> Pieces:
-    """The model seeded by SEED, as it runs and as it trains, and its optimizers."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, rt.device)
     compiled = compile_fn(model) if rt.compile else model
