@@ -1692,10 +1692,9 @@ def over_ranks(rt: Runtime, values: list[float], op=dist.ReduceOp.SUM) -> list[f
 class Evaluator:
     """Scores windows of the validation tokens, split across ranks, and reduces to loss and bpb."""
 
-    def __init__(self, cfg: Config, rt: Runtime, val_tokens: Tensor, tables: ByteTables, bos_id: int = -1,
-                 text_bytes=None):
-        self.cfg, self.rt, self.tokens, self.bos_id = cfg, rt, val_tokens, bos_id
-        self.tables, self.n_targets = tables.to(rt.device), len(val_tokens) - 1
+    def __init__(self, cfg: Config, rt: Runtime, tokens: Tensor, tables: ByteTables, bos_id: int = -1, text_bytes=None):
+        self.cfg, self.rt, self.tokens, self.bos_id = cfg, rt, tokens, bos_id
+        self.tables, self.n_targets = tables.to(rt.device), len(tokens) - 1
         self.text_bytes = text_bytes  # (tokens, positions) -> the bytes the targets there decode to (the audit's count)
 
     def with_tokens(self, tokens: Tensor) -> "Evaluator":
@@ -1807,8 +1806,7 @@ def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> Metho
                 captured.update({p: probs[row].float().cpu() for row, p in enumerate(pos.tolist()) if p in capture})
             pos, logp = method.send(target)
     except StopIteration as finished:
-        info = finished.value or {}
-    return MethodRun(*(torch.cat(column) for column in zip(*parts)), captured, float(max_error), info)
+        return MethodRun(*map(torch.cat, zip(*parts)), captured, float(max_error), finished.value or {})
 
 def method_windows(cfg: Config, ev: Evaluator, lo: int, hi: int) -> list:
     """Windows of the eval methods: sliding ones with EVAL_STRIDE, else disjoint at EVAL_SEQ_LEN."""
@@ -1855,8 +1853,7 @@ class NgramExpert:
     def row(self, pos: Tensor) -> Tensor:
         key = torch.zeros_like(pos)
         for back in range(self.order - 1):
-            earlier = pos - back
-            token = torch.where(earlier >= 0, self.tokens[earlier.clamp_min(0)], self.vocab_size)
+            token = torch.where(pos >= back, self.tokens[(pos - back).clamp_min(0)], self.vocab_size)
             key = key * (self.vocab_size + 1) + token
         return (key * 0x9E3779B1) % 2_147_483_629 % self.rows if self.hashed else key
 
@@ -1908,8 +1905,7 @@ def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | N
             probs = torch.stack([e.probs(pos, logp[rows]) for e in experts])  # [experts, tokens, V]
             mixture = torch.einsum("e,etv->tv", torch.softmax(log_w, 0), probs)
             target = yield pos, mixture.clamp_min(1e-38).log()
-            block_losses.append(-probs.gather(-1, target.view(1, -1, 1).expand(len(experts), -1, 1)).squeeze(-1)
-                                .clamp_min(1e-38).log())
+            block_losses.append(-probs.take_along_dim(target.view(1, -1, 1), -1).squeeze(-1).clamp_min(1e-38).log())
             cursor = first + rows.stop
     finish_block()
     return {"weights": {e.name: round(w, 6) for e, w in zip(experts, torch.softmax(log_w, 0).tolist())}}
@@ -2010,9 +2006,8 @@ class RevealingEvaluator(Evaluator):
 
     def __init__(self, ev: Evaluator, own: Tensor, rows: int, gen: torch.Generator):
         start = int(own[0]) if len(own) else 0
-        hidden = torch.zeros(len(ev.tokens), dtype=torch.bool)
-        hidden[own.cpu() + 1] = True
-        tokens = torch.where(hidden, replace_after(ev.cfg, ev, ev.tokens, start, gen), ev.tokens)
+        tokens, hidden = ev.tokens.clone(), own.cpu() + 1  # every target of `own` hidden until revealed
+        tokens[hidden] = replace_after(ev.cfg, ev, ev.tokens, start, gen)[hidden]
         super().__init__(ev.cfg, ev.rt, tokens, ev.tables, ev.bos_id, ev.text_bytes)
         self.truth, self.known = ev.with_tokens(ev.tokens), start
         self.until = int(own[rows - 1]) + 1 if rows else start
@@ -2055,8 +2050,7 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     drawn = {int(torch.randint(a, b, (), generator=gen)) for a, b in zip(edges, edges[1:]) if b > a}
     base = score_first(prefix, method(cfg, prefix, model), capture=drawn)
     # Every rank's first scored position is cut too: a rank that took in its own targets early would show there.
-    first = [-1.0] * ev.rt.world_size
-    first[ev.rt.rank] = float(base.pos[0]) if len(base.pos) else -1.0
+    first = [float(base.pos[0]) if len(base.pos) and r == ev.rt.rank else -1.0 for r in range(ev.rt.world_size)]
     cuts = sorted(drawn | {int(p) for p in over_ranks(ev.rt, first, dist.ReduceOp.MAX) if p >= 0})
     watched = base.pos[:cfg.eval_audit_positions].tolist()  # this rank's first scored positions
     # The same tokens again: a cut must move a score by more than the method's own run-to-run noise.
@@ -2065,8 +2059,7 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     gaps += [float((base.captured[c] - again.captured[c]).abs().max()) for c in drawn if c in base.captured]
     repeat_noise = over_ranks(ev.rt, [max(gaps, default=0.0)], dist.ReduceOp.MAX)[0]
     tolerance = max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * repeat_noise)
-    error = max(base.max_sum_error, again.max_sum_error)
-    moved = []
+    moved, error = [], max(base.max_sum_error, again.max_sum_error)
     for cut in cuts:
         perturbed = score_first(prefix, method(cfg, prefix.with_tokens(replace_after(cfg, ev, prefix.tokens, cut, gen)),
                                                model), capture={cut})
@@ -2090,22 +2083,20 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     counted, decoded, slack = over_ranks(ev.rt, [float(base.nbytes.sum()), *decoded])
     bytes_gap = abs(counted - decoded) if prefix.text_bytes else 0.0
     causal = any_moved == 0 and reveal_change <= tolerance and windows["causal"]
-    result = {"max_prob_sum_error": error, "causal": causal, "reveal_change": reveal_change, "tokens": length,
-              "seed": seed, "cuts": cuts, "moved_at": moved, "repeat_noise": repeat_noise, "tolerance": tolerance,
-              "window_check": windows, "bytes": {"counted": counted, "decoded": decoded, "slack": slack}
-              if prefix.text_bytes else None, "bytes_gap": bytes_gap}
-    result["passed"] = causal and error < AUDIT_MAX_SUM_ERROR and bytes_gap <= slack
-    result["seconds"] = time.perf_counter() - t0
+    passed = causal and error < AUDIT_MAX_SUM_ERROR and bytes_gap <= slack
+    seconds = time.perf_counter() - t0
     log(f"audit {name}: max_prob_sum_error:{error:.3e} causal:{str(causal).lower()} "
         f"positions:{windows['positions']} window_change:{windows['max_change']:.1e} reveal_change:{reveal_change:.1e} "
         f"tokens:{length} cuts:{len(cuts)} repeat_noise:{repeat_noise:.1e} bytes_gap:{bytes_gap:.0f} seed:{seed} "
-        f"time:{result['seconds']:.1f}s {'passed' if result['passed'] else 'FAILED'}")
-    return result
+        f"time:{seconds:.1f}s {'passed' if passed else 'FAILED'}")
+    return {"max_prob_sum_error": error, "causal": causal, "reveal_change": reveal_change, "tokens": length,
+            "seed": seed, "cuts": cuts, "moved_at": moved, "repeat_noise": repeat_noise, "tolerance": tolerance,
+            "window_check": windows, "bytes": {"counted": counted, "decoded": decoded, "slack": slack}
+            if prefix.text_bytes else None, "bytes_gap": bytes_gap, "passed": passed, "seconds": seconds}
 
 EVAL_METHODS = {"standard": standard_method, "sliding": sliding_method, "hedge": hedge_method, "ttt": ttt_method}
 
 def run_audits(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger) -> dict:
-    """With EVAL_AUDIT=1, every method's audit on the round-trip model, before anything is scored."""
     if not cfg.eval_audit:
         return {}
     seed, checked = audit_seed(cfg, ev.rt), {}
@@ -2176,9 +2167,8 @@ def load_data(cfg: Config, rt: Runtime, log: Logger) -> tuple[Config, TokenStrea
             log(f"WARNING val_bytes_mismatch: the scored targets stand for {val_bytes} bytes, meta.json's validation "
                 f"text has {text_bytes} ({val_bytes / text_bytes - 1:+.1%}): this bpb is not the text's")
         if meta.get("val_entropy_bits") is not None:  # the synthetic corpus's: see docs/evaluation.md, "Honesty checks"
-            figures["source_bpb"] = float(meta["val_entropy_bits"]) / text_bytes
-            log(f"source_entropy: val_entropy_bits:{meta['val_entropy_bits']:.1f} "
-                f"source_bpb:{figures['source_bpb']:.4f}")
+            source_bpb = figures["source_bpb"] = float(meta["val_entropy_bits"]) / text_bytes
+            log(f"source_entropy: val_entropy_bits:{meta['val_entropy_bits']:.1f} source_bpb:{source_bpb:.4f}")
     if cfg.doc_mode:
         figures["scored_fraction"] = evaluator.scored_fraction()
         log(f"doc_mode: standard evaluation scores each document's first {cfg.train_seq_len} targets, "
@@ -2253,9 +2243,8 @@ def training_report(cfg: Config, rt: Runtime, summary: dict, log: Logger):
     peak = peak_memory_mib(rt)
     log(f"peak memory allocated: {peak:.0f} MiB reserved: {torch.cuda.max_memory_reserved(rt.device) // 2**20} MiB"
         if rt.is_cuda else f"peak memory rss: {peak:.0f} MiB")
-    tokens = summary["steps"] * cfg.train_batch_tokens
-    summary.update(tokens_seen=tokens, tokens_per_s=tokens / max(summary["train_time_ms"] / 1000, 1e-9),
-                   peak_mem_mib=peak)
+    seen = summary["steps"] * cfg.train_batch_tokens
+    summary.update(tokens_seen=seen, tokens_per_s=seen / max(summary["train_time_ms"] / 1000, 1e-9), peak_mem_mib=peak)
 
 def apply_average(pieces: Pieces, evaluator: Evaluator, average: WeightAverage, summary: dict, log: Logger):
     """With SWA or EMA, the model takes the averaged weights, which are then what is validated and exported."""
@@ -2268,8 +2257,7 @@ def apply_average(pieces: Pieces, evaluator: Evaluator, average: WeightAverage, 
     log(f"{average.kind}: snapshots:{average.count} raw val_bpb:{summary['raw_val_bpb']:.4f} "
         f"averaged val_loss:{summary['val_loss']:.4f} val_bpb:{summary['val_bpb']:.4f}")
 
-def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evaluator, summary: dict, log: Logger
-                          ) -> nn.Module:
+def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, ev: Evaluator, summary: dict, log: Logger) -> nn.Module:
     """Each scheme tried (docs/outputs.md, "Quantization") built by rank 0, rebuilt from its bytes alone on every rank
     and evaluated; the last one tried is written, and its model returned for the other final evaluations."""
     artifact_path = Path(cfg.log_dir) / f"{cfg.run_id}.ptz"
@@ -2283,16 +2271,15 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evalu
         t_eval = time.perf_counter()
         roundtrip = model_from_artifact(header, tensors, artifact_path, rt.device)
         roundtrip = compile_fn(roundtrip) if rt.compile else roundtrip
-        rt_loss, rt_bpb = evaluator.standard(roundtrip)
+        rt_loss, rt_bpb = ev.standard(roundtrip)
         eval_ms = 1000 * (time.perf_counter() - t_eval)
         bytes_total = len(blob) + bytes_code
         fits = bytes_total <= cfg.artifact_limit_bytes
         tried.append({"scheme": scheme, "compressor": method, "bytes_model": len(blob), "bytes_total": bytes_total,
                       "fits": fits, "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "groups": groups})
         for group, row in groups.items():  # rank 0's: the log is rank 0's
-            log(f"quant:{scheme} group:{group} params:{row['params']} fp32_bytes:{row['fp32_bytes']} "
-                f"stored_bytes:{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} "
-                f"ratio:{row['ratio']:.2f}")
+            log(f"quant:{scheme} group:{group} params:{row['params']} fp32_bytes:{row['fp32_bytes']} stored_bytes:"
+                f"{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} ratio:{row['ratio']:.2f}")
         log(f"quant:{scheme}+{method} bytes_total:{bytes_total} fits:{str(fits).lower()} "
             f"roundtrip_val_bpb:{rt_bpb:.4f}")
         if fits:
@@ -2318,10 +2305,9 @@ def score(cfg: Config, evaluator: Evaluator, roundtrip: nn.Module, summary: dict
     fraction = f" scored_fraction:{summary['scored_fraction']:.4f}" if cfg.doc_mode else ""
     if audits.get("standard", {"passed": True})["passed"]:
         name = f"{summary['quant']['scheme']}_{summary['compressor']}"
-        loss, bpb = summary["roundtrip_val_loss"], summary["roundtrip_val_bpb"]
+        loss, bpb, ms = summary["roundtrip_val_loss"], summary["roundtrip_val_bpb"], summary["roundtrip_eval_ms"]
         log(f"final_prequant_exact val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f}{fraction}")
-        log(f"final_{name}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-            f"eval_time:{summary['roundtrip_eval_ms']:.0f}ms")
+        log(f"final_{name}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
         log(f"final_{name}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}{fraction}")
     else:
         log("final_prequant and final_roundtrip FAILED their audit (standard): not scored")
