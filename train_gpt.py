@@ -1790,10 +1790,9 @@ class MethodRun:
 def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> MethodRun:
     """The one scorer: see docs/evaluation.md, "Scoring". A method's return value is the run's info; with `capture`
     (the audit) every distribution's sum is measured and the distributions at the captured positions are kept."""
-    device, captured = ev.rt.device, {}
-    parts = [(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device),
-              torch.zeros(0, dtype=torch.int32, device=device))]  # what a rank without windows scores
-    max_error = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no wait in the loop
+    empty = torch.zeros(0, dtype=torch.long, device=ev.rt.device)
+    parts, captured = [(empty, empty.float(), ev.tables.count(empty, empty))], {}  # what a rank without windows scores
+    max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)  # on the device: no wait in the loop
     try:
         pos, logp = next(method)
         while True:
