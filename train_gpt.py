@@ -375,21 +375,20 @@ def compile_fn(fn):
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(fn, dynamic=False)
 
-def compile_report() -> dict:
-    """Graphs per compiled function, recompiles, graph breaks; `eager_fallback`: functions that reached the limit."""
+def compile_report(log: "Logger") -> dict:
+    """Graphs per compiled function, recompiles, graph breaks, logged; `eager_fallback`: functions at the limit."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
     graphs = {f.__qualname__: len(_debug_get_cache_entry_list(f.__code__)) for f in (GPT.forward, newton_schulz)}
-    return {"graphs": sum(graphs.values()), "recompiles": sum(max(0, n - 1) for n in graphs.values()),
-            "graph_breaks": sum(counters["graph_break"].values()), "per_function": graphs,
-            "eager_fallback": [name for name, n in graphs.items() if n >= torch._dynamo.config.cache_size_limit]}
-
-def log_compile(log: "Logger", report: dict):
+    report = {"graphs": sum(graphs.values()), "recompiles": sum(max(0, n - 1) for n in graphs.values()),
+              "graph_breaks": sum(counters["graph_break"].values()), "per_function": graphs,
+              "eager_fallback": [name for name, n in graphs.items() if n >= torch._dynamo.config.cache_size_limit]}
     log(f"compile: {report['graphs']} graphs, {report['recompiles']} recompiles, {report['graph_breaks']} graph breaks "
-        f"(" + " ".join(f"{name}:{n}" for name, n in report["per_function"].items()) + ")")
+        f"(" + " ".join(f"{name}:{n}" for name, n in graphs.items()) + ")")
     for name in report["eager_fallback"]:
         log(f"WARNING compile_limit: {name} reached {torch._dynamo.config.cache_size_limit} graphs; later calls run "
             f"eagerly (slow): see which shapes recompile with TORCH_LOGS=recompiles")
+    return report
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -1652,26 +1651,15 @@ def sliding_windows(lo: int, hi: int, n_targets: int, seq_len: int, stride: int)
         p = end
     return windows
 
-@dataclass
-class Scores:
-    pos: Tensor  # target index of each scored token
-    nll: Tensor  # nats
-    nbytes: Tensor  # bytes each scored token stands for
-
-    @staticmethod
-    def cat(parts: list["Scores"], device) -> "Scores":
-        if not parts:
-            return Scores(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device),
-                          torch.zeros(0, dtype=torch.int32, device=device))
-        return Scores(*(torch.cat([getattr(s, k) for s in parts]) for k in ("pos", "nll", "nbytes")))
+def over_ranks(rt: Runtime, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    return rt.all_reduce(torch.tensor(values, dtype=torch.float64, device=rt.device), op).tolist()
 
 class Evaluator:
     """Scores windows of the validation tokens, split across ranks, and reduces to loss and bpb."""
 
-    def __init__(self, cfg: Config, rt: Runtime, val_tokens: Tensor, tables: ByteTables, bos_id: int = -1,
-                 text_bytes=None):
-        self.cfg, self.rt, self.tokens, self.bos_id = cfg, rt, val_tokens, bos_id
-        self.tables, self.n_targets = tables.to(rt.device), len(val_tokens) - 1
+    def __init__(self, cfg: Config, rt: Runtime, tokens: Tensor, tables: ByteTables, bos_id: int = -1, text_bytes=None):
+        self.cfg, self.rt, self.tokens, self.bos_id = cfg, rt, tokens, bos_id
+        self.tables, self.n_targets = tables.to(rt.device), len(tokens) - 1
         self.text_bytes = text_bytes  # (tokens, positions) -> the bytes the targets there decode to (the audit's count)
 
     def with_tokens(self, tokens: Tensor) -> "Evaluator":
@@ -1722,10 +1710,9 @@ class Evaluator:
         most = max(1, self.cfg.val_batch_size // (seq_len * self.rt.world_size))
         return min(most, 1 << (max(n_rows, 1) - 1).bit_length()) if self.rt.compile else most
 
-    def reduce(self, scores: Scores) -> tuple[float, float]:
-        sums = torch.stack([scores.nll.double().sum(), torch.tensor(float(scores.nll.numel()), device=self.rt.device,
-                            dtype=torch.float64), scores.nbytes.double().sum()])
-        loss_sum, count, byte_sum = self.rt.all_reduce(sums).tolist()
+    def reduce(self, scores: "MethodRun") -> tuple[float, float]:
+        loss_sum, count, byte_sum = over_ranks(self.rt, [float(scores.nll.double().sum()), scores.nll.numel(),
+                                                         float(scores.nbytes.double().sum())])
         return loss_sum / count, loss_sum / math.log(2) / byte_sum
 
     def val_bytes(self) -> int:
@@ -1745,11 +1732,11 @@ class Evaluator:
         return sum(stop - first for _, first, stop in self.standard_windows()) / self.n_targets
 
     def standard(self, model: nn.Module) -> tuple[float, float]:
-        return self.reduce(score_first(self, standard_method(self.cfg, self, model)).scores)
+        return self.reduce(score_first(self, standard_method(self.cfg, self, model)))
 
     def per_token(self, model: nn.Module) -> np.ndarray | None:
         """Every target's loss in stream order, gathered on rank 0 (None elsewhere)."""
-        nll = score_first(self, standard_method(self.cfg, self, model)).scores.nll
+        nll = score_first(self, standard_method(self.cfg, self, model)).nll
         if self.rt.distributed:
             shares = [None] * self.rt.world_size
             dist.all_gather_object(shares, nll.cpu())
@@ -1758,30 +1745,32 @@ class Evaluator:
 
 @dataclass
 class MethodRun:
-    scores: Scores  # of this rank's share of the stream
+    pos: Tensor  # target index of each scored token of this rank's share of the stream
+    nll: Tensor  # nats
+    nbytes: Tensor  # bytes each scored token stands for
     captured: dict[int, Tensor]  # target index -> the whole next-token distribution it was scored with
     max_sum_error: float  # the largest |sum p - 1| over every distribution scored, where measured
-    info: dict = field(default_factory=dict)
+    info: dict  # what the method returned
 
 def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> MethodRun:
     """The one scorer: see docs/evaluation.md, "Scoring". A method's return value is the run's info; with `capture`
     (the audit) every distribution's sum is measured and the distributions at the captured positions are kept."""
-    parts, captured = [], {}
+    empty = torch.zeros(0, dtype=torch.long, device=ev.rt.device)
+    parts, captured = [(empty, empty.float(), ev.tables.count(empty, empty))], {}  # what a rank without windows scores
     max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)  # on the device: no wait in the loop
     try:
         pos, logp = next(method)
         while True:
             target = ev.targets(pos)
             nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            parts.append(Scores(pos, nll, ev.tables.count(ev.device_tokens[pos], target)))
+            parts.append((pos, nll, ev.tables.count(ev.device_tokens[pos], target)))
             if capture is not None and len(pos):
                 probs = logp.exp()
                 max_error = torch.maximum(max_error, (probs.sum(-1, dtype=torch.float64) - 1).abs().max())
                 captured.update({p: probs[row].float().cpu() for row, p in enumerate(pos.tolist()) if p in capture})
             pos, logp = method.send(target)
     except StopIteration as finished:
-        info = finished.value or {}
-    return MethodRun(Scores.cat(parts, ev.rt.device), captured, float(max_error), info)
+        return MethodRun(*map(torch.cat, zip(*parts)), captured, float(max_error), finished.value or {})
 
 def method_windows(cfg: Config, ev: Evaluator, lo: int, hi: int) -> list:
     """Windows of the eval methods: sliding ones with EVAL_STRIDE, else disjoint at EVAL_SEQ_LEN."""
@@ -1828,8 +1817,7 @@ class NgramExpert:
     def row(self, pos: Tensor) -> Tensor:
         key = torch.zeros_like(pos)
         for back in range(self.order - 1):
-            earlier = pos - back
-            token = torch.where(earlier >= 0, self.tokens[earlier.clamp_min(0)], self.vocab_size)
+            token = torch.where(pos >= back, self.tokens[(pos - back).clamp_min(0)], self.vocab_size)
             key = key * (self.vocab_size + 1) + token
         return (key * 0x9E3779B1) % 2_147_483_629 % self.rows if self.hashed else key
 
@@ -1881,8 +1869,7 @@ def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | N
             probs = torch.stack([e.probs(pos, logp[rows]) for e in experts])  # [experts, tokens, V]
             mixture = torch.einsum("e,etv->tv", torch.softmax(log_w, 0), probs)
             target = yield pos, mixture.clamp_min(1e-38).log()
-            block_losses.append(-probs.gather(-1, target.view(1, -1, 1).expand(len(experts), -1, 1)).squeeze(-1)
-                                .clamp_min(1e-38).log())
+            block_losses.append(-probs.take_along_dim(target.view(1, -1, 1), -1).squeeze(-1).clamp_min(1e-38).log())
             cursor = first + rows.stop
     finish_block()
     return {"weights": {e.name: round(w, 6) for e, w in zip(experts, torch.softmax(log_w, 0).tolist())}}
@@ -1965,7 +1952,7 @@ def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, g
         for perturbed in (True, False) if k % AUDIT_PLAIN_EVERY == 0 else (True,):
             copies.append((replace_after(cfg, ev, window, offset, gen) if perturbed else window, offset,
                            start + offset, not perturbed))
-    change = noise = torch.zeros((), dtype=torch.float64)
+    change = noise = 0.0
     if copies:
         tokens, offsets, targets, plain = zip(*copies)
         copy_ev = ev.with_tokens(torch.cat([*tokens, tokens[-1][:1]]))
@@ -1973,8 +1960,8 @@ def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, g
         rows = torch.cat([logp for _, logp in copy_ev.distributions(model, copy_windows, seq_len)]).exp().cpu()
         gaps = torch.stack([(row - reference[t]).abs().max() for row, t in zip(rows, targets)]).double()
         is_plain = torch.tensor(plain)
-        change, noise = gaps[~is_plain].max(), gaps[is_plain].max()
-    change, noise = ev.rt.all_reduce(torch.stack([change, noise]).to(ev.rt.device), dist.ReduceOp.MAX).tolist()
+        change, noise = float(gaps[~is_plain].max()), float(gaps[is_plain].max())
+    change, noise = over_ranks(ev.rt, [change, noise], dist.ReduceOp.MAX)
     return {"positions": min(positions, ev.n_targets), "max_change": change, "noise": noise,
             "causal": change <= max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * noise)}
 
@@ -1983,9 +1970,8 @@ class RevealingEvaluator(Evaluator):
 
     def __init__(self, ev: Evaluator, own: Tensor, rows: int, gen: torch.Generator):
         start = int(own[0]) if len(own) else 0
-        hidden = torch.zeros(len(ev.tokens), dtype=torch.bool)
-        hidden[own.cpu() + 1] = True
-        tokens = torch.where(hidden, replace_after(ev.cfg, ev, ev.tokens, start, gen), ev.tokens)
+        tokens, hidden = ev.tokens.clone(), own.cpu() + 1  # every target of `own` hidden until revealed
+        tokens[hidden] = replace_after(ev.cfg, ev, ev.tokens, start, gen)[hidden]
         super().__init__(ev.cfg, ev.rt, tokens, ev.tables, ev.bos_id, ev.text_bytes)
         self.truth, self.known = ev.with_tokens(ev.tokens), start
         self.until = int(own[rows - 1]) + 1 if rows else start
@@ -2014,14 +2000,7 @@ class RevealingEvaluator(Evaluator):
 def audit_seed(cfg: Config, rt: Runtime) -> int:
     """EVAL_AUDIT_SEED, or a fresh one from rank 0: cut points that follow from SEED could be fitted around."""
     seed = cfg.eval_audit_seed or 1 + int.from_bytes(os.urandom(3), "little")
-    return int(rt.all_reduce(torch.tensor(float(seed if rt.rank == 0 else 0), dtype=torch.float64, device=rt.device)))
-
-def rank_starts(rt: Runtime, scores: Scores) -> list[int]:
-    """Every rank's first scored position, where a rank that took in its own targets early would show."""
-    first = torch.zeros(rt.world_size, dtype=torch.float64, device=rt.device)
-    if scores.pos.numel():
-        first[rt.rank] = scores.pos[0].double() + 1
-    return [int(p) - 1 for p in rt.all_reduce(first).tolist() if p > 0]
+    return int(over_ranks(rt, [seed if rt.rank == 0 else 0])[0])
 
 def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logger, name: str,
                  seed: int | None = None, checked: dict | None = None) -> dict:
@@ -2034,60 +2013,54 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     edges = [length * k // AUDIT_STRATA for k in range(AUDIT_STRATA + 1)]
     drawn = {int(torch.randint(a, b, (), generator=gen)) for a, b in zip(edges, edges[1:]) if b > a}
     base = score_first(prefix, method(cfg, prefix, model), capture=drawn)
-    cuts = sorted(drawn | set(rank_starts(ev.rt, base.scores)))
-    watched = base.scores.pos[:cfg.eval_audit_positions].tolist()  # this rank's first scored positions
+    # Every rank's first scored position is cut too: a rank that took in its own targets early would show there.
+    first = [float(base.pos[0]) if len(base.pos) and r == ev.rt.rank else -1.0 for r in range(ev.rt.world_size)]
+    cuts = sorted(drawn | {int(p) for p in over_ranks(ev.rt, first, dist.ReduceOp.MAX) if p >= 0})
+    watched = base.pos[:cfg.eval_audit_positions].tolist()  # this rank's first scored positions
     # The same tokens again: a cut must move a score by more than the method's own run-to-run noise.
     again = score_first(prefix, method(cfg, prefix, model), capture=set(cuts) | set(watched))
-    gaps = [float((base.scores.nll - again.scores.nll).abs().max())] if base.scores.nll.numel() else []
+    gaps = [float((base.nll - again.nll).abs().max())] if base.nll.numel() else []
     gaps += [float((base.captured[c] - again.captured[c]).abs().max()) for c in drawn if c in base.captured]
-    repeat_noise = float(ev.rt.all_reduce(torch.tensor(max(gaps, default=0.0), dtype=torch.float64,
-                                                        device=ev.rt.device), dist.ReduceOp.MAX))
+    repeat_noise = over_ranks(ev.rt, [max(gaps, default=0.0)], dist.ReduceOp.MAX)[0]
     tolerance = max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * repeat_noise)
-    error = max(base.max_sum_error, again.max_sum_error)
-    moved = []
+    moved, error = [], max(base.max_sum_error, again.max_sum_error)
     for cut in cuts:
         perturbed = score_first(prefix, method(cfg, prefix.with_tokens(replace_after(cfg, ev, prefix.tokens, cut, gen)),
                                                model), capture={cut})
         error = max(error, perturbed.max_sum_error)
-        before = again.scores.pos < cut
-        same = torch.equal(again.scores.pos, perturbed.scores.pos) and torch.allclose(
-            again.scores.nll[before], perturbed.scores.nll[before], rtol=0, atol=tolerance)
+        before = again.pos < cut
+        same = torch.equal(again.pos, perturbed.pos) and torch.allclose(
+            again.nll[before], perturbed.nll[before], rtol=0, atol=tolerance)
         if cut in again.captured:  # and so, when the positions are the same, in perturbed.captured
             same = same and torch.allclose(again.captured[cut], perturbed.captured[cut], rtol=0, atol=tolerance)
         if not same:
             moved.append(cut)
-    revealing = RevealingEvaluator(prefix, base.scores.pos, len(watched), gen)
+    revealing = RevealingEvaluator(prefix, base.pos, len(watched), gen)
     revealed = score_first(revealing, method(cfg, revealing, model), capture=set(watched))
     reveal_change = max([float((revealed.captured[p] - again.captured[p]).abs().max()) if p in revealed.captured
                          else math.inf for p in watched], default=0.0)
     checked, standard = {} if checked is None else checked, name == "standard"
-    if standard not in checked:
-        checked[standard] = window_check(cfg, prefix, model, standard, gen)
-    windows = checked[standard]
-    decoded = prefix.text_bytes(prefix.tokens, base.scores.pos.cpu()) if prefix.text_bytes else (0, 0)
-    counted = torch.tensor([float(base.scores.nbytes.sum()), *decoded], dtype=torch.float64, device=ev.rt.device)
-    flags = [max(error, revealed.max_sum_error), float(bool(moved)), reveal_change]
-    error, any_moved, reveal_change = ev.rt.all_reduce(torch.tensor(flags, dtype=torch.float64, device=ev.rt.device),
-                                                       dist.ReduceOp.MAX).tolist()
-    counted, decoded, slack = ev.rt.all_reduce(counted).tolist()
+    windows = checked[standard] = checked.get(standard) or window_check(cfg, prefix, model, standard, gen)
+    decoded = prefix.text_bytes(prefix.tokens, base.pos.cpu()) if prefix.text_bytes else (0, 0)
+    error, any_moved, reveal_change = over_ranks(ev.rt, [max(error, revealed.max_sum_error), float(bool(moved)),
+                                                         reveal_change], dist.ReduceOp.MAX)
+    counted, decoded, slack = over_ranks(ev.rt, [float(base.nbytes.sum()), *decoded])
     bytes_gap = abs(counted - decoded) if prefix.text_bytes else 0.0
     causal = any_moved == 0 and reveal_change <= tolerance and windows["causal"]
-    result = {"max_prob_sum_error": error, "causal": causal, "reveal_change": reveal_change, "tokens": length,
-              "seed": seed, "cuts": cuts, "moved_at": moved, "repeat_noise": repeat_noise, "tolerance": tolerance,
-              "window_check": windows, "bytes": {"counted": counted, "decoded": decoded, "slack": slack}
-              if prefix.text_bytes else None, "bytes_gap": bytes_gap}
-    result["passed"] = causal and error < AUDIT_MAX_SUM_ERROR and bytes_gap <= slack
-    result["seconds"] = time.perf_counter() - t0
+    passed = causal and error < AUDIT_MAX_SUM_ERROR and bytes_gap <= slack
+    seconds = time.perf_counter() - t0
     log(f"audit {name}: max_prob_sum_error:{error:.3e} causal:{str(causal).lower()} "
         f"positions:{windows['positions']} window_change:{windows['max_change']:.1e} reveal_change:{reveal_change:.1e} "
         f"tokens:{length} cuts:{len(cuts)} repeat_noise:{repeat_noise:.1e} bytes_gap:{bytes_gap:.0f} seed:{seed} "
-        f"time:{result['seconds']:.1f}s {'passed' if result['passed'] else 'FAILED'}")
-    return result
+        f"time:{seconds:.1f}s {'passed' if passed else 'FAILED'}")
+    return {"max_prob_sum_error": error, "causal": causal, "reveal_change": reveal_change, "tokens": length,
+            "seed": seed, "cuts": cuts, "moved_at": moved, "repeat_noise": repeat_noise, "tolerance": tolerance,
+            "window_check": windows, "bytes": {"counted": counted, "decoded": decoded, "slack": slack}
+            if prefix.text_bytes else None, "bytes_gap": bytes_gap, "passed": passed, "seconds": seconds}
 
 EVAL_METHODS = {"standard": standard_method, "sliding": sliding_method, "hedge": hedge_method, "ttt": ttt_method}
 
 def run_audits(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger) -> dict:
-    """With EVAL_AUDIT=1, every method's audit on the round-trip model, before anything is scored."""
     if not cfg.eval_audit:
         return {}
     seed, checked = audit_seed(cfg, ev.rt), {}
@@ -2106,7 +2079,7 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
         ev.rt.sync()
         t0 = time.perf_counter()
         run = score_first(ev, EVAL_METHODS[name](cfg, ev, model))
-        loss, bpb = ev.reduce(run.scores)
+        loss, bpb = ev.reduce(run)
         ev.rt.sync()
         eval_ms[name] = 1000 * (time.perf_counter() - t0)
         out.update({f"{name}_val_loss": loss, f"{name}_val_bpb": bpb})
@@ -2117,10 +2090,9 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
         log(f"final_{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     # eval_ms scaled from n_targets on world_size devices to the full split on EVAL_GPUS: docs/evaluation.md, "Time".
     estimate = sum(eval_ms.values()) / 1000 * (FULL_VAL_TOKENS / ev.n_targets * ev.rt.world_size / EVAL_GPUS)
-    out["eval_ms"] = eval_ms
-    out["eval_fit"] = {"estimated_full_split_s": estimate, "fits": estimate <= EVAL_LIMIT_SECONDS,
-                       "basis": f"{ev.n_targets} targets on {ev.rt.world_size} x {ev.rt.device.type}, "
-                                f"scaled to {FULL_VAL_TOKENS} on {EVAL_GPUS}"}
+    out.update(eval_ms=eval_ms, eval_fit={"estimated_full_split_s": estimate, "fits": estimate <= EVAL_LIMIT_SECONDS,
+                                          "basis": f"{ev.n_targets} targets on {ev.rt.world_size} x "
+                                                   f"{ev.rt.device.type}, scaled to {FULL_VAL_TOKENS} on {EVAL_GPUS}"})
     log(f"total_eval_time:{sum(eval_ms.values()) / 1000:.1f}s estimated_full_split_8gpu:{estimate:.1f}s "
         f"fits_{EVAL_LIMIT_SECONDS:.0f}s:{str(out['eval_fit']['fits']).lower()}")
     if audits:
@@ -2159,9 +2131,8 @@ def load_data(cfg: Config, rt: Runtime, log: Logger) -> tuple[Config, TokenStrea
             log(f"WARNING val_bytes_mismatch: the scored targets stand for {val_bytes} bytes, meta.json's validation "
                 f"text has {text_bytes} ({val_bytes / text_bytes - 1:+.1%}): this bpb is not the text's")
         if meta.get("val_entropy_bits") is not None:  # the synthetic corpus's: see docs/evaluation.md, "Honesty checks"
-            figures["source_bpb"] = float(meta["val_entropy_bits"]) / text_bytes
-            log(f"source_entropy: val_entropy_bits:{meta['val_entropy_bits']:.1f} "
-                f"source_bpb:{figures['source_bpb']:.4f}")
+            source_bpb = figures["source_bpb"] = float(meta["val_entropy_bits"]) / text_bytes
+            log(f"source_entropy: val_entropy_bits:{meta['val_entropy_bits']:.1f} source_bpb:{source_bpb:.4f}")
     if cfg.doc_mode:
         figures["scored_fraction"] = evaluator.scored_fraction()
         log(f"doc_mode: standard evaluation scores each document's first {cfg.train_seq_len} targets, "
@@ -2181,7 +2152,6 @@ class Pieces:
     optimizers: list[torch.optim.Optimizer]
 
 def assemble(cfg: Config, rt: Runtime) -> Pieces:
-    """The model seeded by SEED, as it runs and as it trains, and its optimizers."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, rt.device)
     compiled = compile_fn(model) if rt.compile else model
@@ -2221,14 +2191,13 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     roundtrip = export_and_round_trip(cfg, rt, pieces.model, evaluator, summary, log)
     score(cfg, evaluator, roundtrip, summary, log)
     if rt.compile:
-        summary["compile"] = compile_report()  # training's graphs and evaluation's
-        log_compile(log, summary["compile"])
+        summary["compile"] = compile_report(log)  # training's graphs and evaluation's
     return summary
 
 def training_report(cfg: Config, rt: Runtime, summary: dict, log: Logger):
     """Tokens and memory; the graphs training compiled; that all ranks changed depth alike (a disagreement is a bug)."""
     if rt.compile:
-        log_compile(log, compile_report())
+        compile_report(log)
     if rt.distributed and cfg.depth_schedule:
         phases = [None] * rt.world_size
         dist.all_gather_object(phases, [(p["repeats"], p["step"]) for p in summary["depth_phases"]])
@@ -2238,9 +2207,8 @@ def training_report(cfg: Config, rt: Runtime, summary: dict, log: Logger):
     peak = peak_memory_mib(rt)
     log(f"peak memory allocated: {peak:.0f} MiB reserved: {torch.cuda.max_memory_reserved(rt.device) // 2**20} MiB"
         if rt.is_cuda else f"peak memory rss: {peak:.0f} MiB")
-    tokens = summary["steps"] * cfg.train_batch_tokens
-    summary.update(tokens_seen=tokens, tokens_per_s=tokens / max(summary["train_time_ms"] / 1000, 1e-9),
-                   peak_mem_mib=peak)
+    seen = summary["steps"] * cfg.train_batch_tokens
+    summary.update(tokens_seen=seen, tokens_per_s=seen / max(summary["train_time_ms"] / 1000, 1e-9), peak_mem_mib=peak)
 
 def apply_average(pieces: Pieces, evaluator: Evaluator, average: WeightAverage, summary: dict, log: Logger):
     """With SWA or EMA, the model takes the averaged weights, which are then what is validated and exported."""
@@ -2253,8 +2221,7 @@ def apply_average(pieces: Pieces, evaluator: Evaluator, average: WeightAverage, 
     log(f"{average.kind}: snapshots:{average.count} raw val_bpb:{summary['raw_val_bpb']:.4f} "
         f"averaged val_loss:{summary['val_loss']:.4f} val_bpb:{summary['val_bpb']:.4f}")
 
-def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evaluator, summary: dict, log: Logger
-                          ) -> nn.Module:
+def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, ev: Evaluator, summary: dict, log: Logger) -> nn.Module:
     """Each scheme tried (docs/outputs.md, "Quantization") built by rank 0, rebuilt from its bytes alone on every rank
     and evaluated; the last one tried is written, and its model returned for the other final evaluations."""
     artifact_path = Path(cfg.log_dir) / f"{cfg.run_id}.ptz"
@@ -2268,16 +2235,15 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, evaluator: Evalu
         t_eval = time.perf_counter()
         roundtrip = model_from_artifact(header, tensors, artifact_path, rt.device)
         roundtrip = compile_fn(roundtrip) if rt.compile else roundtrip
-        rt_loss, rt_bpb = evaluator.standard(roundtrip)
+        rt_loss, rt_bpb = ev.standard(roundtrip)
         eval_ms = 1000 * (time.perf_counter() - t_eval)
         bytes_total = len(blob) + bytes_code
         fits = bytes_total <= cfg.artifact_limit_bytes
         tried.append({"scheme": scheme, "compressor": method, "bytes_model": len(blob), "bytes_total": bytes_total,
                       "fits": fits, "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "groups": groups})
         for group, row in groups.items():  # rank 0's: the log is rank 0's
-            log(f"quant:{scheme} group:{group} params:{row['params']} fp32_bytes:{row['fp32_bytes']} "
-                f"stored_bytes:{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} "
-                f"ratio:{row['ratio']:.2f}")
+            log(f"quant:{scheme} group:{group} params:{row['params']} fp32_bytes:{row['fp32_bytes']} stored_bytes:"
+                f"{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} ratio:{row['ratio']:.2f}")
         log(f"quant:{scheme}+{method} bytes_total:{bytes_total} fits:{str(fits).lower()} "
             f"roundtrip_val_bpb:{rt_bpb:.4f}")
         if fits:
@@ -2303,10 +2269,9 @@ def score(cfg: Config, evaluator: Evaluator, roundtrip: nn.Module, summary: dict
     fraction = f" scored_fraction:{summary['scored_fraction']:.4f}" if cfg.doc_mode else ""
     if audits.get("standard", {"passed": True})["passed"]:
         name = f"{summary['quant']['scheme']}_{summary['compressor']}"
-        loss, bpb = summary["roundtrip_val_loss"], summary["roundtrip_val_bpb"]
+        loss, bpb, ms = summary["roundtrip_val_loss"], summary["roundtrip_val_bpb"], summary["roundtrip_eval_ms"]
         log(f"final_prequant_exact val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f}{fraction}")
-        log(f"final_{name}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-            f"eval_time:{summary['roundtrip_eval_ms']:.0f}ms")
+        log(f"final_{name}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
         log(f"final_{name}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}{fraction}")
     else:
         log("final_prequant and final_roundtrip FAILED their audit (standard): not scored")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from test_model import randomize, tiny_model
-from train_gpt import (EVAL_METHODS, ByteTables, Evaluator, Logger, NeuralExpert, NgramExpert, Runtime, Scores,
+from train_gpt import (EVAL_METHODS, ByteTables, Evaluator, Logger, NeuralExpert, NgramExpert, Runtime,
                        audit_method, final_evaluations, hedge_experts, hedge_method, load_config, run_audits, score_first,
                        sliding_method, sliding_windows, standard_method, ttt_method)
 
@@ -85,7 +85,7 @@ def test_sliding_eval_at_stride_seq_len_equals_standard_eval():
     cfg = config(EVAL_STRIDE=16)
     model = randomize(tiny_model())
     ev = evaluator(cfg)
-    assert ev.reduce(score_first(ev, sliding_method(cfg, ev, model)).scores) == ev.standard(model)
+    assert ev.reduce(score_first(ev, sliding_method(cfg, ev, model))) == ev.standard(model)
 
 
 def test_sliding_eval_scores_each_target_with_more_context():
@@ -93,11 +93,11 @@ def test_sliding_eval_scores_each_target_with_more_context():
     model = randomize(tiny_model())
     ev = evaluator(cfg)
     run = score_first(ev, sliding_method(cfg, ev, model))
-    assert run.scores.pos.tolist() == list(range(ev.n_targets))
+    assert run.pos.tolist() == list(range(ev.n_targets))
     # Target 20 (token 21) is scored by the window reading tokens 8..23: 13 tokens of context, not 5.
     window = ev.tokens[8:25]
     direct = model(window[None, :-1], window[None, 1:], reduction="none")[0, 12]
-    assert torch.isclose(run.scores.nll[20], direct, atol=1e-6)
+    assert torch.isclose(run.nll[20], direct, atol=1e-6)
 
 
 @pytest.mark.parametrize("order,entries", [(1, 1 << 20), (2, 1 << 20), (3, 1 << 20), (3, 8 * V)])
@@ -170,11 +170,11 @@ def test_hedge_mixture_is_normalised_and_scores_only_after_its_counts_are_causal
     model = randomize(tiny_model())
     run = score_first(ev, hedge_method(cfg, ev, model), set(range(ev.n_targets)))
     assert run.max_sum_error < 1e-5
-    assert run.scores.pos.tolist() == list(range(ev.n_targets))
+    assert run.pos.tolist() == list(range(ev.n_targets))
     nll = -torch.stack([run.captured[p][ev.tokens[p + 1]] for p in range(ev.n_targets)]).log()
-    assert torch.allclose(nll, run.scores.nll, atol=1e-5)
+    assert torch.allclose(nll, run.nll, atol=1e-5)
     # The repeated phrase is learnt by the counts: Hedge beats the model alone on this stream.
-    assert ev.reduce(run.scores)[0] < ev.reduce(score_first(ev, sliding_method(cfg, ev, model)).scores)[0]
+    assert ev.reduce(run)[0] < ev.reduce(score_first(ev, sliding_method(cfg, ev, model)))[0]
 
 
 def test_hedge_scores_each_block_with_counts_of_the_earlier_blocks_only():
@@ -195,7 +195,7 @@ def test_hedge_scores_each_block_with_counts_of_the_earlier_blocks_only():
         pos = torch.arange(start, min(start + 8, ev.n_targets))
         mixture = torch.einsum("e,etv->tv", prior, torch.stack([e.probs(pos, logp[pos]) for e in experts]))
         expected.append(-mixture.gather(-1, ev.tokens[pos + 1].unsqueeze(-1)).squeeze(-1).log())
-    torch.testing.assert_close(run.scores.nll, torch.cat(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run.nll, torch.cat(expected), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("chunk", [7, 40])
@@ -208,14 +208,14 @@ def test_hedge_scores_do_not_move_with_the_batch_size_or_the_world_size(chunk):
         for rows in (2, 5):
             cfg = config(EVAL_STRIDE=4, HEDGE_ENABLED=1, HEDGE_ETA=0, HEDGE_CHUNK_TOKENS=chunk,
                          VAL_BATCH_SIZE=rows * 16 * world)
-            ranks = [score_first(ev, hedge_method(cfg, ev, model)).scores for ev in (
+            ranks = [score_first(ev, hedge_method(cfg, ev, model)) for ev in (
                 evaluator(cfg, 16 * 20 + 1, Runtime(r, world, 0, torch.device("cpu"), False)) for r in range(world))]
-            runs[world, rows] = Scores.cat(ranks, "cpu")
-    one = runs[1, 5]
-    assert one.pos.tolist() == list(range(16 * 20))
-    for run in runs.values():
-        assert torch.equal(run.pos, one.pos)
-        torch.testing.assert_close(run.nll, one.nll, atol=1e-5, rtol=0)
+            runs[world, rows] = torch.cat([r.pos for r in ranks]), torch.cat([r.nll for r in ranks])
+    one_pos, one_nll = runs[1, 5]
+    assert one_pos.tolist() == list(range(16 * 20))
+    for pos, nll in runs.values():
+        assert torch.equal(pos, one_pos)
+        torch.testing.assert_close(nll, one_nll, atol=1e-5, rtol=0)
 
 
 def audit(cfg, ev, model, method, name="m"):
@@ -298,8 +298,8 @@ def test_no_evaluation_gives_the_model_a_target_so_a_loss_that_reads_it_changes_
     x, y = ev.tokens[None, :16], ev.tokens[None, 1:17]
     assert biased(x, y, "none").mean() < model(x, y, "none").mean() - 1  # the bias would be a false gain
     for name in ("standard", "sliding", "hedge"):
-        honest = score_first(ev, EVAL_METHODS[name](cfg, ev, model)).scores.nll
-        assert torch.equal(score_first(ev, EVAL_METHODS[name](cfg, ev, biased)).scores.nll, honest)
+        honest = score_first(ev, EVAL_METHODS[name](cfg, ev, model)).nll
+        assert torch.equal(score_first(ev, EVAL_METHODS[name](cfg, ev, biased)).nll, honest)
 
 
 def test_the_audit_catches_a_mixture_that_does_not_sum_to_one():
@@ -332,8 +332,8 @@ def test_ttt_scores_each_chunk_before_training_on_it_and_restores_the_model():
     ev = evaluator(cfg)
     model = randomize(tiny_model())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plain = score_first(ev, standard_method(cfg, ev, model)).scores
-    adapted = score_first(ev, ttt_method(cfg, ev, model)).scores
+    plain = score_first(ev, standard_method(cfg, ev, model))
+    adapted = score_first(ev, ttt_method(cfg, ev, model))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert adapted.pos.tolist() == plain.pos.tolist()
     first = adapted.pos < 64

@@ -230,7 +230,7 @@ def test_doc_mode_evaluation_scores_each_document_once_without_padding():
                                   torch.zeros(64, dtype=torch.bool))
     ev = Evaluator(cfg, CPU, torch.from_numpy(doc_tokens().astype(np.int64)), tables, bos_id=1)
     assert ev.standard_windows() == [(0, 0, 3), (3, 0, 6), (13, 0, 5)]
-    scores = train_gpt.score_first(ev, ev.distributions(GPT(cfg.model), ev.standard_windows(), 6)).scores
+    scores = train_gpt.score_first(ev, ev.distributions(GPT(cfg.model), ev.standard_windows(), 6))
     assert scores.pos.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 13, 14, 15, 16, 17]
     assert ev.val_bytes() == 14
     assert ev.scored_fraction() == 14 / 18  # positions 9-12, past the second document's first 6 targets, are not

@@ -169,7 +169,7 @@ def mfu(cfg, model, tokens_per_s: float, peak: float) -> float:
 
 def compiled_graphs() -> int:
     """Graphs of the model's forward built so far: one more per depth phase means one recompile."""
-    return train_gpt.compile_report()["per_function"]["GPT.forward"]
+    return train_gpt.compile_report(train_gpt.Logger(None))["per_function"]["GPT.forward"]
 
 
 def measure_optimizer(shape: str, repeats: int) -> dict:
@@ -237,7 +237,7 @@ def measure_eval(shape: str, n_tokens: int, repeats: int, cpu_scale: bool = Fals
     methods = ["standard", "sliding", "hedge"]
 
     def score(name: str, evaluator) -> int:
-        return train_gpt.score_first(evaluator, train_gpt.EVAL_METHODS[name](cfg, evaluator, model)).scores.nll.numel()
+        return train_gpt.score_first(evaluator, train_gpt.EVAL_METHODS[name](cfg, evaluator, model)).nll.numel()
 
     for name in methods:  # compilation and allocator warm-up, outside the timing
         score(name, ev.with_tokens(tokens[:2 * cfg.train_seq_len + 1]))
