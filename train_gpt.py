@@ -6,8 +6,8 @@ every hyperparameter is an env var, `python train_gpt.py --help` lists them."""
 
 from __future__ import annotations
 
-import copy, dataclasses, datetime, difflib, functools, glob, hashlib, io, json, math, os, resource, signal, struct
-import sys, time, uuid, zlib
+import ast, copy, dataclasses, datetime, difflib, functools, glob, hashlib, io, json, lzma, math, os, resource, signal
+import struct, sys, time, tokenize, uuid, zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +133,9 @@ class Config:
     ttt_lr: float = var(0.005, "TTT learning rate, cosine-decayed over the chunks", lo=0.0)
     ttt_momentum: float = var(0.9, "TTT SGD momentum", lo=0.0, hi=0.9999)
     ttt_chunk_tokens: int = var(32768, "TTT scores, then trains on, this many targets at a time", lo=1)
+    score_method: str = var("roundtrip", "the claimed score (the summary's metric), its final line printed last: the "
+                                         "artifact's round trip or an enabled method",
+                            choices=("roundtrip", "sliding", "hedge", "ttt"))
     eval_audit: bool = var(False, "audit every evaluation: distributions sum to 1, no score sees a later token; a "
                                   "method that fails is not scored")
     eval_audit_tokens: int = var(16384, "the audit checks the methods on this prefix of the validation stream", lo=2)
@@ -157,7 +160,7 @@ class Config:
     # Resolved once from the settings above (not env vars): what the run's features read.
     depth_phases: tuple = field(init=False)  # (repeats, starting fraction of the budget) of each phase
     eval_window: int = field(init=False)  # the window of the sliding, Hedge and TTT evaluations
-    eval_methods: tuple = field(init=False)  # the final evaluations after the round trip, in order
+    eval_methods: tuple = field(init=False)  # the final evaluations after the round trip, SCORE_METHOD's last
     weight_average: str = field(init=False)  # none, swa or ema
     model: "ModelSpec" = field(init=False)
 
@@ -178,15 +181,17 @@ class Config:
         if self.swa_enabled and self.ema_decay > 0:
             raise ConfigError(f"EMA_DECAY={self.ema_decay}: choose SWA_ENABLED=1 or EMA_DECAY, not both")
         methods = {"sliding": self.eval_stride, "hedge": self.hedge_enabled, "ttt": self.ttt_steps}
-        for name, value in zip(("eval_stride", "hedge_enabled", "ttt_steps"), methods.values()):
+        for (method, value), name in zip(methods.items(), ("eval_stride", "hedge_enabled", "ttt_steps")):
             if self.doc_mode and value:
                 raise ConfigError(f"{name.upper()}={value}: the stream evaluations do not apply in DOC_MODE, where "
                                   f"every sequence is one document; unset it")
+            if self.score_method == method and not value:
+                raise ConfigError(f"SCORE_METHOD={method}: that evaluation is off (set {name.upper()})")
         for name in ("epochs", "train_subset_docs"):
             if getattr(self, name) and not self.doc_mode:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)}: needs DOC_MODE=1")
-        vars(self).update(depth_phases=phases, num_repeats=phases[-1][0], eval_window=window,
-                          eval_methods=tuple(method for method, on in methods.items() if on),
+        claimed_last = tuple(sorted((method for method, on in methods.items() if on), key=self.score_method.__eq__))
+        vars(self).update(depth_phases=phases, num_repeats=phases[-1][0], eval_window=window, eval_methods=claimed_last,
                           weight_average="swa" if self.swa_enabled else "ema" if self.ema_decay else "none")
         vars(self)["model"] = model_spec(self)
 
@@ -1631,6 +1636,51 @@ def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
         dist.broadcast_object_list(shared, src=0, device=rt.device)
     return shared[0]
 
+# A submission counts the bytes of its train_gpt.py, so it ships the program packed: docs/outputs.md, "Packed code".
+PACK_HEAD, PACK_TAIL = b'#coding:latin-1\nimport lzma\n_="""', b'"""\nexec(lzma.decompress(_.encode("latin-1")))\n'
+
+def strip_program(source: str) -> str:
+    """The source without comments, docstrings and blank lines (a docstring alone in a body becomes `pass`)."""
+    docstrings = {(node.body[0].lineno, node.body[0].col_offset): "pass" if len(node.body) == 1 else ""
+                  for node in ast.walk(ast.parse(source)) if isinstance(getattr(node, "body", None), list)
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+                  and isinstance(node.body[0].value.value, str)}
+    lines, cuts, verbatim = source.splitlines(keepends=True), [], set()  # verbatim: rows inside a string literal
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        (row, col), (end_row, end_col) = token.start, token.end
+        if token.type == tokenize.COMMENT or token.type == tokenize.STRING and (row, col) in docstrings:
+            cuts.append((row, col, end_row, end_col, docstrings.get((row, col), "")))
+        elif end_row > row:
+            verbatim.update(range(row, end_row + 1))
+    for row, col, end_row, end_col, replacement in reversed(cuts):  # from the end: earlier columns stay valid
+        lines[row - 1:end_row] = [lines[row - 1][:col] + replacement + lines[end_row - 1][end_col:]] + [""] * (
+            end_row - row)
+    return "".join(line if row in verbatim else line.rstrip() + "\n" for row, line in enumerate(lines, 1)
+                   if row in verbatim or line.strip())
+
+def pack_program(program: str) -> bytes:
+    """The program lzma-compressed into a latin-1 string literal (4 bytes escaped) behind a wrapper that runs it."""
+    data = lzma.compress(program.encode(), preset=9 | lzma.PRESET_EXTREME).decode("latin-1")
+    for raw, escaped in (("\\", "\\\\"), ('"', '\\"'), ("\r", "\\r"), ("\0", "\\x00")):
+        data = data.replace(raw, escaped)
+    return PACK_HEAD + data.encode("latin-1") + PACK_TAIL
+
+def program_of(code: bytes) -> str:
+    """The program a train_gpt.py runs: a packed file's, unpacked; a source's, stripped."""
+    if not code.startswith(PACK_HEAD):
+        return strip_program(code.decode())
+    literal = code[len(PACK_HEAD) - 3:len(code) - len(PACK_TAIL) + 3].decode("latin-1")
+    return lzma.decompress(ast.literal_eval(literal).encode("latin-1")).decode()
+
+def code_identity() -> dict:
+    """What records/check.py ties a log to: this file's and its program's SHA-256; and the bytes a submission
+    counts, the packed program's (this file's own when it is the packed one)."""
+    code = Path(__file__).read_bytes()
+    program = program_of(code)
+    return {"bytes_code": len(code) if code.startswith(PACK_HEAD) else len(pack_program(program)),
+            "bytes_code_file": len(code), "code_sha256": hashlib.sha256(code).hexdigest(),
+            "program_sha256": hashlib.sha256(program.encode()).hexdigest()}
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation: one core that scores windows of the validation stream; methods built on it; the audit
 # ----------------------------------------------------------------------------------------------
@@ -2168,12 +2218,15 @@ def assemble(cfg: Config, rt: Runtime) -> Pieces:
 
 def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     """Trains, averages, exports and scores; returns the summary, to which each stage adds its figures."""
+    code = code_identity()
     log(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
-    log(f"Code sha256: {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}")  # what records/check.py ties logs to
+    log(f"Code sha256: {code['code_sha256']}")
+    log(f"Program sha256: {code['program_sha256']}")
     for note in notes:
         log(note)
+    compressor = "zstd" if zstandard else "zlib (zstandard is not installed: a larger artifact, a zlib score line)"
     log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
-        f"compile:{rt.compile} bf16:{rt.bf16} torch:{torch.__version__}")
+        f"compile:{rt.compile} bf16:{rt.bf16} compressor:{compressor} torch:{torch.__version__}")
     cfg, stream, evaluator, val_text = load_data(cfg, rt, log)
     pieces = assemble(cfg, rt)
     counts = parameter_counts(pieces.model)
@@ -2183,7 +2236,8 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
     trained, average = train(cfg, rt, pieces, stream, evaluator, log)
     summary = {"run_id": cfg.run_id, "world_size": rt.world_size, "device": str(rt.device),
-               "config": dataclasses.asdict(cfg), **trained, **counts, "val_tokens": evaluator.n_targets, **val_text}
+               "config": dataclasses.asdict(cfg), **trained, **counts, "val_tokens": evaluator.n_targets, **val_text,
+               **code}
     training_report(cfg, rt, summary, log)
     apply_average(pieces, evaluator, average, summary, log)
     if cfg.per_token_loss_every:
@@ -2224,9 +2278,7 @@ def apply_average(pieces: Pieces, evaluator: Evaluator, average: WeightAverage, 
 def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, ev: Evaluator, summary: dict, log: Logger) -> nn.Module:
     """Each scheme tried (docs/outputs.md, "Quantization") built by rank 0, rebuilt from its bytes alone on every rank
     and evaluated; the last one tried is written, and its model returned for the other final evaluations."""
-    artifact_path = Path(cfg.log_dir) / f"{cfg.run_id}.ptz"
-    bytes_code = len(Path(__file__).read_bytes())
-    tried = []
+    artifact_path, bytes_code, tried = Path(cfg.log_dir) / f"{cfg.run_id}.ptz", summary["bytes_code"], []
     for scheme in AUTO_ORDER if cfg.quant == "auto" else (cfg.quant,):
         blob, groups = build_artifact(model, scheme) if rt.rank == 0 else (None, {})
         blob = share_from_rank0(rt, blob)
@@ -2251,15 +2303,15 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, ev: Evaluator, s
     if rt.rank == 0:
         write_atomic(artifact_path, blob)
     log(f"Serialized model {scheme}+{method}: {len(blob)} bytes")
-    log(f"Code size: {bytes_code} bytes")
+    log(f"Code size: {summary['bytes_code_file']} bytes (packed: {bytes_code} bytes, which bytes_total counts)")
     log(f"Total submission size {scheme}+{method}: {bytes_total} bytes")
     if cfg.quant == "auto":
         log(f"quant:auto chose {scheme}" + ("" if fits else ": nothing fits, the smallest is written"))
     if not fits:
         log(f"WARNING over_limit: bytes_total {bytes_total} exceeds ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes} "
             f"by {bytes_total - cfg.artifact_limit_bytes} bytes: this run cannot be a submission")
-    summary.update(roundtrip_val_loss=rt_loss, roundtrip_val_bpb=rt_bpb, bytes_model=len(blob), bytes_code=bytes_code,
-                   bytes_total=bytes_total, over_limit=not fits, compressor=method, artifact_path=str(artifact_path),
+    summary.update(roundtrip_val_loss=rt_loss, roundtrip_val_bpb=rt_bpb, bytes_model=len(blob), bytes_total=bytes_total,
+                   over_limit=not fits, compressor=method, artifact_path=str(artifact_path),
                    quant={"scheme": scheme, "tried": tried}, roundtrip_eval_ms=eval_ms)
     return roundtrip
 
@@ -2267,8 +2319,9 @@ def score(cfg: Config, evaluator: Evaluator, roundtrip: nn.Module, summary: dict
     """The audits, the headline lines (withheld if the standard method fails its audit), every other method."""
     audits = run_audits(cfg, evaluator, roundtrip, log)
     fraction = f" scored_fraction:{summary['scored_fraction']:.4f}" if cfg.doc_mode else ""
+    name = f"{summary['quant']['scheme']}_{summary['compressor']}"
+    summary["metric"] = f"{name}_roundtrip" if cfg.score_method == "roundtrip" else cfg.score_method
     if audits.get("standard", {"passed": True})["passed"]:
-        name = f"{summary['quant']['scheme']}_{summary['compressor']}"
         loss, bpb, ms = summary["roundtrip_val_loss"], summary["roundtrip_val_bpb"], summary["roundtrip_eval_ms"]
         log(f"final_prequant_exact val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f}{fraction}")
         log(f"final_{name}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")

@@ -37,7 +37,7 @@ def measure(path: Path, data: str | None, tokenizer: str | None) -> list[dict]:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise train_gpt.InputError(f"checkpoint {path}: its model does not load ({str(e).splitlines()[0]})") from None
-    code = len(Path(train_gpt.__file__).read_bytes())
+    code = train_gpt.code_identity()["bytes_code"]  # packed, as a submission counts it
     loss, bpb = evaluator.standard(model)
     rows = [{"scheme": "none", "compressor": "-", "bytes_model": None, "bytes_total": None, "export_s": None,
              "val_loss": loss, "val_bpb": bpb, "delta_bpb": 0.0}]
