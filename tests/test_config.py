@@ -132,3 +132,12 @@ def test_the_settings_reference_is_generated_from_the_code():
     assert done.returncode == 0, done.stderr
     page = (ROOT / "docs" / "settings.md").read_text()
     assert all(f"`{name}`" in page for name in train_gpt.CONFIG_FIELDS) and all(f"`{name}`" in page for name in train_gpt.PRESETS)
+
+
+def test_the_claimed_score_must_be_an_enabled_method_and_runs_last():
+    with pytest.raises(train_gpt.ConfigError, match="SCORE_METHOD=ttt: that evaluation is off \\(set TTT_STEPS\\)"):
+        train_gpt.load_config({"SCORE_METHOD": "ttt", "EVAL_STRIDE": "64"})
+    cfg, _ = train_gpt.load_config({"SCORE_METHOD": "sliding", "EVAL_STRIDE": "64", "HEDGE_ENABLED": "1"})
+    assert cfg.eval_methods == ("hedge", "sliding")
+    cfg, _ = train_gpt.load_config({"EVAL_STRIDE": "64", "HEDGE_ENABLED": "1"})
+    assert cfg.eval_methods == ("sliding", "hedge") and cfg.score_method == "roundtrip"

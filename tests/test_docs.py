@@ -106,6 +106,14 @@ REGISTRY = {
         "tests/test_bench.py::test_every_tool_answers_help",
     ],
     "bash tools/gpu_check.sh --help": ["tests/test_bench.py::test_every_tool_answers_help"],
+    "python tools/pack_code.py": ["tests/test_packed.py::test_the_pack_command_writes_the_packed_file"],
+    "python records/make_record.py": [
+        "tests/test_make_record.py::test_three_seeds_make_a_folder_that_passes_and_whose_packed_code_reproduces_a_seed",
+    ],
+    "python records/check.py": [
+        "tests/test_records.py::test_a_good_folder_passes_from_any_directory",
+        "tests/test_records.py::test_leaderboard_lists_passing_folders_best_first",
+    ],
     "python tools/settings_doc.py": ["tests/test_config.py::test_the_settings_reference_is_generated_from_the_code"],
     "python tools/settings_doc.py --check": [
         "tests/test_config.py::test_the_settings_reference_is_generated_from_the_code",
@@ -114,8 +122,8 @@ REGISTRY = {
 
 
 def command_pages() -> list[Path]:
-    return [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").glob("*.md")
-                                         if p.name not in NOT_CHECKED_FOR_COMMANDS)
+    return [ROOT / "README.md", ROOT / "records" / "README.md"] + sorted(
+        p for p in (ROOT / "docs").glob("*.md") if p.name not in NOT_CHECKED_FOR_COMMANDS)
 
 
 def link_pages() -> list[Path]:
