@@ -1639,24 +1639,52 @@ def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
 # A submission counts the bytes of its train_gpt.py, so it ships the program packed: docs/outputs.md, "Packed code".
 PACK_HEAD, PACK_TAIL = b'#coding:latin-1\nimport lzma\n_="""', b'"""\nexec(lzma.decompress(_.encode("latin-1")))\n'
 
+def docstring_of(node: ast.AST) -> ast.Expr | None:
+    body = getattr(node, "body", None)
+    first = body[0] if isinstance(body, list) and body else None
+    is_text = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+    return first if is_text and isinstance(first.value.value, str) else None
+
+def without_docstrings(source: str) -> str:
+    """The source's syntax tree less its docstrings, dumped: what stripping must keep exactly."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if docstring_of(node):
+            node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
 def strip_program(source: str) -> str:
-    """The source without comments, docstrings and blank lines (a docstring alone in a body becomes `pass`)."""
-    docstrings = {(node.body[0].lineno, node.body[0].col_offset): "pass" if len(node.body) == 1 else ""
-                  for node in ast.walk(ast.parse(source)) if isinstance(getattr(node, "body", None), list)
-                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
-                  and isinstance(node.body[0].value.value, str)}
-    lines, cuts, verbatim = source.splitlines(keepends=True), [], set()  # verbatim: rows inside a string literal
+    """The source without comments, docstrings and blank lines, checked to be the same syntax tree."""
+    lines, verbatim = source.splitlines(keepends=True), set()  # verbatim: rows inside a string literal
+
+    def span(doc: ast.Expr) -> tuple:  # the syntax tree counts UTF-8 bytes, the tokenizer characters
+        return (doc.lineno, len(lines[doc.lineno - 1].encode()[:doc.col_offset].decode()), doc.end_lineno,
+                len(lines[doc.end_lineno - 1].encode()[:doc.end_col_offset].decode()))
+
+    cuts = [(*span(d), "pass" if len(node.body) == 1 else "") for node in ast.walk(ast.parse(source))
+            if (d := docstring_of(node))]
+    docstring_rows = {row for cut in cuts for row in range(cut[0], cut[2] + 1)}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         (row, col), (end_row, end_col) = token.start, token.end
-        if token.type == tokenize.COMMENT or token.type == tokenize.STRING and (row, col) in docstrings:
-            cuts.append((row, col, end_row, end_col, docstrings.get((row, col), "")))
-        elif end_row > row:
+        if token.type == tokenize.COMMENT:
+            cuts.append((row, col, row, end_col, ""))
+        elif end_row > row and row not in docstring_rows:
             verbatim.update(range(row, end_row + 1))
-    for row, col, end_row, end_col, replacement in reversed(cuts):  # from the end: earlier columns stay valid
-        lines[row - 1:end_row] = [lines[row - 1][:col] + replacement + lines[end_row - 1][end_col:]] + [""] * (
-            end_row - row)
-    return "".join(line if row in verbatim else line.rstrip() + "\n" for row, line in enumerate(lines, 1)
-                   if row in verbatim or line.strip())
+    for row, col, end_row, end_col, replacement in sorted(cuts, reverse=True):  # from the end: columns stay valid
+        rest = lines[end_row - 1][end_col:]
+        if not replacement and rest.lstrip().startswith(";"):  # `"doc"; x = 1`
+            rest = rest.lstrip()[1:].lstrip()
+        lines[row - 1:end_row] = [lines[row - 1][:col] + replacement + rest] + [""] * (end_row - row)
+    program = "".join(line if row in verbatim else line.rstrip() + "\n" for row, line in enumerate(lines, 1)
+                      if row in verbatim or line.strip())
+    try:
+        changed = without_docstrings(program) != without_docstrings(source)
+    except SyntaxError:
+        changed = True
+    if changed:
+        raise InputError("train_gpt.py: stripping its comments and docstrings would change its program (a construct "
+                         "strip_program does not handle): it cannot be packed")
+    return program
 
 def pack_program(program: str) -> bytes:
     """The program lzma-compressed into a latin-1 string literal (4 bytes escaped) behind a wrapper that runs it."""
@@ -1667,7 +1695,7 @@ def pack_program(program: str) -> bytes:
 
 def program_of(code: bytes) -> str:
     """The program a train_gpt.py runs: a packed file's, unpacked; a source's, stripped."""
-    if not code.startswith(PACK_HEAD):
+    if not (code.startswith(PACK_HEAD) and code.endswith(PACK_TAIL)):
         return strip_program(code.decode())
     literal = code[len(PACK_HEAD) - 3:len(code) - len(PACK_TAIL) + 3].decode("latin-1")
     return lzma.decompress(ast.literal_eval(literal).encode("latin-1")).decode()

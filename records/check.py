@@ -64,6 +64,10 @@ SIZES = {"total": re.compile(r"^Total submission size \S+: (\d+) bytes\b", re.M)
 FINAL = re.compile(r"^final_(\S+)_exact val_loss:(\S+) val_bpb:(\S+)(?: .*)?$", re.M)
 CODE_SHA = re.compile(r"^Code sha256: ([0-9a-f]{64})$", re.M)
 PROGRAM_SHA = re.compile(r"^Program sha256: ([0-9a-f]{64})\b", re.M)
+# Lines only this harness writes: a log with any of them must be read as the harness's, config and all.
+HARNESS_LINE = re.compile(r"^(?:config: |Code sha256: |Program sha256: |exit:\d+$)", re.M)
+# train_gpt.py's PACK_HEAD and PACK_TAIL: the wrapper of a packed train_gpt.py, byte for byte.
+PACK_HEAD, PACK_TAIL = b'#coding:latin-1\nimport lzma\n_="""', b'"""\nexec(lzma.decompress(_.encode("latin-1")))\n'
 TOKENIZER = re.compile(r"^tokenizer: \S+ sha256:([0-9a-f]{64})$", re.M)
 TOKENIZER_PATH = re.compile(r"^val_bpb:enabled tokenizer_path=(\S+)$", re.M)
 AUDIT = re.compile(r"^audit (\S+): .* (passed|FAILED)$", re.M)
@@ -82,6 +86,7 @@ class Verdict:
     submission: dict | None = None
     tokenizer: str | None = None  # what its logs scored with, when they agree
     harness: bool = True  # whether its logs are this harness's (a `config:` line), not the challenge's own
+    complete: bool = False  # files, logs and the required fields there: what a previous record must have
 
     def say(self, problem: str):
         self.problems.append(problem)
@@ -212,8 +217,11 @@ def check_types(submission: dict, verdict: Verdict) -> bool:
 
 def check_fields(submission: dict, folder: Path, verdict: Verdict) -> bool:
     """The fields' values on their own; whether the seeds are usable for comparing with the logs."""
+    named = re.fullmatch(r"(\d{4}-\d{2}-\d{2})_.+", folder.name)
     if date_of(submission) is None:
         verdict.say(f"submission.json date {submission['date']!r} is not an ISO date YYYY-MM-DD")
+    elif verdict.harness and named and date_of(submission) != named.group(1):
+        verdict.say(f"submission.json date {submission['date']} is not the folder's {named.group(1)}")
     if "track" in submission and submission["track"] not in TRACK_NAMES.get(folder.parent.name, ()):
         verdict.say(f"submission.json track {submission['track']!r} is not the folder's track {folder.parent.name!r}")
     seeds = submission.get("seeds")
@@ -253,7 +261,7 @@ def read_log(path: Path) -> dict:
            "audits": {name: verdict == "passed" for name, verdict in AUDIT.findall(text)},
            "failures": FAILURE.findall(text), "exits": [int(code) for code in EXIT.findall(text)],
            "code_sha256": CODE_SHA.findall(text), "program_sha256": PROGRAM_SHA.findall(text),
-           "tokenizer": read_tokenizer(text)}
+           "tokenizer": read_tokenizer(text), "harness": bool(HARNESS_LINE.search(text))}
     if log["config"] is not None:
         log["seed"] = log["config"].get("seed")
     elif SEED.search(text):
@@ -299,7 +307,7 @@ def metric_of(log: dict, metric: str | None) -> tuple[float, float] | None:
     """(val_loss, val_bpb) of the scored line: the last final line of that name; by default the last
     round trip through the artifact, or in the challenge's logs their last final line."""
     def scored(name: str) -> bool:
-        return name == metric if metric is not None else name.endswith("_roundtrip") or log["config"] is None
+        return name == metric if metric is not None else name.endswith("_roundtrip") or not log["harness"]
 
     found = [(loss, bpb) for name, loss, bpb in log["finals"] if scored(name)]
     return found[-1] if found else None
@@ -345,13 +353,14 @@ def check_folder(folder: Path, seen: tuple = ()) -> Verdict:
     logs = [read_log(p) for p in log_paths(folder)]
     if not logs:
         verdict.say("no train log (*.txt or *.log)")
-    verdict.harness = any(log["config"] is not None for log in logs) or folder.parent.name in HARNESS_TRACKS
+    verdict.harness = any(log["harness"] for log in logs) or folder.parent.name in HARNESS_TRACKS
     if not verdict.harness:
         verdict.notes.append("the logs are not this harness's (no config: line): figures, sizes and seeds are "
                              "checked against them; the code by its size only, and no audit")
     submission = verdict.submission = read_submission(folder, verdict)
     if submission is None or not check_types(submission, verdict) or not check_fields(submission, folder, verdict):
         return verdict
+    verdict.complete = bool(logs) and all((folder / name).is_file() for name in FILES) and date_of(submission)
     metric = submission.get("metric")
     if not check_metric(metric, logs, verdict):
         return verdict
@@ -404,9 +413,11 @@ def check_runs(folder: Path, logs: list[dict], verdict: Verdict):
             verdict.say(f"{name} ended with exit:{log['exits'][-1]}")
         if folder.parent.name in STREAM_TRACKS and log["config"] and log["config"].get("doc_mode"):
             verdict.say(f"{name} ran with DOC_MODE, which scores part of each document: not a {folder.parent.name} score")
-    scored = {log["finals"][-1][0] for log in logs if log["finals"] and log["config"] is None}
-    if not verdict.harness and len(scored) > 1:
+    scored = {log["finals"][-1][0] for log in logs if log["finals"] and not verdict.harness}
+    if len(scored) > 1:
         verdict.say(f"the logs' last final lines score different things ({', '.join(sorted(scored))})")
+    if any("prequant" in name for name in scored):
+        verdict.say("the logs' last final line is the unquantized model's (prequant): not a score")
     tokenizers = {log["tokenizer"] for log in logs}
     if len(tokenizers) > 1:
         verdict.say(f"the logs scored with different tokenizers ({', '.join(sorted(map(str, tokenizers)))})")
@@ -473,11 +484,13 @@ def check_bytes(submission: dict, folder: Path, logs: list[dict], verdict: Verdi
 
 
 def packed_program(code: bytes) -> bytes | None:
-    """The program a packed train_gpt.py runs (its longest string literal, lzma-compressed), else None."""
+    """The program a packed train_gpt.py runs, else None: only train_gpt.py's exact wrapper around one string
+    literal counts, so that no other code can run beside the program."""
+    if not (code.startswith(PACK_HEAD) and code.endswith(PACK_TAIL)):
+        return None
     try:
-        literals = [node.value for node in ast.walk(ast.parse(code))
-                    if isinstance(node, ast.Constant) and isinstance(node.value, str)]
-        return lzma.decompress(max(literals, key=len).encode("latin-1")) if literals else None
+        literal = ast.literal_eval(code[len(PACK_HEAD) - 3:len(code) - len(PACK_TAIL) + 3].decode("latin-1"))
+        return lzma.decompress(literal.encode("latin-1")) if isinstance(literal, str) else None
     except (SyntaxError, ValueError, lzma.LZMAError, UnicodeEncodeError):
         return None
 
@@ -534,6 +547,8 @@ def check_limit(submission: dict, logs: list[dict], verdict: Verdict):
 def check_record(submission: dict, folder: Path, measured: list[tuple[float, float]], verdict: Verdict,
                  seen: tuple):
     name = submission.get("previous_record")
+    if date_of(submission) is None:
+        return  # reported: without a date there is no track's best to compare with
     if name is None:
         verdict.say("a record claim must name previous_record (the track's best folder before it)")
         return
@@ -585,13 +600,11 @@ def check_record(submission: dict, folder: Path, measured: list[tuple[float, flo
 
 def standing(verdict: Verdict) -> dict | None:
     """The submission a folder stands for as a previous record: one that passes, or one of the challenge's
-    own folders (logs this checker cannot fully read), taken at its claim; None for a failing folder."""
+    own folders (logs this checker cannot fully read, but its files, logs and fields there), taken at its
+    claim; None for any other failing folder."""
     if not verdict.problems:
         return verdict.submission
-    readable = verdict.submission is not None and has_type(verdict.submission.get("val_bpb"), (int, float))
-    if not verdict.harness and readable and date_of(verdict.submission):
-        return verdict.submission
-    return None
+    return verdict.submission if verdict.complete and not verdict.harness else None
 
 
 def track_best(folder: Path, date: str, seen: tuple) -> tuple[Path, dict] | None:
@@ -619,7 +632,8 @@ def cell(text: str) -> str:
 def table(entries: list[tuple[dict, Path]]) -> list[str]:
     lines = ["| val_bpb | val_loss | bytes_total | seeds | date | name | author |", "|---|---|---|---|---|---|---|"]
     for s, path in sorted(entries, key=lambda entry: entry[0]["val_bpb"]):
-        lines.append(f"| {s['val_bpb']:.4f} | {s['val_loss']:.4f} | {s['bytes_total']:,} | {len(s['seeds'])} | "
+        loss, seeds = (f"{s['val_loss']:.4f}" if "val_loss" in s else "-"), len(s["seeds"]) if "seeds" in s else "-"
+        lines.append(f"| {s['val_bpb']:.4f} | {loss} | {s['bytes_total']:,} | {seeds} | "
                      f"{s['date']} | [{cell(s['name'])}]({path.as_posix()}/) | {cell(s['author'])} |")
     return lines
 

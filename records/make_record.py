@@ -46,7 +46,10 @@ def load_train_gpt(path: Path):
     """The trainer at `path` as a module: its packing and its settings' defaults."""
     spec = importlib.util.spec_from_file_location("record_train_gpt", path)
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look themselves up there
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except (OSError, SyntaxError) as e:
+        raise InputError(f"--code {path}: not a train_gpt.py that loads ({e})") from None
     return module
 
 
@@ -61,8 +64,9 @@ def read_run(summary_path: Path) -> dict:
     log = check.read_log(log_path)
     if log["config"] is None or not log["code_sha256"] or not log["program_sha256"]:
         raise InputError(f"{log_path}: no config:, Code sha256: or Program sha256: line (a log of this harness?)")
-    if not log["exits"] or log["exits"][-1] != 0:
-        raise InputError(f"{log_path}: the run did not finish with exit:0")
+    if not log["exits"] or log["exits"][-1] != 0 or "total" not in log or "code" not in log:
+        raise InputError(f"{log_path}: the run did not finish with exit:0 and its Code size and Total submission "
+                         f"size lines")
     return {"summary": summary, "log": log, "summary_path": summary_path}
 
 
@@ -75,9 +79,9 @@ def check_runs_agree(runs: list[dict], settings: set[str]):
         if differ:
             raise InputError(f"{run['log']['path'].name} and {first['log']['path'].name} ran different configs: "
                              + ", ".join(f"{k.upper()}={b.get(k)!r} vs {a.get(k)!r}" for k in differ[:5]))
-        for key, what in (("program_sha256", "programs (Program sha256)"), ("code_sha256", "code (Code sha256)")):
-            if run["log"][key][-1] != first["log"][key][-1]:
-                raise InputError(f"{run['log']['path'].name} and {first['log']['path'].name} ran different {what}")
+        if run["log"]["program_sha256"][-1] != first["log"]["program_sha256"][-1]:  # the source's or the packed file's
+            raise InputError(f"{run['log']['path'].name} and {first['log']['path'].name} ran different programs "
+                             f"(Program sha256)")
         for key in ("world_size", "device"):
             if run["summary"].get(key) != first["summary"].get(key):
                 raise InputError(f"{run['log']['path'].name} ran with {key} {run['summary'].get(key)}, "
@@ -168,8 +172,15 @@ def make(args) -> Path:
         raise InputError(f"the logs ran another program than {args.code} (Program sha256 differs): pass the "
                          f"train_gpt.py they ran with --code")
     packed = train_gpt.pack_program(program)
+    counted = {run["log"]["code"] for run in runs}
+    if counted != {len(packed)}:
+        raise InputError(f"the code packs to {len(packed)} bytes here, but the logs counted {sorted(counted)} "
+                         f"(another lzma library?): make the folder on the machine that trained")
     claimed = runs[0]["summary"].get("metric", "")  # SCORE_METHOD's: a round trip is check.py's default
     metric = args.metric or (None if claimed.endswith("_roundtrip") else claimed or None)
+    verdict = check.Verdict()
+    if not check.check_metric(metric, [run["log"] for run in runs], verdict) or verdict.problems:
+        raise InputError(verdict.problems[0])
     results = {str(run["log"]["config"]["seed"]): seed_result(run, metric) for run in runs}
     losses, bpbs = zip(*(scored(run, metric) for run in runs))
     (loss, loss_std), (bpb, bpb_std) = mean_std(list(losses)), mean_std(list(bpbs))

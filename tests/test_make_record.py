@@ -78,4 +78,9 @@ def test_runs_that_disagree_are_refused_and_nothing_is_written(runs, tmp_path):
     shutil.copy(logs / "tiny_seed42.txt", tmp_path / "copy.txt")
     out = make(tmp_path, [logs / "tiny_seed42.json", tmp_path / "copy.json"])
     assert out.returncode == 2 and "two runs share a seed" in out.stderr, out.stderr
+    for extra, expected in ((["--code", str(tmp_path / "missing.py")], "not a train_gpt.py that loads"),
+                            (["--metric", "prequant"], "metric 'prequant' is not a score"),
+                            (["--metric", "sliding"], "has no passed audit of sliding")):
+        out = make(tmp_path, [logs / "tiny_seed1337.json", logs / "tiny_seed42.json"], *extra)
+        assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not list((tmp_path / "records").rglob("*"))

@@ -42,6 +42,22 @@ def test_stripping_removes_comments_docstrings_and_blank_lines_and_nothing_else(
     assert train_gpt.strip_program(program) == program  # packing a packed file's program changes nothing
 
 
+@pytest.mark.parametrize("source,expected", [
+    ('def f(): "doc"; return 1\n', "def f(): return 1\n"),
+    ('def g():\n    """doc"""; return 2\n', "def g():\n    return 2\n"),
+    ('def h():\n    "implicitly" "joined"\n    return 3\n', "def h():\n    return 3\n"),
+    ('def u():\n    "\u00e9 doc"; return "\u00e9"\n', 'def u():\n    return "\u00e9"\n'),
+])
+def test_docstrings_on_one_line_with_code_or_in_pieces_are_cut_whole(source, expected):
+    assert train_gpt.strip_program(source) == expected
+
+
+def test_a_stripping_that_would_change_the_program_stops_with_one_line(monkeypatch):
+    monkeypatch.setattr(train_gpt.tokenize, "COMMENT", train_gpt.tokenize.NAME)  # "strip" every name instead
+    with pytest.raises(train_gpt.InputError, match="stripping its comments and docstrings would change its program"):
+        train_gpt.strip_program("x = 1  # one\n")
+
+
 def without_docstrings(tree: ast.AST) -> str:
     for node in ast.walk(tree):
         body = getattr(node, "body", None)

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -54,7 +55,8 @@ def make_folder(root, name="2026-11-22_x", track="track_cpu_embedded", losses=(1
         (folder / f"train_seed{seed}.txt").write_text(log_text(seed, loss, loss * bpb_per_nat, model_bytes,
                                                                 **(log or {})))
     mean = sum(losses) / len(losses)
-    submission = {"author": "a", "github_id": "a", "name": name, "blurb": "b", "date": "2026-11-22",
+    date = name[:10] if name[:4].isdigit() else "2026-11-22"  # the folder's date, as make_record.py writes it
+    submission = {"author": "a", "github_id": "a", "name": name, "blurb": "b", "date": date,
                   "val_loss": round(mean, 8), "val_bpb": round(mean * bpb_per_nat, 8), "bytes_total": model_bytes + len(CODE),
                   "bytes_code": len(CODE), "seeds": seeds, **overrides}
     (folder / "submission.json").write_text(json.dumps(submission))
@@ -227,7 +229,7 @@ def test_leaderboard_lists_passing_folders_best_first(tmp_path):
     assert text.split(check.END)[1] == original.split(check.END)[1]
     board = text.split(check.START)[1].split(check.END)[0]
     assert board.index("2026-11-21_better") < board.index("2026-11-20_worse") and "broken" not in board
-    assert "| 0.6000 | 1.2000 | 1,024 | 3 | 2026-11-22 | [2026-11-21_better](track_cpu_embedded/2026-11-21_better/) " \
+    assert "| 0.6000 | 1.2000 | 1,024 | 3 | 2026-11-21 | [2026-11-21_better](track_cpu_embedded/2026-11-21_better/) " \
            "| b\\|c |" in board
     assert "### track_10min_16mb\n\nNo submissions yet." in board
 
@@ -410,29 +412,26 @@ def test_tampered_copies_of_the_challenges_folders_are_refused(tmp_path, change,
     assert out.returncode == 1 and expected in out.stdout, out.stdout
 
 
-def pack(program: bytes) -> bytes:
-    """A packed train_gpt.py as train_gpt.py writes one: lzma bytes in a latin-1 string literal."""
-    import lzma
-    literal = lzma.compress(program).decode("latin-1").replace("\\", "\\\\").replace("\r", "\\r").replace(
-        "\0", "\\x00").replace('"', '\\"')
-    return f'#coding:latin-1\nimport lzma\nexec(lzma.decompress("""{literal}""".encode("latin-1")))\n'.encode(
-        "latin-1")
-
-
 def test_a_packed_train_gpt_counts_its_compressed_size_and_is_tied_by_its_program(tmp_path):
-    program = b"print('the program')\n" * 50
-    packed = pack(program)
-    assert check.packed_program(packed) == program
-    source_sha = hashlib.sha256(b"# the source, with comments\n" + program).hexdigest()
-    program_line = f"Program sha256: {hashlib.sha256(program).hexdigest()}"
+    import train_gpt
+
+    program = "print('the program')\n" * 50
+    packed = train_gpt.pack_program(program)
+    assert check.packed_program(packed) == program.encode()
+    source_sha = hashlib.sha256(b"# the source, with comments\n" + program.encode()).hexdigest()
+    program_line = f"Program sha256: {hashlib.sha256(program.encode()).hexdigest()}"
     folder = make_folder(tmp_path, log={"code": len(packed), "sha": source_sha, "extra": (program_line,)})
     (folder / "train_gpt.py").write_bytes(packed)
     patch(folder, bytes_code=len(packed), bytes_total=1000 + len(packed))
     out = run(folder)
     assert out.returncode == 0, out.stdout
-    (folder / "train_gpt.py").write_bytes(pack(program.replace(b"the program", b"the pr0gram")))
-    out = run(folder)
-    assert out.returncode == 1 and "ran code with SHA-256" in out.stdout, out.stdout
+    # Another program packed, or the same literal behind a wrapper that runs something else: refused.
+    wrapper_end = packed.rindex(b'"""') + 3
+    other_wrapper = packed[:wrapper_end] + b"\nprint('not the program')".ljust(len(packed) - wrapper_end, b"#")
+    for tampered in (train_gpt.pack_program(program.replace("the program", "the pr0gram")), other_wrapper):
+        (folder / "train_gpt.py").write_bytes(tampered)
+        out = run(folder)
+        assert out.returncode == 1 and "ran code with SHA-256" in out.stdout, out.stdout
 
 
 def test_a_claim_can_beat_the_challenges_own_best(tmp_path):
@@ -455,3 +454,56 @@ def test_the_cpu_track_takes_only_this_harness_logs(tmp_path):
                               bytes_code=len(CHALLENGE_CODE), seeds=list(SEEDS))
     out = run(folder)
     assert out.returncode == 1 and "has no config line" in out.stdout, out.stdout
+
+
+def test_a_harness_folder_cannot_pass_as_the_challenges_by_dropping_its_config_lines(tmp_path):
+    folder = make_folder(tmp_path, track="track_10min_16mb")
+    for log in folder.glob("*.txt"):
+        log.write_text(re.sub(r"^config: .*\"seed\": (\d+).*$", r"seed:\1", log.read_text(), flags=re.M))
+    out = run(folder)
+    assert out.returncode == 1 and "has no config line" in out.stdout and "not this harness's" not in out.stdout
+
+
+def test_the_challenges_logs_never_score_the_unquantized_model(tmp_path):
+    folder = challenge_folder(tmp_path)
+    for log in folder.glob("*.log"):
+        text = log.read_text()
+        log.write_text(text + text.splitlines()[-1].replace("final_int8_zlib_roundtrip_exact", "final_prequant_exact")
+                       + "\n")
+    out = run(folder)
+    assert out.returncode == 1 and "unquantized model's (prequant): not a score" in out.stdout, out.stdout
+
+
+def test_a_folder_of_only_a_submission_does_not_stand_as_a_previous_record(tmp_path):
+    junk = tmp_path / "records" / "track_10min_16mb" / "2026-01-01_junk"
+    junk.mkdir(parents=True)
+    (junk / "submission.json").write_text(json.dumps({"author": "a", "github_id": "a", "name": "n", "blurb": "b",
+                                                      "val_bpb": 9.0, "bytes_total": 1, "date": "2026-01-01"}))
+    undated = challenge_folder(tmp_path, name="2026-01-02_undated")
+    patch(undated, date=None)
+    folder = make_folder(tmp_path, name="2026-11-22_claim", track="track_10min_16mb", losses=(0.98, 0.97, 0.99),
+                         record=True, previous_record="records/track_10min_16mb/2026-01-01_junk")
+    out = run(folder)
+    assert out.returncode == 1 and "2026-01-01_junk does not pass its own checks" in out.stdout, out.stdout
+    challenge_folder(tmp_path, name="2026-01-03_standing")
+    patch(folder, date="03/12/2026", previous_record="records/track_10min_16mb/2026-01-03_standing")
+    out = run(folder)
+    assert out.returncode == 1 and "not an ISO date" in out.stdout and "Traceback" not in out.stderr, out.stderr
+    out = run("--leaderboard", "--root", tmp_path)
+    assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_harness_folders_date_is_its_names(tmp_path):
+    folder = make_folder(tmp_path, date="2026-01-01")
+    out = run(folder)
+    assert out.returncode == 1 and "date 2026-01-01 is not the folder's 2026-11-22" in out.stdout, out.stdout
+
+
+def test_the_leaderboard_lists_a_challenge_folder_without_val_loss_or_seeds(tmp_path):
+    fake_repo_with_readme(tmp_path)
+    folder = challenge_folder(tmp_path)
+    path = folder / "submission.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "val_loss"}))
+    out = run("--leaderboard", "--root", tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "| - | 15,801,433 | - | 2026-03-18T14:56:29Z |" in (tmp_path / "records" / "README.md").read_text()

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     try:
         source = args.source.read_bytes()
         program = train_gpt.program_of(source)
-    except (OSError, SyntaxError, UnicodeDecodeError) as e:
+    except (OSError, SyntaxError, UnicodeDecodeError, train_gpt.InputError) as e:
         print(f"error: {args.source}: not a readable Python source ({e})", file=sys.stderr)
         return 2
     packed = train_gpt.pack_program(program)
