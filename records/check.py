@@ -412,7 +412,8 @@ def check_runs(folder: Path, logs: list[dict], verdict: Verdict):
         elif log["exits"] and log["exits"][-1] != 0:
             verdict.say(f"{name} ended with exit:{log['exits'][-1]}")
         if folder.parent.name in STREAM_TRACKS and log["config"] and log["config"].get("doc_mode"):
-            verdict.say(f"{name} ran with DOC_MODE, which scores part of each document: not a {folder.parent.name} score")
+            verdict.say(f"{name} ran with DOC_MODE, which scores part of each document: "
+                        f"not a {folder.parent.name} score")
     scored = {log["finals"][-1][0] for log in logs if log["finals"] and not verdict.harness}
     if len(scored) > 1:
         verdict.say(f"the logs' last final lines score different things ({', '.join(sorted(scored))})")
@@ -530,7 +531,8 @@ def check_total(submission: dict, code: int, totals: list[dict], verdict: Verdic
     if "model" not in largest:
         verdict.say(f"{name} has no Serialized model line")
     elif submission["bytes_total"] - code != largest["model"]:
-        verdict.say(f"bytes_total - the code's {code} bytes is not {name}'s serialized model ({largest['model']} bytes)")
+        verdict.say(f"bytes_total - the code's {code} bytes is not {name}'s serialized model "
+                    f"({largest['model']} bytes)")
 
 
 def check_limit(submission: dict, logs: list[dict], verdict: Verdict):

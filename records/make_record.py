@@ -138,9 +138,11 @@ def readme(args, runs: list[dict], submission: dict, settings: list[str], launch
         "## Result", "",
         f"val_bpb **{submission['val_bpb']:.8f}** (std {submission['val_bpb_std']:.8f}), val_loss "
         f"{submission['val_loss']:.8f} (std {submission['val_loss_std']:.8f}), mean of {len(runs)} seeds; scored "
-        f"line: `final_{submission.get('metric') or runs[0]['summary']['metric']}_exact`. Largest artifact {submission['bytes_total']:,} bytes "
-        f"(code {submission['bytes_code']:,} bytes, packed; compressor {submission['compressor']}).", "",
-        "| seed | steps | val_loss | val_bpb | bytes_total | step_avg_ms | eval_time_s |", "|---|---|---|---|---|---|---|",
+        f"line: `final_{submission.get('metric') or runs[0]['summary']['metric']}_exact`. Largest artifact "
+        f"{submission['bytes_total']:,} bytes (code {submission['bytes_code']:,} bytes, packed; compressor "
+        f"{submission['compressor']}).", "",
+        "| seed | steps | val_loss | val_bpb | bytes_total | step_avg_ms | eval_time_s |",
+        "|---|---|---|---|---|---|---|",
         *rows, "", *notes,
         "## Command", "",
         "From this folder, with the data of the runs (`DATA_PATH`, `TOKENIZER_PATH` for your machine):", "",

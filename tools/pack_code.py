@@ -23,7 +23,8 @@ import train_gpt  # noqa: E402
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", nargs="?", type=Path, default=ROOT / "train_gpt.py")
-    parser.add_argument("--out", type=Path, default=Path("packed") / "train_gpt.py", help="default: packed/train_gpt.py")
+    parser.add_argument("--out", type=Path, default=Path("packed") / "train_gpt.py",
+                        help="default: packed/train_gpt.py")
     args = parser.parse_args(argv)
     try:
         source = args.source.read_bytes()
