@@ -84,3 +84,28 @@ def test_runs_that_disagree_are_refused_and_nothing_is_written(runs, tmp_path):
         out = make(tmp_path, [logs / "tiny_seed1337.json", logs / "tiny_seed42.json"], *extra)
         assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not list((tmp_path / "records").rglob("*"))
+
+
+def test_a_run_without_zstandard_says_so_and_so_does_its_record(tmp_path, data_dir, tokenizer_path):
+    """zstandard missing: the banner, the summary and the score line say zlib, and the record's README warns."""
+    from conftest import TINY_ENV
+
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "zstandard.py").write_text("raise ImportError('zstandard is blocked for this test')\n")
+    env = {**TINY_ENV, "DATA_PATH": str(data_dir), "TOKENIZER_PATH": str(tokenizer_path),
+           "LOG_DIR": str(tmp_path / "logs"), "PYTHONPATH": str(blocker)}
+    for seed in ("1", "2"):
+        out = run_trainer({**env, "SEED": seed, "RUN_ID": f"z{seed}"}, ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+    log = (tmp_path / "logs" / "z1.txt").read_text()
+    assert re.search(r"^world_size:.* compressor:zlib \(zstandard is not installed", log, re.M)
+    assert re.search(r"^final_int8_zlib_roundtrip_exact ", log, re.M)
+    assert json.loads((tmp_path / "logs" / "z1.json").read_text())["compressor"] == "zlib"
+    (tmp_path / "records").mkdir()
+    out = make(tmp_path, [tmp_path / "logs" / "z1.json", tmp_path / "logs" / "z2.json"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    folder = tmp_path / "records" / "track_cpu_embedded" / "2026-12-03_tiny"
+    assert "**The artifact was compressed with zlib, not zstd**" in (folder / "README.md").read_text()
+    assert "zstandard" not in (folder / "requirements.txt").read_text().split("\n", 1)[1]
+    assert json.loads((folder / "submission.json").read_text())["compressor"] == "zlib"
