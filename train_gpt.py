@@ -979,13 +979,10 @@ class Muon(torch.optim.Optimizer):
 
     def shape_batches(self, params: list[Tensor]) -> list[list[int]]:
         """Rank r's matrices of a shape (r, r+W, ...) as a batch; on a CPU past 192 a side, one each (perf_notes 14)."""
-        by_shape: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            by_shape.setdefault(tuple(p.shape), []).append(i)
         batches = []
-        for shape, same in by_shape.items():
-            mine = same[self.rank::self.world_size]
-            if params[same[0]].device.type == "cpu" and min(shape[-2:]) > 192:
+        for shape in dict.fromkeys(p.shape for p in params):  # in order of first appearance
+            mine = [i for i, p in enumerate(params) if p.shape == shape][self.rank::self.world_size]
+            if params[0].device.type == "cpu" and min(shape[-2:]) > 192:
                 batches += [[i] for i in mine]
             elif mine:
                 batches.append(mine)
@@ -1115,8 +1112,7 @@ class Clock:
     @contextmanager
     def paused(self):
         self.rt.sync()
-        local = torch.tensor([self.ms()], device=self.rt.device, dtype=torch.float64)
-        self.banked_ms = float(self.rt.all_reduce(local, dist.ReduceOp.MAX).item())
+        self.banked_ms = over_ranks(self.rt, [self.ms()], dist.ReduceOp.MAX)[0]
         yield self.banked_ms
         self.rt.sync()
         self.t0 = time.perf_counter()
