@@ -1639,31 +1639,28 @@ def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
 # A submission counts the bytes of its train_gpt.py, so it ships the program packed: docs/outputs.md, "Packed code".
 PACK_HEAD, PACK_TAIL = b'#coding:latin-1\nimport lzma\n_="""', b'"""\nexec(lzma.decompress(_.encode("latin-1")))\n'
 
-def docstring_of(node: ast.AST) -> ast.Expr | None:
-    body = getattr(node, "body", None)
-    first = body[0] if isinstance(body, list) and body else None
-    is_text = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-    return first if is_text and isinstance(first.value.value, str) else None
-
-def without_docstrings(source: str) -> str:
-    """The source's syntax tree less its docstrings, dumped: what stripping must keep exactly."""
-    tree = ast.parse(source)
+def without_docstrings(source: str) -> tuple[str, list[tuple[ast.Expr, bool]]]:
+    """The source's syntax tree less its docstrings, dumped (what stripping must keep exactly), and its docstrings,
+    each with whether it is alone in its body (then `pass` takes its place)."""
+    tree, docstrings = ast.parse(source), []
     for node in ast.walk(tree):
-        if docstring_of(node):
-            node.body = node.body[1:] or [ast.Pass()]
-    return ast.dump(tree)
+        match getattr(node, "body", None):
+            case [ast.Expr(value=ast.Constant(value=str())) as docstring, *rest]:
+                docstrings.append((docstring, not rest))
+                node.body = rest or [ast.Pass()]
+    return ast.dump(tree), docstrings
 
 def strip_program(source: str) -> str:
     """The source without comments, docstrings and blank lines, checked to be the same syntax tree."""
     lines, verbatim = source.splitlines(keepends=True), set()  # verbatim: rows inside a string literal
 
-    def span(doc: ast.Expr) -> tuple:  # the syntax tree counts UTF-8 bytes, the tokenizer characters
-        return (doc.lineno, len(lines[doc.lineno - 1].encode()[:doc.col_offset].decode()), doc.end_lineno,
-                len(lines[doc.end_lineno - 1].encode()[:doc.end_col_offset].decode()))
+    def column(row: int, offset: int) -> int:  # the syntax tree counts UTF-8 bytes, the tokenizer characters
+        return len(lines[row - 1].encode()[:offset].decode())
 
-    cuts = [(*span(d), "pass" if len(node.body) == 1 else "") for node in ast.walk(ast.parse(source))
-            if (d := docstring_of(node))]
-    docstring_rows = {row for cut in cuts for row in range(cut[0], cut[2] + 1)}
+    kept, docstrings = without_docstrings(source)
+    cuts = [(doc.lineno, column(doc.lineno, doc.col_offset), doc.end_lineno, column(doc.end_lineno, doc.end_col_offset),
+             "pass" if alone else "") for doc, alone in docstrings]
+    docstring_rows = {row for doc, _ in docstrings for row in range(doc.lineno, doc.end_lineno + 1)}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         (row, col), (end_row, end_col) = token.start, token.end
         if token.type == tokenize.COMMENT:
@@ -1678,7 +1675,7 @@ def strip_program(source: str) -> str:
     program = "".join(line if row in verbatim else line.rstrip() + "\n" for row, line in enumerate(lines, 1)
                       if row in verbatim or line.strip())
     try:
-        changed = without_docstrings(program) != without_docstrings(source)
+        changed = without_docstrings(program)[0] != kept
     except SyntaxError:
         changed = True
     if changed:
@@ -1689,9 +1686,8 @@ def strip_program(source: str) -> str:
 def pack_program(program: str) -> bytes:
     """The program lzma-compressed into a latin-1 string literal (4 bytes escaped) behind a wrapper that runs it."""
     data = lzma.compress(program.encode(), preset=9 | lzma.PRESET_EXTREME).decode("latin-1")
-    for raw, escaped in (("\\", "\\\\"), ('"', '\\"'), ("\r", "\\r"), ("\0", "\\x00")):
-        data = data.replace(raw, escaped)
-    return PACK_HEAD + data.encode("latin-1") + PACK_TAIL
+    escaped = data.translate(str.maketrans({"\\": "\\\\", '"': '\\"', "\r": "\\r", "\0": "\\x00"}))
+    return PACK_HEAD + escaped.encode("latin-1") + PACK_TAIL
 
 def program_of(code: bytes) -> str:
     """The program a train_gpt.py runs: a packed file's, unpacked; a source's, stripped."""
