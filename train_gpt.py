@@ -1629,9 +1629,9 @@ def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) ->
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model.to(device)
 
-def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
-    """Rank 0's bytes on every rank: other nodes of a multi-node run cannot read rank 0's disk."""
-    shared = [blob]
+def share_from_rank0(rt: Runtime, obj):
+    """Rank 0's object on every rank: other nodes of a multi-node run cannot read rank 0's disk."""
+    shared = [obj]
     if rt.distributed:
         dist.broadcast_object_list(shared, src=0, device=rt.device)
     return shared[0]
@@ -2240,14 +2240,16 @@ def assemble(cfg: Config, rt: Runtime) -> Pieces:
 # main: a run from its config to its summary
 # ----------------------------------------------------------------------------------------------
 
-def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
+# parameter_counts as the run logs them and the dry run prints them
+PARAMS_LINE = ("params: total:{params_total} trainable:{params_trainable} ({params_trainable_pct:.2f}%) "
+               "active_per_token:{params_active_per_token} stored:{params_stored}")
+
+def run(cfg: Config, rt: Runtime, log: Logger, config_line: str, notes: list[str]) -> dict:
     """Trains, averages, exports and scores; returns the summary, to which each stage adds its figures."""
     code = code_identity()
-    log(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
-    log(f"Code sha256: {code['code_sha256']}")
-    log(f"Program sha256: {code['program_sha256']}")
-    for note in notes:
-        log(note)
+    opening = [config_line, f"Code sha256: {code['code_sha256']}", f"Program sha256: {code['program_sha256']}"]
+    for line in opening + notes:
+        log(line)
     compressor = "zstd" if zstandard else "zlib (zstandard is not installed: a larger artifact, a zlib score line)"
     log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
         f"compile:{rt.compile} bf16:{rt.bf16} compressor:{compressor} torch:{torch.__version__}")
@@ -2255,7 +2257,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     pieces = assemble(cfg, rt)
     counts = parameter_counts(pieces.model)
     log(f"model_params:{counts['params_total']} trainable:{counts['params_trainable']}")
-    log(format_parameter_counts(counts))
+    log(PARAMS_LINE.format(**counts))
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
     trained, average = train(cfg, rt, pieces, stream, evaluator, log)
@@ -2304,8 +2306,7 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, ev: Evaluator, s
     and evaluated; the last one tried is written, and its model returned for the other final evaluations."""
     artifact_path, bytes_code, tried = Path(cfg.log_dir) / f"{cfg.run_id}.ptz", summary["bytes_code"], []
     for scheme in AUTO_ORDER if cfg.quant == "auto" else (cfg.quant,):
-        blob, groups = build_artifact(model, scheme) if rt.rank == 0 else (None, {})
-        blob = share_from_rank0(rt, blob)
+        blob, groups = share_from_rank0(rt, build_artifact(model, scheme) if rt.rank == 0 else None)
         header, tensors = parse_artifact(blob, artifact_path)
         method = header["compressor"]
         t_eval = time.perf_counter()
@@ -2317,7 +2318,7 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, ev: Evaluator, s
         fits = bytes_total <= cfg.artifact_limit_bytes
         tried.append({"scheme": scheme, "compressor": method, "bytes_model": len(blob), "bytes_total": bytes_total,
                       "fits": fits, "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "groups": groups})
-        for group, row in groups.items():  # rank 0's: the log is rank 0's
+        for group, row in groups.items():
             log(f"quant:{scheme} group:{group} params:{row['params']} fp32_bytes:{row['fp32_bytes']} stored_bytes:"
                 f"{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} ratio:{row['ratio']:.2f}")
         log(f"quant:{scheme}+{method} bytes_total:{bytes_total} fits:{str(fits).lower()} "
@@ -2363,11 +2364,6 @@ def score(cfg: Config, evaluator: Evaluator, roundtrip: nn.Module, summary: dict
             log(f"WARNING below_source_entropy: val_bpb {lowest:.4f} < source_bpb {summary['source_bpb']:.4f}: "
                 f"the evaluation is wrong")
 
-def format_parameter_counts(counts: dict) -> str:
-    return (f"params: total:{counts['params_total']} trainable:{counts['params_trainable']} "
-            f"({counts['params_trainable_pct']:.2f}%) active_per_token:{counts['params_active_per_token']} "
-            f"stored:{counts['params_stored']}")
-
 def main() -> int:
     args = sys.argv[1:]
     if "--help" in args or "-h" in args:
@@ -2375,20 +2371,20 @@ def main() -> int:
         return 0
     rt, log = None, Logger(None)  # a log that writes nothing until the run's is opened
     try:
-        unknown = [arg for arg in args if arg != "--dry-run"]
-        if unknown:
+        if unknown := [arg for arg in args if arg != "--dry-run"]:
             raise InputError(f"unknown argument {unknown[0]!r}: settings are env vars (see --help); "
                              f"the only flag is --dry-run")
         cfg, notes = load_config({**os.environ, **({"DRY_RUN": "1"} if "--dry-run" in args else {})},
                                  world_size_from_env())
+        config_line = f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}"
         if cfg.dry_run:  # the config and the parameter accounting of a model on the meta device: nothing allocated
-            print(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}", *notes, sep="\n")
+            print(config_line, *notes, sep="\n")
             counts = parameter_counts(assemble(cfg, Runtime(0, 1, 0, torch.device("meta"), False)).model)
-            print(format_parameter_counts(counts), f"dry_run: {json.dumps(counts)}", sep="\n")
+            print(PARAMS_LINE.format(**counts), f"dry_run: {json.dumps(counts)}", sep="\n")
             return 0
         rt = init_runtime(cfg)
         log = Logger(Path(cfg.log_dir) / f"{cfg.run_id}.txt" if rt.rank == 0 else None)
-        summary = run(cfg, rt, log, notes)
+        summary = run(cfg, rt, log, config_line, notes)
         summary_path = Path(cfg.log_dir) / f"{cfg.run_id}.json"
         if rt.rank == 0:
             write_atomic(summary_path, json.dumps(summary, indent=2).encode())
