@@ -1662,11 +1662,10 @@ def strip_program(source: str) -> str:
              "pass" if alone else "") for doc, alone in docstrings]
     docstring_rows = {row for doc, _ in docstrings for row in range(doc.lineno, doc.end_lineno + 1)}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        (row, col), (end_row, end_col) = token.start, token.end
         if token.type == tokenize.COMMENT:
-            cuts.append((row, col, row, end_col, ""))
-        elif end_row > row and row not in docstring_rows:
-            verbatim.update(range(row, end_row + 1))
+            cuts.append((*token.start, *token.end, ""))
+        elif token.end[0] > token.start[0] and token.start[0] not in docstring_rows:  # a string over several rows
+            verbatim.update(range(token.start[0], token.end[0] + 1))
     for row, col, end_row, end_col, replacement in sorted(cuts, reverse=True):  # from the end: columns stay valid
         rest = lines[end_row - 1][end_col:]
         if not replacement and rest.lstrip().startswith(";"):  # `"doc"; x = 1`
