@@ -1674,13 +1674,12 @@ def strip_program(source: str) -> str:
     program = "".join(line if row in verbatim else line.rstrip() + "\n" for row, line in enumerate(lines, 1)
                       if row in verbatim or line.strip())
     try:
-        changed = without_docstrings(program)[0] != kept
-    except SyntaxError:
-        changed = True
-    if changed:
-        raise InputError("train_gpt.py: stripping its comments and docstrings would change its program (a construct "
-                         "strip_program does not handle): it cannot be packed")
-    return program
+        if without_docstrings(program)[0] == kept:
+            return program
+    except SyntaxError:  # the stripping broke the syntax itself
+        pass
+    raise InputError("train_gpt.py: stripping its comments and docstrings would change its program (a construct "
+                     "strip_program does not handle): it cannot be packed")
 
 def pack_program(program: str) -> bytes:
     """The program lzma-compressed into a latin-1 string literal (4 bytes escaped) behind a wrapper that runs it."""
