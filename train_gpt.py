@@ -2238,7 +2238,6 @@ def assemble(cfg: Config, rt: Runtime) -> Pieces:
 # main: a run from its config to its summary
 # ----------------------------------------------------------------------------------------------
 
-# parameter_counts as the run logs them and the dry run prints them
 PARAMS_LINE = ("params: total:{params_total} trainable:{params_trainable} ({params_trainable_pct:.2f}%) "
                "active_per_token:{params_active_per_token} stored:{params_stored}")
 
