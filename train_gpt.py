@@ -2241,10 +2241,11 @@ def assemble(cfg: Config, rt: Runtime) -> Pieces:
 PARAMS_LINE = ("params: total:{params_total} trainable:{params_trainable} ({params_trainable_pct:.2f}%) "
                "active_per_token:{params_active_per_token} stored:{params_stored}")
 
-def run(cfg: Config, rt: Runtime, log: Logger, config_line: str, notes: list[str]) -> dict:
+def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     """Trains, averages, exports and scores; returns the summary, to which each stage adds its figures."""
     code = code_identity()
-    opening = [config_line, f"Code sha256: {code['code_sha256']}", f"Program sha256: {code['program_sha256']}"]
+    opening = [f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}",
+               f"Code sha256: {code['code_sha256']}", f"Program sha256: {code['program_sha256']}"]
     for line in opening + notes:
         log(line)
     compressor = "zstd" if zstandard else "zlib (zstandard is not installed: a larger artifact, a zlib score line)"
@@ -2373,15 +2374,14 @@ def main() -> int:
                              f"the only flag is --dry-run")
         cfg, notes = load_config({**os.environ, **({"DRY_RUN": "1"} if "--dry-run" in args else {})},
                                  world_size_from_env())
-        config_line = f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}"
         if cfg.dry_run:  # the config and the parameter accounting of a model on the meta device: nothing allocated
-            print(config_line, *notes, sep="\n")
+            print(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}", *notes, sep="\n")
             counts = parameter_counts(assemble(cfg, Runtime(0, 1, 0, torch.device("meta"), False)).model)
             print(PARAMS_LINE.format(**counts), f"dry_run: {json.dumps(counts)}", sep="\n")
             return 0
         rt = init_runtime(cfg)
         log = Logger(Path(cfg.log_dir) / f"{cfg.run_id}.txt" if rt.rank == 0 else None)
-        summary = run(cfg, rt, log, config_line, notes)
+        summary = run(cfg, rt, log, notes)
         summary_path = Path(cfg.log_dir) / f"{cfg.run_id}.json"
         if rt.rank == 0:
             write_atomic(summary_path, json.dumps(summary, indent=2).encode())
