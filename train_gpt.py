@@ -1625,9 +1625,9 @@ def model_from_artifact(header: dict, state: dict[str, Tensor], name, device) ->
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model.to(device)
 
-def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
-    """Rank 0's bytes on every rank: other nodes of a multi-node run cannot read rank 0's disk."""
-    shared = [blob]
+def share_from_rank0(rt: Runtime, obj):
+    """Rank 0's object on every rank: other nodes of a multi-node run cannot read rank 0's disk."""
+    shared = [obj]
     if rt.distributed:
         dist.broadcast_object_list(shared, src=0, device=rt.device)
     return shared[0]
@@ -1635,37 +1635,33 @@ def share_from_rank0(rt: Runtime, blob: bytes | None) -> bytes:
 # A submission counts the bytes of its train_gpt.py, so it ships the program packed: docs/outputs.md, "Packed code".
 PACK_HEAD, PACK_TAIL = b'#coding:latin-1\nimport lzma\n_="""', b'"""\nexec(lzma.decompress(_.encode("latin-1")))\n'
 
-def docstring_of(node: ast.AST) -> ast.Expr | None:
-    body = getattr(node, "body", None)
-    first = body[0] if isinstance(body, list) and body else None
-    is_text = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-    return first if is_text and isinstance(first.value.value, str) else None
-
-def without_docstrings(source: str) -> str:
-    """The source's syntax tree less its docstrings, dumped: what stripping must keep exactly."""
-    tree = ast.parse(source)
+def without_docstrings(source: str) -> tuple[str, list[tuple[ast.Expr, bool]]]:
+    """The source's syntax tree less its docstrings, dumped (what stripping must keep exactly), and its docstrings,
+    each with whether it is alone in its body (then `pass` takes its place)."""
+    tree, docstrings = ast.parse(source), []
     for node in ast.walk(tree):
-        if docstring_of(node):
-            node.body = node.body[1:] or [ast.Pass()]
-    return ast.dump(tree)
+        match getattr(node, "body", None):
+            case [ast.Expr(value=ast.Constant(value=str())) as docstring, *rest]:
+                docstrings.append((docstring, not rest))
+                node.body = rest or [ast.Pass()]
+    return ast.dump(tree), docstrings
 
 def strip_program(source: str) -> str:
     """The source without comments, docstrings and blank lines, checked to be the same syntax tree."""
     lines, verbatim = source.splitlines(keepends=True), set()  # verbatim: rows inside a string literal
 
-    def span(doc: ast.Expr) -> tuple:  # the syntax tree counts UTF-8 bytes, the tokenizer characters
-        return (doc.lineno, len(lines[doc.lineno - 1].encode()[:doc.col_offset].decode()), doc.end_lineno,
-                len(lines[doc.end_lineno - 1].encode()[:doc.end_col_offset].decode()))
+    def column(row: int, offset: int) -> int:  # the syntax tree counts UTF-8 bytes, the tokenizer characters
+        return len(lines[row - 1].encode()[:offset].decode())
 
-    cuts = [(*span(d), "pass" if len(node.body) == 1 else "") for node in ast.walk(ast.parse(source))
-            if (d := docstring_of(node))]
-    docstring_rows = {row for cut in cuts for row in range(cut[0], cut[2] + 1)}
+    kept, docstrings = without_docstrings(source)
+    cuts = [(doc.lineno, column(doc.lineno, doc.col_offset), doc.end_lineno, column(doc.end_lineno, doc.end_col_offset),
+             "pass" if alone else "") for doc, alone in docstrings]
+    docstring_rows = {row for doc, _ in docstrings for row in range(doc.lineno, doc.end_lineno + 1)}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        (row, col), (end_row, end_col) = token.start, token.end
         if token.type == tokenize.COMMENT:
-            cuts.append((row, col, row, end_col, ""))
-        elif end_row > row and row not in docstring_rows:
-            verbatim.update(range(row, end_row + 1))
+            cuts.append((*token.start, *token.end, ""))
+        elif token.end[0] > token.start[0] and token.start[0] not in docstring_rows:  # a string over several rows
+            verbatim.update(range(token.start[0], token.end[0] + 1))
     for row, col, end_row, end_col, replacement in sorted(cuts, reverse=True):  # from the end: columns stay valid
         rest = lines[end_row - 1][end_col:]
         if not replacement and rest.lstrip().startswith(";"):  # `"doc"; x = 1`
@@ -1674,20 +1670,18 @@ def strip_program(source: str) -> str:
     program = "".join(line if row in verbatim else line.rstrip() + "\n" for row, line in enumerate(lines, 1)
                       if row in verbatim or line.strip())
     try:
-        changed = without_docstrings(program) != without_docstrings(source)
-    except SyntaxError:
-        changed = True
-    if changed:
-        raise InputError("train_gpt.py: stripping its comments and docstrings would change its program (a construct "
-                         "strip_program does not handle): it cannot be packed")
-    return program
+        if without_docstrings(program)[0] == kept:
+            return program
+    except SyntaxError:  # the stripping broke the syntax itself
+        pass
+    raise InputError("train_gpt.py: stripping its comments and docstrings would change its program (a construct "
+                     "strip_program does not handle): it cannot be packed")
 
 def pack_program(program: str) -> bytes:
     """The program lzma-compressed into a latin-1 string literal (4 bytes escaped) behind a wrapper that runs it."""
     data = lzma.compress(program.encode(), preset=9 | lzma.PRESET_EXTREME).decode("latin-1")
-    for raw, escaped in (("\\", "\\\\"), ('"', '\\"'), ("\r", "\\r"), ("\0", "\\x00")):
-        data = data.replace(raw, escaped)
-    return PACK_HEAD + data.encode("latin-1") + PACK_TAIL
+    escaped = data.translate(str.maketrans({"\\": "\\\\", '"': '\\"', "\r": "\\r", "\0": "\\x00"}))
+    return PACK_HEAD + escaped.encode("latin-1") + PACK_TAIL
 
 def program_of(code: bytes) -> str:
     """The program a train_gpt.py runs: a packed file's, unpacked; a source's, stripped."""
@@ -2240,14 +2234,16 @@ def assemble(cfg: Config, rt: Runtime) -> Pieces:
 # main: a run from its config to its summary
 # ----------------------------------------------------------------------------------------------
 
+PARAMS_LINE = ("params: total:{params_total} trainable:{params_trainable} ({params_trainable_pct:.2f}%) "
+               "active_per_token:{params_active_per_token} stored:{params_stored}")
+
 def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     """Trains, averages, exports and scores; returns the summary, to which each stage adds its figures."""
     code = code_identity()
-    log(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
-    log(f"Code sha256: {code['code_sha256']}")
-    log(f"Program sha256: {code['program_sha256']}")
-    for note in notes:
-        log(note)
+    opening = [f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}",
+               f"Code sha256: {code['code_sha256']}", f"Program sha256: {code['program_sha256']}"]
+    for line in opening + notes:
+        log(line)
     compressor = "zstd" if zstandard else "zlib (zstandard is not installed: a larger artifact, a zlib score line)"
     log(f"world_size:{rt.world_size} grad_accum_steps:{cfg.grad_accum_steps} device:{rt.device} "
         f"compile:{rt.compile} bf16:{rt.bf16} compressor:{compressor} torch:{torch.__version__}")
@@ -2255,7 +2251,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     pieces = assemble(cfg, rt)
     counts = parameter_counts(pieces.model)
     log(f"model_params:{counts['params_total']} trainable:{counts['params_trainable']}")
-    log(format_parameter_counts(counts))
+    log(PARAMS_LINE.format(**counts))
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
     trained, average = train(cfg, rt, pieces, stream, evaluator, log)
@@ -2304,8 +2300,7 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, ev: Evaluator, s
     and evaluated; the last one tried is written, and its model returned for the other final evaluations."""
     artifact_path, bytes_code, tried = Path(cfg.log_dir) / f"{cfg.run_id}.ptz", summary["bytes_code"], []
     for scheme in AUTO_ORDER if cfg.quant == "auto" else (cfg.quant,):
-        blob, groups = build_artifact(model, scheme) if rt.rank == 0 else (None, {})
-        blob = share_from_rank0(rt, blob)
+        blob, groups = share_from_rank0(rt, build_artifact(model, scheme) if rt.rank == 0 else None)
         header, tensors = parse_artifact(blob, artifact_path)
         method = header["compressor"]
         t_eval = time.perf_counter()
@@ -2317,7 +2312,7 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, ev: Evaluator, s
         fits = bytes_total <= cfg.artifact_limit_bytes
         tried.append({"scheme": scheme, "compressor": method, "bytes_model": len(blob), "bytes_total": bytes_total,
                       "fits": fits, "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "groups": groups})
-        for group, row in groups.items():  # rank 0's: the log is rank 0's
+        for group, row in groups.items():
             log(f"quant:{scheme} group:{group} params:{row['params']} fp32_bytes:{row['fp32_bytes']} stored_bytes:"
                 f"{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} ratio:{row['ratio']:.2f}")
         log(f"quant:{scheme}+{method} bytes_total:{bytes_total} fits:{str(fits).lower()} "
@@ -2363,11 +2358,6 @@ def score(cfg: Config, evaluator: Evaluator, roundtrip: nn.Module, summary: dict
             log(f"WARNING below_source_entropy: val_bpb {lowest:.4f} < source_bpb {summary['source_bpb']:.4f}: "
                 f"the evaluation is wrong")
 
-def format_parameter_counts(counts: dict) -> str:
-    return (f"params: total:{counts['params_total']} trainable:{counts['params_trainable']} "
-            f"({counts['params_trainable_pct']:.2f}%) active_per_token:{counts['params_active_per_token']} "
-            f"stored:{counts['params_stored']}")
-
 def main() -> int:
     args = sys.argv[1:]
     if "--help" in args or "-h" in args:
@@ -2375,8 +2365,7 @@ def main() -> int:
         return 0
     rt, log = None, Logger(None)  # a log that writes nothing until the run's is opened
     try:
-        unknown = [arg for arg in args if arg != "--dry-run"]
-        if unknown:
+        if unknown := [arg for arg in args if arg != "--dry-run"]:
             raise InputError(f"unknown argument {unknown[0]!r}: settings are env vars (see --help); "
                              f"the only flag is --dry-run")
         cfg, notes = load_config({**os.environ, **({"DRY_RUN": "1"} if "--dry-run" in args else {})},
@@ -2384,7 +2373,7 @@ def main() -> int:
         if cfg.dry_run:  # the config and the parameter accounting of a model on the meta device: nothing allocated
             print(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}", *notes, sep="\n")
             counts = parameter_counts(assemble(cfg, Runtime(0, 1, 0, torch.device("meta"), False)).model)
-            print(format_parameter_counts(counts), f"dry_run: {json.dumps(counts)}", sep="\n")
+            print(PARAMS_LINE.format(**counts), f"dry_run: {json.dumps(counts)}", sep="\n")
             return 0
         rt = init_runtime(cfg)
         log = Logger(Path(cfg.log_dir) / f"{cfg.run_id}.txt" if rt.rank == 0 else None)
