@@ -270,14 +270,13 @@ def parse_value(name: str, raw: str, f: dataclasses.Field):
     except (KeyError, ValueError):
         expected = {bool: "0 or 1", int: "an integer"}.get(kind, "a number")
         raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
-    if kind is float and not math.isfinite(value):
-        raise ConfigError(f"{name}={raw!r}: expected a finite number")
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(meta['choices'])}")
-    if meta["lo"] is not None and value < meta["lo"]:
-        raise ConfigError(f"{name}={raw!r}: must be >= {meta['lo']}")
-    if meta["hi"] is not None and value > meta["hi"]:
-        raise ConfigError(f"{name}={raw!r}: must be <= {meta['hi']}")
+    lo, hi, choices = meta["lo"], meta["hi"], meta["choices"] or ()
+    for failed, problem in ((kind is float and not math.isfinite(value), "expected a finite number"),
+                            (choices and value not in choices, f"expected one of {', '.join(choices)}"),
+                            (lo is not None and value < lo, f"must be >= {lo}"),
+                            (hi is not None and value > hi, f"must be <= {hi}")):
+        if failed:
+            raise ConfigError(f"{name}={raw!r}: {problem}")
     return value
 
 def resolve_batch(values: dict, world_size: int) -> list[str]:
@@ -743,16 +742,16 @@ class SlotGather(torch.autograd.Function):
         return grad.view(-1, ctx.k, grad.size(-1)).sum(1) if ctx.k > 1 else grad, None, None, None
 
 class MoE(nn.Module):
-    def __init__(self, dim: int, num_experts: int, top_k: int, d_ffn: int, activation: str, init: str,
-                 frozen: bool, sparsity: float, seed: int, layer: int):
+    def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
-        self.num_experts, self.top_k, self.frozen, self.layer = num_experts, top_k, frozen, layer
+        dim, num_experts, d_ffn, activation = spec.model_dim, spec.moe_experts, spec.moe_expert_width, spec.activation
+        self.num_experts, self.top_k, self.frozen, self.layer = num_experts, spec.moe_top_k, spec.moe_frozen, layer
         self.activation = ACTIVATIONS[activation]
         self.router = nn.Linear(dim, num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=math.sqrt(0.1 / dim))  # Switch's scale-0.1 router init
         for name, shape in (("w1", (num_experts, dim, d_ffn)), ("b1", (num_experts, d_ffn)),
                             ("w2", (num_experts, d_ffn, dim)), ("b2", (num_experts, dim))):
-            if frozen:
+            if self.frozen:
                 self.register_buffer(name, torch.empty(shape), persistent=False)
             else:
                 setattr(self, name, nn.Parameter(torch.empty(shape)))
@@ -765,10 +764,10 @@ class MoE(nn.Module):
         out_gain = 1 / math.sqrt({"relu2": 1.5, "leaky_relu2": 1.5 + 3 / 32}[activation])  # E[act(z)²], z ~ N(0, 1)
         with torch.no_grad():
             for e in range(num_experts):  # a generator per expert: any one can be regenerated alone, anywhere
-                digest = hashlib.sha256(f"moe-expert:{seed}:{layer}:{e}".encode()).digest()
+                digest = hashlib.sha256(f"moe-expert:{spec.seed}:{layer}:{e}".encode()).digest()
                 gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-                self.w1[e] = random_matrix(dim, d_ffn, init, sparsity, 1.0, gen)
-                self.w2[e] = random_matrix(d_ffn, dim, init, sparsity, out_gain, gen)
+                self.w1[e] = random_matrix(dim, d_ffn, spec.moe_init, spec.moe_sparsity, 1.0, gen)
+                self.w2[e] = random_matrix(d_ffn, dim, spec.moe_init, spec.moe_sparsity, out_gain, gen)
                 self.b1[e] = (torch.rand(d_ffn, generator=gen) * 2 - 1) / math.sqrt(dim)  # as nn.Linear's biases
                 self.b2[e] = (torch.rand(dim, generator=gen) * 2 - 1) / math.sqrt(d_ffn)
 
@@ -814,9 +813,7 @@ class Block(nn.Module):
         super().__init__()
         dim = spec.model_dim
         self.attn = Attention(dim, spec.num_heads, spec.num_kv_heads, spec.rope_base, spec.qk_gain_init)
-        self.ffn = MLP(dim, spec.mlp_hidden, spec.activation) if layer not in spec.moe_blocks else MoE(
-            dim, spec.moe_experts, spec.moe_top_k, spec.moe_expert_width, spec.activation, spec.moe_init,
-            spec.moe_frozen, spec.moe_sparsity, spec.seed, layer)
+        self.ffn = MoE(spec, layer) if layer in spec.moe_blocks else MLP(dim, spec.mlp_hidden, spec.activation)
         self.attn_scale, self.ffn_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
