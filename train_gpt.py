@@ -6,8 +6,8 @@ every hyperparameter is an env var, `python train_gpt.py --help` lists them."""
 
 from __future__ import annotations
 
-import ast, copy, dataclasses, datetime, difflib, functools, glob, hashlib, io, json, lzma, math, os, resource, signal
-import struct, sys, time, tokenize, uuid, zlib
+import ast, copy, dataclasses, datetime, difflib, functools, glob, hashlib, io, itertools, json, lzma, math, os
+import resource, signal, struct, sys, time, tokenize, uuid, zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -601,24 +601,23 @@ def decoded_bytes(sp):
     spaced = {i for i in range(sp.vocab_size()) if sp.IdToPiece(i).startswith("\u2581")}
     anchor = next(i for i in range(sp.vocab_size()) if i not in boundary | spaced and not sp.IsByte(i))
 
-    def text(ids: list[int]) -> int:  # after a fixed piece, as the decoder drops a leading space
-        return len(sp.decode([anchor] + ids).encode()) - len(sp.decode([anchor]).encode())
+    def text(ids: list[int]) -> int:
+        """Bytes of ids after a boundary: boundaries have none, nor has a space opening a stretch between them."""
+        total = 0
+        for at_boundary, stretch in itertools.groupby(ids, boundary.__contains__):
+            if not at_boundary:  # decoded after a fixed piece, as the decoder drops a leading space
+                stretch = list(stretch)
+                total += len(sp.decode([anchor] + stretch).encode()) - len(sp.decode([anchor]).encode())
+                total -= stretch[0] in spaced
+        return total
 
     def count(tokens: Tensor, positions: Tensor) -> tuple[int, int]:
         total, slack, ids = 0, 0, tokens.tolist()
         starts = np.flatnonzero(np.diff(positions.numpy(), prepend=-2) != 1)
-        for a, b in zip(starts, [*starts[1:], len(positions)]):
-            context, targets = ids[int(positions[a])], ids[int(positions[a]) + 1:int(positions[b - 1]) + 2]
-            segment = [] if context in boundary else [context]
-            total -= text(segment)
-            for token in targets:
-                if token in boundary:
-                    total, segment = total + text(segment), []
-                else:
-                    total -= not segment and token in spaced
-                    segment.append(token)
-            total += text(segment)
-            slack += 3 * sp.IsByte(targets[-1])
+        for a, b in zip(starts, [*starts[1:], len(positions)]):  # a run of consecutive positions
+            first, last = int(positions[a]), int(positions[b - 1])
+            total += text(ids[first:last + 2]) - text(ids[first:first + 1])  # its targets, after their context
+            slack += 3 * sp.IsByte(ids[last + 1])
         return total, slack
     return count
 
