@@ -6,8 +6,8 @@ every hyperparameter is an env var, `python train_gpt.py --help` lists them."""
 
 from __future__ import annotations
 
-import ast, copy, dataclasses, datetime, difflib, functools, glob, hashlib, io, json, lzma, math, os, resource, signal
-import struct, sys, time, tokenize, uuid, zlib
+import ast, copy, dataclasses, datetime, difflib, functools, glob, hashlib, io, itertools, json, lzma, math, os
+import resource, signal, struct, sys, time, tokenize, uuid, zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,14 +270,13 @@ def parse_value(name: str, raw: str, f: dataclasses.Field):
     except (KeyError, ValueError):
         expected = {bool: "0 or 1", int: "an integer"}.get(kind, "a number")
         raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
-    if kind is float and not math.isfinite(value):
-        raise ConfigError(f"{name}={raw!r}: expected a finite number")
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(meta['choices'])}")
-    if meta["lo"] is not None and value < meta["lo"]:
-        raise ConfigError(f"{name}={raw!r}: must be >= {meta['lo']}")
-    if meta["hi"] is not None and value > meta["hi"]:
-        raise ConfigError(f"{name}={raw!r}: must be <= {meta['hi']}")
+    lo, hi, choices = meta["lo"], meta["hi"], meta["choices"] or ()
+    for failed, problem in ((kind is float and not math.isfinite(value), "expected a finite number"),
+                            (choices and value not in choices, f"expected one of {', '.join(choices)}"),
+                            (lo is not None and value < lo, f"must be >= {lo}"),
+                            (hi is not None and value > hi, f"must be <= {hi}")):
+        if failed:
+            raise ConfigError(f"{name}={raw!r}: {problem}")
     return value
 
 def resolve_batch(values: dict, world_size: int) -> list[str]:
@@ -602,24 +601,23 @@ def decoded_bytes(sp):
     spaced = {i for i in range(sp.vocab_size()) if sp.IdToPiece(i).startswith("\u2581")}
     anchor = next(i for i in range(sp.vocab_size()) if i not in boundary | spaced and not sp.IsByte(i))
 
-    def text(ids: list[int]) -> int:  # after a fixed piece, as the decoder drops a leading space
-        return len(sp.decode([anchor] + ids).encode()) - len(sp.decode([anchor]).encode())
+    def text(ids: list[int]) -> int:
+        """Bytes of ids after a boundary: boundaries have none, nor has a space opening a stretch between them."""
+        total = 0
+        for at_boundary, stretch in itertools.groupby(ids, boundary.__contains__):
+            if not at_boundary:  # decoded after a fixed piece, as the decoder drops a leading space
+                stretch = list(stretch)
+                total += len(sp.decode([anchor] + stretch).encode()) - len(sp.decode([anchor]).encode())
+                total -= stretch[0] in spaced
+        return total
 
     def count(tokens: Tensor, positions: Tensor) -> tuple[int, int]:
         total, slack, ids = 0, 0, tokens.tolist()
         starts = np.flatnonzero(np.diff(positions.numpy(), prepend=-2) != 1)
-        for a, b in zip(starts, [*starts[1:], len(positions)]):
-            context, targets = ids[int(positions[a])], ids[int(positions[a]) + 1:int(positions[b - 1]) + 2]
-            segment = [] if context in boundary else [context]
-            total -= text(segment)
-            for token in targets:
-                if token in boundary:
-                    total, segment = total + text(segment), []
-                else:
-                    total -= not segment and token in spaced
-                    segment.append(token)
-            total += text(segment)
-            slack += 3 * sp.IsByte(targets[-1])
+        for a, b in zip(starts, [*starts[1:], len(positions)]):  # a run of consecutive positions
+            first, last = int(positions[a]), int(positions[b - 1])
+            total += text(ids[first:last + 2]) - text(ids[first:first + 1])  # its targets, after their context
+            slack += 3 * sp.IsByte(ids[last + 1])
         return total, slack
     return count
 
@@ -743,16 +741,16 @@ class SlotGather(torch.autograd.Function):
         return grad.view(-1, ctx.k, grad.size(-1)).sum(1) if ctx.k > 1 else grad, None, None, None
 
 class MoE(nn.Module):
-    def __init__(self, dim: int, num_experts: int, top_k: int, d_ffn: int, activation: str, init: str,
-                 frozen: bool, sparsity: float, seed: int, layer: int):
+    def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
-        self.num_experts, self.top_k, self.frozen, self.layer = num_experts, top_k, frozen, layer
+        dim, num_experts, d_ffn, activation = spec.model_dim, spec.moe_experts, spec.moe_expert_width, spec.activation
+        self.num_experts, self.top_k, self.frozen, self.layer = num_experts, spec.moe_top_k, spec.moe_frozen, layer
         self.activation = ACTIVATIONS[activation]
         self.router = nn.Linear(dim, num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=math.sqrt(0.1 / dim))  # Switch's scale-0.1 router init
         for name, shape in (("w1", (num_experts, dim, d_ffn)), ("b1", (num_experts, d_ffn)),
                             ("w2", (num_experts, d_ffn, dim)), ("b2", (num_experts, dim))):
-            if frozen:
+            if self.frozen:
                 self.register_buffer(name, torch.empty(shape), persistent=False)
             else:
                 setattr(self, name, nn.Parameter(torch.empty(shape)))
@@ -765,10 +763,10 @@ class MoE(nn.Module):
         out_gain = 1 / math.sqrt({"relu2": 1.5, "leaky_relu2": 1.5 + 3 / 32}[activation])  # E[act(z)²], z ~ N(0, 1)
         with torch.no_grad():
             for e in range(num_experts):  # a generator per expert: any one can be regenerated alone, anywhere
-                digest = hashlib.sha256(f"moe-expert:{seed}:{layer}:{e}".encode()).digest()
+                digest = hashlib.sha256(f"moe-expert:{spec.seed}:{layer}:{e}".encode()).digest()
                 gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-                self.w1[e] = random_matrix(dim, d_ffn, init, sparsity, 1.0, gen)
-                self.w2[e] = random_matrix(d_ffn, dim, init, sparsity, out_gain, gen)
+                self.w1[e] = random_matrix(dim, d_ffn, spec.moe_init, spec.moe_sparsity, 1.0, gen)
+                self.w2[e] = random_matrix(d_ffn, dim, spec.moe_init, spec.moe_sparsity, out_gain, gen)
                 self.b1[e] = (torch.rand(d_ffn, generator=gen) * 2 - 1) / math.sqrt(dim)  # as nn.Linear's biases
                 self.b2[e] = (torch.rand(dim, generator=gen) * 2 - 1) / math.sqrt(d_ffn)
 
@@ -814,9 +812,7 @@ class Block(nn.Module):
         super().__init__()
         dim = spec.model_dim
         self.attn = Attention(dim, spec.num_heads, spec.num_kv_heads, spec.rope_base, spec.qk_gain_init)
-        self.ffn = MLP(dim, spec.mlp_hidden, spec.activation) if layer not in spec.moe_blocks else MoE(
-            dim, spec.moe_experts, spec.moe_top_k, spec.moe_expert_width, spec.activation, spec.moe_init,
-            spec.moe_frozen, spec.moe_sparsity, spec.seed, layer)
+        self.ffn = MoE(spec, layer) if layer in spec.moe_blocks else MLP(dim, spec.mlp_hidden, spec.activation)
         self.attn_scale, self.ffn_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 

@@ -1,6 +1,7 @@
 """Mixture of experts: dispatch against a naive reference, granularity, frozen experts, balancing,
 load statistics, parameter accounting of the SoME presets, and DOC_MODE's padding."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -15,9 +16,11 @@ from train_gpt import (GPT, ConfigError, DocStream, Evaluator, MoE, Runtime, bui
 CPU = Runtime(0, 1, 0, torch.device("cpu"), False)
 
 
-def moe(frozen=False, init="normal", dim=32, experts=8, top_k=2, d_ffn=16, seed=0) -> MoE:
+def moe(frozen=False, init="normal", dim=32, experts=8, top_k=2, d_ffn=16, seed=0, layer=0) -> MoE:
     torch.manual_seed(seed)
-    return MoE(dim, experts, top_k, d_ffn, "relu2", init, frozen, 0.9, seed=1337, layer=0)
+    spec = dataclasses.replace(load_config({"RUN_ID": "x"})[0].model, model_dim=dim, moe_experts=experts,
+                               moe_top_k=top_k, moe_expert_width=d_ffn, moe_init=init, moe_frozen=frozen)
+    return MoE(spec, layer)  # the defaults' relu2, sparsity 0.9 and seed 1337
 
 
 def naive(layer: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +141,7 @@ def test_an_expert_outputs_about_unit_variance_at_init(init):
 def test_experts_regenerate_identically_on_any_build():
     a, b = moe(frozen=True, init="sparse", seed=1), moe(frozen=True, init="sparse", seed=2)  # torch seed differs
     assert torch.equal(a.w1, b.w1) and torch.equal(a.b2, b.b2)
-    other = MoE(32, 8, 2, 16, "relu2", "sparse", True, 0.9, seed=1337, layer=1)
+    other = moe(frozen=True, init="sparse", seed=1, layer=1)
     assert not torch.equal(a.w1, other.w1)
 
 
