@@ -2093,12 +2093,13 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     repeat_noise = over_ranks(ev.rt, [max(gaps, default=0.0)], dist.ReduceOp.MAX)[0]
     tolerance = max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * repeat_noise)
     # Every token after a cut replaced: no score before the cut, nor the distribution at it, may move.
-    close, moved, runs = functools.partial(torch.allclose, rtol=0, atol=tolerance), [], [base, again]
+    close = functools.partial(torch.allclose, rtol=0, atol=tolerance)
+    moved, runs = [], [base, again]
     for cut in cuts:
         run = score_first(prefix, method(cfg, prefix.with_tokens(replace_after(ev, prefix.tokens, cut, gen)), model),
                           capture={cut})
-        before, runs = again.pos < cut, runs + [run]
-        # with the same positions, a distribution captured in `again` is captured in `run` too
+        runs.append(run)
+        before = again.pos < cut  # with the same positions, `run` captured the distribution at the cut if `again` did
         if not (torch.equal(again.pos, run.pos) and close(again.nll[before], run.nll[before])
                 and (cut not in again.captured or close(again.captured[cut], run.captured[cut]))):
             moved.append(cut)
