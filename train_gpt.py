@@ -1993,12 +1993,12 @@ AUDIT_NOISE_FACTOR = 10  # ... than this many times the run-to-run noise of a me
 AUDIT_MAX_SUM_ERROR = 1e-3
 AUDIT_PLAIN_EVERY = 8  # one unperturbed copy in this many measures how a row moves with its place in a batch
 
-def replace_after(cfg: Config, ev: Evaluator, tokens: Tensor, cut: int, gen: torch.Generator) -> Tensor:
+def replace_after(ev: Evaluator, tokens: Tensor, cut: int, gen: torch.Generator) -> Tensor:
     """`tokens` with each one after `cut` replaced; in DOC_MODE BOS stays and nothing becomes one (the windows stay)."""
-    later = tokens[cut + 1:]
-    changed = (later + torch.randint(1, cfg.vocab_size, later.shape, generator=gen)) % cfg.vocab_size
-    if cfg.doc_mode:
-        changed = torch.where(changed == ev.bos_id, (changed + 1) % cfg.vocab_size, changed)
+    later, vocab = tokens[cut + 1:], ev.cfg.vocab_size
+    changed = (later + torch.randint(1, vocab, later.shape, generator=gen)) % vocab
+    if ev.cfg.doc_mode:
+        changed = torch.where(changed == ev.bos_id, (changed + 1) % vocab, changed)
         changed = torch.where(later == ev.bos_id, later, changed)
     return torch.cat([tokens[:cut + 1], changed])
 
@@ -2013,52 +2013,43 @@ def window_check(cfg: Config, ev: Evaluator, model: nn.Module, standard: bool, g
     copies = []  # (window's tokens, offset of the checked position, its target, unperturbed)
     for k, (start, offset) in enumerate(mine):
         window = F.pad(ev.tokens[start:start + seq_len], (0, max(0, start + seq_len - len(ev.tokens))))
-        for perturbed in (True, False) if k % AUDIT_PLAIN_EVERY == 0 else (True,):
-            copies.append((replace_after(cfg, ev, window, offset, gen) if perturbed else window, offset,
-                           start + offset, not perturbed))
+        for plain in (False, True) if k % AUDIT_PLAIN_EVERY == 0 else (False,):
+            copies.append((window if plain else replace_after(ev, window, offset, gen), offset, start + offset, plain))
     change = noise = 0.0
     if copies:
         tokens, offsets, targets, plain = zip(*copies)
         copy_ev = ev.with_tokens(torch.cat([*tokens, tokens[-1][:1]]))
         copy_windows = [(i * seq_len, offset, offset + 1) for i, offset in enumerate(offsets)]
         rows = torch.cat([logp for _, logp in copy_ev.distributions(model, copy_windows, seq_len)]).exp().cpu()
-        gaps = torch.stack([(row - reference[t]).abs().max() for row, t in zip(rows, targets)]).double()
-        is_plain = torch.tensor(plain)
-        change, noise = float(gaps[~is_plain].max()), float(gaps[is_plain].max())
+        gaps = torch.stack([(row - reference[t]).abs().max() for row, t in zip(rows, targets)])
+        plain = torch.tensor(plain)
+        change, noise = float(gaps[~plain].max()), float(gaps[plain].max())
     change, noise = over_ranks(ev.rt, [change, noise], dist.ReduceOp.MAX)
     return {"positions": min(positions, ev.n_targets), "max_change": change, "noise": noise,
             "causal": change <= max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * noise)}
 
 class RevealingEvaluator(Evaluator):
-    """The audit's stream for what a method learns, on the first `rows` of `own` (this rank's): docs/evaluation.md."""
+    """The audit's stream for what a method learns (docs/evaluation.md): every target of `own` (this rank's) replaced
+    until the scorer asks for it, and the first `rows` of `own` scored one at a time. The windows stay true."""
 
     def __init__(self, ev: Evaluator, own: Tensor, rows: int, gen: torch.Generator):
-        start = int(own[0]) if len(own) else 0
-        tokens, hidden = ev.tokens.clone(), own.cpu() + 1  # every target of `own` hidden until revealed
-        tokens[hidden] = replace_after(ev.cfg, ev, ev.tokens, start, gen)[hidden]
+        tokens, hidden = ev.tokens.clone(), own.cpu() + 1
+        tokens[hidden] = replace_after(ev, ev.tokens, int(own[0]) if len(own) else 0, gen)[hidden]
         super().__init__(ev.cfg, ev.rt, tokens, ev.tables, ev.bos_id, ev.text_bytes)
-        self.truth, self.known = ev.with_tokens(ev.tokens), start
-        self.until = int(own[rows - 1]) + 1 if rows else start
-
-    def reveal(self, last: int):
-        if last > self.known:
-            span = slice(self.known + 1, last + 1)
-            self.tokens[span] = self.truth.tokens[span]
-            self.device_tokens[span] = self.truth.tokens[span].to(self.rt.device)
-            self.known = last
+        self.truth, self.until = ev, int(own[rows - 1]) + 1 if rows else 0
 
     def targets(self, pos: Tensor) -> Tensor:
-        self.reveal(int(pos.max()) + 1)
+        self.tokens[pos.cpu() + 1] = self.truth.tokens[pos.cpu() + 1]
+        self.device_tokens[pos + 1] = self.truth.device_tokens[pos + 1]
         return super().targets(pos)
 
     def distributions(self, model: nn.Module, windows: list, seq_len: int):
         for pos, logp in self.truth.distributions(model, windows, seq_len):
-            if int(pos[0]) >= self.until:
-                self.reveal(len(self.tokens) - 1)
+            if int(pos[0]) >= self.until:  # past the watched positions: every token true, a batch at a time
+                self.tokens[:], self.device_tokens[:] = self.truth.tokens, self.truth.device_tokens
                 yield pos, logp
             else:
                 for row in range(len(pos)):
-                    self.reveal(int(pos[row]))
                     yield pos[row:row + 1], logp[row:row + 1]
 
 def audit_seed(cfg: Config, rt: Runtime) -> int:
@@ -2087,17 +2078,16 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     gaps += [float((base.captured[c] - again.captured[c]).abs().max()) for c in drawn if c in base.captured]
     repeat_noise = over_ranks(ev.rt, [max(gaps, default=0.0)], dist.ReduceOp.MAX)[0]
     tolerance = max(AUDIT_TOLERANCE, AUDIT_NOISE_FACTOR * repeat_noise)
-    moved, error = [], max(base.max_sum_error, again.max_sum_error)
+    # Every token after a cut replaced: no score before the cut, nor the distribution at it, may move.
+    close = functools.partial(torch.allclose, rtol=0, atol=tolerance)
+    moved, runs = [], [base, again]
     for cut in cuts:
-        perturbed = score_first(prefix, method(cfg, prefix.with_tokens(replace_after(cfg, ev, prefix.tokens, cut, gen)),
-                                               model), capture={cut})
-        error = max(error, perturbed.max_sum_error)
-        before = again.pos < cut
-        same = torch.equal(again.pos, perturbed.pos) and torch.allclose(
-            again.nll[before], perturbed.nll[before], rtol=0, atol=tolerance)
-        if cut in again.captured:  # and so, when the positions are the same, in perturbed.captured
-            same = same and torch.allclose(again.captured[cut], perturbed.captured[cut], rtol=0, atol=tolerance)
-        if not same:
+        run = score_first(prefix, method(cfg, prefix.with_tokens(replace_after(ev, prefix.tokens, cut, gen)), model),
+                          capture={cut})
+        runs.append(run)
+        before = again.pos < cut  # with the same positions, `run` captured the distribution at the cut if `again` did
+        if not (torch.equal(again.pos, run.pos) and close(again.nll[before], run.nll[before])
+                and (cut not in again.captured or close(again.captured[cut], run.captured[cut]))):
             moved.append(cut)
     revealing = RevealingEvaluator(prefix, base.pos, len(watched), gen)
     revealed = score_first(revealing, method(cfg, revealing, model), capture=set(watched))
@@ -2106,21 +2096,22 @@ def audit_method(cfg: Config, ev: Evaluator, model: nn.Module, method, log: Logg
     checked, standard = {} if checked is None else checked, name == "standard"
     windows = checked[standard] = checked.get(standard) or window_check(cfg, prefix, model, standard, gen)
     decoded = prefix.text_bytes(prefix.tokens, base.pos.cpu()) if prefix.text_bytes else (0, 0)
-    error, any_moved, reveal_change = over_ranks(ev.rt, [max(error, revealed.max_sum_error), float(bool(moved)),
-                                                         reveal_change], dist.ReduceOp.MAX)
+    error = max(run.max_sum_error for run in runs + [revealed])
+    error, any_moved, reveal_change = over_ranks(ev.rt, [error, float(bool(moved)), reveal_change], dist.ReduceOp.MAX)
     counted, decoded, slack = over_ranks(ev.rt, [float(base.nbytes.sum()), *decoded])
     bytes_gap = abs(counted - decoded) if prefix.text_bytes else 0.0
     causal = any_moved == 0 and reveal_change <= tolerance and windows["causal"]
     passed = causal and error < AUDIT_MAX_SUM_ERROR and bytes_gap <= slack
-    seconds = time.perf_counter() - t0
+    result = {"max_prob_sum_error": error, "causal": causal, "reveal_change": reveal_change, "tokens": length,
+              "seed": seed, "cuts": cuts, "moved_at": moved, "repeat_noise": repeat_noise, "tolerance": tolerance,
+              "window_check": windows, "bytes": {"counted": counted, "decoded": decoded, "slack": slack}
+              if prefix.text_bytes else None, "bytes_gap": bytes_gap, "passed": passed,
+              "seconds": time.perf_counter() - t0}
     log(f"audit {name}: max_prob_sum_error:{error:.3e} causal:{str(causal).lower()} "
         f"positions:{windows['positions']} window_change:{windows['max_change']:.1e} reveal_change:{reveal_change:.1e} "
         f"tokens:{length} cuts:{len(cuts)} repeat_noise:{repeat_noise:.1e} bytes_gap:{bytes_gap:.0f} seed:{seed} "
-        f"time:{seconds:.1f}s {'passed' if passed else 'FAILED'}")
-    return {"max_prob_sum_error": error, "causal": causal, "reveal_change": reveal_change, "tokens": length,
-            "seed": seed, "cuts": cuts, "moved_at": moved, "repeat_noise": repeat_noise, "tolerance": tolerance,
-            "window_check": windows, "bytes": {"counted": counted, "decoded": decoded, "slack": slack}
-            if prefix.text_bytes else None, "bytes_gap": bytes_gap, "passed": passed, "seconds": seconds}
+        f"time:{result['seconds']:.1f}s {'passed' if passed else 'FAILED'}")
+    return result
 
 EVAL_METHODS = {"standard": standard_method, "sliding": sliding_method, "hedge": hedge_method, "ttt": ttt_method}
 
