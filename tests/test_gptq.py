@@ -1,0 +1,143 @@
+"""Full GPTQ: the rounding, the Hessians of the matrices' inputs, the artifact that carries both."""
+
+import pytest
+import torch
+
+import train_gpt
+from test_export import KINDS, SMALLEST
+from test_model import randomize
+from train_gpt import Runtime, dequantize_rows, input_hessians, load_config, quantize_rows
+
+CPU = Runtime(0, 1, 0, torch.device("cpu"), False)
+
+
+def correlated_inputs(n: int, cols: int) -> torch.Tensor:
+    """Inputs whose features are correlated and of unequal size, as a layer's are: where GPTQ pays."""
+    torch.manual_seed(0)
+    x = torch.randn(n, cols) @ (torch.randn(cols, cols) / cols ** 0.5 + 0.3 * torch.eye(cols))
+    x[:, :4] *= 10
+    return x
+
+
+@pytest.mark.parametrize("bits", [8, 6, 5, 4])
+def test_gptq_moves_the_outputs_far_less_than_rounding_at_the_same_scales(bits):
+    x = correlated_inputs(2048, 192)
+    w = torch.randn(96, 192) * 0.02
+    q_round, scale_round = quantize_rows(w, bits)
+    q, scale = quantize_rows(w, bits, hessian=x.T @ x)
+    assert torch.equal(scale, scale_round) and q.dtype == torch.int8
+    assert int(q.abs().max()) <= 2 ** (bits - 1) - 1
+
+    def output_error(q):
+        return float(((dequantize_rows(q, scale) - w) @ x.T).square().sum())
+
+    assert output_error(q) < 0.5 * output_error(q_round)
+
+
+def test_gptq_with_uncorrelated_inputs_of_one_size_is_plain_rounding():
+    """H = I: no error has anywhere to go, so each weight goes to its nearest level, as without GPTQ."""
+    torch.manual_seed(1)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((40, 300))
+    for bits in (8, 5, 4):
+        assert torch.equal(quantize_rows(w, bits, hessian=torch.eye(300))[0], quantize_rows(w, bits)[0])
+
+
+class RandomStream:
+    """Training micro-batches drawn from (step, micro): what input_hessians reads, and only that."""
+
+    def __init__(self, vocab: int):
+        self.vocab, self.calls = vocab, []
+
+    def micro_batch(self, cfg, rt, step, micro):
+        self.calls.append((step, micro))
+        gen = torch.Generator().manual_seed(step * 100 + micro)
+        x = torch.randint(0, self.vocab, (2, 16), generator=gen)
+        return x, x
+
+
+def calibration(env: dict, **model_env):
+    cfg, _ = load_config({"VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4",
+                          "NUM_KV_HEADS": "2", "TRAIN_BATCH_TOKENS": "64", "TRAIN_SEQ_LEN": "16",
+                          "QUANT_CALIB_BATCHES": "3", "GRAD_ACCUM_STEPS": "2", **env})
+    torch.manual_seed(0)
+    model = randomize(train_gpt.GPT(cfg.model))
+    return cfg, model
+
+
+def test_hessians_are_the_inputs_gram_matrices_of_the_calibration_batches_after_training():
+    cfg, model = calibration({})
+    stream = RandomStream(64)
+    seen = {"fc": [], "head": []}
+    hook = model.blocks[1].ffn.fc.register_forward_pre_hook(lambda m, args: seen["fc"].append(args[0].clone()))
+    hessians = input_hessians(cfg, CPU, model, stream, first_step=7)
+    hook.remove()
+    assert stream.calls == [(7, 0), (7, 1), (8, 0)]  # the micro-batches after training's last step
+    x = torch.cat([a.reshape(-1, a.size(-1)) for a in seen["fc"]])
+    torch.testing.assert_close(hessians["blocks.1.ffn.fc.weight"], x.T @ x)
+    h = torch.cat([model.hidden(stream.micro_batch(cfg, CPU, s, m)[0])[0].reshape(-1, 32) for s, m in stream.calls[:3]])
+    torch.testing.assert_close(hessians["tok_emb.weight"], h.T @ h)  # the tied head's input
+    assert hessians["blocks.0.attn.c_k.weight"] is hessians["blocks.0.attn.c_q.weight"]
+    quantized = {name for name, t in model.state_dict().items() if train_gpt.tensor_group(name, t) != "scalars"}
+    assert quantized <= set(hessians)
+    for name in quantized:
+        assert hessians[name].shape == (model.state_dict()[name].shape[-1],) * 2
+
+
+def test_each_expert_gets_the_gram_matrix_of_the_tokens_routed_to_it():
+    cfg, model = calibration({"MOE_NUM_EXPERTS": "4", "MOE_TOP_K": "2"})
+    loads = [m.load.clone() for m in train_gpt.moe_modules(model)]
+    hessians = input_hessians(cfg, CPU, model, RandomStream(64), first_step=0)
+    for layer in range(2):
+        name = f"blocks.{layer}.ffn"
+        routed = sum(hessians[f"{name}.w1:{e}"] for e in range(4))  # every token reaches top_k = 2 experts
+        torch.testing.assert_close(routed, 2 * hessians[f"{name}.router.weight"])
+        assert hessians[f"{name}.w2:0"].shape == (cfg.model.moe_expert_width,) * 2
+    for module, load in zip(train_gpt.moe_modules(model), loads):
+        assert torch.equal(module.load, load)  # calibration is not counted as evaluation's routing
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_gptq_artifact_reloads_exactly_its_dequantized_weights(kind, monkeypatch):
+    monkeypatch.setattr(train_gpt, "QUANT_MIN_NUMEL", 16)
+    cfg, _ = load_config({**SMALLEST, **KINDS[kind], "MODEL_DIM": "8", "NUM_HEADS": "2", "VOCAB_SIZE": "16",
+                          "TRAIN_BATCH_TOKENS": "32", "TRAIN_SEQ_LEN": "16", "GRAD_ACCUM_STEPS": "1"})
+    torch.manual_seed(0)
+    model = randomize(train_gpt.GPT(cfg.model))
+    hessians = input_hessians(cfg, CPU, model, RandomStream(16), first_step=0)
+    blob, _ = train_gpt.build_artifact(model, "int4", hessians=hessians)
+    header, tensors = train_gpt.parse_artifact(blob, "memory")
+    reloaded = train_gpt.model_from_artifact(header, tensors, "memory", "cpu").state_dict()
+    gptq_rounded = 0
+    for entry in header["tensors"]:
+        if entry["encoding"] != "int_rows":
+            continue
+        name, t = entry["name"], model.state_dict()[entry["name"]]
+        encoding, q, scale = train_gpt.quantize_tensor(name, t, entry["bits"], hessians, 0.0, 0.01)
+        expected = dequantize_rows(q, scale)
+        if encoding.get("transposed"):  # an expert stack, rounded as its transposes
+            expected = expected.view(t.size(0), t.size(2), t.size(1)).transpose(1, 2)
+        assert torch.equal(reloaded[name], expected.reshape(t.shape)), name
+        plain = dequantize_rows(*quantize_rows(t.reshape(-1, t.size(-1)), entry["bits"])).reshape(t.shape)
+        gptq_rounded += not torch.equal(reloaded[name], plain)
+    assert gptq_rounded > 0
+    if kind == "moe":
+        assert any(e.get("transposed") for e in header["tensors"])
+    if kind == "frozen_moe":
+        assert not any(".w1" in e["name"] for e in header["tensors"])  # frozen experts: still 0 bytes
+
+
+def test_the_reserve_comes_out_of_the_training_budget_and_must_leave_some():
+    assert load_config({"MAX_WALLCLOCK_SECONDS": "100"})[0].train_budget_ms == 100_000
+    assert load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1"})[0].train_budget_ms == 90_000
+    assert load_config({"MAX_WALLCLOCK_SECONDS": "0", "QUANT_GPTQ": "1"})[0].train_budget_ms == 0
+    with pytest.raises(train_gpt.ConfigError, match="GPTQ_RESERVE_SECONDS=100: must be less than"):
+        load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1", "GPTQ_RESERVE_SECONDS": "100"})
+
+
+def test_calibration_over_the_reserve_is_a_warning():
+    cfg, _ = load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1", "GPTQ_RESERVE_SECONDS": "5"})
+    for seconds, warned in ((2.0, False), (4.0, True)):
+        lines, summary = [], {}
+        train_gpt.gptq_report(cfg, seconds, 1.5, summary, lambda msg: lines.append(msg))
+        assert any(line.startswith("WARNING gptq_over_reserve") for line in lines) == warned
+        assert summary["gptq"]["within_reserve"] == (not warned)
