@@ -1,9 +1,15 @@
 """Full GPTQ: the rounding, the Hessians of the matrices' inputs, the artifact that carries both."""
 
+import re
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
 import train_gpt
+from conftest import ROOT, encode_docs, make_docs, run_trainer
+from data.prepare import write_shard
 from test_export import KINDS, SMALLEST
 from test_model import randomize
 from train_gpt import Runtime, dequantize_rows, input_hessians, load_config, quantize_rows
@@ -141,3 +147,22 @@ def test_calibration_over_the_reserve_is_a_warning():
         train_gpt.gptq_report(cfg, seconds, 1.5, summary, lambda msg: lines.append(msg))
         assert any(line.startswith("WARNING gptq_over_reserve") for line in lines) == warned
         assert summary["gptq"]["within_reserve"] == (not warned)
+
+
+def test_the_artifact_is_a_function_of_the_training_data_alone(tiny_env, data_dir, tokenizer, tmp_path):
+    """GPTQ's calibration reads training tokens only: runs whose validation texts differ write the same bytes."""
+    other = tmp_path / "other_validation"
+    shutil.copytree(data_dir, other)
+    write_shard(other / "tiny_val_000000.bin", encode_docs(tokenizer, make_docs(60, seed=9)))
+    env = {**tiny_env, "MODEL_DIM": "128", "MOE_NUM_EXPERTS": "2", "MOE_TOP_K": "1", "MOE_LAYERS": "1",
+           "QUANT_GPTQ": "1", "QUANT": "int5", "QUANT_CALIB_BATCHES": "4", "ITERATIONS": "3"}
+    blobs = []
+    for run_id, data in (("a", data_dir), ("b", other)):
+        out = run_trainer({**env, "DATA_PATH": str(data), "RUN_ID": run_id}, ROOT)
+        assert out.returncode == 0, out.stderr
+        assert re.search(r"^gptq: calibration_tokens:512 hessians:\S+s quantize_and_build:\S+s reserve:0s "
+                         r"within_reserve:true$", out.stdout, re.M)
+        blobs.append((Path(env["LOG_DIR"]) / f"{run_id}.ptz").read_bytes())
+    header = train_gpt.parse_artifact(blobs[0], "a")[0]
+    assert any(e.get("transposed") for e in header["tensors"])  # the trained experts went through GPTQ too
+    assert blobs[0] == blobs[1]
