@@ -64,11 +64,18 @@ def test_shard_loader(tmp_path):
         read_shard(path)
 
 
-def test_artifact_loader(tmp_path):
-    model = randomize(tiny_model())
-    cfg, _ = train_gpt.load_config({"VOCAB_SIZE": "64", "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "4",
-                                    "NUM_KV_HEADS": "2", "TRAIN_BATCH_TOKENS": "1024"})
-    blob, _ = train_gpt.build_artifact(model)
+@pytest.mark.parametrize("gptq", [False, True])
+def test_artifact_loader(tmp_path, monkeypatch, gptq):
+    if gptq:  # GPTQ's fields too: experts stored as their transposes
+        from test_gptq import CPU, RandomStream, calibration
+
+        monkeypatch.setattr(train_gpt, "QUANT_MIN_NUMEL", 256)
+        cfg, model = calibration({"MOE_NUM_EXPERTS": "4", "MOE_TOP_K": "2"})
+        blob, _ = train_gpt.build_artifact(model, "int5", hessians=train_gpt.input_hessians(
+            cfg, CPU, model, RandomStream(64), 0))
+        assert b'"transposed":true' in blob
+    else:
+        blob, _ = train_gpt.build_artifact(randomize(tiny_model()))
     outcomes = {"refused": 0, "loaded": 0}
     for damaged in mutations(blob, random.Random(2)):
         try:
