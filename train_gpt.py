@@ -158,6 +158,9 @@ class Config:
                                             "as the calibration counts as training time", lo=0.0)
     quant_sdclip_k: float = var(0.0, "per-row scales clip at k x the row's std (SDClip) instead of the clip search "
                                      "(0 = search)", lo=0.0)
+    quant_lqer_rank: int = var(0, "LQER: a rank-r correction with int4 factors of the matrices rounded worst (0 = off)",
+                               lo=0, hi=64)
+    quant_lqer_tensors: int = var(3, "QUANT_LQER_RANK: how many matrices get one", lo=1)
     # faults
     checkpoint_every_seconds: float = var(0.0, "checkpoint every N seconds of training time (0 = off)", lo=0.0)
     checkpoint_every_steps: int = var(0, "checkpoint every N steps (0 = off)", lo=0)
@@ -1629,32 +1632,73 @@ def write_atomic(path: Path, *chunks: bytes):
         tmp.unlink(missing_ok=True)
         raise InputError(f"cannot write {path}: {e.strerror}") from None
 
-def quantize_tensor(name: str, t: Tensor, bits: int, hessians: dict, sdclip_k: float, damp: float) -> tuple:
+@dataclass(frozen=True)
+class Rounding:
+    """How the matrices are rounded beyond their scheme's widths: see docs/outputs.md, "Quantization"."""
+    hessians: dict = field(default_factory=dict)  # input_hessians': GPTQ for the matrices that have one
+    sdclip_k: float = 0.0
+    damp: float = 0.01
+    lqer_rank: int = 0
+    lqer_tensors: int = 0
+
+def rounding_of(cfg: Config, hessians: dict) -> Rounding:
+    return Rounding(hessians, cfg.quant_sdclip_k, cfg.quant_gptq_damp, cfg.quant_lqer_rank, cfg.quant_lqer_tensors)
+
+def quantize_tensor(name: str, t: Tensor, bits: int, rounding: Rounding) -> tuple:
     """(encoding, integers, scales) of a matrix, or of a stack of expert matrices. GPTQ needs a matrix's rows to be
     its outputs: a linear layer's weight is, an expert's (x @ w) is the transpose, stored so ("transposed")."""
+    hessians, k, damp = rounding.hessians, rounding.sdclip_k, rounding.damp
     if t.ndim == 2:
-        q, scale = quantize_rows(t, bits, sdclip_k, hessians.get(name), damp)
-        return {"encoding": "int_rows", "bits": bits}, q, scale
+        return {"encoding": "int_rows", "bits": bits}, *quantize_rows(t, bits, k, hessians.get(name), damp)
     if f"{name}:0" not in hessians:
-        q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits, sdclip_k)  # all the stack's rows at once
+        q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits, k)  # all the stack's rows at once
         return {"encoding": "int_rows", "bits": bits}, q, scale
-    rows = [quantize_rows(m.T, bits, sdclip_k, hessians[f"{name}:{e}"], damp) for e, m in enumerate(t)]
+    rows = [quantize_rows(m.T, bits, k, hessians[f"{name}:{e}"], damp) for e, m in enumerate(t)]
     return {"encoding": "int_rows", "bits": bits, "transposed": True}, *map(torch.cat, zip(*rows))
 
-def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None, hessians: dict | None = None,
-                   sdclip_k: float = 0.0, damp: float = 0.01) -> tuple[bytes, dict]:
-    """The artifact (docs/outputs.md) and per tensor group its parameters and bytes: fp32, stored, compressed alone.
-    With `hessians` (input_hessians'), the matrices that have one are rounded by GPTQ."""
+LQER_BITS = 4
+
+def low_rank_corrections(state: dict, quantized: dict, rounding: Rounding) -> dict[str, list[Tensor]]:
+    """LQER: for the QUANT_LQER_TENSORS matrices whose rounding moved them most, the rank-r SVD of what it moved,
+    as int4 factors A^T and B (W = dequantized + A B). A matrix with a Hessian weighs its columns by their inputs'
+    energy relative to the mean, so that its error reads in the same units as one's without."""
+    if not rounding.lqer_rank:
+        return {}
+    errors = {}
+    for name, (encoding, q, scale) in quantized.items():
+        if not encoding.get("transposed") and state[name].ndim == 2:
+            delta = state[name].float() - dequantize_rows(q, scale)
+            h = rounding.hessians.get(name)
+            weights = h.diagonal() / h.diagonal().mean().clamp_min(1e-30) if h is not None else 1.0
+            errors[name] = (delta, float((delta.square() * weights).sum()))
+    corrections = {}
+    for name in sorted(errors, key=lambda n: errors[n][1], reverse=True)[:rounding.lqer_tensors]:
+        u, sigma, vh = torch.linalg.svd(errors[name][0], full_matrices=False)
+        root = sigma[:rounding.lqer_rank].sqrt()
+        a_t, b = (u[:, :len(root)] * root).T, root[:, None] * vh[:len(root)]
+        corrections[name] = [*quantize_rows(a_t, LQER_BITS), *quantize_rows(b, LQER_BITS)]
+    return corrections
+
+def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None,
+                   rounding: Rounding = Rounding()) -> tuple[bytes, dict]:
+    """The artifact (docs/outputs.md) and per tensor group its parameters and bytes: fp32, stored, compressed alone."""
     raw, layout, groups = bytearray(), [], {}
     # Made on the host: packing and compression are numpy and bytes, and the copy takes under a second at 16 MB.
-    for name, t in model.state_dict().items():
-        t = t.cpu()
+    state = {name: t.cpu() for name, t in model.state_dict().items()}
+    bits_of = {name: QUANT_SCHEMES[scheme][tensor_group(name, t)] if t.numel() >= QUANT_MIN_NUMEL else None
+               for name, t in state.items()}
+    quantized = {name: quantize_tensor(name, t, bits_of[name], rounding) for name, t in state.items() if bits_of[name]}
+    corrections = low_rank_corrections(state, quantized, rounding)
+    for name, t in state.items():
         group = tensor_group(name, t)
-        bits = QUANT_SCHEMES[scheme][group] if t.numel() >= QUANT_MIN_NUMEL else None
         encoding, parts = {"encoding": "raw"}, [t]
-        if bits:
-            encoding, q, scale = quantize_tensor(name, t, bits, hessians or {}, sdclip_k, damp)
-            parts = [pack_bits(q, bits), scale]
+        if name in quantized:
+            encoding, q, scale = quantized[name]
+            parts = [pack_bits(q, bits_of[name]), scale]
+            if name in corrections:
+                a_t, a_scale, b, b_scale = corrections[name]
+                encoding = {**encoding, "lqer_rank": len(a_t)}
+                parts += [pack_bits(a_t, LQER_BITS), a_scale, pack_bits(b, LQER_BITS), b_scale]
         elif t.is_floating_point():
             encoding, parts = {"encoding": "fp16"}, [t.half()]
         row = groups.setdefault(group, {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "stored": bytearray()})
@@ -1724,12 +1768,16 @@ def decode_tensors(raw: bytes, layout: list[dict], name) -> dict[str, Tensor]:
     for entry in layout:
         parts = [get(p) for p in entry["parts"]]
         if entry["encoding"] == "int_rows":
-            packed, scale = parts
+            packed, scale, *factors = parts
             q = unpack_bits(packed, int(entry["bits"]), math.prod(entry["shape"])).view(len(scale), -1)
             shape = entry["shape"]
             if entry.get("transposed"):  # a stack of matrices stored as their transposes
                 shape = [*shape[:-2], shape[-1], shape[-2]]
             w = dequantize_rows(q, scale).reshape(shape)
+            if factors:  # LQER's correction A B, A^T and B stored as int4 rows
+                (a_t, a_scale, b, b_scale), rank = factors, int(entry["lqer_rank"])
+                a_t = dequantize_rows(unpack_bits(a_t, LQER_BITS, rank * shape[0]).view(rank, -1), a_scale)
+                w = w + a_t.T @ dequantize_rows(unpack_bits(b, LQER_BITS, rank * shape[1]).view(rank, -1), b_scale)
             state[entry["name"]] = w.transpose(-1, -2) if entry.get("transposed") else w
         else:
             state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
@@ -2434,8 +2482,7 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, stream, ev: Eval
     hessian_s, build_s = time.perf_counter() - t_calibration, 0.0
     for scheme in AUTO_ORDER if cfg.quant == "auto" else (cfg.quant,):
         t_build = time.perf_counter()
-        blob, groups = build_artifact(model, scheme, None, hessians, cfg.quant_sdclip_k, cfg.quant_gptq_damp
-                                      ) if rt.rank == 0 else (None, {})
+        blob, groups = build_artifact(model, scheme, None, rounding_of(cfg, hessians)) if rt.rank == 0 else (None, {})
         build_s += time.perf_counter() - t_build
         blob = share_from_rank0(rt, blob)
         header, tensors = parse_artifact(blob, artifact_path)

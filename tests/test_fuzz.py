@@ -66,14 +66,15 @@ def test_shard_loader(tmp_path):
 
 @pytest.mark.parametrize("gptq", [False, True])
 def test_artifact_loader(tmp_path, monkeypatch, gptq):
-    if gptq:  # GPTQ's fields too: experts stored as their transposes
+    if gptq:  # GPTQ's and LQER's fields too: experts stored as their transposes, corrections
         from test_gptq import CPU, RandomStream, calibration
 
         monkeypatch.setattr(train_gpt, "QUANT_MIN_NUMEL", 256)
         cfg, model = calibration({"MOE_NUM_EXPERTS": "4", "MOE_TOP_K": "2"})
-        blob, _ = train_gpt.build_artifact(model, "int5", hessians=train_gpt.input_hessians(
-            cfg, CPU, model, RandomStream(64), 0))
-        assert b'"transposed":true' in blob
+        hessians = train_gpt.input_hessians(cfg, CPU, model, RandomStream(64), 0)
+        blob, _ = train_gpt.build_artifact(model, "int5", rounding=train_gpt.Rounding(hessians, lqer_rank=2,
+                                                                                      lqer_tensors=2))
+        assert b'"transposed":true' in blob and b'"lqer_rank":2' in blob
     else:
         blob, _ = train_gpt.build_artifact(randomize(tiny_model()))
     outcomes = {"refused": 0, "loaded": 0}

@@ -110,7 +110,7 @@ def test_a_gptq_artifact_reloads_exactly_its_dequantized_weights(kind, monkeypat
     torch.manual_seed(0)
     model = randomize(train_gpt.GPT(cfg.model))
     hessians = input_hessians(cfg, CPU, model, RandomStream(16), first_step=0)
-    blob, _ = train_gpt.build_artifact(model, "int4", hessians=hessians)
+    blob, _ = train_gpt.build_artifact(model, "int4", rounding=train_gpt.Rounding(hessians))
     header, tensors = train_gpt.parse_artifact(blob, "memory")
     reloaded = train_gpt.model_from_artifact(header, tensors, "memory", "cpu").state_dict()
     gptq_rounded = 0
@@ -118,7 +118,7 @@ def test_a_gptq_artifact_reloads_exactly_its_dequantized_weights(kind, monkeypat
         if entry["encoding"] != "int_rows":
             continue
         name, t = entry["name"], model.state_dict()[entry["name"]]
-        encoding, q, scale = train_gpt.quantize_tensor(name, t, entry["bits"], hessians, 0.0, 0.01)
+        encoding, q, scale = train_gpt.quantize_tensor(name, t, entry["bits"], train_gpt.Rounding(hessians))
         expected = dequantize_rows(q, scale)
         if encoding.get("transposed"):  # an expert stack, rounded as its transposes
             expected = expected.view(t.size(0), t.size(2), t.size(1)).transpose(1, 2)
@@ -155,7 +155,7 @@ def test_the_artifact_is_a_function_of_the_training_data_alone(tiny_env, data_di
     shutil.copytree(data_dir, other)
     write_shard(other / "tiny_val_000000.bin", encode_docs(tokenizer, make_docs(60, seed=9)))
     env = {**tiny_env, "MODEL_DIM": "128", "MOE_NUM_EXPERTS": "2", "MOE_TOP_K": "1", "MOE_LAYERS": "1",
-           "QUANT_GPTQ": "1", "QUANT": "int5", "QUANT_CALIB_BATCHES": "4", "ITERATIONS": "3"}
+           "QUANT_GPTQ": "1", "QUANT": "int5", "QUANT_CALIB_BATCHES": "4", "ITERATIONS": "3", "QUANT_LQER_RANK": "2"}
     blobs = []
     for run_id, data in (("a", data_dir), ("b", other)):
         out = run_trainer({**env, "DATA_PATH": str(data), "RUN_ID": run_id}, ROOT)
@@ -165,4 +165,49 @@ def test_the_artifact_is_a_function_of_the_training_data_alone(tiny_env, data_di
         blobs.append((Path(env["LOG_DIR"]) / f"{run_id}.ptz").read_bytes())
     header = train_gpt.parse_artifact(blobs[0], "a")[0]
     assert any(e.get("transposed") for e in header["tensors"])  # the trained experts went through GPTQ too
+    assert sum(e.get("lqer_rank") == 2 for e in header["tensors"]) == 3
     assert blobs[0] == blobs[1]
+
+
+def test_lqer_corrects_the_matrices_rounded_worst_and_reloads_exactly(monkeypatch):
+    monkeypatch.setattr(train_gpt, "QUANT_MIN_NUMEL", 256)
+    cfg, model = calibration({})
+    hessians = input_hessians(cfg, CPU, model, RandomStream(64), first_step=0)
+    state = model.state_dict()
+    plain = train_gpt.Rounding(hessians)
+    corrected = train_gpt.Rounding(hessians, lqer_rank=4, lqer_tensors=2)
+    header, tensors = train_gpt.parse_artifact(train_gpt.build_artifact(model, "int4", rounding=corrected)[0], "m")
+    reloaded = train_gpt.model_from_artifact(header, tensors, "m", "cpu").state_dict()
+    quantized = {e["name"]: train_gpt.quantize_tensor(e["name"], state[e["name"]], e["bits"], plain)
+                 for e in header["tensors"] if e["encoding"] == "int_rows"}
+
+    def weighted_error(name, w):
+        h = hessians[name].diagonal()
+        return float(((state[name] - w).square() * h / h.mean()).sum())
+
+    rounded = {name: dequantize_rows(q, scale) for name, (_, q, scale) in quantized.items()}
+    worst = sorted(rounded, key=lambda n: weighted_error(n, rounded[n]), reverse=True)[:2]
+    assert sorted(e["name"] for e in header["tensors"] if e.get("lqer_rank") == 4) == sorted(worst)
+    factors = train_gpt.low_rank_corrections(state, quantized, corrected)
+    assert sorted(factors) == sorted(worst)
+    for name, (a_t, a_scale, b, b_scale) in factors.items():
+        expected = rounded[name] + dequantize_rows(a_t, a_scale).T @ dequantize_rows(b, b_scale)
+        assert torch.equal(reloaded[name], expected)  # the round trip is exact with a correction too
+        assert weighted_error(name, reloaded[name]) < 0.9 * weighted_error(name, rounded[name])
+        assert int(a_t.abs().max()) <= 7 and int(b.abs().max()) <= 7
+    for name in set(rounded) - set(worst):
+        assert torch.equal(reloaded[name], rounded[name])
+
+
+def test_lqer_ranks_matrices_by_the_error_their_inputs_see():
+    """An error in columns whose inputs are silent costs nothing: the smaller error on busy inputs is corrected."""
+    w = torch.zeros(8, 16)
+    quiet, busy = w.clone(), w.clone()
+    quiet[:, :8], busy[:, 8:] = 0.5, 0.1  # rounded to zero: `quiet` moved 25x more, on silent inputs
+    h = torch.diag(torch.cat([torch.full((8,), 1e-3), torch.ones(8)]))
+    zero = (torch.zeros(8, 16, dtype=torch.int8), torch.ones(8, dtype=torch.float16))
+    quantized = {"quiet": ({"encoding": "int_rows"}, *zero), "busy": ({"encoding": "int_rows"}, *zero)}
+    rounding = train_gpt.Rounding({"quiet": h, "busy": h}, lqer_rank=1, lqer_tensors=1)
+    assert list(train_gpt.low_rank_corrections({"quiet": quiet, "busy": busy}, quantized, rounding)) == ["busy"]
+    without = train_gpt.Rounding({}, lqer_rank=1, lqer_tensors=1)
+    assert list(train_gpt.low_rank_corrections({"quiet": quiet, "busy": busy}, quantized, without)) == ["quiet"]
