@@ -6,8 +6,8 @@ every hyperparameter is an env var, `python train_gpt.py --help` lists them."""
 
 from __future__ import annotations
 
-import ast, copy, dataclasses, datetime, difflib, functools, glob, hashlib, io, json, lzma, math, os, resource, signal
-import struct, sys, time, tokenize, uuid, zlib
+import ast, copy, dataclasses, datetime, difflib, functools, glob, hashlib, io, itertools, json, lzma, math, os
+import resource, signal, struct, sys, time, tokenize, uuid, zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +150,7 @@ class Config:
                      choices=("int8", "int6", "mixed", "int5", "int4", "auto"))
     quant_gptq: bool = var(False, "full GPTQ: round each matrix column by column against the Hessian of its inputs on "
                                   "training tokens (0: each weight to its nearest level)")
-    quant_calib_batches: int = var(16, "QUANT_GPTQ: training micro-batches (each rank's) whose inputs make the Hessians",
+    quant_calib_batches: int = var(16, "QUANT_GPTQ: training micro-batches (each rank's) whose inputs give Hessians",
                                    lo=1)
     quant_gptq_damp: float = var(0.01, "QUANT_GPTQ: damping added to the Hessian's diagonal, a fraction of its mean",
                                  lo=1e-6, hi=1.0)
@@ -176,7 +176,7 @@ class Config:
     eval_window: int = field(init=False)  # the window of the sliding, Hedge and TTT evaluations
     eval_methods: tuple = field(init=False)  # the final evaluations after the round trip, SCORE_METHOD's last
     weight_average: str = field(init=False)  # none, swa or ema
-    train_budget_ms: float = field(init=False)  # the training loop's wall clock: the cap less the GPTQ reserve (0: none)
+    train_budget_ms: float = field(init=False)  # the loop's wall clock: the cap less the GPTQ reserve (0: none)
     model: "ModelSpec" = field(init=False)
 
     def __post_init__(self):
@@ -1616,8 +1616,46 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     values = np.packbits(low_bits, axis=1, bitorder="little")[:, 0]  # each row zero-padded to 8 bits
     return torch.from_numpy(values.astype(np.int16) - 2 ** (bits - 1)).to(torch.int8)
 
-def compress(data: bytes, method: str) -> bytes:
-    return zstandard.ZstdCompressor(level=22).compress(data) if method == "zstd" else zlib.compress(data, 9)
+# Per stream (a tensor group's integer codes, or its floats) the smallest of: codes bit-packed or one a byte (the
+# compressors model whole bytes better), floats plain or byte-shuffled, times the codecs of the run's family.
+CODECS = {"zstd": (lambda data: zstandard.ZstdCompressor(level=22).compress(data),
+                   lambda data, n: zstandard.ZstdDecompressor().decompress(data, max_output_size=n)),
+          "lzma": (lambda data: lzma.compress(data, preset=9),
+                   lambda data, n: lzma.LZMADecompressor().decompress(data, n)),
+          "zlib": (lambda data: zlib.compress(data, 9), lambda data, n: zlib.decompressobj().decompress(data, n))}
+CODEC_FAMILIES = {"zstd": ("zstd", "lzma"), "zlib": ("zlib", "lzma")}  # zlib: a run without zstandard
+CODEC_ERRORS = (zlib.error, lzma.LZMAError, *((zstandard.ZstdError,) if zstandard else ()))
+
+def byte_shuffle(data: bytes, stride: int, inverse: bool = False) -> bytes:
+    """Byte k of every `stride`-byte value together: fp16 exponents repeat, and compress better side by side."""
+    cut = len(data) - len(data) % stride
+    table = np.frombuffer(data[:cut], np.uint8).reshape((stride, -1) if inverse else (-1, stride))
+    return table.T.tobytes() + data[cut:]
+
+def part_bytes(part: Tensor, bits: int | None, packed: bool) -> bytes:
+    return (pack_bits(part, bits) if bits and packed else part.contiguous()).numpy().tobytes()
+
+PROBE_VALUES = 1 << 20  # a stream's layout and codec are chosen on its first parts of about this many values
+
+def smallest_stream(parts: list[tuple[Tensor, int | None]], family: str) -> dict:
+    """The stream of `parts` ((tensor, bits if integer codes)) compressed once, in the layout and codec that made its
+    first parts smallest (zstd-22 takes seconds a megabyte of codes: trying each on all of it would take minutes)."""
+    codes = parts[0][1] is not None
+    # At 8 bits packing changes nothing; shuffling a stream of codes, one byte each, neither.
+    layouts = ((False,) if all(bits == 8 for _, bits in parts) else (True, False)) if codes else (0, 2)
+    probe = list(itertools.accumulate(part.numel() for part, _ in parts))
+    probe = parts[:next((i + 1 for i, n in enumerate(probe) if n >= PROBE_VALUES), len(parts))]
+
+    def stored(some: list, layout) -> tuple[bytes, list[bytes]]:
+        chunks = [part_bytes(part, bits, codes and layout) for part, bits in some]
+        raw = b"".join(chunks)
+        return (byte_shuffle(raw, layout) if not codes and layout else raw), chunks
+
+    trials = [(layout, codec) for layout in layouts for codec in CODEC_FAMILIES[family]]
+    layout, codec = min(trials, key=lambda trial: len(CODECS[trial[1]][0](stored(probe, trial[0])[0])))
+    data, chunks = stored(parts, layout)
+    return {"layout": {"packed": layout} if codes else {"shuffle": layout}, "codec": codec,
+            "data": CODECS[codec][0](data), "raw_bytes": len(data), "sizes": [len(chunk) for chunk in chunks]}
 
 def write_atomic(path: Path, *chunks: bytes):
     """Temp file, fsync, rename: a crash or a full disk never leaves a half-written file under `path`."""
@@ -1682,44 +1720,56 @@ def low_rank_corrections(state: dict, quantized: dict, rounding: Rounding) -> di
 def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None,
                    rounding: Rounding = Rounding()) -> tuple[bytes, dict]:
     """The artifact (docs/outputs.md) and per tensor group its parameters and bytes: fp32, stored, compressed alone."""
-    raw, layout, groups = bytearray(), [], {}
     # Made on the host: packing and compression are numpy and bytes, and the copy takes under a second at 16 MB.
     state = {name: t.cpu() for name, t in model.state_dict().items()}
     bits_of = {name: QUANT_SCHEMES[scheme][tensor_group(name, t)] if t.numel() >= QUANT_MIN_NUMEL else None
                for name, t in state.items()}
     quantized = {name: quantize_tensor(name, t, bits_of[name], rounding) for name, t in state.items() if bits_of[name]}
     corrections = low_rank_corrections(state, quantized, rounding)
+    entries, streams = [], {}  # streams: (group, kind) -> [(part, bits if integer codes)]
     for name, t in state.items():
         group = tensor_group(name, t)
-        encoding, parts = {"encoding": "raw"}, [t]
+        encoding, parts = {"encoding": "raw"}, [(t, None)]
         if name in quantized:
             encoding, q, scale = quantized[name]
-            parts = [pack_bits(q, bits_of[name]), scale]
+            parts = [(q, bits_of[name]), (scale, None)]
             if name in corrections:
                 a_t, a_scale, b, b_scale = corrections[name]
                 encoding = {**encoding, "lqer_rank": len(a_t)}
-                parts += [pack_bits(a_t, LQER_BITS), a_scale, pack_bits(b, LQER_BITS), b_scale]
+                parts += [(a_t, LQER_BITS), (a_scale, None), (b, LQER_BITS), (b_scale, None)]
         elif t.is_floating_point():
-            encoding, parts = {"encoding": "fp16"}, [t.half()]
-        row = groups.setdefault(group, {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "stored": bytearray()})
-        row["params"] += t.numel()
-        part_layout = []  # which bytes of the payload hold each part, and as what
-        for part in parts:
-            data = part.contiguous().numpy().tobytes()
+            encoding, parts = {"encoding": "fp16"}, [(t.half(), None)]
+        for part, bits in parts:
+            streams.setdefault((group, "codes" if bits else "floats"), []).append((part, bits))
+        entries.append((name, group, t, encoding, parts))
+    family = compressor or ("zstd" if zstandard is not None else "zlib")
+    chosen = {key: smallest_stream(parts, family) for key, parts in streams.items()}
+    index, sizes = {key: i for i, key in enumerate(chosen)}, {key: iter(c.pop("sizes")) for key, c in chosen.items()}
+    offsets, layout, groups = dict.fromkeys(chosen, 0), [], {}
+    for name, group, t, encoding, parts in entries:
+        part_layout = []  # where in its stream's bytes each part lies, and as what
+        for part, bits in parts:
+            key = (group, "codes" if bits else "floats")
+            nbytes = next(sizes[key])
             part_layout.append({"dtype": str(part.dtype).removeprefix("torch."), "shape": list(part.shape),
-                                "offset": len(raw), "nbytes": len(data)})
-            raw += data
-            row["stored"] += data
+                                "stream": index[key], "offset": offsets[key], "nbytes": nbytes,
+                                **({"bits": bits} if bits else {})})
+            offsets[key] += nbytes
         layout.append({"name": name, "group": group, "shape": list(t.shape), **encoding, "parts": part_layout})
-    method = compressor or ("zstd" if zstandard is not None else "zlib")
-    payload = compress(raw, method)
+        row = groups.setdefault(group, {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "compressed_bytes": 0})
+        row.update(params=row["params"] + t.numel(), fp32_bytes=row["fp32_bytes"] + 4 * t.numel())
+    header_streams = []
+    for (group, kind), stream in chosen.items():
+        groups[group]["stored_bytes"] += stream["raw_bytes"]
+        groups[group]["compressed_bytes"] += len(stream["data"])
+        groups[group][kind] = "+".join([*(f"{k}:{int(v)}" for k, v in stream["layout"].items()), stream["codec"]])
+        header_streams.append({"group": group, "kind": kind, **stream["layout"], "codec": stream["codec"],
+                               "raw_bytes": stream["raw_bytes"], "payload_bytes": len(stream["data"])})
     for row in groups.values():
-        stored = row.pop("stored")
-        row.update(fp32_bytes=4 * row["params"], stored_bytes=len(stored),
-                   compressed_bytes=len(compress(stored, method)))
         row["ratio"] = row["fp32_bytes"] / max(row["compressed_bytes"], 1)
-    header = json.dumps({"format": 3, "model": dataclasses.asdict(model.spec), "quant": scheme, "compressor": method,
-                         "tensors": layout, "raw_bytes": len(raw), "payload_bytes": len(payload),
+    payload = b"".join(stream["data"] for stream in chosen.values())
+    header = json.dumps({"format": 4, "model": dataclasses.asdict(model.spec), "quant": scheme, "compressor": family,
+                         "streams": header_streams, "tensors": layout, "payload_bytes": len(payload),
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, groups
 
@@ -1733,7 +1783,10 @@ def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
         header = json.loads(blob[prefix:prefix + header_len])
         payload = blob[prefix + header_len:]
         expected_payload, checksum = int(header["payload_bytes"]), header["payload_sha256"]
-        layout, method, raw_bytes = header["tensors"], header["compressor"], int(header["raw_bytes"])
+        if header["format"] != 4:
+            raise InputError(f"artifact {name}: format {header['format']} is another version's: rebuild it from "
+                             f"a checkpoint with this train_gpt.py")
+        layout, streams = header["tensors"], header["streams"]
         if not isinstance(header["model"], dict):
             raise TypeError("model config is not an object")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -1742,42 +1795,51 @@ def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
         raise InputError(f"artifact {name}: truncated (payload {len(payload)} bytes, header says {expected_payload})")
     if hashlib.sha256(payload).hexdigest() != checksum:
         raise InputError(f"artifact {name}: checksum mismatch (corrupt file)")
-    if method not in (("zstd", "zlib") if zstandard else ("zlib",)):
-        raise InputError(f"artifact {name}: compressor {method!r} unknown here (zstd needs the zstandard package)")
     try:
-        raw = (zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_bytes) if method == "zstd"
-               else zlib.decompress(payload))
-    except (zlib.error, zstandard.ZstdError if zstandard else zlib.error):
-        raise InputError(f"artifact {name}: payload does not decompress") from None
-    if len(raw) != raw_bytes:
-        raise InputError(f"artifact {name}: payload decompressed to {len(raw)} bytes, header says {raw_bytes}")
-    try:
-        return header, decode_tensors(raw, layout, name)
+        decoded = [(decode_stream(payload, streams, k, name), bool(s.get("packed"))) for k, s in enumerate(streams)]
+        return header, decode_tensors(decoded, layout, name)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
         raise InputError(f"artifact {name}: corrupt tensor layout") from None
 
-def decode_tensors(raw: bytes, layout: list[dict], name) -> dict[str, Tensor]:
+def decode_stream(payload: bytes, streams: list[dict], k: int, name) -> bytes:
+    """Stream k's bytes as they were before compression (and shuffling)."""
+    stream, start = streams[k], sum(int(s["payload_bytes"]) for s in streams[:k])
+    codec, raw_bytes = stream["codec"], int(stream["raw_bytes"])
+    if codec not in CODECS or codec == "zstd" and zstandard is None:
+        raise InputError(f"artifact {name}: codec {codec!r} unknown here (zstd needs the zstandard package)")
+    try:
+        raw = CODECS[codec][1](payload[start:start + int(stream["payload_bytes"])], raw_bytes)
+    except CODEC_ERRORS:
+        raise InputError(f"artifact {name}: stream {k} does not decompress") from None
+    if len(raw) != raw_bytes:
+        raise InputError(f"artifact {name}: stream {k} decompressed to {len(raw)} bytes, header says {raw_bytes}")
+    return byte_shuffle(raw, stream["shuffle"], inverse=True) if stream.get("shuffle") else raw
+
+def decode_tensors(streams: list[tuple[bytes, bool]], layout: list[dict], name) -> dict[str, Tensor]:
+    """The tensors of `layout` from their streams' bytes ((bytes, whether its integer codes are bit-packed))."""
     def get(part: dict) -> Tensor:
-        start, end = part["offset"], part["offset"] + part["nbytes"]
-        if end > len(raw):
-            raise InputError(f"artifact {name}: payload is shorter than its layout says")
+        (raw, packed), start = streams[part["stream"]], part["offset"]
+        if start < 0 or start + part["nbytes"] > len(raw):
+            raise InputError(f"artifact {name}: a stream is shorter than its layout says")
+        data = raw[start:start + part["nbytes"]]
+        if packed:
+            codes = torch.from_numpy(np.frombuffer(data, np.uint8).copy())
+            return unpack_bits(codes, int(part["bits"]), math.prod(part["shape"])).reshape(part["shape"])
         # numpy, as torch.frombuffer refuses an empty buffer: a 0-element tensor (one block's skips) is legal
-        return torch.from_numpy(np.frombuffer(raw[start:end], dtype=part["dtype"]).copy()).reshape(part["shape"])
+        return torch.from_numpy(np.frombuffer(data, dtype=part["dtype"]).copy()).reshape(part["shape"])
 
     state = {}
     for entry in layout:
         parts = [get(p) for p in entry["parts"]]
         if entry["encoding"] == "int_rows":
-            packed, scale, *factors = parts
-            q = unpack_bits(packed, int(entry["bits"]), math.prod(entry["shape"])).view(len(scale), -1)
+            q, scale, *factors = parts
             shape = entry["shape"]
             if entry.get("transposed"):  # a stack of matrices stored as their transposes
                 shape = [*shape[:-2], shape[-1], shape[-2]]
-            w = dequantize_rows(q, scale).reshape(shape)
+            w = dequantize_rows(q.view(len(scale), -1), scale).reshape(shape)
             if factors:  # LQER's correction A B, A^T and B stored as int4 rows
-                (a_t, a_scale, b, b_scale), rank = factors, int(entry["lqer_rank"])
-                a_t = dequantize_rows(unpack_bits(a_t, LQER_BITS, rank * shape[0]).view(rank, -1), a_scale)
-                w = w + a_t.T @ dequantize_rows(unpack_bits(b, LQER_BITS, rank * shape[1]).view(rank, -1), b_scale)
+                a_t, a_scale, b, b_scale = factors
+                w = w + dequantize_rows(a_t, a_scale).T @ dequantize_rows(b, b_scale)
             state[entry["name"]] = w.transpose(-1, -2) if entry.get("transposed") else w
         else:
             state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
@@ -2498,7 +2560,8 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, stream, ev: Eval
                       "fits": fits, "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "groups": groups})
         for group, row in groups.items():  # rank 0's: the log is rank 0's
             log(f"quant:{scheme} group:{group} params:{row['params']} fp32_bytes:{row['fp32_bytes']} stored_bytes:"
-                f"{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} ratio:{row['ratio']:.2f}")
+                f"{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} ratio:{row['ratio']:.2f}"
+                + "".join(f" {kind}:{row[kind]}" for kind in ("codes", "floats") if kind in row))
         log(f"quant:{scheme}+{method} bytes_total:{bytes_total} fits:{str(fits).lower()} "
             f"roundtrip_val_bpb:{rt_bpb:.4f}")
         if fits:
