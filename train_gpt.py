@@ -205,7 +205,7 @@ class Config:
         for name in ("epochs", "train_subset_docs"):
             if getattr(self, name) and not self.doc_mode:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)}: needs DOC_MODE=1")
-        reserve = self.gptq_reserve_seconds if self.quant_gptq and self.max_wallclock_seconds else 0.0
+        reserve = self.gptq_reserve_seconds if self.calibrates and self.max_wallclock_seconds else 0.0
         if reserve and reserve >= self.max_wallclock_seconds:
             raise ConfigError(f"GPTQ_RESERVE_SECONDS={reserve:g}: must be less than MAX_WALLCLOCK_SECONDS="
                               f"{self.max_wallclock_seconds:g}, which it comes out of")
@@ -214,6 +214,11 @@ class Config:
                           weight_average="swa" if self.swa_enabled else "ema" if self.ema_decay else "none",
                           train_budget_ms=1000 * (self.max_wallclock_seconds - reserve))
         vars(self)["model"] = model_spec(self)
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the export reads training tokens after the loop (GPTQ's Hessians, QUANT=auto's losses)."""
+        return self.quant_gptq or self.quant == "auto"
 
 CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config) if f.init}
 
@@ -1492,6 +1497,32 @@ def tensor_group(name: str, t: Tensor) -> str:
         return "router" if ".ffn.router." in name else "mlp"
     return "scalars"  # per-layer vectors stacked in a table: skip weights, loop embeddings, scales
 
+@contextmanager
+def uncounted_routing(model: nn.Module):
+    """Forwards that are neither training nor evaluation (calibration) leave the experts' load counts as they were."""
+    loads = [m.load.clone() for m in moe_modules(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, load in zip(moe_modules(model), loads):
+            m.load.copy_(load)
+        model.train(was_training)
+
+@torch.no_grad()
+def training_loss(cfg: Config, rt: Runtime, model: GPT, stream, first_step: int) -> float:
+    """Mean loss per target on QUANT_CALIB_BATCHES training micro-batches from `first_step` on, over all ranks."""
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    with uncounted_routing(model):
+        for k in range(cfg.quant_calib_batches):
+            x, y = stream.micro_batch(cfg, rt, first_step + k // cfg.grad_accum_steps, k % cfg.grad_accum_steps)
+            with rt.autocast():
+                losses = model(x, y, reduction="none").double()
+            total += torch.stack([losses.sum(), (y != -100).sum()])
+    loss_sum, count = rt.all_reduce(total).tolist()
+    return loss_sum / max(count, 1)
+
 @torch.no_grad()
 def input_hessians(cfg: Config, rt: Runtime, model: GPT, stream, first_step: int) -> dict[str, Tensor]:
     """H = X^T X of each matrix's inputs over QUANT_CALIB_BATCHES training micro-batches from `first_step` on (never
@@ -1519,24 +1550,19 @@ def input_hessians(cfg: Config, rt: Runtime, model: GPT, stream, first_step: int
             hooks.append(module.register_forward_pre_hook(lambda m, args, key=f"{name}.weight": add([key], args[0])))
         elif isinstance(module, MoE):
             hooks.append(module.register_forward_pre_hook(lambda m, args, key=name: expert_inputs(key, m, args[0])))
-    loads = [m.load.clone() for m in moe_modules(model)]  # calibration is not evaluation: its routing is not counted
-    was_training = model.training
-    model.eval()
     try:
-        for k in range(cfg.quant_calib_batches):
-            x, _ = stream.micro_batch(cfg, rt, first_step + k // cfg.grad_accum_steps, k % cfg.grad_accum_steps)
-            with rt.autocast():
-                h, _ = model.hidden(x)
-                if model.lm_head is None:  # the tied embedding is also the head, whose input is the final hidden state
-                    add(["tok_emb.weight"], h)
-                else:
-                    model.lm_head(h)
+        with uncounted_routing(model):
+            for k in range(cfg.quant_calib_batches):
+                x, _ = stream.micro_batch(cfg, rt, first_step + k // cfg.grad_accum_steps, k % cfg.grad_accum_steps)
+                with rt.autocast():
+                    h, _ = model.hidden(x)
+                    if model.lm_head is None:  # the tied embedding is the head too, reading the final hidden state
+                        add(["tok_emb.weight"], h)
+                    else:
+                        model.lm_head(h)
     finally:
         for hook in hooks:
             hook.remove()
-        for m, load in zip(moe_modules(model), loads):
-            m.load.copy_(load)
-        model.train(was_training)
     for name in sorted(sums):  # every rank holds the same names: each expert gets one, if only of no rows
         rt.all_reduce(sums[name])
     for name in [n for n in sums if n.endswith(".c_q.weight")]:
@@ -2536,64 +2562,73 @@ def apply_average(pieces: Pieces, evaluator: Evaluator, average: WeightAverage, 
 
 def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, stream, ev: Evaluator, summary: dict,
                           log: Logger) -> nn.Module:
-    """Each scheme tried (docs/outputs.md, "Quantization") built by rank 0, rebuilt from its bytes alone on every rank
-    and evaluated; the last one tried is written, and its model returned for the other final evaluations."""
-    artifact_path, bytes_code, tried = Path(cfg.log_dir) / f"{cfg.run_id}.ptz", summary["bytes_code"], []
+    """Each scheme tried (docs/outputs.md, "Quantization") built by rank 0 and rebuilt from its bytes alone on every
+    rank; QUANT=auto keeps, of those that fit, the one whose rebuilt model has the lowest loss on training tokens. The
+    kept one is written and evaluated, and its model returned for the other final evaluations."""
+    artifact_path, bytes_code, tried, kept = Path(cfg.log_dir) / f"{cfg.run_id}.ptz", summary["bytes_code"], [], None
     t_calibration = time.perf_counter()
     hessians = input_hessians(cfg, rt, model, stream, summary["steps"]) if cfg.quant_gptq else {}
-    hessian_s, build_s = time.perf_counter() - t_calibration, 0.0
     for scheme in AUTO_ORDER if cfg.quant == "auto" else (cfg.quant,):
-        t_build = time.perf_counter()
         blob, groups = build_artifact(model, scheme, None, rounding_of(cfg, hessians)) if rt.rank == 0 else (None, {})
-        build_s += time.perf_counter() - t_build
         blob = share_from_rank0(rt, blob)
         header, tensors = parse_artifact(blob, artifact_path)
-        method = header["compressor"]
-        t_eval = time.perf_counter()
         roundtrip = model_from_artifact(header, tensors, artifact_path, rt.device)
-        roundtrip = compile_fn(roundtrip) if rt.compile else roundtrip
-        rt_loss, rt_bpb = ev.standard(roundtrip)
-        eval_ms = 1000 * (time.perf_counter() - t_eval)
-        bytes_total = len(blob) + bytes_code
-        fits = bytes_total <= cfg.artifact_limit_bytes
-        tried.append({"scheme": scheme, "compressor": method, "bytes_model": len(blob), "bytes_total": bytes_total,
-                      "fits": fits, "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "groups": groups})
-        for group, row in groups.items():  # rank 0's: the log is rank 0's
-            log(f"quant:{scheme} group:{group} params:{row['params']} fp32_bytes:{row['fp32_bytes']} stored_bytes:"
-                f"{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} ratio:{row['ratio']:.2f}"
-                + "".join(f" {kind}:{row[kind]}" for kind in ("codes", "floats") if kind in row))
-        log(f"quant:{scheme}+{method} bytes_total:{bytes_total} fits:{str(fits).lower()} "
-            f"roundtrip_val_bpb:{rt_bpb:.4f}")
-        if fits:
-            break
+        row = {"scheme": scheme, "compressor": header["compressor"], "bytes_model": len(blob),
+               "bytes_total": len(blob) + bytes_code, "fits": len(blob) + bytes_code <= cfg.artifact_limit_bytes,
+               "roundtrip_val_loss": None, "roundtrip_val_bpb": None, "groups": groups}
+        if cfg.quant == "auto":  # on the training tokens after the Hessians': validation must not choose
+            after_hessians = summary["steps"] + math.ceil(cfg.quant_calib_batches / cfg.grad_accum_steps)
+            row["calibration_loss"] = training_loss(cfg, rt, roundtrip, stream, after_hessians)
+        tried.append(row)
+        for group, stats in groups.items():  # rank 0's: the log is rank 0's
+            log(f"quant:{scheme} group:{group} params:{stats['params']} fp32_bytes:{stats['fp32_bytes']} stored_bytes:"
+                f"{stats['stored_bytes']} compressed_bytes:{stats['compressed_bytes']} ratio:{stats['ratio']:.2f}"
+                + "".join(f" {kind}:{stats[kind]}" for kind in ("codes", "floats") if kind in stats))
+        log(f"quant:{scheme}+{row['compressor']} bytes_total:{row['bytes_total']} fits:{str(row['fits']).lower()}"
+            + (f" calibration_loss:{row['calibration_loss']:.6f}" if cfg.quant == "auto" else ""))
+        if kept is None or auto_rank(row) < auto_rank(kept[0]):
+            kept = (row, blob, roundtrip)
+    row, blob, roundtrip = kept
+    calibration_s = time.perf_counter() - t_calibration
     if rt.rank == 0:
         write_atomic(artifact_path, blob)
-    log(f"Serialized model {scheme}+{method}: {len(blob)} bytes")
+    t_eval = time.perf_counter()
+    roundtrip = compile_fn(roundtrip) if rt.compile else roundtrip
+    row["roundtrip_val_loss"], row["roundtrip_val_bpb"] = ev.standard(roundtrip)
+    eval_ms = 1000 * (time.perf_counter() - t_eval)
+    name, fits, bytes_total = f"{row['scheme']}+{row['compressor']}", row["fits"], row["bytes_total"]
+    log(f"Serialized model {name}: {len(blob)} bytes")
     log(f"Code size: {summary['bytes_code_file']} bytes (packed: {bytes_code} bytes, which bytes_total counts)")
-    log(f"Total submission size {scheme}+{method}: {bytes_total} bytes")
+    log(f"Total submission size {name}: {bytes_total} bytes")
     if cfg.quant == "auto":
-        log(f"quant:auto chose {scheme}" + ("" if fits else ": nothing fits, the smallest is written"))
-    if cfg.quant_gptq:
-        gptq_report(cfg, hessian_s, build_s, summary, log)
+        log(f"quant:auto chose {row['scheme']}" + (" (of those that fit, the lowest calibration_loss)" if fits
+                                                  else ": nothing fits, the smallest is written"))
+    if cfg.calibrates:
+        calibration_report(cfg, calibration_s, summary, log)
     if not fits:
         log(f"WARNING over_limit: bytes_total {bytes_total} exceeds ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes} "
             f"by {bytes_total - cfg.artifact_limit_bytes} bytes: this run cannot be a submission")
-    summary.update(roundtrip_val_loss=rt_loss, roundtrip_val_bpb=rt_bpb, bytes_model=len(blob), bytes_total=bytes_total,
-                   over_limit=not fits, compressor=method, artifact_path=str(artifact_path),
-                   quant={"scheme": scheme, "tried": tried}, roundtrip_eval_ms=eval_ms)
+    summary.update(roundtrip_val_loss=row["roundtrip_val_loss"], roundtrip_val_bpb=row["roundtrip_val_bpb"],
+                   bytes_model=len(blob), bytes_total=bytes_total, over_limit=not fits, compressor=row["compressor"],
+                   artifact_path=str(artifact_path), quant={"scheme": row["scheme"], "tried": tried},
+                   roundtrip_eval_ms=eval_ms)
     return roundtrip
 
-def gptq_report(cfg: Config, hessian_s: float, build_s: float, summary: dict, log: Logger):
-    """GPTQ's time, which reads training tokens after the loop and so counts as training: within the reserve?"""
-    seconds = hessian_s + build_s  # the builds' compression too: the reserve is checked on the safe side
-    tokens = cfg.quant_calib_batches * cfg.train_batch_tokens // cfg.grad_accum_steps
+def auto_rank(row: dict) -> tuple:
+    """QUANT=auto's order: what fits first, by its loss on training tokens; what does not, by its size."""
+    return (0, row["calibration_loss"]) if row["fits"] else (1, row["bytes_total"])
+
+def calibration_report(cfg: Config, seconds: float, summary: dict, log: Logger):
+    """What reads training tokens after the loop (GPTQ's Hessians and rounding, QUANT=auto's losses) counts as training:
+    its time, with the builds' compression on the safe side, against the reserve."""
+    batches = cfg.quant_calib_batches * ((cfg.quant == "auto") + cfg.quant_gptq)
+    tokens = batches * cfg.train_batch_tokens // cfg.grad_accum_steps
     within = not cfg.train_budget_ms or seconds <= cfg.gptq_reserve_seconds
-    log(f"gptq: calibration_tokens:{tokens} hessians:{hessian_s:.1f}s quantize_and_build:{build_s:.1f}s "
-        f"reserve:{cfg.gptq_reserve_seconds if cfg.train_budget_ms else 0:g}s within_reserve:{str(within).lower()}")
-    summary["gptq"] = {"calibration_tokens": tokens, "hessian_s": hessian_s, "build_s": build_s,
-                       "within_reserve": within}
+    reserve = cfg.gptq_reserve_seconds if cfg.train_budget_ms else 0
+    log(f"calibration: tokens:{tokens} time:{seconds:.1f}s reserve:{reserve:g}s within_reserve:{str(within).lower()}")
+    summary["calibration"] = {"tokens": tokens, "seconds": seconds, "within_reserve": within}
     if not within:
-        log(f"WARNING gptq_over_reserve: calibration and quantization took {seconds:.1f}s, more than "
+        log(f"WARNING calibration_over_reserve: calibration and quantization took {seconds:.1f}s, more than "
             f"GPTQ_RESERVE_SECONDS={cfg.gptq_reserve_seconds:g}: training and calibration overran the budget")
 
 def score(cfg: Config, evaluator: Evaluator, roundtrip: nn.Module, summary: dict, log: Logger):

@@ -1,5 +1,6 @@
 """Full GPTQ: the rounding, the Hessians of the matrices' inputs, the artifact that carries both."""
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -135,6 +136,7 @@ def test_a_gptq_artifact_reloads_exactly_its_dequantized_weights(kind, monkeypat
 def test_the_reserve_comes_out_of_the_training_budget_and_must_leave_some():
     assert load_config({"MAX_WALLCLOCK_SECONDS": "100"})[0].train_budget_ms == 100_000
     assert load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1"})[0].train_budget_ms == 90_000
+    assert load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT": "auto"})[0].train_budget_ms == 90_000
     assert load_config({"MAX_WALLCLOCK_SECONDS": "0", "QUANT_GPTQ": "1"})[0].train_budget_ms == 0
     with pytest.raises(train_gpt.ConfigError, match="GPTQ_RESERVE_SECONDS=100: must be less than"):
         load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1", "GPTQ_RESERVE_SECONDS": "100"})
@@ -142,31 +144,53 @@ def test_the_reserve_comes_out_of_the_training_budget_and_must_leave_some():
 
 def test_calibration_over_the_reserve_is_a_warning():
     cfg, _ = load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1", "GPTQ_RESERVE_SECONDS": "5"})
-    for seconds, warned in ((2.0, False), (4.0, True)):
+    for seconds, warned in ((4.5, False), (5.5, True)):
         lines, summary = [], {}
-        train_gpt.gptq_report(cfg, seconds, 1.5, summary, lambda msg: lines.append(msg))
-        assert any(line.startswith("WARNING gptq_over_reserve") for line in lines) == warned
-        assert summary["gptq"]["within_reserve"] == (not warned)
+        train_gpt.calibration_report(cfg, seconds, summary, lambda msg: lines.append(msg))
+        assert any(line.startswith("WARNING calibration_over_reserve") for line in lines) == warned
+        assert summary["calibration"]["within_reserve"] == (not warned)
 
 
 def test_the_artifact_is_a_function_of_the_training_data_alone(tiny_env, data_dir, tokenizer, tmp_path):
-    """GPTQ's calibration reads training tokens only: runs whose validation texts differ write the same bytes."""
+    """GPTQ's calibration and QUANT=auto's choice read training tokens only: runs whose validation texts differ
+    compute the same calibration losses and write the same bytes."""
     other = tmp_path / "other_validation"
     shutil.copytree(data_dir, other)
     write_shard(other / "tiny_val_000000.bin", encode_docs(tokenizer, make_docs(60, seed=9)))
     env = {**tiny_env, "MODEL_DIM": "128", "MOE_NUM_EXPERTS": "2", "MOE_TOP_K": "1", "MOE_LAYERS": "1",
-           "QUANT_GPTQ": "1", "QUANT": "int5", "QUANT_CALIB_BATCHES": "4", "ITERATIONS": "3", "QUANT_LQER_RANK": "2"}
-    blobs = []
+           "QUANT_GPTQ": "1", "QUANT": "auto", "QUANT_CALIB_BATCHES": "4", "ITERATIONS": "3", "QUANT_LQER_RANK": "2"}
+    blobs, choices = [], []
     for run_id, data in (("a", data_dir), ("b", other)):
         out = run_trainer({**env, "DATA_PATH": str(data), "RUN_ID": run_id}, ROOT)
         assert out.returncode == 0, out.stderr
-        assert re.search(r"^gptq: calibration_tokens:512 hessians:\S+s quantize_and_build:\S+s reserve:0s "
-                         r"within_reserve:true$", out.stdout, re.M)
+        assert re.search(r"^calibration: tokens:1024 time:\S+s reserve:0s within_reserve:true$", out.stdout, re.M)
+        choices.append(re.findall(r"^quant:\w+\+zstd bytes_total:\d+ fits:true calibration_loss:\S+$", out.stdout, re.M))
         blobs.append((Path(env["LOG_DIR"]) / f"{run_id}.ptz").read_bytes())
+    assert len(choices[0]) == len(train_gpt.AUTO_ORDER) and choices[0] == choices[1]
     header = train_gpt.parse_artifact(blobs[0], "a")[0]
     assert any(e.get("transposed") for e in header["tensors"])  # the trained experts went through GPTQ too
     assert sum(e.get("lqer_rank") == 2 for e in header["tensors"]) == 3
     assert blobs[0] == blobs[1]
+
+
+def test_auto_keeps_the_lowest_calibration_loss_of_what_fits_and_scores_only_it(tiny_env):
+    sizes = {}
+    for limit in ("16000000", None):
+        if limit is None:  # a limit that int8 and int6 miss
+            limit = str((sizes["int6"] + sizes["mixed"]) // 2)
+        env = {**tiny_env, "MODEL_DIM": "128", "QUANT": "auto", "ITERATIONS": "3", "ARTIFACT_LIMIT_BYTES": limit}
+        out = run_trainer(env, ROOT)
+        assert out.returncode == 0, out.stderr
+        summary = json.loads((Path(env["LOG_DIR"]) / "t.json").read_text())
+        tried = summary["quant"]["tried"]
+        sizes = {row["scheme"]: row["bytes_total"] for row in tried}
+        assert [row["scheme"] for row in tried] == list(train_gpt.AUTO_ORDER)
+        fitting = [row for row in tried if row["fits"]]
+        best = min(fitting, key=lambda row: row["calibration_loss"])
+        assert summary["quant"]["scheme"] == best["scheme"] and summary["bytes_total"] == best["bytes_total"]
+        assert [row["roundtrip_val_bpb"] is not None for row in tried] == [row is best for row in tried]
+        assert f"quant:auto chose {best['scheme']} (of those that fit" in out.stdout
+    assert {row["scheme"] for row in fitting} == {"mixed", "int5", "int4"}
 
 
 def test_lqer_corrects_the_matrices_rounded_worst_and_reloads_exactly(monkeypatch):
