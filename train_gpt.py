@@ -146,7 +146,7 @@ class Config:
     # export
     artifact_limit_bytes: int = var(16_000_000, "code + compressed model must fit in this", lo=1)
     quant: str = var("int8", "artifact precision per tensor group: int8, int6, mixed, int5, int4 (docs/outputs.md), or "
-                             "auto: the most precise that fits ARTIFACT_LIMIT_BYTES",
+                             "auto: of those that fit ARTIFACT_LIMIT_BYTES, the best on training tokens",
                      choices=("int8", "int6", "mixed", "int5", "int4", "auto"))
     quant_gptq: bool = var(False, "full GPTQ: round each matrix column by column against the Hessian of its inputs on "
                                   "training tokens (0: each weight to its nearest level)")
@@ -1484,7 +1484,7 @@ QUANT_SCHEMES = {"int8": {"embedding": 8, "attention": 8, "mlp": 8, "router": 8,
                  "mixed": {"embedding": 8, "attention": 6, "mlp": 5, "router": 8, "scalars": None},
                  "int5": {"embedding": 8, "attention": 5, "mlp": 5, "router": 8, "scalars": None},
                  "int4": {"embedding": 8, "attention": 4, "mlp": 4, "router": 8, "scalars": None}}
-AUTO_ORDER = tuple(QUANT_SCHEMES)  # most precise first: QUANT=auto keeps the first that fits
+AUTO_ORDER = tuple(QUANT_SCHEMES)  # QUANT=auto's candidates, most precise first
 
 def tensor_group(name: str, t: Tensor) -> str:
     if not t.is_floating_point() or t.ndim < 2:
