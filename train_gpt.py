@@ -1515,58 +1515,69 @@ def training_loss(cfg: Config, rt: Runtime, model: GPT, stream, first_step: int)
     """Mean loss per target on QUANT_CALIB_BATCHES training micro-batches from `first_step` on, over all ranks."""
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)
     with uncounted_routing(model):
-        for k in range(cfg.quant_calib_batches):
-            x, y = stream.micro_batch(cfg, rt, first_step + k // cfg.grad_accum_steps, k % cfg.grad_accum_steps)
+        for x, y in calibration_batches(cfg, rt, stream, first_step):
             with rt.autocast():
                 losses = model(x, y, reduction="none").double()
             total += torch.stack([losses.sum(), (y != -100).sum()])
     loss_sum, count = rt.all_reduce(total).tolist()
     return loss_sum / max(count, 1)
 
+def calibration_batches(cfg: Config, rt: Runtime, stream, first_step: int):
+    """QUANT_CALIB_BATCHES of this rank's training micro-batches, from step `first_step` on: the tokens after the loop's
+    own, which no step trained on (and never validation tokens)."""
+    for k in range(cfg.quant_calib_batches):
+        yield stream.micro_batch(cfg, rt, first_step + k // cfg.grad_accum_steps, k % cfg.grad_accum_steps)
+
+def calibration_steps(cfg: Config) -> int:
+    return math.ceil(cfg.quant_calib_batches / cfg.grad_accum_steps)
+
 @torch.no_grad()
 def input_hessians(cfg: Config, rt: Runtime, model: GPT, stream, first_step: int) -> dict[str, Tensor]:
-    """H = X^T X of each matrix's inputs over QUANT_CALIB_BATCHES training micro-batches from `first_step` on (never
-    validation), summed over ranks; keyed by the weight's name, an expert's as "name:expert"."""
-    sums = {}
+    """H = X^T X of each matrix's inputs at the scored positions of calibration_batches, in float32, summed over ranks;
+    keyed by the weight's name, an expert's as "name:expert"."""
+    sums, scored = {}, [None]  # scored: the positions of this batch with a target (DOC_MODE pads without one)
 
-    def add(names: list[str], x: Tensor):
-        x = x.reshape(-1, x.size(-1)).float()
-        gram = x.T @ x
-        for name in names:
-            sums[name] = sums[name] + gram if name in sums else gram
+    def add(name: str, x: Tensor):
+        sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+
+    def matrix_inputs(name: str, x: Tensor):
+        add(name, x.reshape(-1, x.size(-1)).float()[scored[0]])
 
     def expert_inputs(name: str, moe: MoE, x: Tensor):
-        tokens = x.reshape(-1, x.size(-1)).float()
-        add([f"{name}.router.weight"], tokens)
+        tokens = x.reshape(-1, x.size(-1)).float()[scored[0]]
+        add(f"{name}.router.weight", tokens)
         choice = (F.linear(tokens, moe.router.weight.float()) + moe.route_bias).topk(moe.top_k, dim=-1).indices
         for e in range(0 if moe.frozen else moe.num_experts):
-            rows = tokens[(choice == e).any(-1)]
-            add([f"{name}.w1:{e}"], rows)
-            add([f"{name}.w2:{e}"], moe.activation(rows @ moe.w1[e].float() + moe.b1[e].float()))
+            routed = tokens[(choice == e).any(-1)]
+            add(f"{name}.w1:{e}", routed)
+            add(f"{name}.w2:{e}", moe.activation(routed @ moe.w1[e].float() + moe.b1[e].float()))
+
+    def hook(function, key: str):
+        def call(module, args):
+            with torch.autocast(args[0].device.type, enabled=False):  # float32 sums; the MoE routes in float32 too
+                function(key, *((module,) if isinstance(module, MoE) else ()), args[0])
+        return call
 
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not name.endswith((".c_k", ".c_v", ".router")):  # c_q's input is theirs
-            hooks.append(module.register_forward_pre_hook(lambda m, args, key=f"{name}.weight": add([key], args[0])))
+            hooks.append(module.register_forward_pre_hook(hook(matrix_inputs, f"{name}.weight")))
         elif isinstance(module, MoE):
-            hooks.append(module.register_forward_pre_hook(lambda m, args, key=name: expert_inputs(key, m, args[0])))
+            hooks.append(module.register_forward_pre_hook(hook(expert_inputs, name)))
     try:
         with uncounted_routing(model):
-            for k in range(cfg.quant_calib_batches):
-                x, _ = stream.micro_batch(cfg, rt, first_step + k // cfg.grad_accum_steps, k % cfg.grad_accum_steps)
+            for x, y in calibration_batches(cfg, rt, stream, first_step):
+                scored[0] = (y != -100).flatten()
                 with rt.autocast():
                     h, _ = model.hidden(x)
-                    if model.lm_head is None:  # the tied embedding is the head too, reading the final hidden state
-                        add(["tok_emb.weight"], h)
-                    else:
-                        model.lm_head(h)
+                head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"  # a tied embedding reads h too
+                hook(matrix_inputs, head)(model, (h,))
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in hooks:
+            handle.remove()
     for name in sorted(sums):  # every rank holds the same names: each expert gets one, if only of no rows
         rt.all_reduce(sums[name])
-    for name in [n for n in sums if n.endswith(".c_q.weight")]:
-        sums[name[:-len("c_q.weight")] + "c_k.weight"] = sums[name[:-len("c_q.weight")] + "c_v.weight"] = sums[name]
+    sums.update({n.replace(".c_q.", f".{kv}."): sums[n] for n in list(sums) if ".c_q." in n for kv in ("c_k", "c_v")})
     return sums
 
 def row_clips(w: Tensor, sdclip_k: float) -> list[Tensor]:
@@ -1581,10 +1592,9 @@ def row_clips(w: Tensor, sdclip_k: float) -> list[Tensor]:
         clips.append(torch.lerp(ordered[:, below], ordered[:, above], position - below))
     return clips
 
-def quantize_rows(w: Tensor, bits: int, sdclip_k: float = 0.0, hessian: Tensor | None = None,
-                  damp: float = 0.01) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row b-bit integers and fp16 scales: see docs/outputs.md, "Quantization". With the Hessian of
-    the rows' inputs, the integers are then chosen by GPTQ at the same scales."""
+def quantize_rows(w: Tensor, bits: int, sdclip_k: float = 0.0, gptq: tuple | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row b-bit integers and fp16 scales: see docs/outputs.md, "Quantization". With gptq_factor's
+    factors of the rows' inputs' Hessian, the integers are then chosen by GPTQ at the same scales."""
     w = w.float()
     qmax = 2 ** (bits - 1) - 1
     best_err = best_q = best_scale = None
@@ -1601,25 +1611,34 @@ def quantize_rows(w: Tensor, bits: int, sdclip_k: float = 0.0, hessian: Tensor |
             err, q = torch.where(better, err, best_err), torch.where(better[:, None], q, best_q)
             scale = torch.where(better, scale, best_scale)
         best_err, best_q, best_scale = err, q, scale
-    if hessian is not None:
-        best_q = gptq_round(w, best_scale.float().clamp_min(SCALE_FLOOR), qmax, hessian, damp)
+    if gptq is not None:
+        best_q = gptq_round(w, best_scale.float(), qmax, *gptq)
     return best_q.to(torch.int8), best_scale
 
 GPTQ_BLOCK = 128  # columns whose errors are pushed on one by one before the rest get them in one matmul
 
-def gptq_round(w: Tensor, scale: Tensor, qmax: int, hessian: Tensor, damp: float) -> Tensor:
-    """GPTQ (Frantar et al., 2022): the columns are rounded one by one, most used input first (largest diag(H)), and
-    each rounding error is pushed onto the columns not yet rounded through the upper Cholesky factor of H^-1, which
-    minimises the change of the outputs on the calibration inputs, sum over rows of (dw) H (dw)^T."""
-    h = hessian.double().cpu().clone()  # float64: a damped Hessian of a few hundred thousand tokens is ill-conditioned
-    h.diagonal().add_(damp * float(h.diagonal().mean()) or 1.0)  # an input never seen: plain rounding
-    order = torch.argsort(h.diagonal(), descending=True)
-    h = h[order][:, order]
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+def gptq_factor(hessian: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """GPTQ's column order (most used input first: largest diag(H)) and the upper Cholesky factor of the damped H^-1
+    in that order, in float64 (a Hessian of a few hundred thousand tokens is ill-conditioned); a factorisation that
+    fails is damped ten times more."""
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    h = hessian.double()[order][:, order]
+    eye = torch.eye(len(h), dtype=h.dtype, device=h.device) * (float(h.diagonal().mean()) or 1.0)  # unseen: rounding
+    for _ in range(5):
+        factor, failed = torch.linalg.cholesky_ex(h + damp * eye)
+        if not failed:
+            break
+        damp *= 10
+    return order, torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True).float()
+
+def gptq_round(w: Tensor, scale: Tensor, qmax: int, order: Tensor, u: Tensor) -> Tensor:
+    """GPTQ (Frantar et al., 2022): the columns are rounded one by one in `order`, and each rounding error is pushed
+    onto the columns not yet rounded through `u` (gptq_factor's), which minimises the change of the outputs on the
+    calibration inputs, sum over rows of (dw) H (dw)^T."""
     w, q = w[:, order].clone(), torch.empty_like(w)
     for start in range(0, w.size(1), GPTQ_BLOCK):
         stop = min(start + GPTQ_BLOCK, w.size(1))
-        errors = torch.empty(w.size(0), stop - start)
+        errors = torch.empty(w.size(0), stop - start, device=w.device)
         for j in range(start, stop):
             q[:, j] = torch.round(w[:, j] / scale).clamp(-qmax, qmax)
             errors[:, j - start] = (w[:, j] - q[:, j] * scale) / u[j, j]
@@ -1644,11 +1663,13 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
 
 # Per stream (a tensor group's integer codes, or its floats) the smallest of: codes bit-packed or one a byte (the
 # compressors model whole bytes better), floats plain or byte-shuffled, times the codecs of the run's family.
+# (compress, decompress at most n bytes): a crafted header must not make the loader inflate more than it says.
 CODECS = {"zstd": (lambda data: zstandard.ZstdCompressor(level=22).compress(data),
-                   lambda data, n: zstandard.ZstdDecompressor().decompress(data, max_output_size=n)),
+                   lambda data, n: zstandard.ZstdDecompressor().stream_reader(data).read(n)),
           "lzma": (lambda data: lzma.compress(data, preset=9),
-                   lambda data, n: lzma.LZMADecompressor().decompress(data, n)),
+                   lambda data, n: lzma.LZMADecompressor(memlimit=1 << 27).decompress(data, n)),
           "zlib": (lambda data: zlib.compress(data, 9), lambda data, n: zlib.decompressobj().decompress(data, n))}
+ARTIFACT_MAX_RAW_BYTES = 1 << 30  # what an artifact may decompress to, all streams together
 CODEC_FAMILIES = {"zstd": ("zstd", "lzma"), "zlib": ("zlib", "lzma")}  # zlib: a run without zstandard
 CODEC_ERRORS = (zlib.error, lzma.LZMAError, *((zstandard.ZstdError,) if zstandard else ()))
 
@@ -1704,21 +1725,24 @@ class Rounding:
     damp: float = 0.01
     lqer_rank: int = 0
     lqer_tensors: int = 0
+    factors: dict = field(default_factory=dict)  # gptq_factor's, once per Hessian (q, k and v share one) and scheme
 
-def rounding_of(cfg: Config, hessians: dict) -> Rounding:
-    return Rounding(hessians, cfg.quant_sdclip_k, cfg.quant_gptq_damp, cfg.quant_lqer_rank, cfg.quant_lqer_tensors)
+    def gptq(self, name: str) -> tuple | None:
+        hessian = self.hessians.get(name)
+        if hessian is not None and id(hessian) not in self.factors:
+            self.factors[id(hessian)] = gptq_factor(hessian, self.damp)
+        return None if hessian is None else self.factors[id(hessian)]
 
 def quantize_tensor(name: str, t: Tensor, bits: int, rounding: Rounding) -> tuple:
     """(encoding, integers, scales) of a matrix, or of a stack of expert matrices. GPTQ needs a matrix's rows to be
     its outputs: a linear layer's weight is, an expert's (x @ w) is the transpose, stored so ("transposed")."""
-    hessians, k, damp = rounding.hessians, rounding.sdclip_k, rounding.damp
+    encoding, k = {"encoding": "int_rows", "bits": bits}, rounding.sdclip_k
     if t.ndim == 2:
-        return {"encoding": "int_rows", "bits": bits}, *quantize_rows(t, bits, k, hessians.get(name), damp)
-    if f"{name}:0" not in hessians:
-        q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits, k)  # all the stack's rows at once
-        return {"encoding": "int_rows", "bits": bits}, q, scale
-    rows = [quantize_rows(m.T, bits, k, hessians[f"{name}:{e}"], damp) for e, m in enumerate(t)]
-    return {"encoding": "int_rows", "bits": bits, "transposed": True}, *map(torch.cat, zip(*rows))
+        return encoding, *quantize_rows(t, bits, k, rounding.gptq(name))
+    if rounding.gptq(f"{name}:0") is None:
+        return encoding, *quantize_rows(t.reshape(-1, t.size(-1)), bits, k)  # all the stack's rows at once
+    rows = [quantize_rows(m.T, bits, k, rounding.gptq(f"{name}:{e}")) for e, m in enumerate(t)]
+    return {**encoding, "transposed": True}, *map(torch.cat, zip(*rows))
 
 LQER_BITS = 4
 
@@ -1746,8 +1770,8 @@ def low_rank_corrections(state: dict, quantized: dict, rounding: Rounding) -> di
 def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None,
                    rounding: Rounding = Rounding()) -> tuple[bytes, dict]:
     """The artifact (docs/outputs.md) and per tensor group its parameters and bytes: fp32, stored, compressed alone."""
-    # Made on the host: packing and compression are numpy and bytes, and the copy takes under a second at 16 MB.
-    state = {name: t.cpu() for name, t in model.state_dict().items()}
+    # Rounded where the weights are (GPTQ's loop is fast on a GPU); packed and compressed on the host, as numpy bytes.
+    state = model.state_dict()
     bits_of = {name: QUANT_SCHEMES[scheme][tensor_group(name, t)] if t.numel() >= QUANT_MIN_NUMEL else None
                for name, t in state.items()}
     quantized = {name: quantize_tensor(name, t, bits_of[name], rounding) for name, t in state.items() if bits_of[name]}
@@ -1765,6 +1789,7 @@ def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = No
                 parts += [(a_t, LQER_BITS), (a_scale, None), (b, LQER_BITS), (b_scale, None)]
         elif t.is_floating_point():
             encoding, parts = {"encoding": "fp16"}, [(t.half(), None)]
+        parts = [(part.cpu(), bits) for part, bits in parts]
         for part, bits in parts:
             streams.setdefault((group, "codes" if bits else "floats"), []).append((part, bits))
         entries.append((name, group, t, encoding, parts))
@@ -1815,7 +1840,14 @@ def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
         layout, streams = header["tensors"], header["streams"]
         if not isinstance(header["model"], dict):
             raise TypeError("model config is not an object")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        claimed = [0] * len(streams)  # each stream's raw bytes must be exactly what its parts take
+        for part in (part for entry in layout for part in entry["parts"]):
+            if part["nbytes"] < 0 or part["stream"] < 0:
+                raise ValueError("a negative size or stream")
+            claimed[part["stream"]] += int(part["nbytes"])
+        if [int(stream["raw_bytes"]) for stream in streams] != claimed or sum(claimed) > ARTIFACT_MAX_RAW_BYTES:
+            raise ValueError("streams and parts disagree")
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
         raise InputError(f"artifact {name}: corrupt or truncated header") from None
     if len(payload) != expected_payload:
         raise InputError(f"artifact {name}: truncated (payload {len(payload)} bytes, header says {expected_payload})")
@@ -1834,8 +1866,8 @@ def decode_stream(payload: bytes, streams: list[dict], k: int, name) -> bytes:
     if codec not in CODECS or codec == "zstd" and zstandard is None:
         raise InputError(f"artifact {name}: codec {codec!r} unknown here (zstd needs the zstandard package)")
     try:
-        raw = CODECS[codec][1](payload[start:start + int(stream["payload_bytes"])], raw_bytes)
-    except CODEC_ERRORS:
+        raw = CODECS[codec][1](payload[start:start + int(stream["payload_bytes"])], raw_bytes + 1)
+    except (*CODEC_ERRORS, MemoryError):
         raise InputError(f"artifact {name}: stream {k} does not decompress") from None
     if len(raw) != raw_bytes:
         raise InputError(f"artifact {name}: stream {k} decompressed to {len(raw)} bytes, header says {raw_bytes}")
@@ -2568,8 +2600,9 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, stream, ev: Eval
     artifact_path, bytes_code, tried, kept = Path(cfg.log_dir) / f"{cfg.run_id}.ptz", summary["bytes_code"], [], None
     t_calibration = time.perf_counter()
     hessians = input_hessians(cfg, rt, model, stream, summary["steps"]) if cfg.quant_gptq else {}
+    rounding = Rounding(hessians, cfg.quant_sdclip_k, cfg.quant_gptq_damp, cfg.quant_lqer_rank, cfg.quant_lqer_tensors)
     for scheme in AUTO_ORDER if cfg.quant == "auto" else (cfg.quant,):
-        blob, groups = build_artifact(model, scheme, None, rounding_of(cfg, hessians)) if rt.rank == 0 else (None, {})
+        blob, groups = build_artifact(model, scheme, None, rounding) if rt.rank == 0 else (None, {})
         blob = share_from_rank0(rt, blob)
         header, tensors = parse_artifact(blob, artifact_path)
         roundtrip = model_from_artifact(header, tensors, artifact_path, rt.device)
@@ -2577,7 +2610,7 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, stream, ev: Eval
                "bytes_total": len(blob) + bytes_code, "fits": len(blob) + bytes_code <= cfg.artifact_limit_bytes,
                "roundtrip_val_loss": None, "roundtrip_val_bpb": None, "groups": groups}
         if cfg.quant == "auto":  # on the training tokens after the Hessians': validation must not choose
-            after_hessians = summary["steps"] + math.ceil(cfg.quant_calib_batches / cfg.grad_accum_steps)
+            after_hessians = summary["steps"] + calibration_steps(cfg)
             row["calibration_loss"] = training_loss(cfg, rt, roundtrip, stream, after_hessians)
         tried.append(row)
         for group, stats in groups.items():  # rank 0's: the log is rank 0's

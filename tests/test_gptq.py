@@ -31,7 +31,7 @@ def test_gptq_moves_the_outputs_far_less_than_rounding_at_the_same_scales(bits):
     x = correlated_inputs(2048, 192)
     w = torch.randn(96, 192) * 0.02
     q_round, scale_round = quantize_rows(w, bits)
-    q, scale = quantize_rows(w, bits, hessian=x.T @ x)
+    q, scale = quantize_rows(w, bits, gptq=train_gpt.gptq_factor(x.T @ x, 0.01))
     assert torch.equal(scale, scale_round) and q.dtype == torch.int8
     assert int(q.abs().max()) <= 2 ** (bits - 1) - 1
 
@@ -46,7 +46,8 @@ def test_gptq_with_uncorrelated_inputs_of_one_size_is_plain_rounding():
     torch.manual_seed(1)
     w = torch.distributions.Laplace(0.0, 1.0).sample((40, 300))
     for bits in (8, 5, 4):
-        assert torch.equal(quantize_rows(w, bits, hessian=torch.eye(300))[0], quantize_rows(w, bits)[0])
+        identity = train_gpt.gptq_factor(torch.eye(300), 0.01)
+        assert torch.equal(quantize_rows(w, bits, gptq=identity)[0], quantize_rows(w, bits)[0])
 
 
 class RandomStream:
