@@ -66,7 +66,7 @@ class RandomStream:
 def calibration(env: dict, **model_env):
     cfg, _ = load_config({"VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4",
                           "NUM_KV_HEADS": "2", "TRAIN_BATCH_TOKENS": "64", "TRAIN_SEQ_LEN": "16",
-                          "QUANT_CALIB_BATCHES": "3", "GRAD_ACCUM_STEPS": "2", **env})
+                          "QUANT_GPTQ": "1", "QUANT_CALIB_BATCHES": "3", "GRAD_ACCUM_STEPS": "2", **env})
     torch.manual_seed(0)
     model = randomize(train_gpt.GPT(cfg.model))
     return cfg, model
@@ -93,8 +93,22 @@ def test_hessians_are_the_inputs_gram_matrices_of_the_calibration_batches_after_
 
 def test_each_expert_gets_the_gram_matrix_of_the_tokens_routed_to_it():
     cfg, model = calibration({"MOE_NUM_EXPERTS": "4", "MOE_TOP_K": "2"})
+    moe = model.blocks[1].ffn
+    with torch.no_grad():  # biases that matter: the routing's and the experts'
+        for m in train_gpt.moe_modules(model):
+            m.route_bias.normal_(std=1.0), m.b1.normal_(std=1.0), m.w1.normal_(std=0.3)
+    inputs = []
+    hook = moe.register_forward_pre_hook(lambda m, args: inputs.append(args[0].reshape(-1, 32).clone()))
     loads = [m.load.clone() for m in train_gpt.moe_modules(model)]
     hessians = input_hessians(cfg, CPU, model, RandomStream(64), first_step=0)
+    hook.remove()
+    x = torch.cat(inputs)
+    chosen = (x @ moe.router.weight.T + moe.route_bias).topk(2, dim=-1).indices
+    for e in range(4):
+        routed = x[(chosen == e).any(-1)]
+        hidden = moe.activation(routed @ moe.w1[e] + moe.b1[e])
+        torch.testing.assert_close(hessians[f"blocks.1.ffn.w1:{e}"], routed.T @ routed)
+        torch.testing.assert_close(hessians[f"blocks.1.ffn.w2:{e}"], hidden.T @ hidden)
     for layer in range(2):
         name = f"blocks.{layer}.ffn"
         routed = sum(hessians[f"{name}.w1:{e}"] for e in range(4))  # every token reaches top_k = 2 experts
@@ -136,20 +150,34 @@ def test_a_gptq_artifact_reloads_exactly_its_dequantized_weights(kind, monkeypat
 
 def test_the_reserve_comes_out_of_the_training_budget_and_must_leave_some():
     assert load_config({"MAX_WALLCLOCK_SECONDS": "100"})[0].train_budget_ms == 100_000
-    assert load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1"})[0].train_budget_ms == 90_000
-    assert load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT": "auto"})[0].train_budget_ms == 90_000
+    gptq = load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1", "WARMDOWN_ITERS": "10"})[0]
+    assert gptq.train_budget_ms == 80_000
+    assert load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT": "auto"})[0].train_budget_ms == 80_000
+    # The loop's clock reads the reserve: at 80 s of 100 the budget is spent and the learning rate is down to 0.
+    assert train_gpt.budget_progress(gptq, 10, 80_000) == 1.0 and train_gpt.lr_scale(gptq, 100, 80_000) == 0.0
+    assert train_gpt.budget_progress(gptq, 10, 40_000) == 0.5 and train_gpt.lr_scale(gptq, 100, 40_000) > 0.0
     assert load_config({"MAX_WALLCLOCK_SECONDS": "0", "QUANT_GPTQ": "1"})[0].train_budget_ms == 0
     with pytest.raises(train_gpt.ConfigError, match="GPTQ_RESERVE_SECONDS=100: must be less than"):
         load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1", "GPTQ_RESERVE_SECONDS": "100"})
 
 
-def test_calibration_over_the_reserve_is_a_warning():
+def test_training_and_calibration_over_the_budget_is_a_warning():
     cfg, _ = load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1", "GPTQ_RESERVE_SECONDS": "5"})
-    for seconds, warned in ((4.5, False), (5.5, True)):
-        lines, summary = [], {}
+    for train_s, seconds, warned in ((95.0, 4.5, False), (95.0, 5.5, True), (96.0, 4.5, True)):
+        lines, summary = [], {"train_time_ms": 1000 * train_s}
         train_gpt.calibration_report(cfg, seconds, summary, lambda msg: lines.append(msg))
-        assert any(line.startswith("WARNING calibration_over_reserve") for line in lines) == warned
-        assert summary["calibration"]["within_reserve"] == (not warned)
+        assert any(line.startswith("WARNING calibration_over_budget") for line in lines) == warned
+        assert summary["calibration"]["within_budget"] == (not warned)
+
+
+@pytest.mark.parametrize("env, needs", [({"QUANT_GPTQ_DAMP": "0.1"}, "QUANT_GPTQ=1"),
+                                        ({"QUANT_CALIB_BATCHES": "4"}, "QUANT_GPTQ=1 or QUANT=auto"),
+                                        ({"GPTQ_RESERVE_SECONDS": "5"}, "QUANT_GPTQ=1 or QUANT=auto"),
+                                        ({"QUANT_LQER_TENSORS": "5"}, "QUANT_LQER_RANK")])
+def test_a_quantization_setting_without_its_feature_is_refused(env, needs):
+    with pytest.raises(train_gpt.ConfigError, match=f"does nothing without {needs}"):
+        load_config(env)
+    load_config({**env, "QUANT_GPTQ": "1", "QUANT_LQER_RANK": "2"})
 
 
 def test_the_artifact_is_a_function_of_the_training_data_alone(tiny_env, data_dir, tokenizer, tmp_path):
@@ -164,7 +192,8 @@ def test_the_artifact_is_a_function_of_the_training_data_alone(tiny_env, data_di
     for run_id, data in (("a", data_dir), ("b", other)):
         out = run_trainer({**env, "DATA_PATH": str(data), "RUN_ID": run_id}, ROOT)
         assert out.returncode == 0, out.stderr
-        assert re.search(r"^calibration: tokens:1024 time:\S+s reserve:0s within_reserve:true$", out.stdout, re.M)
+        assert re.search(r"^calibration: tokens:1024 time:\S+s reserve:0s training_and_calibration:\S+s "
+                         r"within_budget:true$", out.stdout, re.M)
         choices.append(re.findall(r"^quant:\w+\+zstd bytes_total:\d+ fits:true calibration_loss:\S+$", out.stdout, re.M))
         blobs.append((Path(env["LOG_DIR"]) / f"{run_id}.ptz").read_bytes())
     assert len(choices[0]) == len(train_gpt.AUTO_ORDER) and choices[0] == choices[1]

@@ -278,7 +278,8 @@ def measure_export(shape: str) -> list[dict]:
     """Seconds to quantize, pack and compress the shape's weights, per scheme and rounding (the clip search; full GPTQ
     on Hessians of two random micro-batches, whose collection is timed apart; GPTQ with rank-4 LQER on 3 matrices).
     The weights are random with a trained model's spread; sizes are not representative, times are."""
-    cfg, _ = train_gpt.load_config({**shape_env(shape), "QUANT_CALIB_BATCHES": "2", "GRAD_ACCUM_STEPS": "1"})
+    cfg, _ = train_gpt.load_config({**shape_env(shape), "QUANT_GPTQ": "1", "QUANT_CALIB_BATCHES": "2",
+                                      "GRAD_ACCUM_STEPS": "1"})
     torch.manual_seed(cfg.seed)
     model = train_gpt.build_model(cfg.model, torch.device("cpu"))
     with torch.no_grad():
