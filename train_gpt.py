@@ -145,8 +145,22 @@ class Config:
                                        "LOG_DIR/<RUN_ID>_per_token/ (0 = off)", lo=0)
     # export
     artifact_limit_bytes: int = var(16_000_000, "code + compressed model must fit in this", lo=1)
-    quant: str = var("int8", "artifact precision per tensor group: int8, int6, mixed (docs/outputs.md), or auto: the "
-                             "most precise that fits ARTIFACT_LIMIT_BYTES", choices=("int8", "int6", "mixed", "auto"))
+    quant: str = var("int8", "artifact precision per tensor group: int8, int6, mixed, int5, int4 (docs/outputs.md), or "
+                             "auto: of those that fit ARTIFACT_LIMIT_BYTES, the best on training tokens",
+                     choices=("int8", "int6", "mixed", "int5", "int4", "auto"))
+    quant_gptq: bool = var(False, "full GPTQ: round each matrix column by column against the Hessian of its inputs on "
+                                  "training tokens (0: each weight to its nearest level)")
+    quant_calib_batches: int = var(16, "QUANT_GPTQ or QUANT=auto: training micro-batches (each rank's) for the "
+                                       "Hessians, and as many again for auto's losses", lo=1)
+    quant_gptq_damp: float = var(0.01, "QUANT_GPTQ: damping added to the Hessian's diagonal, a fraction of its mean",
+                                 lo=1e-6, hi=1.0)
+    gptq_reserve_seconds: float = var(20.0, "QUANT_GPTQ or QUANT=auto with MAX_WALLCLOCK_SECONDS: training stops this "
+                                            "much earlier, as calibration counts as training time", lo=0.0)
+    quant_sdclip_k: float = var(0.0, "per-row scales clip at k x the row's std (SDClip) instead of the clip search "
+                                     "(0 = search)", lo=0.0)
+    quant_lqer_rank: int = var(0, "LQER: a rank-r correction with int4 factors of the matrices rounded worst (0 = off)",
+                               lo=0, hi=64)
+    quant_lqer_tensors: int = var(3, "QUANT_LQER_RANK: how many matrices get one", lo=1)
     # faults
     checkpoint_every_seconds: float = var(0.0, "checkpoint every N seconds of training time (0 = off)", lo=0.0)
     checkpoint_every_steps: int = var(0, "checkpoint every N steps (0 = off)", lo=0)
@@ -162,6 +176,7 @@ class Config:
     eval_window: int = field(init=False)  # the window of the sliding, Hedge and TTT evaluations
     eval_methods: tuple = field(init=False)  # the final evaluations after the round trip, SCORE_METHOD's last
     weight_average: str = field(init=False)  # none, swa or ema
+    train_budget_ms: float = field(init=False)  # the loop's wall clock: the cap less the GPTQ reserve (0: none)
     model: "ModelSpec" = field(init=False)
 
     def __post_init__(self):
@@ -190,10 +205,27 @@ class Config:
         for name in ("epochs", "train_subset_docs"):
             if getattr(self, name) and not self.doc_mode:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)}: needs DOC_MODE=1")
+        needs = {"quant_gptq_damp": (self.quant_gptq, "QUANT_GPTQ=1"),
+                 "quant_calib_batches": (self.calibrates, "QUANT_GPTQ=1 or QUANT=auto"),
+                 "gptq_reserve_seconds": (self.calibrates, "QUANT_GPTQ=1 or QUANT=auto"),
+                 "quant_lqer_tensors": (self.quant_lqer_rank, "QUANT_LQER_RANK")}
+        for f in dataclasses.fields(self):
+            if f.name in needs and not needs[f.name][0] and getattr(self, f.name) != f.default:
+                raise ConfigError(f"{f.name.upper()}={getattr(self, f.name)}: does nothing without {needs[f.name][1]}")
+        reserve = self.gptq_reserve_seconds if self.calibrates and self.max_wallclock_seconds else 0.0
+        if reserve and reserve >= self.max_wallclock_seconds:
+            raise ConfigError(f"GPTQ_RESERVE_SECONDS={reserve:g}: must be less than MAX_WALLCLOCK_SECONDS="
+                              f"{self.max_wallclock_seconds:g}, which it comes out of")
         claimed_last = tuple(sorted((method for method, on in methods.items() if on), key=self.score_method.__eq__))
         vars(self).update(depth_phases=phases, num_repeats=phases[-1][0], eval_window=window, eval_methods=claimed_last,
-                          weight_average="swa" if self.swa_enabled else "ema" if self.ema_decay else "none")
+                          weight_average="swa" if self.swa_enabled else "ema" if self.ema_decay else "none",
+                          train_budget_ms=1000 * (self.max_wallclock_seconds - reserve))
         vars(self)["model"] = model_spec(self)
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the export reads training tokens after the loop (GPTQ's Hessians, QUANT=auto's losses)."""
+        return self.quant_gptq or self.quant == "auto"
 
 CONFIG_FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config) if f.init}
 
@@ -1009,15 +1041,15 @@ def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
     if cfg.warmdown_iters == 0:
         return warm
     down = min(1.0, max(0.0, (cfg.iterations - step) / cfg.warmdown_iters))
-    if cfg.max_wallclock_seconds > 0 and step > 0:
-        remaining_ms = cfg.max_wallclock_seconds * 1000 - elapsed_ms
+    if cfg.train_budget_ms and step > 0:
+        remaining_ms = cfg.train_budget_ms - elapsed_ms
         down = min(down, max(0.0, remaining_ms / max(cfg.warmdown_iters * elapsed_ms / step, 1e-9)))
     return warm * down
 
 def budget_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
     """The fraction of the budget used: of the wall clock when capped, of the steps, whichever is further."""
     steps = step / cfg.iterations
-    return max(steps, elapsed_ms / (cfg.max_wallclock_seconds * 1000)) if cfg.max_wallclock_seconds > 0 else steps
+    return max(steps, elapsed_ms / cfg.train_budget_ms) if cfg.train_budget_ms else steps
 
 def muon_momentum_at(cfg: Config, step: int) -> float:
     frac = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps else 1.0
@@ -1257,7 +1289,7 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
             if checkpointer.due(step, elapsed):
                 with clock.paused() as train_ms:
                     checkpointer.save(pieces, step, train_ms, depth, average)
-            if cfg.max_wallclock_seconds > 0 and elapsed >= 1000 * cfg.max_wallclock_seconds and step < cfg.iterations:
+            if cfg.train_budget_ms and elapsed >= cfg.train_budget_ms and step < cfg.iterations:
                 stop = True
                 log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
     except Diverged as e:
@@ -1448,8 +1480,10 @@ CLIP_QUANTILES = (0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 # Bits per tensor group (None: fp16). Embeddings keep 8 bits in every scheme: the most sensitive, and few bytes.
 QUANT_SCHEMES = {"int8": {"embedding": 8, "attention": 8, "mlp": 8, "router": 8, "scalars": None},
                  "int6": {"embedding": 8, "attention": 6, "mlp": 6, "router": 8, "scalars": None},
-                 "mixed": {"embedding": 8, "attention": 6, "mlp": 5, "router": 8, "scalars": None}}
-AUTO_ORDER = ("int8", "int6", "mixed")  # most precise first: QUANT=auto keeps the first that fits
+                 "mixed": {"embedding": 8, "attention": 6, "mlp": 5, "router": 8, "scalars": None},
+                 "int5": {"embedding": 8, "attention": 5, "mlp": 5, "router": 8, "scalars": None},
+                 "int4": {"embedding": 8, "attention": 4, "mlp": 4, "router": 8, "scalars": None}}
+AUTO_ORDER = tuple(QUANT_SCHEMES)  # QUANT=auto's candidates, most precise first
 
 def tensor_group(name: str, t: Tensor) -> str:
     if not t.is_floating_point() or t.ndim < 2:
@@ -1462,17 +1496,108 @@ def tensor_group(name: str, t: Tensor) -> str:
         return "router" if ".ffn.router." in name else "mlp"
     return "scalars"  # per-layer vectors stacked in a table: skip weights, loop embeddings, scales
 
-def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row b-bit integers and fp16 scales: see docs/outputs.md, "Quantization"."""
-    w = w.float()
-    qmax = 2 ** (bits - 1) - 1
-    ordered = w.abs().sort(dim=1).values
-    best_err = best_q = best_scale = None
+@contextmanager
+def uncounted_routing(model: nn.Module):
+    """Forwards that are neither training nor evaluation (calibration) leave the experts' load counts as they were."""
+    loads = [m.load.clone() for m in moe_modules(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, load in zip(moe_modules(model), loads):
+            m.load.copy_(load)
+        model.train(was_training)
+
+@torch.no_grad()
+def training_loss(cfg: Config, rt: Runtime, model: GPT, stream, first_step: int) -> float:
+    """Mean loss per target on QUANT_CALIB_BATCHES training micro-batches from `first_step` on, over all ranks."""
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    with uncounted_routing(model):
+        for x, y in calibration_batches(cfg, rt, stream, first_step):
+            with rt.autocast():
+                losses = model(x, y, reduction="none").double()
+            total += torch.stack([losses.sum(), (y != -100).sum()])
+    loss_sum, count = rt.all_reduce(total).tolist()
+    return loss_sum / max(count, 1)
+
+def calibration_batches(cfg: Config, rt: Runtime, stream, first_step: int):
+    """QUANT_CALIB_BATCHES of this rank's training micro-batches, from step `first_step` on: the tokens after the loop's
+    own, which no step trained on (and never validation tokens)."""
+    for k in range(cfg.quant_calib_batches):
+        yield stream.micro_batch(cfg, rt, first_step + k // cfg.grad_accum_steps, k % cfg.grad_accum_steps)
+
+def calibration_steps(cfg: Config) -> int:
+    return math.ceil(cfg.quant_calib_batches / cfg.grad_accum_steps)
+
+@torch.no_grad()
+def input_hessians(cfg: Config, rt: Runtime, model: GPT, stream, first_step: int) -> dict[str, Tensor]:
+    """H = X^T X of each matrix's inputs at the scored positions of calibration_batches, in float32, summed over ranks;
+    keyed by the weight's name, an expert's as "name:expert"."""
+    sums, scored = {}, [None]  # scored: the positions of this batch with a target (DOC_MODE pads without one)
+
+    def add(name: str, x: Tensor):
+        sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+
+    def matrix_inputs(name: str, x: Tensor):
+        add(name, x.reshape(-1, x.size(-1)).float()[scored[0]])
+
+    def expert_inputs(name: str, moe: MoE, x: Tensor):
+        tokens = x.reshape(-1, x.size(-1)).float()[scored[0]]
+        add(f"{name}.router.weight", tokens)
+        choice = (F.linear(tokens, moe.router.weight.float()) + moe.route_bias).topk(moe.top_k, dim=-1).indices
+        for e in range(0 if moe.frozen else moe.num_experts):
+            routed = tokens[(choice == e).any(-1)]
+            add(f"{name}.w1:{e}", routed)
+            add(f"{name}.w2:{e}", moe.activation(routed @ moe.w1[e].float() + moe.b1[e].float()))
+
+    def hook(function, key: str):
+        def call(module, args):
+            with torch.autocast(args[0].device.type, enabled=False):  # float32 sums; the MoE routes in float32 too
+                function(key, *((module,) if isinstance(module, MoE) else ()), args[0])
+        return call
+
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith((".c_k", ".c_v", ".router")):  # c_q's input is theirs
+            hooks.append(module.register_forward_pre_hook(hook(matrix_inputs, f"{name}.weight")))
+        elif isinstance(module, MoE):
+            hooks.append(module.register_forward_pre_hook(hook(expert_inputs, name)))
+    try:
+        with uncounted_routing(model):
+            for x, y in calibration_batches(cfg, rt, stream, first_step):
+                scored[0] = (y != -100).flatten()
+                with rt.autocast():
+                    h, _ = model.hidden(x)
+                head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"  # a tied embedding reads h too
+                hook(matrix_inputs, head)(model, (h,))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    for name in sorted(sums):  # every rank holds the same names: each expert gets one, if only of no rows
+        rt.all_reduce(sums[name])
+    sums.update({n.replace(".c_q.", f".{kv}."): sums[n] for n in list(sums) if ".c_q." in n for kv in ("c_k", "c_v")})
+    return sums
+
+def row_clips(w: Tensor, sdclip_k: float) -> list[Tensor]:
+    """Each row's candidate clips: k times its std (SDClip), or quantiles of its |w| (the search)."""
+    if sdclip_k:
+        return [sdclip_k * w.std(1, correction=0)]
+    ordered, clips = w.abs().sort(dim=1).values, []
     for quantile in CLIP_QUANTILES:
         position = quantile * (w.size(1) - 1)
         below = int(position)
         above = min(below + 1, w.size(1) - 1)
-        clip = torch.lerp(ordered[:, below], ordered[:, above], position - below)
+        clips.append(torch.lerp(ordered[:, below], ordered[:, above], position - below))
+    return clips
+
+def quantize_rows(w: Tensor, bits: int, sdclip_k: float = 0.0, gptq: tuple | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row b-bit integers and fp16 scales: see docs/outputs.md, "Quantization". With gptq_factor's
+    factors of the rows' inputs' Hessian, the integers are then chosen by GPTQ at the same scales."""
+    w = w.float()
+    qmax = 2 ** (bits - 1) - 1
+    best_err = best_q = best_scale = None
+    for clip in row_clips(w, sdclip_k):
         exact = (clip / qmax).clamp_min(SCALE_FLOOR)
         scale = exact.half()
         # Round the fp16 scale up, never down: a smaller scale would clip more than chosen.
@@ -1485,7 +1610,40 @@ def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
             err, q = torch.where(better, err, best_err), torch.where(better[:, None], q, best_q)
             scale = torch.where(better, scale, best_scale)
         best_err, best_q, best_scale = err, q, scale
+    if gptq is not None:
+        best_q = gptq_round(w, best_scale.float(), qmax, *gptq)
     return best_q.to(torch.int8), best_scale
+
+GPTQ_BLOCK = 128  # columns whose errors are pushed on one by one before the rest get them in one matmul
+
+def gptq_factor(hessian: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """GPTQ's column order (most used input first: largest diag(H)) and the upper Cholesky factor of the damped H^-1
+    in that order, in float64 (a Hessian of a few hundred thousand tokens is ill-conditioned); a factorisation that
+    fails is damped ten times more."""
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    h = hessian.double()[order][:, order]
+    eye = torch.eye(len(h), dtype=h.dtype, device=h.device) * (float(h.diagonal().mean()) or 1.0)  # unseen: rounding
+    for _ in range(5):
+        factor, failed = torch.linalg.cholesky_ex(h + damp * eye)
+        if not failed:
+            break
+        damp *= 10
+    return order, torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True).float()
+
+def gptq_round(w: Tensor, scale: Tensor, qmax: int, order: Tensor, u: Tensor) -> Tensor:
+    """GPTQ (Frantar et al., 2022): the columns are rounded one by one in `order`, and each rounding error is pushed
+    onto the columns not yet rounded through `u` (gptq_factor's), which minimises the change of the outputs on the
+    calibration inputs, sum over rows of (dw) H (dw)^T."""
+    w, q = w[:, order].clone(), torch.empty_like(w)
+    for start in range(0, w.size(1), GPTQ_BLOCK):
+        stop = min(start + GPTQ_BLOCK, w.size(1))
+        errors = torch.empty(w.size(0), stop - start, device=w.device)
+        for j in range(start, stop):
+            q[:, j] = torch.round(w[:, j] / scale).clamp(-qmax, qmax)
+            errors[:, j - start] = (w[:, j] - q[:, j] * scale) / u[j, j]
+            w[:, j + 1:stop] -= errors[:, j - start, None] * u[j, j + 1:stop]
+        w[:, stop:] -= errors @ u[start:stop, stop:]
+    return q[:, torch.argsort(order)]
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
@@ -1502,8 +1660,48 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     values = np.packbits(low_bits, axis=1, bitorder="little")[:, 0]  # each row zero-padded to 8 bits
     return torch.from_numpy(values.astype(np.int16) - 2 ** (bits - 1)).to(torch.int8)
 
-def compress(data: bytes, method: str) -> bytes:
-    return zstandard.ZstdCompressor(level=22).compress(data) if method == "zstd" else zlib.compress(data, 9)
+# Per stream (a tensor group's integer codes, or its floats) the smallest of: codes bit-packed or one a byte (the
+# compressors model whole bytes better), floats plain or byte-shuffled, times the codecs of the run's family.
+# (compress, decompress at most n bytes): a crafted header must not make the loader inflate more than it says.
+CODECS = {"zstd": (lambda data: zstandard.ZstdCompressor(level=22).compress(data),
+                   lambda data, n: zstandard.ZstdDecompressor().stream_reader(data).read(n)),
+          "lzma": (lambda data: lzma.compress(data, preset=9),
+                   lambda data, n: lzma.LZMADecompressor(memlimit=1 << 27).decompress(data, n)),
+          "zlib": (lambda data: zlib.compress(data, 9), lambda data, n: zlib.decompressobj().decompress(data, n))}
+ARTIFACT_MAX_RAW_BYTES = 1 << 30  # what an artifact may decompress to, all streams together
+CODEC_FAMILIES = {"zstd": ("zstd", "lzma"), "zlib": ("zlib", "lzma")}  # zlib: a run without zstandard
+CODEC_ERRORS = (zlib.error, lzma.LZMAError, *((zstandard.ZstdError,) if zstandard else ()))
+
+def byte_shuffle(data: bytes, stride: int, inverse: bool = False) -> bytes:
+    """Byte k of every `stride`-byte value together: fp16 exponents repeat, and compress better side by side."""
+    cut = len(data) - len(data) % stride
+    table = np.frombuffer(data[:cut], np.uint8).reshape((stride, -1) if inverse else (-1, stride))
+    return table.T.tobytes() + data[cut:]
+
+def part_bytes(part: Tensor, bits: int | None, packed: bool) -> bytes:
+    return (pack_bits(part, bits) if bits and packed else part.contiguous()).numpy().tobytes()
+
+PROBE_VALUES = 1 << 20  # a stream's layout and codec are chosen on its first parts of about this many values
+
+def smallest_stream(parts: list[tuple[Tensor, int | None]], family: str) -> dict:
+    """The stream of `parts` ((tensor, bits if integer codes)) compressed once, in the layout and codec that made its
+    first parts smallest (zstd-22 takes seconds a megabyte of codes: trying each on all of it would take minutes)."""
+    codes = parts[0][1] is not None
+    # At 8 bits packing changes nothing; shuffling a stream of codes, one byte each, neither.
+    layouts = ((False,) if all(bits == 8 for _, bits in parts) else (True, False)) if codes else (0, 2)
+    probe = list(itertools.accumulate(part.numel() for part, _ in parts))
+    probe = parts[:next((i + 1 for i, n in enumerate(probe) if n >= PROBE_VALUES), len(parts))]
+
+    def stored(some: list, layout) -> tuple[bytes, list[bytes]]:
+        chunks = [part_bytes(part, bits, codes and layout) for part, bits in some]
+        raw = b"".join(chunks)
+        return (byte_shuffle(raw, layout) if not codes and layout else raw), chunks
+
+    trials = [(layout, codec) for layout in layouts for codec in CODEC_FAMILIES[family]]
+    layout, codec = min(trials, key=lambda trial: len(CODECS[trial[1]][0](stored(probe, trial[0])[0])))
+    data, chunks = stored(parts, layout)
+    return {"layout": {"packed": layout} if codes else {"shuffle": layout}, "codec": codec,
+            "data": CODECS[codec][0](data), "raw_bytes": len(data), "sizes": [len(chunk) for chunk in chunks]}
 
 def write_atomic(path: Path, *chunks: bytes):
     """Temp file, fsync, rename: a crash or a full disk never leaves a half-written file under `path`."""
@@ -1518,39 +1716,120 @@ def write_atomic(path: Path, *chunks: bytes):
         tmp.unlink(missing_ok=True)
         raise InputError(f"cannot write {path}: {e.strerror}") from None
 
-def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None) -> tuple[bytes, dict]:
-    """The artifact (docs/outputs.md) and per tensor group its parameters and bytes: fp32, stored, compressed alone."""
-    raw, layout, groups = bytearray(), [], {}
-    # Made on the host: packing and compression are numpy and bytes, and the copy takes under a second at 16 MB.
-    for name, t in model.state_dict().items():
-        t = t.cpu()
+@dataclass(frozen=True)
+class Rounding:
+    """How the matrices are rounded beyond their scheme's widths: see docs/outputs.md, "Quantization"."""
+    hessians: dict = field(default_factory=dict)  # input_hessians': GPTQ for the matrices that have one
+    sdclip_k: float = 0.0
+    damp: float = 0.01
+    lqer_rank: int = 0
+    lqer_tensors: int = 0
+    factors: dict = field(default_factory=dict)  # gptq_factor's, once per Hessian (q, k and v share one) and scheme
+
+    def gptq(self, name: str) -> tuple | None:
+        hessian = self.hessians.get(name)
+        if hessian is not None and id(hessian) not in self.factors:
+            self.factors[id(hessian)] = gptq_factor(hessian, self.damp)
+        return None if hessian is None else self.factors[id(hessian)]
+
+def quantize_tensor(name: str, t: Tensor, bits: int, rounding: Rounding) -> tuple:
+    """(encoding, integers, scales) of a matrix, or of a stack of expert matrices. GPTQ needs a matrix's rows to be
+    its outputs: a linear layer's weight is, an expert's (x @ w) is the transpose, stored so ("transposed")."""
+    encoding, k = {"encoding": "int_rows", "bits": bits}, rounding.sdclip_k
+    if t.ndim == 2:
+        return encoding, *quantize_rows(t, bits, k, rounding.gptq(name))
+    if rounding.gptq(f"{name}:0") is None:
+        return encoding, *quantize_rows(t.reshape(-1, t.size(-1)), bits, k)  # all the stack's rows at once
+    rows = [quantize_rows(m.T, bits, k, rounding.gptq(f"{name}:{e}")) for e, m in enumerate(t)]
+    return {**encoding, "transposed": True}, *map(torch.cat, zip(*rows))
+
+LQER_BITS = 4
+
+def low_rank_corrections(state: dict, quantized: dict, rounding: Rounding) -> dict[str, list[Tensor]]:
+    """LQER: for the QUANT_LQER_TENSORS matrices whose rounding moved them most, the rank-r SVD of what it moved,
+    as int4 factors A^T and B (W = dequantized + A B). A matrix with a Hessian weighs its columns by their inputs'
+    energy relative to the mean, so that its error reads in the same units as one's without."""
+    if not rounding.lqer_rank:
+        return {}
+    errors = {}
+    for name, (encoding, q, scale) in quantized.items():
+        if not encoding.get("transposed") and state[name].ndim == 2:
+            delta = state[name].float() - dequantize_rows(q, scale)
+            h = rounding.hessians.get(name)
+            weights = h.diagonal() / h.diagonal().mean().clamp_min(1e-30) if h is not None else 1.0
+            errors[name] = (delta, float((delta.square() * weights).sum()))
+    corrections = {}
+    for name in sorted(errors, key=lambda n: errors[n][1], reverse=True)[:rounding.lqer_tensors]:
+        u, sigma, vh = torch.linalg.svd(errors[name][0], full_matrices=False)
+        root = sigma[:rounding.lqer_rank].sqrt()
+        a_t, b = (u[:, :len(root)] * root).T, root[:, None] * vh[:len(root)]
+        corrections[name] = [*quantize_rows(a_t, LQER_BITS), *quantize_rows(b, LQER_BITS)]
+    return corrections
+
+def build_artifact(model: GPT, scheme: str = "int8", compressor: str | None = None,
+                   rounding: Rounding = Rounding()) -> tuple[bytes, dict]:
+    """The artifact (docs/outputs.md) and per tensor group its parameters and bytes: fp32, stored, compressed."""
+    return encode_artifact(model.spec, scheme, compressor, tensor_parts(model, scheme, rounding))
+
+def tensor_parts(model: GPT, scheme: str, rounding: Rounding) -> list[tuple]:
+    """Each tensor's (name, group, shape, encoding, [(part on the host, bits if integer codes)]), rounded where the
+    weights are (GPTQ's loop is fast on a GPU)."""
+    state = model.state_dict()
+    bits_of = {name: QUANT_SCHEMES[scheme][tensor_group(name, t)] if t.numel() >= QUANT_MIN_NUMEL else None
+               for name, t in state.items()}
+    quantized = {name: quantize_tensor(name, t, bits_of[name], rounding) for name, t in state.items() if bits_of[name]}
+    corrections = low_rank_corrections(state, quantized, rounding)
+    entries = []
+    for name, t in state.items():
         group = tensor_group(name, t)
-        bits = QUANT_SCHEMES[scheme][group] if t.numel() >= QUANT_MIN_NUMEL else None
-        encoding, parts = {"encoding": "raw"}, [t]
-        if bits:
-            q, scale = quantize_rows(t.reshape(-1, t.size(-1)), bits)  # a stack of expert matrices: all rows
-            encoding, parts = {"encoding": "int_rows", "bits": bits}, [pack_bits(q, bits), scale]
+        encoding, parts = {"encoding": "raw"}, [(t, None)]
+        if name in quantized:
+            encoding, q, scale = quantized[name]
+            parts = [(q, bits_of[name]), (scale, None)]
+            if name in corrections:
+                a_t, a_scale, b, b_scale = corrections[name]
+                encoding = {**encoding, "lqer_rank": len(a_t)}
+                parts += [(a_t, LQER_BITS), (a_scale, None), (b, LQER_BITS), (b_scale, None)]
         elif t.is_floating_point():
-            encoding, parts = {"encoding": "fp16"}, [t.half()]
-        row = groups.setdefault(group, {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "stored": bytearray()})
-        row["params"] += t.numel()
-        part_layout = []  # which bytes of the payload hold each part, and as what
-        for part in parts:
-            data = part.contiguous().numpy().tobytes()
+            encoding, parts = {"encoding": "fp16"}, [(t.half(), None)]
+        entries.append((name, group, list(t.shape), encoding, [(part.cpu(), bits) for part, bits in parts]))
+    return entries
+
+def encode_artifact(spec: ModelSpec, scheme: str, compressor: str | None, entries: list[tuple]) -> tuple[bytes, dict]:
+    """The artifact's bytes from tensor_parts' entries, each stream in its smallest layout and codec (packed and
+    compressed on the host, as numpy bytes), and per tensor group its parameters and bytes."""
+    streams = {}  # (group, kind) -> [(part, bits if integer codes)]
+    for _, group, _, _, parts in entries:
+        for part, bits in parts:
+            streams.setdefault((group, "codes" if bits else "floats"), []).append((part, bits))
+    family = compressor or ("zstd" if zstandard is not None else "zlib")
+    chosen = {key: smallest_stream(parts, family) for key, parts in streams.items()}
+    index, sizes = {key: i for i, key in enumerate(chosen)}, {key: iter(c.pop("sizes")) for key, c in chosen.items()}
+    offsets, layout, groups = dict.fromkeys(chosen, 0), [], {}
+    for name, group, shape, encoding, parts in entries:
+        part_layout = []  # where in its stream's bytes each part lies, and as what
+        for part, bits in parts:
+            key = (group, "codes" if bits else "floats")
+            nbytes = next(sizes[key])
             part_layout.append({"dtype": str(part.dtype).removeprefix("torch."), "shape": list(part.shape),
-                                "offset": len(raw), "nbytes": len(data)})
-            raw += data
-            row["stored"] += data
-        layout.append({"name": name, "group": group, "shape": list(t.shape), **encoding, "parts": part_layout})
-    method = compressor or ("zstd" if zstandard is not None else "zlib")
-    payload = compress(raw, method)
+                                "stream": index[key], "offset": offsets[key], "nbytes": nbytes,
+                                **({"bits": bits} if bits else {})})
+            offsets[key] += nbytes
+        layout.append({"name": name, "group": group, "shape": shape, **encoding, "parts": part_layout})
+        row = groups.setdefault(group, {"params": 0, "fp32_bytes": 0, "stored_bytes": 0, "compressed_bytes": 0})
+        row.update(params=row["params"] + math.prod(shape), fp32_bytes=row["fp32_bytes"] + 4 * math.prod(shape))
+    header_streams = []
+    for (group, kind), stream in chosen.items():
+        groups[group]["stored_bytes"] += stream["raw_bytes"]
+        groups[group]["compressed_bytes"] += len(stream["data"])
+        groups[group][kind] = "+".join([*(f"{k}:{int(v)}" for k, v in stream["layout"].items()), stream["codec"]])
+        header_streams.append({"group": group, "kind": kind, **stream["layout"], "codec": stream["codec"],
+                               "raw_bytes": stream["raw_bytes"], "payload_bytes": len(stream["data"])})
     for row in groups.values():
-        stored = row.pop("stored")
-        row.update(fp32_bytes=4 * row["params"], stored_bytes=len(stored),
-                   compressed_bytes=len(compress(stored, method)))
         row["ratio"] = row["fp32_bytes"] / max(row["compressed_bytes"], 1)
-    header = json.dumps({"format": 3, "model": dataclasses.asdict(model.spec), "quant": scheme, "compressor": method,
-                         "tensors": layout, "raw_bytes": len(raw), "payload_bytes": len(payload),
+    payload = b"".join(stream["data"] for stream in chosen.values())
+    header = json.dumps({"format": 4, "model": dataclasses.asdict(spec), "quant": scheme, "compressor": family,
+                         "streams": header_streams, "tensors": layout, "payload_bytes": len(payload),
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, groups
 
@@ -1564,44 +1843,71 @@ def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
         header = json.loads(blob[prefix:prefix + header_len])
         payload = blob[prefix + header_len:]
         expected_payload, checksum = int(header["payload_bytes"]), header["payload_sha256"]
-        layout, method, raw_bytes = header["tensors"], header["compressor"], int(header["raw_bytes"])
+        if header["format"] != 4:
+            raise InputError(f"artifact {name}: format {header['format']} is another version's: rebuild it from "
+                             f"a checkpoint with this train_gpt.py")
+        layout, streams = header["tensors"], header["streams"]
         if not isinstance(header["model"], dict):
             raise TypeError("model config is not an object")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        claimed = [0] * len(streams)  # each stream's raw bytes must be exactly what its parts take
+        for part in (part for entry in layout for part in entry["parts"]):
+            if part["nbytes"] < 0 or part["stream"] < 0:
+                raise ValueError("a negative size or stream")
+            claimed[part["stream"]] += int(part["nbytes"])
+        if [int(stream["raw_bytes"]) for stream in streams] != claimed or sum(claimed) > ARTIFACT_MAX_RAW_BYTES:
+            raise ValueError("streams and parts disagree")
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
         raise InputError(f"artifact {name}: corrupt or truncated header") from None
     if len(payload) != expected_payload:
         raise InputError(f"artifact {name}: truncated (payload {len(payload)} bytes, header says {expected_payload})")
     if hashlib.sha256(payload).hexdigest() != checksum:
         raise InputError(f"artifact {name}: checksum mismatch (corrupt file)")
-    if method not in (("zstd", "zlib") if zstandard else ("zlib",)):
-        raise InputError(f"artifact {name}: compressor {method!r} unknown here (zstd needs the zstandard package)")
     try:
-        raw = (zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_bytes) if method == "zstd"
-               else zlib.decompress(payload))
-    except (zlib.error, zstandard.ZstdError if zstandard else zlib.error):
-        raise InputError(f"artifact {name}: payload does not decompress") from None
-    if len(raw) != raw_bytes:
-        raise InputError(f"artifact {name}: payload decompressed to {len(raw)} bytes, header says {raw_bytes}")
-    try:
-        return header, decode_tensors(raw, layout, name)
+        decoded = [(decode_stream(payload, streams, k, name), bool(s.get("packed"))) for k, s in enumerate(streams)]
+        return header, decode_tensors(decoded, layout, name)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
         raise InputError(f"artifact {name}: corrupt tensor layout") from None
 
-def decode_tensors(raw: bytes, layout: list[dict], name) -> dict[str, Tensor]:
+def decode_stream(payload: bytes, streams: list[dict], k: int, name) -> bytes:
+    """Stream k's bytes as they were before compression (and shuffling)."""
+    stream, start = streams[k], sum(int(s["payload_bytes"]) for s in streams[:k])
+    codec, raw_bytes = stream["codec"], int(stream["raw_bytes"])
+    if codec not in CODECS or codec == "zstd" and zstandard is None:
+        raise InputError(f"artifact {name}: codec {codec!r} unknown here (zstd needs the zstandard package)")
+    try:
+        raw = CODECS[codec][1](payload[start:start + int(stream["payload_bytes"])], raw_bytes + 1)
+    except (*CODEC_ERRORS, MemoryError):
+        raise InputError(f"artifact {name}: stream {k} does not decompress") from None
+    if len(raw) != raw_bytes:
+        raise InputError(f"artifact {name}: stream {k} decompressed to {len(raw)} bytes, header says {raw_bytes}")
+    return byte_shuffle(raw, stream["shuffle"], inverse=True) if stream.get("shuffle") else raw
+
+def decode_tensors(streams: list[tuple[bytes, bool]], layout: list[dict], name) -> dict[str, Tensor]:
+    """The tensors of `layout` from their streams' bytes ((bytes, whether its integer codes are bit-packed))."""
     def get(part: dict) -> Tensor:
-        start, end = part["offset"], part["offset"] + part["nbytes"]
-        if end > len(raw):
-            raise InputError(f"artifact {name}: payload is shorter than its layout says")
+        (raw, packed), start = streams[part["stream"]], part["offset"]
+        if start < 0 or start + part["nbytes"] > len(raw):
+            raise InputError(f"artifact {name}: a stream is shorter than its layout says")
+        data = raw[start:start + part["nbytes"]]
+        if packed:
+            codes = torch.from_numpy(np.frombuffer(data, np.uint8).copy())
+            return unpack_bits(codes, int(part["bits"]), math.prod(part["shape"])).reshape(part["shape"])
         # numpy, as torch.frombuffer refuses an empty buffer: a 0-element tensor (one block's skips) is legal
-        return torch.from_numpy(np.frombuffer(raw[start:end], dtype=part["dtype"]).copy()).reshape(part["shape"])
+        return torch.from_numpy(np.frombuffer(data, dtype=part["dtype"]).copy()).reshape(part["shape"])
 
     state = {}
     for entry in layout:
         parts = [get(p) for p in entry["parts"]]
         if entry["encoding"] == "int_rows":
-            packed, scale = parts
-            q = unpack_bits(packed, int(entry["bits"]), math.prod(entry["shape"])).view(len(scale), -1)
-            state[entry["name"]] = dequantize_rows(q, scale).reshape(entry["shape"])
+            q, scale, *factors = parts
+            shape = entry["shape"]
+            if entry.get("transposed"):  # a stack of matrices stored as their transposes
+                shape = [*shape[:-2], shape[-1], shape[-2]]
+            w = dequantize_rows(q.view(len(scale), -1), scale).reshape(shape)
+            if factors:  # LQER's correction A B, A^T and B stored as int4 rows
+                a_t, a_scale, b, b_scale = factors
+                w = w + dequantize_rows(a_t, a_scale).T @ dequantize_rows(b, b_scale)
+            state[entry["name"]] = w.transpose(-1, -2) if entry.get("transposed") else w
         else:
             state[entry["name"]] = parts[0].float() if entry["encoding"] == "fp16" else parts[0]
     return state
@@ -2249,7 +2555,7 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     apply_average(pieces, evaluator, average, summary, log)
     if cfg.per_token_loss_every:
         save_per_token(cfg, evaluator, pieces.compiled, "final", summary["steps"], log)
-    roundtrip = export_and_round_trip(cfg, rt, pieces.model, evaluator, summary, log)
+    roundtrip = export_and_round_trip(cfg, rt, pieces.model, stream, evaluator, summary, log)
     score(cfg, evaluator, roundtrip, summary, log)
     if rt.compile:
         summary["compile"] = compile_report(log)  # training's graphs and evaluation's
@@ -2282,44 +2588,85 @@ def apply_average(pieces: Pieces, evaluator: Evaluator, average: WeightAverage, 
     log(f"{average.kind}: snapshots:{average.count} raw val_bpb:{summary['raw_val_bpb']:.4f} "
         f"averaged val_loss:{summary['val_loss']:.4f} val_bpb:{summary['val_bpb']:.4f}")
 
-def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, ev: Evaluator, summary: dict, log: Logger) -> nn.Module:
-    """Each scheme tried (docs/outputs.md, "Quantization") built by rank 0, rebuilt from its bytes alone on every rank
-    and evaluated; the last one tried is written, and its model returned for the other final evaluations."""
-    artifact_path, bytes_code, tried = Path(cfg.log_dir) / f"{cfg.run_id}.ptz", summary["bytes_code"], []
+def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, stream, ev: Evaluator, summary: dict,
+                          log: Logger) -> nn.Module:
+    """Each scheme tried (docs/outputs.md, "Quantization") built by rank 0 and rebuilt from its bytes alone on every
+    rank; QUANT=auto keeps, of those that fit, the one whose rebuilt model has the lowest loss on training tokens. The
+    kept one is written and evaluated, and its model returned for the other final evaluations."""
+    artifact_path, bytes_code, tried, kept = Path(cfg.log_dir) / f"{cfg.run_id}.ptz", summary["bytes_code"], [], None
+    t_calibration = time.perf_counter()  # what reads training tokens after the loop: all but the compression
+    hessians = input_hessians(cfg, rt, model, stream, summary["steps"]) if cfg.quant_gptq else {}
+    rounding = Rounding(hessians, cfg.quant_sdclip_k, cfg.quant_gptq_damp, cfg.quant_lqer_rank, cfg.quant_lqer_tensors)
+    compression_s = 0.0
     for scheme in AUTO_ORDER if cfg.quant == "auto" else (cfg.quant,):
-        blob, groups = share_from_rank0(rt, build_artifact(model, scheme) if rt.rank == 0 else None)
+        built = None
+        if rt.rank == 0:
+            entries = tensor_parts(model, scheme, rounding)
+            t_compression = time.perf_counter()
+            built = encode_artifact(model.spec, scheme, None, entries)
+            compression_s += time.perf_counter() - t_compression
+        blob, groups = share_from_rank0(rt, built)
         header, tensors = parse_artifact(blob, artifact_path)
-        method = header["compressor"]
-        t_eval = time.perf_counter()
         roundtrip = model_from_artifact(header, tensors, artifact_path, rt.device)
-        roundtrip = compile_fn(roundtrip) if rt.compile else roundtrip
-        rt_loss, rt_bpb = ev.standard(roundtrip)
-        eval_ms = 1000 * (time.perf_counter() - t_eval)
-        bytes_total = len(blob) + bytes_code
-        fits = bytes_total <= cfg.artifact_limit_bytes
-        tried.append({"scheme": scheme, "compressor": method, "bytes_model": len(blob), "bytes_total": bytes_total,
-                      "fits": fits, "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb, "groups": groups})
-        for group, row in groups.items():
-            log(f"quant:{scheme} group:{group} params:{row['params']} fp32_bytes:{row['fp32_bytes']} stored_bytes:"
-                f"{row['stored_bytes']} compressed_bytes:{row['compressed_bytes']} ratio:{row['ratio']:.2f}")
-        log(f"quant:{scheme}+{method} bytes_total:{bytes_total} fits:{str(fits).lower()} "
-            f"roundtrip_val_bpb:{rt_bpb:.4f}")
-        if fits:
-            break
+        row = {"scheme": scheme, "compressor": header["compressor"], "bytes_model": len(blob),
+               "bytes_total": len(blob) + bytes_code, "fits": len(blob) + bytes_code <= cfg.artifact_limit_bytes,
+               "roundtrip_val_loss": None, "roundtrip_val_bpb": None, "groups": groups}
+        if cfg.quant == "auto":  # on the training tokens after the Hessians': validation must not choose
+            after_hessians = summary["steps"] + calibration_steps(cfg)
+            row["calibration_loss"] = training_loss(cfg, rt, roundtrip, stream, after_hessians)
+        tried.append(row)
+        for group, stats in groups.items():  # rank 0's: the log is rank 0's
+            log(f"quant:{scheme} group:{group} params:{stats['params']} fp32_bytes:{stats['fp32_bytes']} stored_bytes:"
+                f"{stats['stored_bytes']} compressed_bytes:{stats['compressed_bytes']} ratio:{stats['ratio']:.2f}"
+                + "".join(f" {kind}:{stats[kind]}" for kind in ("codes", "floats") if kind in stats))
+        log(f"quant:{scheme}+{row['compressor']} bytes_total:{row['bytes_total']} fits:{str(row['fits']).lower()}"
+            + (f" calibration_loss:{row['calibration_loss']:.6f}" if cfg.quant == "auto" else ""))
+        if kept is None or auto_rank(row) < auto_rank(kept[0]):
+            kept = (row, blob, roundtrip)
+    row, blob, roundtrip = kept
+    calibration_s = time.perf_counter() - t_calibration - compression_s
     if rt.rank == 0:
         write_atomic(artifact_path, blob)
-    log(f"Serialized model {scheme}+{method}: {len(blob)} bytes")
+    t_eval = time.perf_counter()
+    roundtrip = compile_fn(roundtrip) if rt.compile else roundtrip
+    row["roundtrip_val_loss"], row["roundtrip_val_bpb"] = ev.standard(roundtrip)
+    eval_ms = 1000 * (time.perf_counter() - t_eval)
+    name, fits, bytes_total = f"{row['scheme']}+{row['compressor']}", row["fits"], row["bytes_total"]
+    log(f"Serialized model {name}: {len(blob)} bytes")
     log(f"Code size: {summary['bytes_code_file']} bytes (packed: {bytes_code} bytes, which bytes_total counts)")
-    log(f"Total submission size {scheme}+{method}: {bytes_total} bytes")
+    log(f"Total submission size {name}: {bytes_total} bytes")
     if cfg.quant == "auto":
-        log(f"quant:auto chose {scheme}" + ("" if fits else ": nothing fits, the smallest is written"))
+        log(f"quant:auto chose {row['scheme']}" + (" (of those that fit, the lowest calibration_loss)" if fits
+                                                  else ": nothing fits, the smallest is written"))
+    if cfg.calibrates:
+        calibration_report(cfg, calibration_s, summary, log)
     if not fits:
         log(f"WARNING over_limit: bytes_total {bytes_total} exceeds ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes} "
             f"by {bytes_total - cfg.artifact_limit_bytes} bytes: this run cannot be a submission")
-    summary.update(roundtrip_val_loss=rt_loss, roundtrip_val_bpb=rt_bpb, bytes_model=len(blob), bytes_total=bytes_total,
-                   over_limit=not fits, compressor=method, artifact_path=str(artifact_path),
-                   quant={"scheme": scheme, "tried": tried}, roundtrip_eval_ms=eval_ms)
+    summary.update(roundtrip_val_loss=row["roundtrip_val_loss"], roundtrip_val_bpb=row["roundtrip_val_bpb"],
+                   bytes_model=len(blob), bytes_total=bytes_total, over_limit=not fits, compressor=row["compressor"],
+                   artifact_path=str(artifact_path), quant={"scheme": row["scheme"], "tried": tried},
+                   roundtrip_eval_ms=eval_ms)
     return roundtrip
+
+def auto_rank(row: dict) -> tuple:
+    """QUANT=auto's order: what fits first, by its loss on training tokens; what does not, by its size."""
+    return (0, row["calibration_loss"]) if row["fits"] else (1, row["bytes_total"])
+
+def calibration_report(cfg: Config, seconds: float, summary: dict, log: Logger):
+    """What reads training tokens after the loop (GPTQ's Hessians and rounding, QUANT=auto's builds and losses, less
+    their compression) counts as training: with the loop's time, within MAX_WALLCLOCK_SECONDS?"""
+    batches = cfg.quant_calib_batches * ((cfg.quant == "auto") + cfg.quant_gptq)
+    tokens = batches * cfg.train_batch_tokens // cfg.grad_accum_steps
+    total = summary["train_time_ms"] / 1000 + seconds
+    within = not cfg.train_budget_ms or total <= cfg.max_wallclock_seconds
+    reserve = cfg.gptq_reserve_seconds if cfg.train_budget_ms else 0
+    log(f"calibration: tokens:{tokens} time:{seconds:.1f}s reserve:{reserve:g}s training_and_calibration:{total:.1f}s "
+        f"within_budget:{str(within).lower()}")
+    summary["calibration"] = {"tokens": tokens, "seconds": seconds, "within_budget": within}
+    if not within:
+        log(f"WARNING calibration_over_budget: training {summary['train_time_ms'] / 1000:.1f}s and calibration "
+            f"{seconds:.1f}s exceed MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS")
 
 def score(cfg: Config, evaluator: Evaluator, roundtrip: nn.Module, summary: dict, log: Logger):
     """The audits, the headline lines (withheld if the standard method fails its audit), every other method."""

@@ -55,7 +55,7 @@ def test_env_values_are_typed():
     ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"),
     ({"TRAIN_BATCH_TOKENS": "100"}, "TRAIN_BATCH_TOKENS"),
     ({"RUN_ID": "../x"}, "RUN_ID"),
-    ({"QUANT": "int4"}, "QUANT"),
+    ({"QUANT": "int3"}, "QUANT"),
     ({"EVAL_STRIDE": "2048", "TRAIN_SEQ_LEN": "1024"}, "EVAL_STRIDE"),
     ({"ACTIVATION": "gelu"}, "ACTIVATION"),
     ({"DEPTH_SCHEDULE": "2@0.1,3@0.5"}, "DEPTH_SCHEDULE"),

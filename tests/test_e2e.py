@@ -211,7 +211,7 @@ def test_doc_mode_epochs_log_each_epoch(tiny_env):
     assert summary_of(tiny_env)["steps"] == 6
 
 
-def test_quant_auto_keeps_the_most_precise_scheme_that_fits(tiny_env):
+def test_quant_auto_passes_over_what_does_not_fit(tiny_env):
     env = {**tiny_env, "MODEL_DIM": "256", "ITERATIONS": "3"}  # matrices big enough to be quantized
     assert run_trainer({**env, "QUANT": "int8", "RUN_ID": "q8"}, ROOT).returncode == 0
     int8 = summary_of({**env, "RUN_ID": "q8"})
@@ -220,17 +220,18 @@ def test_quant_auto_keeps_the_most_precise_scheme_that_fits(tiny_env):
     summary = summary_of(env)
     tried = summary["quant"]["tried"]
     assert tried[0]["scheme"] == "int8" and not tried[0]["fits"] and tried[0]["bytes_total"] == int8["bytes_total"]
-    assert tried[-1]["fits"] and summary["quant"]["scheme"] == tried[-1]["scheme"] in ("int6", "mixed")
-    assert summary["bytes_total"] == tried[-1]["bytes_total"] < int8["bytes_total"] and not summary["over_limit"]
+    kept = next(row for row in tried if row["scheme"] == summary["quant"]["scheme"])
+    assert kept["fits"] and kept["scheme"] != "int8"
+    assert summary["bytes_total"] == kept["bytes_total"] < int8["bytes_total"] and not summary["over_limit"]
     assert abs(summary["roundtrip_val_bpb"] - summary["val_bpb"]) < 0.05
-    scheme = tried[-1]["scheme"]
+    scheme = kept["scheme"]
     assert re.search(rf"^final_{scheme}_zstd_roundtrip_exact val_loss:\S+ val_bpb:\S+$", out.stdout, re.M)
     assert f"quant:auto chose {scheme}" in out.stdout
-    groups = tried[-1]["groups"]
+    groups = kept["groups"]
     assert {"embedding", "attention", "mlp", "scalars"} <= set(groups)
     assert all(g["compressed_bytes"] <= g["stored_bytes"] * 1.01 + 64 for g in groups.values())
-    assert re.search(r"^quant:int8 group:mlp params:\d+ fp32_bytes:\d+ stored_bytes:\d+ compressed_bytes:\d+ ratio:",
-                     out.stdout, re.M)
+    assert re.search(r"^quant:int8 group:mlp params:\d+ fp32_bytes:\d+ stored_bytes:\d+ compressed_bytes:\d+ ratio:"
+                     r"\S+ codes:\S+ floats:\S+$", out.stdout, re.M)
 
 
 def test_quant_table_compares_every_scheme_on_a_checkpoint(tiny_env, tmp_path):
@@ -241,12 +242,14 @@ def test_quant_table_compares_every_scheme_on_a_checkpoint(tiny_env, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=300)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "q.json").read_text())
-    assert [(r["scheme"], r["compressor"]) for r in rows] == [("none", "-")] + [
-        (s, c) for s in ("int8", "int6", "mixed") for c in ("zlib", "zstd")]
+    assert [(r["scheme"], r["rounding"]) for r in rows] == [("none", "-")] + [
+        (s, r) for s in ("int8", "int6", "mixed", "int5", "int4") for r in ("clip search", "gptq", "gptq+lqer")]
     assert rows[0]["val_bpb"] == summary_of(env)["val_bpb"]
-    by = {(r["scheme"], r["compressor"]): r for r in rows}
-    assert by["int6", "zstd"]["bytes_model"] < by["int8", "zstd"]["bytes_model"]
+    by = {(r["scheme"], r["rounding"]): r for r in rows}
+    assert by["int6", "gptq"]["bytes_model"] < by["int8", "gptq"]["bytes_model"]
+    assert by["int4", "gptq+lqer"]["bytes_model"] > by["int4", "gptq"]["bytes_model"]  # the corrections' bytes
     assert all(abs(r["delta_bpb"]) < 0.05 for r in rows)
+    assert "clip search bytes" in out.stdout and len(re.findall(r"^(int\d|mixed) ", out.stdout, re.M)) == 5
     bad = subprocess.run(cmd[:2] + [str(tmp_path / "q.json")], capture_output=True, text=True, env=clean_env())
     assert bad.returncode == 2 and "checkpoint" in bad.stderr and bad.stderr.count("\n") == 1
 

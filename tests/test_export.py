@@ -172,3 +172,58 @@ def test_the_smallest_legal_model_of_every_kind_exports_and_reloads(kind, scheme
     reloaded = train_gpt.model_from_artifact(header, tensors, "memory", "cpu")
     idx = torch.zeros(1, 3, dtype=torch.long)
     torch.testing.assert_close(reloaded(idx, idx), model(idx, idx), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 64, 65])
+def test_byte_shuffle_is_undone_exactly(length):
+    data = bytes(range(256))[:length] * 3
+    shuffled = train_gpt.byte_shuffle(data, 2)
+    assert len(shuffled) == len(data) and train_gpt.byte_shuffle(shuffled, 2, inverse=True) == data
+    if len(data) >= 4:
+        assert shuffled[:2] == data[0:1] + data[2:3]  # the even bytes first
+
+
+def every_trial(parts, family):
+    codes = parts[0][1] is not None
+    sizes = {}
+    for layout in ((True, False) if codes else (0, 2)):
+        raw = b"".join(train_gpt.part_bytes(p, bits, codes and layout) for p, bits in parts)
+        raw = train_gpt.byte_shuffle(raw, layout) if not codes and layout else raw
+        for codec in train_gpt.CODEC_FAMILIES[family]:
+            sizes[(layout, codec)] = len(train_gpt.CODECS[codec][0](raw))
+    return sizes
+
+
+@pytest.mark.parametrize("family", ["zstd", "zlib"])
+def test_a_small_stream_is_stored_in_its_smallest_layout_and_codec(family):
+    torch.manual_seed(3)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((256, 512))
+    codes = [(quantize_rows(w, 5)[0], 5)]  # Laplace codes: one a byte compresses better than bit-packed
+    floats = [(torch.randn(4096).half() * 0.01, None)]
+    for parts in (codes, floats):
+        chosen = train_gpt.smallest_stream(parts, family)
+        sizes = every_trial(parts, family)
+        assert len(chosen["data"]) == min(sizes.values())
+        layout = chosen["layout"].get("packed", chosen["layout"].get("shuffle"))
+        assert sizes[(layout, chosen["codec"])] == len(chosen["data"])
+    assert train_gpt.smallest_stream(codes, family)["layout"] == {"packed": False}
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lzma", "zlib"])
+def test_every_layout_and_codec_decodes_exactly(codec):
+    torch.manual_seed(4)
+    q = quantize_rows(torch.randn(64, 96), 5)[0]
+    floats = torch.randn(333).half()
+    for packed, shuffle in ((True, 0), (False, 2)):
+        codes_raw, floats_raw = train_gpt.part_bytes(q, 5, packed), train_gpt.part_bytes(floats, None, False)
+        stored = [codes_raw, train_gpt.byte_shuffle(floats_raw, shuffle) if shuffle else floats_raw]
+        data = [train_gpt.CODECS[codec][0](raw) for raw in stored]
+        streams = [{"codec": codec, "raw_bytes": len(codes_raw), "payload_bytes": len(data[0]), "packed": packed},
+                   {"codec": codec, "raw_bytes": len(floats_raw), "payload_bytes": len(data[1]), "shuffle": shuffle}]
+        decoded = [(train_gpt.decode_stream(b"".join(data), streams, k, "m"), packed and k == 0) for k in range(2)]
+        layout = [{"name": "q", "encoding": "raw", "parts": [{"dtype": "int8", "shape": list(q.shape), "stream": 0,
+                                                              "offset": 0, "nbytes": len(codes_raw), "bits": 5}]},
+                  {"name": "f", "encoding": "raw", "parts": [{"dtype": "float16", "shape": [333], "stream": 1,
+                                                              "offset": 0, "nbytes": len(floats_raw)}]}]
+        state = train_gpt.decode_tensors(decoded, layout, "m")
+        assert torch.equal(state["q"], q) and torch.equal(state["f"], floats)

@@ -1,11 +1,14 @@
 """Random and damaged bytes fed to every loader: a clean InputError each time, never another failure."""
 
 import io
+import lzma
 import random
+import zlib
 
 import numpy as np
 import pytest
 import torch
+import zstandard
 
 import train_gpt
 from data.prepare import write_shard
@@ -64,11 +67,19 @@ def test_shard_loader(tmp_path):
         read_shard(path)
 
 
-def test_artifact_loader(tmp_path):
-    model = randomize(tiny_model())
-    cfg, _ = train_gpt.load_config({"VOCAB_SIZE": "64", "NUM_LAYERS": "3", "MODEL_DIM": "32", "NUM_HEADS": "4",
-                                    "NUM_KV_HEADS": "2", "TRAIN_BATCH_TOKENS": "1024"})
-    blob, _ = train_gpt.build_artifact(model)
+@pytest.mark.parametrize("gptq", [False, True])
+def test_artifact_loader(tmp_path, monkeypatch, gptq):
+    if gptq:  # GPTQ's and LQER's fields too: experts stored as their transposes, corrections
+        from test_gptq import CPU, RandomStream, calibration
+
+        monkeypatch.setattr(train_gpt, "QUANT_MIN_NUMEL", 256)
+        cfg, model = calibration({"MOE_NUM_EXPERTS": "4", "MOE_TOP_K": "2"})
+        hessians = train_gpt.input_hessians(cfg, CPU, model, RandomStream(64), 0)
+        blob, _ = train_gpt.build_artifact(model, "int5", rounding=train_gpt.Rounding(hessians, lqer_rank=2,
+                                                                                      lqer_tensors=2))
+        assert b'"transposed":true' in blob and b'"lqer_rank":2' in blob
+    else:
+        blob, _ = train_gpt.build_artifact(randomize(tiny_model()))
     outcomes = {"refused": 0, "loaded": 0}
     for damaged in mutations(blob, random.Random(2)):
         try:
@@ -115,3 +126,52 @@ def test_checkpoint_with_a_valid_checksum_but_foreign_contents(tmp_path):
         (tmp_path / "x.ckpt").write_bytes(CHECKPOINT_MAGIC + hashlib.sha256(data).digest() + data)
         with pytest.raises(InputError, match="contents do not load"):
             load_checkpoint(tmp_path / "x.ckpt")
+
+
+def rebuilt(blob: bytes, edit) -> bytes:
+    """The artifact with its header edited (and its payload replaced, checksum recomputed, if `edit` returns one)."""
+    import hashlib
+    import json
+    import struct
+
+    start = len(train_gpt.ARTIFACT_MAGIC) + 4
+    (length,) = struct.unpack("<I", blob[len(train_gpt.ARTIFACT_MAGIC):start])
+    header, payload = json.loads(blob[start:start + length]), blob[start + length:]
+    payload = edit(header, payload) or payload
+    header.update(payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+    text = json.dumps(header).encode()
+    return train_gpt.ARTIFACT_MAGIC + struct.pack("<I", len(text)) + text + payload
+
+
+def bomb(codec: str):
+    def edit(header, payload):
+        zeros = b"\0" * (192 << 20)  # whatever the header claims; compressed fast (the loader does not care)
+        data = {"zlib": lambda: zlib.compress(zeros, 1), "lzma": lambda: lzma.compress(zeros, preset=1),
+                "zstd": lambda: zstandard.ZstdCompressor(level=1).compress(zeros)}[codec]()
+        header["streams"] = [{**header["streams"][0], "codec": codec, "payload_bytes": len(data)}]
+        for part in (p for entry in header["tensors"] for p in entry["parts"]):
+            part["stream"] = 0
+        header["streams"][0]["raw_bytes"] = sum(p["nbytes"] for e in header["tensors"] for p in e["parts"])
+        return data
+    return edit
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h, p: h["streams"][0].update(raw_bytes=10 ** 12),
+    lambda h, p: h["streams"][0].update(raw_bytes=0),
+    lambda h, p: h["tensors"][0]["parts"][0].update(nbytes=-5),
+    lambda h, p: h["tensors"][0]["parts"][0].update(stream=-1),
+    lambda h, p: h["tensors"][0]["parts"][0].update(stream=99),
+    lambda h, p: h.update(format=3),
+    bomb("zlib"), bomb("lzma"), bomb("zstd")])
+def test_a_crafted_header_is_refused_without_inflating_what_it_claims(edit):
+    import tracemalloc
+
+    crafted = rebuilt(train_gpt.build_artifact(randomize(tiny_model()))[0], edit)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError):
+            parse_artifact(crafted, "crafted")
+        assert tracemalloc.get_traced_memory()[1] < 128 << 20  # bytes at the peak: lzma-9's window, not the bomb
+    finally:
+        tracemalloc.stop()

@@ -262,26 +262,49 @@ def measure_eval(shape: str, n_tokens: int, repeats: int, cpu_scale: bool = Fals
     return rows
 
 
+class RandomTokens:
+    """Calibration micro-batches of random tokens: GPTQ's Hessians for timing, not for accuracy."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def micro_batch(self, cfg, rt, step, micro):
+        gen = torch.Generator().manual_seed(step * 1000 + micro)
+        x = torch.randint(0, cfg.vocab_size, (4, cfg.train_seq_len), generator=gen)
+        return x, x
+
+
 def measure_export(shape: str) -> list[dict]:
-    """Seconds to quantize (with the clip search), pack and compress the shape's weights, per scheme.
+    """Seconds to quantize, pack and compress the shape's weights, per scheme and rounding (the clip search; full GPTQ
+    on Hessians of two random micro-batches, whose collection is timed apart; GPTQ with rank-4 LQER on 3 matrices).
     The weights are random with a trained model's spread; sizes are not representative, times are."""
-    cfg, _ = train_gpt.load_config(shape_env(shape))
+    cfg, _ = train_gpt.load_config({**shape_env(shape), "QUANT_GPTQ": "1", "QUANT_CALIB_BATCHES": "2",
+                                      "GRAD_ACCUM_STEPS": "1"})
     torch.manual_seed(cfg.seed)
     model = train_gpt.build_model(cfg.model, torch.device("cpu"))
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(std=0.02)
+    cpu = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
+    t0 = time.perf_counter()
+    hessians = train_gpt.input_hessians(cfg, cpu, model, RandomTokens(cfg), 0)
+    hessian_s = time.perf_counter() - t0
+    roundings = {"clip search": (train_gpt.Rounding(), None), "gptq": (train_gpt.Rounding(hessians), hessian_s),
+                 "gptq+lqer4x3": (train_gpt.Rounding(hessians, lqer_rank=4, lqer_tensors=3), hessian_s)}
     rows = []
     for scheme in train_gpt.QUANT_SCHEMES:
-        t0 = time.perf_counter()
-        blob, _ = train_gpt.build_artifact(model, scheme)
-        seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        train_gpt.parse_artifact(blob, "memory")
-        rows.append({"shape": shape, "scheme": scheme, "params": sum(p.numel() for p in model.parameters()),
-                     "bytes_model": len(blob), "export_s": seconds, "load_s": time.perf_counter() - t0,
-                     "torch_threads": torch.get_num_threads()})
+        for rounding_name, (rounding, calibration_s) in roundings.items():
+            t0 = time.perf_counter()
+            blob, groups = train_gpt.build_artifact(model, scheme, rounding=rounding)
+            seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            train_gpt.parse_artifact(blob, "memory")
+            rows.append({"shape": shape, "scheme": scheme, "rounding": rounding_name,
+                         "params": sum(p.numel() for p in model.parameters()), "bytes_model": len(blob),
+                         "hessian_s": calibration_s, "export_s": seconds, "load_s": time.perf_counter() - t0,
+                         "streams": {g: {k: row[k] for k in ("codes", "floats") if k in row} for g, row in groups.items()},
+                         "torch_threads": torch.get_num_threads()})
     return rows
 
 
@@ -387,10 +410,12 @@ def main():
         return
     if args.export:
         rows = measure_export(args.shape)
-        print(f"{'shape':<10} {'scheme':<6} {'params':>11} {'bytes_model':>12} {'export s':>9} {'load s':>7}")
+        print(f"{'shape':<10} {'scheme':<6} {'rounding':<13} {'params':>11} {'bytes_model':>12} {'hessians s':>10} "
+              f"{'export s':>9} {'load s':>7}")
         for r in rows:
-            print(f"{r['shape']:<10} {r['scheme']:<6} {r['params']:>11,} {r['bytes_model']:>12,} {r['export_s']:>9.2f} "
-                  f"{r['load_s']:>7.2f}")
+            hessian_s = "-" if r["hessian_s"] is None else f"{r['hessian_s']:.2f}"
+            print(f"{r['shape']:<10} {r['scheme']:<6} {r['rounding']:<13} {r['params']:>11,} {r['bytes_model']:>12,} "
+                  f"{hessian_s:>10} {r['export_s']:>9.2f} {r['load_s']:>7.2f}")
         write_json(args.json, rows)
         return
     if args.eval:
