@@ -2155,23 +2155,21 @@ def sliding_method(cfg: Config, ev: Evaluator, model: nn.Module):
 # Hedge: an online mixture of experts, each a normalised distribution over the whole vocabulary ---
 
 class NeuralExpert:
-    name = "neural"
+    """The model's distribution through `shape`: as it is, or `tempered`."""
+
+    def __init__(self, name: str = "neural", shape=torch.exp):
+        self.name, self.shape = name, shape
 
     def probs(self, pos: Tensor, logp: Tensor) -> Tensor:
-        return logp.exp()
+        return self.shape(logp)
 
     def observe(self, pos: Tensor):
         pass  # the model learns nothing from the scored tokens
 
-class TemperedExpert(NeuralExpert):
-    """The neural distribution sharpened where the model is sure (low entropy) and flattened where it is not."""
-
-    name = "tempered"
-
-    def probs(self, pos: Tensor, logp: Tensor) -> Tensor:
-        entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
-        temperature = 0.7 + 0.6 * entropy / math.log(logp.size(-1))
-        return torch.softmax(logp / temperature, dim=-1)
+def tempered(logp: Tensor) -> Tensor:
+    """The model's distribution sharpened where it is sure (low entropy) and flattened where it is not."""
+    entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+    return torch.softmax(logp / (0.7 + 0.6 * entropy / math.log(logp.size(-1))), dim=-1)
 
 class NgramExpert:
     """Counts of the scored tokens by context (the last order-1), smoothed toward the model: docs/evaluation.md."""
@@ -2201,7 +2199,7 @@ class NgramExpert:
 
 def hedge_experts(cfg: Config, tokens: Tensor) -> list:
     return [NeuralExpert(), *(NgramExpert(tokens, order, cfg.vocab_size, cfg.hedge_prior, cfg.hedge_table_entries)
-                              for order in (1, 2, 3)), TemperedExpert()]
+                              for order in (1, 2, 3)), NeuralExpert("tempered", tempered)]
 
 def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | None = None):
     """Score first, then learn, in blocks of HEDGE_CHUNK_TOKENS aligned to the stream: see docs/evaluation.md."""
@@ -2210,38 +2208,33 @@ def hedge_method(cfg: Config, ev: Evaluator, model: nn.Module, experts: list | N
     size = cfg.hedge_chunk_tokens
     # The neural expert starts with most of the weight: the count tables begin empty.
     log_w = torch.tensor([2.0 if e.name == "neural" else 0.0 for e in experts], device=ev.rt.device)
-    block_losses = []
     cursor = windows[0][0] + windows[0][1] if windows else 0  # the next target to score: this rank's are contiguous
-    end = windows[-1][0] + windows[-1][2] if windows else 0
-    block = cursor // size
+    learnt, block_losses = 0, []  # the tables hold the targets before `learnt`, where the scored block begins
 
-    def observe(lo: int, hi: int):
-        for part in torch.arange(lo, hi, device=ev.rt.device).split(1 << 20):
-            for expert in experts:
-                expert.observe(part)
-
-    def finish_block():
+    def learn(upto: int):
+        """The Hedge step on the block just scored; then the tables take in every target before `upto`."""
+        nonlocal learnt
         if block_losses:
             log_w.sub_(cfg.hedge_eta * torch.cat(block_losses, 1).mean(1))
             log_w.sub_(log_w.logsumexp(0))
-        observe(block * size, min((block + 1) * size, end))
-        block_losses.clear()
+            block_losses.clear()
+        for part in torch.arange(learnt, upto, device=ev.rt.device).split(1 << 20):
+            for expert in experts:
+                expert.observe(part)
+        learnt = upto
 
-    observe(0, block * size)
     for scored, logp in ev.distributions(model, windows, cfg.eval_window):
-        first = cursor
-        while cursor < first + len(scored):
-            if cursor // size != block:
-                finish_block()
-                block = cursor // size
-            rows = slice(cursor - first, min(len(scored), (block + 1) * size - first))
+        first, cursor = cursor, cursor + len(scored)
+        for block in range(first // size, (cursor - 1) // size + 1):  # the batch split where a block begins
+            if block * size > learnt:
+                learn(block * size)
+            rows = slice(max(first, block * size) - first, min(cursor, (block + 1) * size) - first)
             pos = scored[rows]
             probs = torch.stack([e.probs(pos, logp[rows]) for e in experts])  # [experts, tokens, V]
             mixture = torch.einsum("e,etv->tv", torch.softmax(log_w, 0), probs)
             target = yield pos, mixture.clamp_min(1e-38).log()
             block_losses.append(-probs.take_along_dim(target.view(1, -1, 1), -1).squeeze(-1).clamp_min(1e-38).log())
-            cursor = first + rows.stop
-    finish_block()
+    learn(cursor)
     return {"weights": {e.name: round(w, 6) for e, w in zip(experts, torch.softmax(log_w, 0).tolist())}}
 
 # Score-first test-time training ----------------------------------------------------------------
@@ -2272,20 +2265,17 @@ def ttt_adapt(cfg: Config, ev: Evaluator, model: nn.Module, params: list, optimi
     model.train()
     batch = ev.rows_per_forward(len(mine), seq)
     for _ in range(cfg.ttt_steps):
-        optimizer.zero_grad(set_to_none=False)
+        for p in params:  # zeros, not None: every rank all-reduces every gradient, used on it or not
+            p.grad = torch.zeros_like(p)
         for i in range(0, len(mine), batch):
             rows = mine[i:i + batch]
-            idx = torch.stack([ev.tokens[s:s + seq + 1] for s in rows]).to(ev.rt.device)
-            x, y = idx[:, :-1], idx[:, 1:]
-            if ev.rt.compile and len(rows) < batch:  # a static shape: padding rows whose targets are skipped
-                x = torch.cat([x, x[-1:].expand(batch - len(rows), -1)])
-                y = F.pad(y, (0, 0, 0, batch - len(rows)), value=-100)
+            # Compiled, a short last batch is padded with copies of its last row, left out of the loss.
+            reads = rows + rows[-1:] * (batch - len(rows)) if ev.rt.compile else rows
+            idx = torch.stack([ev.tokens[s:s + seq + 1] for s in reads]).to(ev.rt.device)
             with ev.rt.autocast():
-                loss = model(x, y, reduction="none").float().sum() / (len(starts) * seq)
+                loss = model(idx[:, :-1], idx[:, 1:], reduction="none")[:len(rows)].float().sum() / (len(starts) * seq)
             loss.backward()
         for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
             ev.rt.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
