@@ -55,6 +55,26 @@ def test_evaluation_methods_split_over_two_ranks_agree_with_one(tiny_env):
         assert np.abs(x["loss"].astype(np.float32) - y["loss"].astype(np.float32)).max() < 5e-3  # a float16 step
 
 
+def test_gptq_and_auto_over_two_ranks_agree_with_one(tiny_env):
+    """Each rank's Hessians summed over ranks are one process's over the same tokens (two micro-batches of the step
+    each), and so are QUANT=auto's losses: the same weights (learning rates 0) give the same choice and figures."""
+    env = {**tiny_env, "MODEL_DIM": "128", "ITERATIONS": "2", "WARMUP_STEPS": "0", "QUANT_GPTQ": "1", "QUANT": "auto",
+           "MOE_NUM_EXPERTS": "2", "MOE_TOP_K": "1", "MOE_LAYERS": "1", "MATRIX_LR": "0", "SCALAR_LR": "0",
+           "TIED_EMBED_LR": "0"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = run_trainer({**env, "GRAD_ACCUM_STEPS": "1", "QUANT_CALIB_BATCHES": "2", "RUN_ID": "two"}, ROOT,
+                      launcher=launcher)
+    one = run_trainer({**env, "GRAD_ACCUM_STEPS": "2", "QUANT_CALIB_BATCHES": "4", "RUN_ID": "one"}, ROOT)
+    assert two.returncode == 0 and one.returncode == 0, two.stderr[-2000:] + one.stderr[-2000:]
+    logs = ROOT / env["LOG_DIR"]
+    a, b = (json.loads((logs / f"{r}.json").read_text()) for r in ("two", "one"))
+    assert a["calibration"]["tokens"] == b["calibration"]["tokens"] == 2048
+    assert a["quant"]["scheme"] == b["quant"]["scheme"]
+    for x, y in zip(a["quant"]["tried"], b["quant"]["tried"]):
+        assert abs(x["calibration_loss"] - y["calibration_loss"]) < 1e-4
+    assert abs(a["roundtrip_val_bpb"] - b["roundtrip_val_bpb"]) < 1e-4
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
