@@ -281,12 +281,13 @@ PRESETS = {
     # The benchmark's shapes scaled to seconds a step on a CPU (tools/bench.py).
     "bench_cpu": {"NUM_LAYERS": "4", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "256",
                   "TRAIN_BATCH_TOKENS": "8192", "GRAD_ACCUM_STEPS": "1"},
-    # tools/gpu_check.sh's correctness run: a recurrent model quick to compile, two depth phases, all audited.
+    # tools/gpu_check.sh's correctness run: a recurrent model quick to compile, two depth phases, audited, GPTQ + auto.
     "gpu_check": {**RECURRENT, "NUM_LAYERS": "2", "MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
                   "DEPTH_SCHEDULE": "1@0,2@0.5", "XSA_LAST_N": "2", "TRAIN_SEQ_LEN": "512",
                   "TRAIN_BATCH_TOKENS": "65536", "MAX_WALLCLOCK_SECONDS": "20", "WARMUP_STEPS": "2",
                   "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "50", "VAL_BATCH_SIZE": "131072", "EVAL_STRIDE": "64",
-                  "HEDGE_ENABLED": "1", "TTT_STEPS": "1", "TTT_CHUNK_TOKENS": "8192", "EVAL_AUDIT": "1"},
+                  "HEDGE_ENABLED": "1", "TTT_STEPS": "1", "TTT_CHUNK_TOKENS": "8192", "EVAL_AUDIT": "1",
+                  "QUANT": "auto", "QUANT_GPTQ": "1", "GPTQ_RESERVE_SECONDS": "5"},
     **{f"some_study_{name}": some_study(*shape) for name, shape in (
         ("a1", (384, 6, 6, 64, 1024, 512, 128)), ("a2", (384, 6, 6, 64, 1024, 768, 42)),
         ("a3", (384, 6, 6, 64, 1024, 1024, 31)), ("b1", (384, 8, 8, 128, 1536, 512, 128)),

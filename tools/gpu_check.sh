@@ -62,7 +62,7 @@ corpus() {
 correctness() {
   rm -f "$out/gpu_correctness.out"
   # PRESET=gpu_check: the recurrent model, small enough that its graphs compile quickly: two depth
-  # phases, XSA, value embeddings, SWA; sliding, Hedge and TTT, each audited.
+  # phases, XSA, value embeddings, SWA; sliding, Hedge and TTT, each audited; full GPTQ and QUANT=auto on the device.
   env TORCH_LOGS=graph_breaks,recompiles DATA_PATH="$out/synthetic_shards" PRESET=gpu_check \
     LOG_DIR="$out" RUN_ID=gpu_correctness python train_gpt.py > "$out/gpu_correctness.out" 2>&1
 }
@@ -126,7 +126,7 @@ done
 if [ -n "${rc[correctness]+x}" ] && [ -f "$out/gpu_correctness.out" ]; then
   echo "== correctness (goals: within 4 min; round trip within 0.01 bpb of the unquantized model; every audit passed;"
   echo "   no eager fallback)"
-  grep -E "^(final_|audit |compile:|WARNING|total_eval_time|Total submission|stopping_early|step:[0-9]+/[0-9]+ train_loss|peak memory)" \
+  grep -E "^(final_|audit |compile:|WARNING|total_eval_time|Total submission|stopping_early|step:[0-9]+/[0-9]+ train_loss|peak memory|calibration:|quant:auto)" \
     "$out/gpu_correctness.out" | tail -n 30
   grep -E "Traceback|Error|error:" "$out/gpu_correctness.out" | tail -n 5
   echo "graph break / recompile log lines: $(grep -c -E 'Graph break|Recompiling' "$out/gpu_correctness.out")"
