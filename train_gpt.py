@@ -1541,37 +1541,33 @@ def input_hessians(cfg: Config, rt: Runtime, model: GPT, stream, first_step: int
         sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
 
     def matrix_inputs(name: str, x: Tensor):
-        add(name, x.reshape(-1, x.size(-1)).float()[scored[0]])
+        with torch.autocast(x.device.type, enabled=False):  # float32 sums, whatever the forward's precision
+            add(name, x.reshape(-1, x.size(-1)).float()[scored[0]])
 
     def expert_inputs(name: str, moe: MoE, x: Tensor):
-        tokens = x.reshape(-1, x.size(-1)).float()[scored[0]]
-        add(f"{name}.router.weight", tokens)
-        choice = (F.linear(tokens, moe.router.weight.float()) + moe.route_bias).topk(moe.top_k, dim=-1).indices
-        for e in range(0 if moe.frozen else moe.num_experts):
-            routed = tokens[(choice == e).any(-1)]
-            add(f"{name}.w1:{e}", routed)
-            add(f"{name}.w2:{e}", moe.activation(routed @ moe.w1[e].float() + moe.b1[e].float()))
-
-    def hook(function, key: str):
-        def call(module, args):
-            with torch.autocast(args[0].device.type, enabled=False):  # float32 sums; the MoE routes in float32 too
-                function(key, *((module,) if isinstance(module, MoE) else ()), args[0])
-        return call
+        with torch.autocast(x.device.type, enabled=False):  # and routed in float32, as the MoE routes
+            tokens = x.reshape(-1, x.size(-1)).float()[scored[0]]
+            add(f"{name}.router.weight", tokens)
+            choice = (F.linear(tokens, moe.router.weight.float()) + moe.route_bias).topk(moe.top_k, dim=-1).indices
+            for e in range(0 if moe.frozen else moe.num_experts):
+                routed = tokens[(choice == e).any(-1)]
+                add(f"{name}.w1:{e}", routed)
+                add(f"{name}.w2:{e}", moe.activation(routed @ moe.w1[e].float() + moe.b1[e].float()))
 
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not name.endswith((".c_k", ".c_v", ".router")):  # c_q's input is theirs
-            hooks.append(module.register_forward_pre_hook(hook(matrix_inputs, f"{name}.weight")))
+            hooks.append(module.register_forward_pre_hook(lambda m, args, key=f"{name}.weight":
+                                                          matrix_inputs(key, *args)))
         elif isinstance(module, MoE):
-            hooks.append(module.register_forward_pre_hook(hook(expert_inputs, name)))
+            hooks.append(module.register_forward_pre_hook(lambda m, args, key=name: expert_inputs(key, m, *args)))
     try:
         with uncounted_routing(model):
             for x, y in calibration_batches(cfg, rt, stream, first_step):
                 scored[0] = (y != -100).flatten()
                 with rt.autocast():
                     h, _ = model.hidden(x)
-                head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"  # a tied embedding reads h too
-                hook(matrix_inputs, head)(model, (h,))
+                matrix_inputs("tok_emb.weight" if model.lm_head is None else "lm_head.weight", h)  # tied: reads h
     finally:
         for handle in hooks:
             handle.remove()
@@ -1698,11 +1694,13 @@ def smallest_stream(parts: list[tuple[Tensor, int | None]], family: str) -> dict
         raw = b"".join(chunks)
         return (byte_shuffle(raw, layout) if not codes and layout else raw), chunks
 
-    trials = [(layout, codec) for layout in layouts for codec in CODEC_FAMILIES[family]]
-    layout, codec = min(trials, key=lambda trial: len(CODECS[trial[1]][0](stored(probe, trial[0])[0])))
+    trials = {(layout, codec): CODECS[codec][0](stored(probe, layout)[0])
+              for layout in layouts for codec in CODEC_FAMILIES[family]}
+    layout, codec = min(trials, key=lambda trial: len(trials[trial]))
     data, chunks = stored(parts, layout)
+    compressed = trials[layout, codec] if len(probe) == len(parts) else CODECS[codec][0](data)  # a small stream: done
     return {"layout": {"packed": layout} if codes else {"shuffle": layout}, "codec": codec,
-            "data": CODECS[codec][0](data), "raw_bytes": len(data), "sizes": [len(chunk) for chunk in chunks]}
+            "data": compressed, "raw_bytes": len(data), "sizes": [len(chunk) for chunk in chunks]}
 
 def write_atomic(path: Path, *chunks: bytes):
     """Temp file, fsync, rename: a crash or a full disk never leaves a half-written file under `path`."""

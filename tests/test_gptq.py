@@ -265,3 +265,11 @@ def test_lqer_ranks_matrices_by_the_error_their_inputs_see():
     assert list(train_gpt.low_rank_corrections({"quiet": quiet, "busy": busy}, quantized, rounding)) == ["busy"]
     without = train_gpt.Rounding({}, lqer_rank=1, lqer_tensors=1)
     assert list(train_gpt.low_rank_corrections({"quiet": quiet, "busy": busy}, quantized, without)) == ["quiet"]
+
+
+def test_hessians_are_summed_in_float32_under_bf16_autocast():
+    """On a GPU the forward runs under bf16 autocast: the Gram matrices (and the experts' routing) must not."""
+    cfg, model = calibration({"MOE_NUM_EXPERTS": "4", "MOE_TOP_K": "2"})
+    bf16 = Runtime(0, 1, 0, torch.device("cpu"), False, bf16=True)
+    hessians = input_hessians(cfg, bf16, model, RandomStream(64), first_step=0)
+    assert {h.dtype for h in hessians.values()} == {torch.float32}
