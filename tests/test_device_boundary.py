@@ -71,6 +71,17 @@ def test_the_artifact_of_a_model_on_the_device_round_trips(tiny_env, device):
     assert blob == host_blob  # the same bytes whichever device the weights are on
 
 
+def test_gptq_and_auto_run_on_the_device(tiny_env, device):
+    """Calibration batches, Hessians, GPTQ's factors and rounding, LQER and auto's losses on the device; the
+    artifact is packed on the host."""
+    env = {**tiny_env, "MODEL_DIM": "128", "ITERATIONS": "2", "QUANT_GPTQ": "1", "QUANT": "auto",
+           "QUANT_LQER_RANK": "2", "MOE_NUM_EXPERTS": "2", "MOE_TOP_K": "1", "MOE_LAYERS": "1", "RUN_ID": "g"}
+    summary = run_on_device(env, device)
+    assert summary["calibration"]["tokens"] > 0 and summary["device"] == str(device)
+    assert all(row["calibration_loss"] > 0 for row in summary["quant"]["tried"])
+    assert summary["roundtrip_val_bpb"] == pytest.approx(summary["val_bpb"], abs=0.05)
+
+
 def test_a_training_step_waits_for_the_device_once(tiny_env, device, monkeypatch):
     """On steps that neither log nor validate, the loop's only device-to-host transfer is the step's
     agreement on the clock and the finite-gradient verdict, also when the ranks all-reduce it."""

@@ -227,3 +227,15 @@ def test_every_layout_and_codec_decodes_exactly(codec):
                                                               "offset": 0, "nbytes": len(floats_raw)}]}]
         state = train_gpt.decode_tensors(decoded, layout, "m")
         assert torch.equal(state["q"], q) and torch.equal(state["f"], floats)
+
+
+def test_sdclip_clips_each_row_at_k_standard_deviations():
+    torch.manual_seed(5)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((16, 400)) * torch.rand(16, 1)
+    for k in (2.0, 12.0):
+        q, scale = quantize_rows(w, 5, sdclip_k=k)
+        exact = k * w.std(1, correction=0) / 15
+        assert torch.all(scale.float() >= exact) and torch.all(scale.float() <= exact * (1 + 2 ** -10))
+        clip = k * w.std(1, correction=0)[:, None]
+        assert torch.equal(q, torch.round(w.clamp(-clip, clip) / scale.float()[:, None]).clamp(-15, 15).to(torch.int8))
+    assert not torch.equal(quantize_rows(w, 5, sdclip_k=2.0)[0], quantize_rows(w, 5)[0])
