@@ -161,6 +161,8 @@ class Config:
     quant_lqer_rank: int = var(0, "LQER: a rank-r correction with int4 factors of the matrices rounded worst (0 = off)",
                                lo=0, hi=64)
     quant_lqer_tensors: int = var(3, "QUANT_LQER_RANK: how many matrices get one", lo=1)
+    quant_prune_max: float = var(0.0, "a build over ARTIFACT_LIMIT_BYTES by at most this fraction of its bytes zeroes "
+                                      "the +-1 codes that cost least until it fits (0 = off)", lo=0.0, hi=0.5)
     # faults
     checkpoint_every_seconds: float = var(0.0, "checkpoint every N seconds of training time (0 = off)", lo=0.0)
     checkpoint_every_steps: int = var(0, "checkpoint every N steps (0 = off)", lo=0)
@@ -1742,6 +1744,15 @@ def quantize_tensor(name: str, t: Tensor, bits: int, rounding: Rounding) -> tupl
     rows = [quantize_rows(m.T, bits, k, rounding.gptq(f"{name}:{e}")) for e, m in enumerate(t)]
     return {**encoding, "transposed": True}, *map(torch.cat, zip(*rows))
 
+def input_energy(name: str, q: Tensor, experts: int, rounding: Rounding) -> Tensor:
+    """Per quantized weight, the energy of the input it multiplies relative to its matrix's mean (diag H), so that
+    errors of matrices with and without a Hessian (then 1) read alike. `experts`: a transposed stack's count."""
+    keys = [f"{name}:{e}" for e in range(experts)] if experts else [name]
+    if keys[0] not in rounding.hessians:
+        return torch.ones((), device=q.device)
+    diagonals = torch.stack([rounding.hessians[key].diagonal() for key in keys]).to(q.device)
+    return (diagonals / diagonals.mean(1, keepdim=True).clamp_min(1e-30)).repeat_interleave(len(q) // len(keys), 0)
+
 LQER_BITS = 4
 
 def low_rank_corrections(state: dict, quantized: dict, rounding: Rounding) -> dict[str, list[Tensor]]:
@@ -1754,9 +1765,7 @@ def low_rank_corrections(state: dict, quantized: dict, rounding: Rounding) -> di
     for name, (encoding, q, scale) in quantized.items():
         if not encoding.get("transposed") and state[name].ndim == 2:
             delta = state[name].float() - dequantize_rows(q, scale)
-            h = rounding.hessians.get(name)
-            weights = h.diagonal() / h.diagonal().mean().clamp_min(1e-30) if h is not None else 1.0
-            errors[name] = (delta, float((delta.square() * weights).sum()))
+            errors[name] = (delta, float((delta.square() * input_energy(name, q, 0, rounding)).sum()))
     corrections = {}
     for name in sorted(errors, key=lambda n: errors[n][1], reverse=True)[:rounding.lqer_tensors]:
         u, sigma, vh = torch.linalg.svd(errors[name][0], full_matrices=False)
@@ -1831,6 +1840,70 @@ def encode_artifact(spec: ModelSpec, scheme: str, compressor: str | None, entrie
                          "streams": header_streams, "tensors": layout, "payload_bytes": len(payload),
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}, separators=(",", ":")).encode()
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + payload, groups
+
+# Selective pruning: a build a little over the limit zeroes the +-1 codes whose loss costs least until it fits. What
+# a zeroed code saves is measured, not modelled: each build's bytes narrow the counts between one that did not fit
+# and one that did.
+PRUNE_BUILDS = 5
+PRUNE_FIRST_GUESS_BYTES = 0.5  # more than a code saves: the first build undershoots, then measures
+PRUNE_SLACK = 1e-3  # a fitting build this close under the limit is close enough
+
+def prune_order(state: dict, entries: list[tuple], rounding: Rounding) -> tuple[Tensor, Tensor]:
+    """Every +-1 code of the quantized matrices as (entry index, flat position), cheapest first: zeroing weight w of
+    scale s and code q adds w^2 - (w - s q)^2 to its squared error, weighed by its input's energy."""
+    costs, owners, positions = [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    for i, (name, _, _, encoding, parts) in enumerate(entries):
+        if encoding["encoding"] == "int_rows":
+            (q, _), (scale, _) = parts[:2]
+            t = state[name].detach().float().cpu()
+            w = (t.transpose(-1, -2) if encoding.get("transposed") else t).reshape(q.shape)
+            energy = input_energy(name, q, len(t) if encoding.get("transposed") else 0, rounding)
+            cost = (w.square() - (w - dequantize_rows(q, scale)).square()) * energy.cpu()
+            where = (q.abs() == 1).flatten().nonzero()[:, 0]
+            costs.append(cost.flatten()[where])
+            owners.append(torch.full_like(where, i))
+            positions.append(where)
+    order = torch.argsort(torch.cat(costs), stable=True)
+    return torch.cat(owners)[order], torch.cat(positions)[order]
+
+def pruned(entries: list[tuple], order: tuple[Tensor, Tensor], count: int) -> list[tuple]:
+    """The entries with the first `count` codes of prune_order zeroed."""
+    owners, positions = order[0][:count], order[1][:count]
+    entries = list(entries)
+    for i in owners.unique().tolist():
+        name, group, shape, encoding, ((q, bits), *rest) = entries[i]
+        flat = q.flatten().clone()
+        flat[positions[owners == i]] = 0
+        entries[i] = (name, group, shape, encoding, [(flat.view(q.shape), bits), *rest])
+    return entries
+
+def build_within_limit(cfg: Config, spec: ModelSpec, scheme: str, entries: list[tuple], state: dict,
+                       rounding: Rounding, limit: int) -> tuple[bytes, dict, int]:
+    """The artifact of `entries`, its groups, and how many codes were zeroed: one over `limit` bytes by at most
+    QUANT_PRUNE_MAX of its size is pruned, with as few codes as PRUNE_BUILDS builds find that make it fit."""
+    blob, groups = encode_artifact(spec, scheme, None, entries)
+    if not 0 < len(blob) - limit <= cfg.quant_prune_max * len(blob):
+        return blob, groups, 0
+    order = prune_order(state, entries, rounding)
+    over, under, fitting = (0, len(blob)), None, (blob, groups, 0)  # (count, bytes) known over and under the limit
+    for _ in range(PRUNE_BUILDS):
+        if under:  # halfway between the bracket's secant and its middle: bytes fall faster as more codes go
+            secant = over[0] + (under[0] - over[0]) * (over[1] - limit) / max(over[1] - under[1], 1)
+            count = (secant + (over[0] + under[0]) / 2) / 2
+        else:
+            saving = (len(blob) - over[1]) / over[0] if over[0] else PRUNE_FIRST_GUESS_BYTES
+            count = over[0] + (over[1] - limit) / max(saving, 1e-3)
+        count = min(max(math.ceil(count), over[0] + 1), under[0] - 1 if under else len(order[0]))
+        if count <= over[0]:
+            break
+        smaller, smaller_groups = encode_artifact(spec, scheme, None, pruned(entries, order, count))
+        if len(smaller) > limit:
+            over = (count, len(smaller))
+            continue
+        under, fitting = (count, len(smaller)), (smaller, smaller_groups, count)
+        if len(smaller) >= limit * (1 - PRUNE_SLACK):
+            break
+    return fitting
 
 def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
     """Header and tensors of an artifact, every byte checked before use."""
@@ -2592,14 +2665,15 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, stream, ev: Eval
         if rt.rank == 0:
             entries = tensor_parts(model, scheme, rounding)
             t_compression = time.perf_counter()
-            built = encode_artifact(model.spec, scheme, None, entries)
+            built = build_within_limit(cfg, model.spec, scheme, entries, model.state_dict(), rounding,
+                                       cfg.artifact_limit_bytes - bytes_code)
             compression_s += time.perf_counter() - t_compression
-        blob, groups = share_from_rank0(rt, built)
+        blob, groups, pruned_codes = share_from_rank0(rt, built)
         header, tensors = parse_artifact(blob, artifact_path)
         roundtrip = model_from_artifact(header, tensors, artifact_path, rt.device)
         row = {"scheme": scheme, "compressor": header["compressor"], "bytes_model": len(blob),
                "bytes_total": len(blob) + bytes_code, "fits": len(blob) + bytes_code <= cfg.artifact_limit_bytes,
-               "roundtrip_val_loss": None, "roundtrip_val_bpb": None, "groups": groups}
+               "roundtrip_val_loss": None, "roundtrip_val_bpb": None, "groups": groups, "pruned_codes": pruned_codes}
         if cfg.quant == "auto":  # on the training tokens after the Hessians': validation must not choose
             after_hessians = summary["steps"] + calibration_steps(cfg)
             row["calibration_loss"] = training_loss(cfg, rt, roundtrip, stream, after_hessians)
@@ -2609,6 +2683,7 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, stream, ev: Eval
                 f"{stats['stored_bytes']} compressed_bytes:{stats['compressed_bytes']} ratio:{stats['ratio']:.2f}"
                 + "".join(f" {kind}:{stats[kind]}" for kind in ("codes", "floats") if kind in stats))
         log(f"quant:{scheme}+{row['compressor']} bytes_total:{row['bytes_total']} fits:{str(row['fits']).lower()}"
+            + (f" pruned_codes:{pruned_codes}" if pruned_codes else "")
             + (f" calibration_loss:{row['calibration_loss']:.6f}" if cfg.quant == "auto" else ""))
         if kept is None or auto_rank(row) < auto_rank(kept[0]):
             kept = (row, blob, roundtrip)
