@@ -1064,8 +1064,9 @@ def muon_momentum_at(cfg: Config, step: int) -> float:
 
 def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Tensor],
                optimizers: list[torch.optim.Optimizer], stream: TokenStream, step: int, scale: float,
-               clock_ms=lambda: 0.0) -> tuple[Tensor, float]:
-    """One optimizer step over the global batch: this rank's mean loss (a tensor), and the clock the ranks agree on."""
+               clock_ms=lambda: 0.0, noticed=lambda: False) -> tuple[Tensor, float, bool]:
+    """One optimizer step over the global batch: this rank's mean loss (a tensor), the clock the ranks agree on, and
+    whether any rank has `noticed` a preemption signal."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
@@ -1082,11 +1083,12 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
         total += loss.detach()
     norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm) if cfg.grad_clip_norm > 0 else
             torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-    # The step's one host sync: the ranks agree on the clock (so LR schedules and the stop agree) and
-    # learn whether the gradient is finite, before any weight moves.
-    verdict = torch.tensor([clock_ms(), 0.0], dtype=torch.float64, device=rt.device)
+    # The step's one host sync: the ranks agree on the clock (so LR schedules and the stop agree) and on a
+    # preemption notice (so all checkpoint at the same step), and learn whether the gradient is finite, before any
+    # weight moves.
+    verdict = torch.tensor([clock_ms(), 0.0, noticed()], dtype=torch.float64, device=rt.device)
     verdict[1] = (~torch.isfinite(norm)).double()
-    elapsed_ms, non_finite = rt.all_reduce(verdict, dist.ReduceOp.MAX).tolist()
+    elapsed_ms, non_finite, preempted = rt.all_reduce(verdict, dist.ReduceOp.MAX).tolist()
     if non_finite:
         raise Diverged(step + 1, "loss" if not bool(torch.isfinite(total)) else "gradient", optimizers)
     for opt in optimizers:
@@ -1096,7 +1098,7 @@ def train_step(cfg: Config, rt: Runtime, train_model: nn.Module, params: list[Te
             # Every rank nudges by the global load, so the biases stay identical across ranks.
             moe.nudge_route_bias(cfg.moe_bias_update, rt.all_reduce(moe.step_load.clone()))
         moe.step_load.zero_()
-    return total / cfg.grad_accum_steps, elapsed_ms
+    return total / cfg.grad_accum_steps, elapsed_ms, bool(preempted)
 
 class Diverged(Exception):
     """A non-finite loss or gradient, before the weights move, naming the first parameter at fault."""
@@ -1107,6 +1109,30 @@ class Diverged(Exception):
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
         group = next(culprits, "none: the gradient norm overflowed")
         super().__init__(f"non-finite {what} at step {step} (parameter group: {group})")
+
+EXIT_PREEMPTED = 5
+PREEMPTION_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}  # SLURM's --signal sends SIGUSR1
+
+class Preempted(Exception):
+    """A scheduler's notice: every rank checkpointed at the same step boundary, and the run stops to be resumed."""
+
+    @classmethod
+    def at(cls, cfg: Config, step: int, notices: list, checkpoint: Path) -> "Preempted":
+        notice = PREEMPTION_SIGNALS[notices[0]] if notices else "a signal to another rank"
+        return cls(f"preempted: {notice} at step {step}: checkpoint {checkpoint}; to continue: the same command with "
+                   f"RESUME_FROM=auto RUN_ID={cfg.run_id}")
+
+@contextmanager
+def preemption_notices():
+    """While it lasts, SIGTERM and SIGUSR1 are only noted (the list yielded), for the loop to act on at the next
+    step boundary; before and after (setup, evaluations) they end the process as they always did."""
+    notices = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: notices.append(signum)) for sig in PREEMPTION_SIGNALS}
+    try:
+        yield notices
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 def untimed_warmup(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, log: Logger):
     """WARMUP_STEPS untimed steps at every depth of the schedule (compilation, allocator); then all goes back."""
@@ -1253,16 +1279,18 @@ class Validator:
         if per_token:
             save_per_token(cfg, self.evaluator, pieces.compiled, f"step_{step:06d}", step, log)
 
-def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evaluator: "Evaluator", log: Logger
-          ) -> tuple[dict, WeightAverage]:
-    """Trains until ITERATIONS or the wall-clock cap; returns the summary's training figures and the weight average."""
+def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evaluator: "Evaluator", log: Logger,
+          notices: list) -> tuple[dict, WeightAverage]:
+    """Trains until ITERATIONS or the wall-clock cap, or checkpoints and stops at the step boundary after preemption
+    `notices`; returns the summary's training figures and the weight average."""
     model = pieces.model
     depth = DepthSchedule(cfg, model, log)
     average = WeightAverage(cfg.weight_average, cfg.ema_decay, cfg.swa_start_frac, cfg.swa_every)
     checkpointer = Checkpointer(cfg, rt, log)
     validator = Validator(cfg, rt, evaluator, stream, log)
     step, train_ms = checkpointer.resume(pieces, depth, average)
-    params, moe_train, stop = list(model.parameters()), None, False
+    params, moe_train = list(model.parameters()), None
+    stop = bool(cfg.train_budget_ms) and train_ms >= cfg.train_budget_ms  # resumed where the cap stopped it
     try:
         untimed_warmup(cfg, rt, pieces, stream, log)
         clock, elapsed = Clock(rt, train_ms), train_ms
@@ -1278,8 +1306,8 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
             if cfg.fault_at_step and step == cfg.fault_at_step and cfg.fault_rank in (-1, rt.rank):
                 os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no message
             # `elapsed` is the clock the ranks agreed on in the previous step, so their LRs are identical.
-            loss, elapsed = train_step(cfg, rt, pieces.train_model, params, pieces.optimizers, stream, step,
-                                       lr_scale(cfg, step, elapsed), clock.ms)
+            loss, elapsed, preempted = train_step(cfg, rt, pieces.train_model, params, pieces.optimizers, stream, step,
+                                                  lr_scale(cfg, step, elapsed), clock.ms, lambda: bool(notices))
             step += 1
             validator.add_train_loss(loss)
             if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
@@ -1289,12 +1317,17 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
                 moe_train = moe_statistics(model, rt, "train", log) or moe_train
             if average.due(model, step, budget_progress(cfg, step, elapsed)):
                 average.add(model, step)
-            if checkpointer.due(step, elapsed):
+            if checkpointer.due(step, elapsed) or preempted:
                 with clock.paused() as train_ms:
                     checkpointer.save(pieces, step, train_ms, depth, average)
+            if preempted:
+                raise Preempted.at(cfg, step, notices, checkpointer.last)
             if cfg.train_budget_ms and elapsed >= cfg.train_budget_ms and step < cfg.iterations:
                 stop = True
                 log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
+        if over_ranks(rt, [len(notices)], dist.ReduceOp.MAX)[0]:  # in the last validation: all but the evaluations
+            checkpointer.save(pieces, step, train_ms, depth, average)
+            raise Preempted.at(cfg, step, notices, checkpointer.last)
     except Diverged as e:
         log(f"error: {e}; last good checkpoint: {checkpointer.last or 'none'}")
         log(f"to continue with a lower learning rate: RESUME_FROM={checkpointer.last or '<a checkpoint>'} RUN_ID="
@@ -2609,7 +2642,8 @@ def run(cfg: Config, rt: Runtime, log: Logger, notes: list[str]) -> dict:
     log(PARAMS_LINE.format(**counts))
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.0f} seed:{cfg.seed}")
-    trained, average = train(cfg, rt, pieces, stream, evaluator, log)
+    with preemption_notices() as notices:
+        trained, average = train(cfg, rt, pieces, stream, evaluator, log, notices)
     summary = {"run_id": cfg.run_id, "world_size": rt.world_size, "device": str(rt.device),
                "config": dataclasses.asdict(cfg), **trained, **counts, "val_tokens": evaluator.n_targets, **val_text,
                **code}
@@ -2775,12 +2809,17 @@ def main() -> int:
             return 0
         rt = init_runtime(cfg)
         log = Logger(Path(cfg.log_dir) / f"{cfg.run_id}.txt" if rt.rank == 0 else None)
-        summary = run(cfg, rt, log, notes)
-        summary_path = Path(cfg.log_dir) / f"{cfg.run_id}.json"
-        if rt.rank == 0:
-            write_atomic(summary_path, json.dumps(summary, indent=2).encode())
-        log(f"summary: {summary_path}")
-        code = 4 if not summary.get("audit", {}).get("passed", True) else 0  # written down, then refused
+        try:
+            summary = run(cfg, rt, log, notes)
+        except Preempted as e:
+            log(str(e))
+            code = EXIT_PREEMPTED
+        else:
+            summary_path = Path(cfg.log_dir) / f"{cfg.run_id}.json"
+            if rt.rank == 0:
+                write_atomic(summary_path, json.dumps(summary, indent=2).encode())
+            log(f"summary: {summary_path}")
+            code = 4 if not summary.get("audit", {}).get("passed", True) else 0  # written down, then refused
         log(f"exit:{code}")
         if rt.distributed:
             dist.barrier()  # no rank may leave while another still talks to it: gloo aborts on a closed peer

@@ -104,7 +104,7 @@ def test_a_training_step_waits_for_the_device_once(tiny_env, device, monkeypatch
                                                          *[torch.zeros(cfg.vocab_size, dtype=torch.bool)] * 2))
     imitated_device.TRANSFERS.clear()
     pieces = train_gpt.Pieces(model, model, model, train_gpt.build_optimizers(model, cfg, rt))
-    train_gpt.train(cfg, rt, pieces, stream, evaluator, train_gpt.Logger(None))
+    train_gpt.train(cfg, rt, pieces, stream, evaluator, train_gpt.Logger(None), [])
     steps = " ".join(imitated_device.TRANSFERS).split("step")[1:]
     assert len(steps) == 16
     quiet = steps[10:15]  # steps 11-15: no log line (steps 1-10 and the last log), no validation
