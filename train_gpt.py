@@ -448,14 +448,16 @@ def init_runtime(cfg: Config) -> Runtime:
     return Runtime(int(os.environ.get("RANK", "0")), world, local_rank, device, auto[cfg.compile], auto[cfg.autocast])
 
 class Logger:
-    """Writes the log file and the console on rank 0 only (the other ranks pass no path)."""
+    """Writes the log file, its metrics stream (the same path, .jsonl) and the console on rank 0 only (the other ranks
+    pass no path). The stream holds each event's numbers as one JSON object a line: docs/outputs.md, "Metrics"."""
 
     def __init__(self, path: Path | None):
-        self.file = None
+        self.file = self.metrics = None
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.file = open(path, "a", encoding="utf-8")
+                self.metrics = open(path.with_suffix(".jsonl"), "a", encoding="utf-8")
             except OSError as e:
                 raise InputError(f"cannot write the log {path}: {e.strerror}") from None
 
@@ -464,6 +466,12 @@ class Logger:
             if console:
                 print(msg, flush=True)
             print(msg, file=self.file, flush=True)
+
+    def event(self, kind: str, msg: str, **numbers):
+        """A log line, and the numbers it shows (unrounded) as an event of the metrics stream."""
+        self(msg)
+        if self.metrics is not None:
+            print(json.dumps({"event": kind, "time": round(time.time(), 3), **numbers}), file=self.metrics, flush=True)
 
 # ----------------------------------------------------------------------------------------------
 # Data: shards, the training token stream, validation tokens, bits-per-byte tables
@@ -1054,6 +1062,21 @@ def budget_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
     steps = step / cfg.iterations
     return max(steps, elapsed_ms / cfg.train_budget_ms) if cfg.train_budget_ms else steps
 
+WARMDOWN_EARLY = 0.5  # a warm-down starting before this fraction of the budget is logged as a warning
+
+def check_warmdown(cfg: Config, step_ms: float, log: Logger):
+    """After step 1, a warning if the warm-down starts early: WARMDOWN_ITERS counts steps, and a short capped run
+    that takes fewer would train at a fraction of its learning rate from the start."""
+    steps = min(cfg.iterations, cfg.train_budget_ms / step_ms) if cfg.train_budget_ms else cfg.iterations
+    start = max(0.0, 1 - cfg.warmdown_iters / steps)
+    if cfg.warmdown_iters and start < WARMDOWN_EARLY:
+        fitting, scale = int((1 - WARMDOWN_EARLY) * steps), lr_scale(cfg, 1, step_ms)
+        log.event("warning", f"warning: warmdown_early: WARMDOWN_ITERS={cfg.warmdown_iters} starts the warm-down at "
+                             f"{start:.0%} of the budget ({step_ms:.0f}ms a step, about {steps:.0f} steps): the LR "
+                             f"multiplier at step 1 is {scale:.3f}; WARMDOWN_ITERS={fitting} would start it at "
+                             f"{WARMDOWN_EARLY:.0%}", warmdown_start=start, lr_scale_step1=scale, steps=steps,
+                  fitting_warmdown_iters=fitting)
+
 def muon_momentum_at(cfg: Config, step: int) -> float:
     frac = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
@@ -1195,7 +1218,8 @@ class DepthSchedule:
             return False
         self.model.set_repeats(repeats)
         self.changes.append({"repeats": repeats, "step": step, "frac": progress})
-        self.log(f"depth_phase repeats:{repeats} step:{step} frac:{progress:.4f}")
+        self.log.event("depth_phase", f"depth_phase repeats:{repeats} step:{step} frac:{progress:.4f}",
+                       repeats=repeats, step=step, frac=progress)
         return True
 
     def state_dict(self) -> dict:
@@ -1265,15 +1289,18 @@ class Validator:
     def run(self, pieces: "Pieces", step: int, train_ms: float, validate: bool, epoch_end: bool, per_token: bool):
         cfg, log = self.cfg, self.log
         if validate:
-            self.val_loss, self.val_bpb = self.evaluator.standard(pieces.compiled)
-            log(f"step:{step}/{cfg.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            self.moe = moe_statistics(pieces.model, self.rt, "val", log)
+            self.val_loss, self.val_bpb = self.evaluator.standard(pieces.compiled, "val")
+            log.event("val", f"step:{step}/{cfg.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
+                             f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms",
+                      step=step, val_loss=self.val_loss, val_bpb=self.val_bpb, train_time_ms=train_ms)
+            self.moe = moe_statistics(pieces.model, self.rt, "val", log, step)
         if epoch_end:
             # A resumed run's first epoch line averages only the steps since the resume.
             loss = float(self.rt.all_reduce(self.epoch_loss.clone())) / self.rt.world_size / max(self.epoch_steps, 1)
-            log(f"epoch:{step // self.steps_per_epoch}/{cfg.epochs} train_loss:{loss:.4f} val_loss:{self.val_loss:.4f} "
-                f"val_ppl:{math.exp(min(self.val_loss, 700)):.2f} val_bpb:{self.val_bpb:.4f}")
+            epoch = step // self.steps_per_epoch
+            log.event("epoch", f"epoch:{epoch}/{cfg.epochs} train_loss:{loss:.4f} val_loss:{self.val_loss:.4f} "
+                               f"val_ppl:{math.exp(min(self.val_loss, 700)):.2f} val_bpb:{self.val_bpb:.4f}",
+                      step=step, epoch=epoch, train_loss=loss, val_loss=self.val_loss, val_bpb=self.val_bpb)
             self.epoch_loss.zero_()
             self.epoch_steps = 0
         if per_token:
@@ -1309,12 +1336,12 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
             loss, elapsed, preempted = train_step(cfg, rt, pieces.train_model, params, pieces.optimizers, stream, step,
                                                   lr_scale(cfg, step, elapsed), clock.ms, lambda: bool(notices))
             step += 1
+            if step == 1:
+                check_warmdown(cfg, elapsed, log)
             validator.add_train_loss(loss)
             if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
-                mean = rt.all_reduce(loss.clone()) / rt.world_size
-                log(f"step:{step}/{cfg.iterations} train_loss:{mean.item():.4f} train_time:{elapsed:.0f}ms step_avg:"
-                    f"{elapsed / step:.2f}ms tok_s:{step * cfg.train_batch_tokens / max(elapsed / 1000, 1e-9):.0f}")
-                moe_train = moe_statistics(model, rt, "train", log) or moe_train
+                train_log_line(cfg, step, float(rt.all_reduce(loss.clone())) / rt.world_size, elapsed, log)
+                moe_train = moe_statistics(model, rt, "train", log, step) or moe_train
             if average.due(model, step, budget_progress(cfg, step, elapsed)):
                 average.add(model, step)
             if checkpointer.due(step, elapsed) or preempted:
@@ -1344,6 +1371,17 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
     return {"steps": step, "train_time_ms": train_ms, "val_loss": validator.val_loss, "val_bpb": validator.val_bpb,
             **({"depth_phases": depth.changes} if cfg.depth_schedule else {}), **({"moe": moe} if moe else {})}, average
 
+def train_log_line(cfg: Config, step: int, loss: float, elapsed_ms: float, log: Logger):
+    """The step's figures and the training time left: of the wall-clock cap, or at this pace of the steps left."""
+    left_s = (cfg.iterations - step) * elapsed_ms / step / 1000
+    if cfg.train_budget_ms:
+        left_s = min(left_s, max(0.0, cfg.train_budget_ms - elapsed_ms) / 1000)
+    tok_s = step * cfg.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
+    log.event("train", f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{elapsed_ms:.0f}ms step_avg:"
+                       f"{elapsed_ms / step:.2f}ms tok_s:{tok_s:.0f} time_left:{left_s:.0f}s",
+              step=step, train_loss=loss, train_time_ms=elapsed_ms, step_avg_ms=elapsed_ms / step, tok_s=tok_s,
+              time_left_s=left_s)
+
 def load_statistics(counts: Tensor) -> dict:
     """How evenly slots spread over experts; see docs/moe.md, "Balancing and statistics"."""
     counts = counts.double().cpu()
@@ -1356,8 +1394,9 @@ def load_statistics(counts: Tensor) -> dict:
     return {"gini": gini, "entropy": entropy, "effective_experts": 2 ** entropy, "dead": int((counts == 0).sum()),
             "share": share.tolist()}
 
-def moe_statistics(model: nn.Module, rt: Runtime, mode: str, log: Logger | None = None) -> dict | None:
-    """Per MoE layer, the `mode` (train or val) load since the last call, over all ranks (a collective); resets it."""
+def moe_statistics(model: nn.Module, rt: Runtime, mode: str, log: Logger | None = None, step: int = 0) -> dict | None:
+    """Per MoE layer, the `mode` (train or val) load since the last call, over all ranks (a collective); resets it.
+    With `log`, logged as the event of `step`."""
     moes = moe_modules(model)
     if not moes:
         return None
@@ -1371,9 +1410,9 @@ def moe_statistics(model: nn.Module, rt: Runtime, mode: str, log: Logger | None 
     stats = {"layers": [m.layer for m in moes], **{key: [st[key] for st in per_layer] for key in per_layer[0]}}
     if log is not None:  # the log names the entropy's unit
         formats = {"gini": "{:.3f}", "entropy_bits": "{:.3f}", "effective_experts": "{:.1f}", "dead": "{}"}
-        log(f"moe_{mode} layers:{','.join(map(str, stats['layers']))} " + " ".join(
+        log.event("moe", f"moe_{mode} layers:{','.join(map(str, stats['layers']))} " + " ".join(
             f"{name}:{','.join(fmt.format(v) for v in stats[name.removesuffix('_bits')])}"
-            for name, fmt in formats.items()))
+            for name, fmt in formats.items()), mode=mode, step=step, **stats)
     return stats
 
 def save_per_token(cfg: Config, evaluator: "Evaluator", model: nn.Module, name: str, step: int, log: Logger):
@@ -2132,10 +2171,12 @@ def over_ranks(rt: Runtime, values: list[float], op=dist.ReduceOp.SUM) -> list[f
 class Evaluator:
     """Scores windows of the validation tokens, split across ranks, and reduces to loss and bpb."""
 
-    def __init__(self, cfg: Config, rt: Runtime, tokens: Tensor, tables: ByteTables, bos_id: int = -1, text_bytes=None):
+    def __init__(self, cfg: Config, rt: Runtime, tokens: Tensor, tables: ByteTables, bos_id: int = -1, text_bytes=None,
+                 log: Logger | None = None):
         self.cfg, self.rt, self.tokens, self.bos_id = cfg, rt, tokens, bos_id
         self.tables, self.n_targets = tables.to(rt.device), len(tokens) - 1
         self.text_bytes = text_bytes  # (tokens, positions) -> the bytes the targets there decode to (the audit's count)
+        self.log = log  # where a named evaluation reports its progress (the audit's evaluations are not named)
 
     def with_tokens(self, tokens: Tensor) -> "Evaluator":
         return Evaluator(self.cfg, self.rt, tokens, self.tables, self.bos_id, self.text_bytes)
@@ -2202,16 +2243,20 @@ class Evaluator:
             return [(a, 0, min(b - a, seq)) for a, b in document_bounds(self.tokens.numpy(), self.bos_id)]
         return sliding_windows(0, self.n_targets, self.n_targets, seq, seq)
 
-    def scored_fraction(self) -> float:
-        """The share of the stream's targets standard evaluation scores: below 1 only in DOC_MODE."""
-        return sum(stop - first for _, first, stop in self.standard_windows()) / self.n_targets
+    @functools.cached_property
+    def scored_targets(self) -> int:
+        """How many targets every evaluation scores: all but, in DOC_MODE, those past a document's first window."""
+        return sum(stop - first for _, first, stop in self.standard_windows())
 
-    def standard(self, model: nn.Module) -> tuple[float, float]:
-        return self.reduce(score_first(self, standard_method(self.cfg, self, model)))
+    def scored_fraction(self) -> float:
+        return self.scored_targets / self.n_targets
+
+    def standard(self, model: nn.Module, name: str = "") -> tuple[float, float]:
+        return self.reduce(score_first(self, standard_method(self.cfg, self, model), name=name))
 
     def per_token(self, model: nn.Module) -> np.ndarray | None:
         """Every target's loss in stream order, gathered on rank 0 (None elsewhere)."""
-        nll = score_first(self, standard_method(self.cfg, self, model)).nll
+        nll = score_first(self, standard_method(self.cfg, self, model), name="per_token").nll
         if self.rt.distributed:
             shares = [None] * self.rt.world_size
             dist.all_gather_object(shares, nll.cpu())
@@ -2227,15 +2272,21 @@ class MethodRun:
     max_sum_error: float  # the largest |sum p - 1| over every distribution scored, where measured
     info: dict  # what the method returned
 
-def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> MethodRun:
+PROGRESS_AFTER_SECONDS = 5.0  # a named evaluation running longer prints its progress, at most every tenth
+
+def score_first(ev: Evaluator, method, capture: set[int] | None = None, name: str = "") -> MethodRun:
     """The one scorer: see docs/evaluation.md, "Scoring". A method's return value is the run's info; with `capture`
-    (the audit) every distribution's sum is measured and the distributions at the captured positions are kept."""
+    (the audit) every distribution's sum is measured and the distributions at the captured positions are kept. A
+    `name`d one reports its progress."""
     empty = torch.zeros(0, dtype=torch.long, device=ev.rt.device)
     parts, captured = [(empty, empty.float(), ev.tables.count(empty, empty))], {}  # what a rank without windows scores
     max_error = torch.zeros((), dtype=torch.float64, device=ev.rt.device)  # on the device: no wait in the loop
+    progress = Progress(name, ev.scored_targets, ev.log) if name and ev.log else None
     try:
         pos, logp = next(method)
         while True:
+            if progress:  # each rank scores about its share of every stretch: rank 0's count stands for all
+                progress.advance(len(pos) * ev.rt.world_size)
             target = ev.targets(pos)
             nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
             parts.append((pos, nll, ev.tables.count(ev.device_tokens[pos], target)))
@@ -2246,6 +2297,23 @@ def score_first(ev: Evaluator, method, capture: set[int] | None = None) -> Metho
             pos, logp = method.send(target)
     except StopIteration as finished:
         return MethodRun(*map(torch.cat, zip(*parts)), captured, float(max_error), finished.value or {})
+
+class Progress:
+    """An evaluation's fraction done, scored tokens/s and time left, once it has run PROGRESS_AFTER_SECONDS."""
+
+    def __init__(self, name: str, total: int, log: Logger):
+        self.name, self.total, self.log = name, max(total, 1), log
+        self.done, self.tenths, self.t0 = 0, 0, time.perf_counter()
+
+    def advance(self, scored: int):
+        self.done += scored
+        seconds, tenths = time.perf_counter() - self.t0, min(9, 10 * self.done // self.total)
+        if seconds >= PROGRESS_AFTER_SECONDS and tenths > self.tenths:
+            self.tenths, rate = tenths, self.done / seconds
+            left = max(0, self.total - self.done) / rate
+            self.log.event("progress", f"eval_progress {self.name}: {self.done / self.total:.0%} tok_s:{rate:.0f} "
+                                       f"left:{left:.0f}s", name=self.name, fraction=self.done / self.total,
+                           tok_s=rate, left_s=left)
 
 def method_windows(cfg: Config, ev: Evaluator, lo: int, hi: int) -> list:
     """Windows of the eval methods: sliding ones with EVAL_STRIDE, else disjoint at EVAL_SEQ_LEN."""
@@ -2534,7 +2602,7 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
             continue
         ev.rt.sync()
         t0 = time.perf_counter()
-        run = score_first(ev, EVAL_METHODS[name](cfg, ev, model))
+        run = score_first(ev, EVAL_METHODS[name](cfg, ev, model), name=name)
         loss, bpb = ev.reduce(run)
         ev.rt.sync()
         eval_ms[name] = 1000 * (time.perf_counter() - t0)
@@ -2542,7 +2610,8 @@ def final_evaluations(cfg: Config, ev: Evaluator, model: nn.Module, log: Logger,
         if run.info.get("weights"):
             out[f"{name}_weights"] = run.info["weights"]
             log(f"{name}_weights: " + " ".join(f"{k}:{v:.4f}" for k, v in run.info["weights"].items()))
-        log(f"final_{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms[name]:.0f}ms")
+        log.event("eval", f"final_{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms[name]:.0f}ms",
+                  method=name, val_loss=loss, val_bpb=bpb, eval_time_ms=eval_ms[name])
         log(f"final_{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     # eval_ms scaled from n_targets on world_size devices to the full split on EVAL_GPUS: docs/evaluation.md, "Time".
     estimate = sum(eval_ms.values()) / 1000 * (FULL_VAL_TOKENS / ev.n_targets * ev.rt.world_size / EVAL_GPUS)
@@ -2574,7 +2643,8 @@ def load_data(cfg: Config, rt: Runtime, log: Logger) -> tuple[Config, TokenStrea
         log(f"epochs:{cfg.epochs} docs:{len(stream.docs)} docs_per_step:{stream.docs_per_step} "
             f"steps_per_epoch:{stream.steps_per_epoch} iterations:{cfg.iterations}")
     val_tokens = load_validation_tokens(val_files, cfg.train_seq_len, cfg.vocab_size)
-    evaluator = Evaluator(cfg, rt, val_tokens, build_byte_tables(sp, cfg.vocab_size), sp.bos_id(), decoded_bytes(sp))
+    evaluator = Evaluator(cfg, rt, val_tokens, build_byte_tables(sp, cfg.vocab_size), sp.bos_id(), decoded_bytes(sp),
+                          log)
     val_bytes = evaluator.val_bytes()
     log(f"val_bpb:enabled tokenizer_path={tokenizer_path}")
     log(f"tokenizer: {tokenizer_path} sha256:{tokenizer_sha}")
@@ -2680,7 +2750,7 @@ def apply_average(pieces: Pieces, evaluator: Evaluator, average: WeightAverage, 
     pieces.model.load_state_dict(average.average(pieces.model.state_dict()))
     summary.update({"raw_val_loss": summary["val_loss"], "raw_val_bpb": summary["val_bpb"],
                     f"{average.kind}_snapshots": average.count})
-    summary["val_loss"], summary["val_bpb"] = evaluator.standard(pieces.compiled)
+    summary["val_loss"], summary["val_bpb"] = evaluator.standard(pieces.compiled, average.kind)
     log(f"{average.kind}: snapshots:{average.count} raw val_bpb:{summary['raw_val_bpb']:.4f} "
         f"averaged val_loss:{summary['val_loss']:.4f} val_bpb:{summary['val_bpb']:.4f}")
 
@@ -2727,7 +2797,7 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, stream, ev: Eval
         write_atomic(artifact_path, blob)
     t_eval = time.perf_counter()
     roundtrip = compile_fn(roundtrip) if rt.compile else roundtrip
-    row["roundtrip_val_loss"], row["roundtrip_val_bpb"] = ev.standard(roundtrip)
+    row["roundtrip_val_loss"], row["roundtrip_val_bpb"] = ev.standard(roundtrip, "roundtrip")
     eval_ms = 1000 * (time.perf_counter() - t_eval)
     name, fits, bytes_total = f"{row['scheme']}+{row['compressor']}", row["fits"], row["bytes_total"]
     log(f"Serialized model {name}: {len(blob)} bytes")
@@ -2774,8 +2844,10 @@ def score(cfg: Config, evaluator: Evaluator, roundtrip: nn.Module, summary: dict
     summary["metric"] = f"{name}_roundtrip" if cfg.score_method == "roundtrip" else cfg.score_method
     if audits.get("standard", {"passed": True})["passed"]:
         loss, bpb, ms = summary["roundtrip_val_loss"], summary["roundtrip_val_bpb"], summary["roundtrip_eval_ms"]
-        log(f"final_prequant_exact val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f}{fraction}")
-        log(f"final_{name}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
+        log.event("eval", f"final_prequant_exact val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f}"
+                          f"{fraction}", method="prequant", val_loss=summary["val_loss"], val_bpb=summary["val_bpb"])
+        log.event("eval", f"final_{name}_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms",
+                  method="roundtrip", val_loss=loss, val_bpb=bpb, eval_time_ms=ms)
         log(f"final_{name}_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}{fraction}")
     else:
         log("final_prequant and final_roundtrip FAILED their audit (standard): not scored")
