@@ -1049,13 +1049,16 @@ def build_optimizers(model: GPT, cfg: Config, rt: Runtime) -> list[torch.optim.O
 def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
     """LR multiplier: linear warm-up, 1, then linear warm-down to 0, timed when capped (docs/operations.md)."""
     warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    return warm * warmdown_factor(cfg, step, elapsed_ms)
+
+def warmdown_factor(cfg: Config, step: int, elapsed_ms: float) -> float:
     if cfg.warmdown_iters == 0:
-        return warm
+        return 1.0
     down = min(1.0, max(0.0, (cfg.iterations - step) / cfg.warmdown_iters))
     if cfg.train_budget_ms and step > 0:
         remaining_ms = cfg.train_budget_ms - elapsed_ms
         down = min(down, max(0.0, remaining_ms / max(cfg.warmdown_iters * elapsed_ms / step, 1e-9)))
-    return warm * down
+    return down
 
 def budget_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
     """The fraction of the budget used: of the wall clock when capped, of the steps, whichever is further."""
@@ -1316,7 +1319,7 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
     checkpointer = Checkpointer(cfg, rt, log)
     validator = Validator(cfg, rt, evaluator, stream, log)
     step, train_ms = checkpointer.resume(pieces, depth, average)
-    params, moe_train = list(model.parameters()), None
+    params, moe_train, warming_down = list(model.parameters()), None, False
     stop = bool(cfg.train_budget_ms) and train_ms >= cfg.train_budget_ms  # resumed where the cap stopped it
     try:
         untimed_warmup(cfg, rt, pieces, stream, log)
@@ -1332,6 +1335,10 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
                 break
             if cfg.fault_at_step and step == cfg.fault_at_step and cfg.fault_rank in (-1, rt.rank):
                 os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no message
+            if not warming_down and warmdown_factor(cfg, step, elapsed) < 1:
+                warming_down = True
+                log.event("warmdown", f"warmdown_start step:{step} train_time:{elapsed:.0f}ms", step=step,
+                          train_time_ms=elapsed)
             # `elapsed` is the clock the ranks agreed on in the previous step, so their LRs are identical.
             loss, elapsed, preempted = train_step(cfg, rt, pieces.train_model, params, pieces.optimizers, stream, step,
                                                   lr_scale(cfg, step, elapsed), clock.ms, lambda: bool(notices))

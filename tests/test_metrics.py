@@ -36,6 +36,7 @@ def test_every_train_validation_depth_moe_and_evaluation_line_is_an_event_with_i
     val = kinds["val"]
     assert [e["step"] for e in val] == [0, 3, 6] and val[-1]["val_bpb"] == summary["val_bpb"]
     assert [(e["repeats"], e["step"]) for e in kinds["depth_phase"]] == [(1, 0), (2, 3)]
+    assert [e["step"] for e in kinds["warmdown"]] == [5]  # WARMDOWN_ITERS=2 of 6: step 5 is the first below peak
     moe_train = [e for e in kinds["moe"] if e["mode"] == "train"]
     assert [e["step"] for e in moe_train] == [1, 2, 3, 4, 5, 6] and moe_train[-1]["layers"] == [0, 1]
     assert all(len(share) == 4 and abs(sum(share) - 1) < 1e-9 for share in moe_train[-1]["share"])
