@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job. With GPUs: the challenge's baseline on all of them. Without: the embedded synthetic
-# corpus (made if missing) and PRESET=cpu_embedded, or PRESET=cpu on a DATA_PATH of yours.
+# The main job. With GPUs: the challenge's baseline on all of them, its shards fetched first if missing.
+# Without: the embedded synthetic corpus (made if missing) and PRESET=cpu_embedded, or PRESET=cpu on a
+# DATA_PATH of yours.
 # Any env var you set (see `python train_gpt.py --help`) passes through and wins over the preset.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,6 +11,12 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 fi
 if [ "$gpus" -gt 0 ]; then
+  # FINEWEB_HUB_DIR: a local mirror of the hub; FINEWEB_TRAIN_SHARDS: how many training shards.
+  shards=./data/datasets/fineweb10B_sp1024/fineweb_train_*.bin
+  if [ -z "${DATA_PATH:-}" ] && ! compgen -G "$shards" >/dev/null; then
+    python data/fineweb.py --variant sp1024 --train-shards "${FINEWEB_TRAIN_SHARDS:-80}" \
+      ${FINEWEB_HUB_DIR:+--hub-dir "$FINEWEB_HUB_DIR"}
+  fi
   exec torchrun --standalone --nproc_per_node="$gpus" train_gpt.py
 fi
 

@@ -28,9 +28,11 @@ must also pass the header check (magic, version, size = 1024 + 2 x declared toke
 deleted and the run fails naming it. Shards already present with a valid header are kept, as are
 tokenizer files already present.
 
-Downloads go through huggingface_hub (not a dependency of this harness: pip install
-huggingface_hub). --hub-dir reads the same remote layout from a local folder instead: a mirror,
-or a test's fake hub. Errors are one line on stderr, exit code 2.
+Downloads go through huggingface_hub (in requirements.txt), after one connection to the hub
+(HF_ENDPOINT) that fails within seconds on a machine without network, naming the command to run
+elsewhere and the folders to copy here. Each shard fetched prints a progress line. --hub-dir reads
+the same remote layout from a local folder instead: a mirror, or a test's fake hub. Errors are one
+line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import struct
 import sys
+import time
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 VARIANTS = {
     "sp1024": {"repo_id": "willdepueoai/parameter-golf", "prefix": "datasets"},
@@ -51,6 +56,7 @@ REPO_ENV = "MATCHED_FINEWEB_REPO_ID"
 PREFIX_ENV = "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX"
 DEFAULT_TRAIN_SHARDS = 80
 HUB_STAGING = ".hub-download"  # huggingface_hub's working folder under --out, gone after success
+PROBE_SECONDS = 5.0  # without network, say so at once instead of after the hub client's retries
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -65,14 +71,15 @@ class FetchError(Exception):
 # Fetchers: fetch(remote_path, target) puts the remote file's bytes at `target`
 # ----------------------------------------------------------------------------------------------
 
-def hub_fetcher(repo_id: str, staging: Path):
+def hub_fetcher(repo_id: str, staging: Path, variant: str, out: Path):
     """Fetches from a Hugging Face dataset repo. Files are downloaded into `staging` (beside the
     data, so the final rename does not copy) rather than the global HF cache, which would hold a
     second copy of every shard."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError:
         raise FetchError("huggingface_hub is not installed: pip install huggingface_hub") from None
+    reach_hub(constants.ENDPOINT, variant, out)
 
     def fetch(remote: str, target: Path) -> None:
         try:
@@ -84,6 +91,19 @@ def hub_fetcher(repo_id: str, staging: Path):
         os.replace(got, target)
 
     return fetch
+
+
+def reach_hub(endpoint: str, variant: str, out: Path) -> None:
+    """Opens and closes one connection to the hub, so that a machine without network (a GPU box
+    often has none) learns it in seconds, with what to do instead."""
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=PROBE_SECONDS).close()
+    except OSError as e:
+        raise FetchError(f"cannot reach {endpoint} ({e.strerror or e}): on a machine with network run "
+                         f"`python data/fineweb.py --variant {variant} --out DIR`, then copy DIR/datasets and "
+                         f"DIR/tokenizers into {out.resolve()}/") from None
 
 
 def folder_fetcher(hub_dir: Path):
@@ -202,14 +222,17 @@ def download(variant: str, train_shards: int, out: Path, fetch, prefix: str, log
     shards = [f"fineweb_val_{i:06d}.bin" for i in range(val_shards)]
     shards += [f"fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     fetched, kept = 0, 0
-    for name in shards:
+    for number, name in enumerate(shards, 1):
         local = out / "datasets" / dataset / name
         if valid_shard_present(local):
             kept += 1
             continue
+        start = time.perf_counter()
         fetch_file(fetch, remote(f"datasets/{dataset}/{name}"), local, check=shard_problem)
         fetched += 1
-        log(f"fetched {local}")
+        megabytes = local.stat().st_size / 1e6
+        log(f"shard {number}/{len(shards)}: fetched {local} ({megabytes:.0f} MB, "
+            f"{megabytes / max(time.perf_counter() - start, 1e-6):.0f} MB/s)")
     for relative in tokenizer_files:
         if not (out / relative).is_file():
             fetch_file(fetch, remote(relative), out / relative)
@@ -250,7 +273,7 @@ def main(argv=None) -> int:
     try:
         if args.train_shards < 0:
             raise FetchError(f"--train-shards={args.train_shards}: must be at least 0")
-        fetch = folder_fetcher(args.hub_dir) if args.hub_dir else hub_fetcher(repo_id, staging)
+        fetch = folder_fetcher(args.hub_dir) if args.hub_dir else hub_fetcher(repo_id, staging, args.variant, args.out)
         result = download(args.variant, args.train_shards, args.out, fetch, prefix)
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@ valid files, refusal of corrupt shards. Never the network."""
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import types
@@ -174,8 +175,13 @@ def test_the_hub_fetcher_asks_hf_hub_download_for_the_dataset_repo(hub, tmp_path
         shutil.copyfile(hub / filename, target)
         return str(target)
 
-    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=hf_hub_download))
-    fetch = fineweb.hub_fetcher("someone/some-repo", tmp_path / "data" / fineweb.HUB_STAGING)
+    reached = []
+    monkeypatch.setattr(fineweb, "reach_hub", lambda endpoint, variant, out: reached.append(endpoint))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(
+        hf_hub_download=hf_hub_download, constants=types.SimpleNamespace(ENDPOINT="https://hub.example")))
+    fetch = fineweb.hub_fetcher("someone/some-repo", tmp_path / "data" / fineweb.HUB_STAGING, "sp1024",
+                                tmp_path / "data")
+    assert reached == ["https://hub.example"]  # the network is tried once, before any file
     result = fineweb.download("sp1024", 1, tmp_path / "data", fetch, "datasets", log=lambda _: None)
     assert result["fetched"] == 3
     assert calls[0] == ("someone/some-repo", "datasets/manifest.json", "dataset")
@@ -192,3 +198,45 @@ def test_where_each_variant_comes_from(monkeypatch):
     monkeypatch.setenv(fineweb.PREFIX_ENV, "export_root")
     assert fineweb.source_for("sp8192", None, None) == ("env/repo", "export_root")
     assert fineweb.source_for("sp8192", "flag/repo", "other/") == ("flag/repo", "other")
+
+
+def fake_gpu_box(tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of run.sh and data/ where `nvidia-smi` lists one GPU and `torchrun` only says how it was called."""
+    box, bin_dir = tmp_path / "box", tmp_path / "bin"
+    shutil.copytree(ROOT / "data", box / "data", ignore=shutil.ignore_patterns("datasets", "synthetic", "__pycache__"))
+    shutil.copy(ROOT / "run.sh", box / "run.sh")
+    bin_dir.mkdir()
+    for name, body in (("nvidia-smi", 'echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"'),
+                       ("torchrun", 'echo "torchrun called: $*"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin:{Path(sys.executable).parent}", "HOME": str(tmp_path)}
+    return box, env
+
+
+def test_run_sh_on_a_gpu_box_fetches_the_missing_shards_with_a_line_each_then_launches(tmp_path, hub):
+    box, env = fake_gpu_box(tmp_path)
+    done = subprocess.run(["bash", str(box / "run.sh")], env={**env, "FINEWEB_HUB_DIR": str(hub),
+                          "FINEWEB_TRAIN_SHARDS": "2"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("shard ")] == ["shard 1/4", "shard 2/4",
+                                                                                  "shard 3/4", "shard 4/4"]
+    assert lines[-1] == "torchrun called: --standalone --nproc_per_node=1 train_gpt.py"
+    assert local_names(box / "data") == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                                         "fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+    again = subprocess.run(["bash", str(box / "run.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert again.stdout == "torchrun called: --standalone --nproc_per_node=1 train_gpt.py\n"  # present: no fetch
+
+
+def test_run_sh_on_a_gpu_box_without_network_stops_at_once_naming_what_to_do(tmp_path):
+    box, env = fake_gpu_box(tmp_path)
+    with socket.socket() as closed:  # a port nobody listens on: refused at once, as a box without network
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    done = subprocess.run(["bash", str(box / "run.sh")], env={**env, "HF_ENDPOINT": endpoint},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "torchrun called" not in done.stdout
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: cannot reach {endpoint}")
+    assert "`python data/fineweb.py --variant sp1024 --out DIR`" in done.stderr
+    assert f"copy DIR/datasets and DIR/tokenizers into {(box / 'data').resolve()}/" in done.stderr
