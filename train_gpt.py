@@ -1358,7 +1358,8 @@ def train(cfg: Config, rt: Runtime, pieces: "Pieces", stream: TokenStream, evalu
                 raise Preempted.at(cfg, step, notices, checkpointer.last)
             if cfg.train_budget_ms and elapsed >= cfg.train_budget_ms and step < cfg.iterations:
                 stop = True
-                log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
+                log.event("stop", f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms "
+                                  f"step:{step}/{cfg.iterations}", step=step, train_time_ms=elapsed)
         if over_ranks(rt, [len(notices)], dist.ReduceOp.MAX)[0]:  # in the last validation: all but the evaluations
             checkpointer.save(pieces, step, train_ms, depth, average)
             raise Preempted.at(cfg, step, notices, checkpointer.last)
@@ -2891,7 +2892,7 @@ def main() -> int:
         try:
             summary = run(cfg, rt, log, notes)
         except Preempted as e:
-            log(str(e))
+            log.event("preempted", str(e))
             code = EXIT_PREEMPTED
         else:
             summary_path = Path(cfg.log_dir) / f"{cfg.run_id}.json"

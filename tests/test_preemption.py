@@ -101,6 +101,8 @@ def test_a_notice_during_the_last_validation_checkpoints_the_finished_training(t
     resumed = run_trainer({**env, "RESUME_FROM": "auto"}, ROOT)
     assert code == 5 and resumed.returncode == 0 and "train_loss" not in resumed.stdout  # it only evaluates
     assert json.loads((ROOT / env["LOG_DIR"] / "L.json").read_text())["steps"] == step
+    kinds = [json.loads(line)["event"] for line in (ROOT / env["LOG_DIR"] / "L.jsonl").read_text().splitlines()]
+    assert kinds.count("preempted") == 1 and kinds.count("stop") == (stop == "MAX_WALLCLOCK_SECONDS")
 
 
 def test_a_signal_after_training_ends_the_process_as_before(tiny_env):
