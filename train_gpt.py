@@ -1409,7 +1409,7 @@ class Checkpointer:
                          f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
             except InputError as e:
                 error = str(e)
-        if rt.all_reduce(torch.tensor([1 if error else 0], device=rt.device), dist.ReduceOp.MAX).item():
+        if over_ranks(rt, [float(bool(error))], dist.ReduceOp.MAX)[0]:
             raise InputError(error or "rank 0 could not write the checkpoint")
         self.last, self.last_ms = path, train_ms
 
@@ -1457,7 +1457,7 @@ def load_checkpoint(path: Path) -> dict:
     except OSError as e:
         raise InputError(f"checkpoint {path}: cannot read ({e.strerror})") from None
     head = len(CHECKPOINT_MAGIC) + 32
-    if len(blob) < head or blob[:len(CHECKPOINT_MAGIC)] != CHECKPOINT_MAGIC:
+    if len(blob) < head or not blob.startswith(CHECKPOINT_MAGIC):
         raise InputError(f"checkpoint {path}: not a checkpoint of this harness (bad magic)")
     data = blob[head:]
     if hashlib.sha256(data).digest() != blob[len(CHECKPOINT_MAGIC):head]:
@@ -1908,7 +1908,7 @@ def build_within_limit(cfg: Config, spec: ModelSpec, scheme: str, entries: list[
 def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
     """Header and tensors of an artifact, every byte checked before use."""
     prefix = len(ARTIFACT_MAGIC) + 4
-    if len(blob) < prefix or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+    if len(blob) < prefix or not blob.startswith(ARTIFACT_MAGIC):
         raise InputError(f"artifact {name}: not an artifact of this harness (bad magic)")
     (header_len,) = struct.unpack("<I", blob[len(ARTIFACT_MAGIC):prefix])
     try:
