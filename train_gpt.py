@@ -1489,7 +1489,7 @@ class Checkpointer:
                          f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
             except InputError as e:
                 error = str(e)
-        if rt.all_reduce(torch.tensor([1 if error else 0], device=rt.device), dist.ReduceOp.MAX).item():
+        if over_ranks(rt, [float(bool(error))], dist.ReduceOp.MAX)[0]:
             raise InputError(error or "rank 0 could not write the checkpoint")
         self.last, self.last_ms = path, train_ms
 
@@ -1537,7 +1537,7 @@ def load_checkpoint(path: Path) -> dict:
     except OSError as e:
         raise InputError(f"checkpoint {path}: cannot read ({e.strerror})") from None
     head = len(CHECKPOINT_MAGIC) + 32
-    if len(blob) < head or blob[:len(CHECKPOINT_MAGIC)] != CHECKPOINT_MAGIC:
+    if len(blob) < head or not blob.startswith(CHECKPOINT_MAGIC):
         raise InputError(f"checkpoint {path}: not a checkpoint of this harness (bad magic)")
     data = blob[head:]
     if hashlib.sha256(data).digest() != blob[len(CHECKPOINT_MAGIC):head]:
@@ -1620,36 +1620,34 @@ def input_hessians(cfg: Config, rt: Runtime, model: GPT, stream, first_step: int
     sums, scored = {}, [None]  # scored: the positions of this batch with a target (DOC_MODE pads without one)
 
     def add(name: str, x: Tensor):
-        sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+        sums[name] = sums.get(name, 0) + x.T @ x
 
-    def matrix_inputs(name: str, x: Tensor):
-        with torch.autocast(x.device.type, enabled=False):  # float32 sums, whatever the forward's precision
-            add(name, x.reshape(-1, x.size(-1)).float()[scored[0]])
-
-    def expert_inputs(name: str, moe: MoE, x: Tensor):
-        with torch.autocast(x.device.type, enabled=False):  # and routed in float32, as the MoE routes
+    def record_inputs(name: str, module: nn.Module | None, x: Tensor):
+        """The scored rows of x, the input of `name`'s weight; of an MoE, its router's, and each expert's its own."""
+        with torch.autocast(x.device.type, enabled=False):  # float32 sums (and routing, as the MoE routes)
             tokens = x.reshape(-1, x.size(-1)).float()[scored[0]]
+            if not isinstance(module, MoE):
+                add(f"{name}.weight", tokens)
+                return
             add(f"{name}.router.weight", tokens)
-            choice = (F.linear(tokens, moe.router.weight.float()) + moe.route_bias).topk(moe.top_k, dim=-1).indices
-            for e in range(0 if moe.frozen else moe.num_experts):
+            logits = F.linear(tokens, module.router.weight.float()) + module.route_bias
+            choice = logits.topk(module.top_k, dim=-1).indices
+            for e in range(0 if module.frozen else module.num_experts):
                 routed = tokens[(choice == e).any(-1)]
                 add(f"{name}.w1:{e}", routed)
-                add(f"{name}.w2:{e}", moe.activation(routed @ moe.w1[e].float() + moe.b1[e].float()))
+                add(f"{name}.w2:{e}", module.activation(routed @ module.w1[e].float() + module.b1[e].float()))
 
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not name.endswith((".c_k", ".c_v", ".router")):  # c_q's input is theirs
-            hooks.append(module.register_forward_pre_hook(lambda m, args, key=f"{name}.weight":
-                                                          matrix_inputs(key, *args)))
-        elif isinstance(module, MoE):
-            hooks.append(module.register_forward_pre_hook(lambda m, args, key=name: expert_inputs(key, m, *args)))
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: record_inputs(name, m, *args))
+             for name, module in model.named_modules()  # c_q's input is c_k's and c_v's; the router's, its MoE's
+             if isinstance(module, MoE)
+             or isinstance(module, nn.Linear) and not name.endswith((".c_k", ".c_v", ".router"))]
     try:
         with uncounted_routing(model):
             for x, y in calibration_batches(cfg, rt, stream, first_step):
                 scored[0] = (y != -100).flatten()
                 with rt.autocast():
                     h, _ = model.hidden(x)
-                matrix_inputs("tok_emb.weight" if model.lm_head is None else "lm_head.weight", h)  # tied: reads h
+                record_inputs("tok_emb" if model.lm_head is None else "lm_head", model.lm_head, h)  # tied: reads h
     finally:
         for handle in hooks:
             handle.remove()
@@ -1817,10 +1815,8 @@ def quantize_tensor(name: str, t: Tensor, bits: int, rounding: Rounding) -> tupl
     """(encoding, integers, scales) of a matrix, or of a stack of expert matrices. GPTQ needs a matrix's rows to be
     its outputs: a linear layer's weight is, an expert's (x @ w) is the transpose, stored so ("transposed")."""
     encoding, k = {"encoding": "int_rows", "bits": bits}, rounding.sdclip_k
-    if t.ndim == 2:
-        return encoding, *quantize_rows(t, bits, k, rounding.gptq(name))
-    if rounding.gptq(f"{name}:0") is None:
-        return encoding, *quantize_rows(t.reshape(-1, t.size(-1)), bits, k)  # all the stack's rows at once
+    if t.ndim == 2 or rounding.gptq(f"{name}:0") is None:  # a stack without Hessians: all its rows at once
+        return encoding, *quantize_rows(t.reshape(-1, t.size(-1)), bits, k, rounding.gptq(name))
     rows = [quantize_rows(m.T, bits, k, rounding.gptq(f"{name}:{e}")) for e, m in enumerate(t)]
     return {**encoding, "transposed": True}, *map(torch.cat, zip(*rows))
 
@@ -1843,7 +1839,7 @@ def low_rank_corrections(state: dict, quantized: dict, rounding: Rounding) -> di
         return {}
     errors = {}
     for name, (encoding, q, scale) in quantized.items():
-        if not encoding.get("transposed") and state[name].ndim == 2:
+        if state[name].ndim == 2:  # a matrix (a stack of experts' is not corrected)
             delta = state[name].float() - dequantize_rows(q, scale)
             errors[name] = (delta, float((delta.square() * input_energy(name, q, 0, rounding)).sum()))
     corrections = {}
@@ -1869,7 +1865,6 @@ def tensor_parts(model: GPT, scheme: str, rounding: Rounding) -> list[tuple]:
     corrections = low_rank_corrections(state, quantized, rounding)
     entries = []
     for name, t in state.items():
-        group = tensor_group(name, t)
         encoding, parts = {"encoding": "raw"}, [(t, None)]
         if name in quantized:
             encoding, q, scale = quantized[name]
@@ -1880,7 +1875,8 @@ def tensor_parts(model: GPT, scheme: str, rounding: Rounding) -> list[tuple]:
                 parts += [(a_t, LQER_BITS), (a_scale, None), (b, LQER_BITS), (b_scale, None)]
         elif t.is_floating_point():
             encoding, parts = {"encoding": "fp16"}, [(t.half(), None)]
-        entries.append((name, group, list(t.shape), encoding, [(part.cpu(), bits) for part, bits in parts]))
+        entries.append((name, tensor_group(name, t), list(t.shape), encoding,
+                        [(part.cpu(), bits) for part, bits in parts]))
     return entries
 
 def encode_artifact(spec: ModelSpec, scheme: str, compressor: str | None, entries: list[tuple]) -> tuple[bytes, dict]:
@@ -1931,7 +1927,8 @@ PRUNE_SLACK = 1e-3  # a fitting build this close under the limit is close enough
 def prune_order(state: dict, entries: list[tuple], rounding: Rounding) -> tuple[Tensor, Tensor]:
     """Every +-1 code of the quantized matrices as (entry index, flat position), cheapest first: zeroing weight w of
     scale s and code q adds w^2 - (w - s q)^2 to its squared error, weighed by its input's energy."""
-    costs, owners, positions = [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    empty = torch.zeros(0, dtype=torch.long)
+    costs, owners, positions = [empty.float()], [empty], [empty]
     for i, (name, _, _, encoding, parts) in enumerate(entries):
         if encoding["encoding"] == "int_rows":
             (q, _), (scale, _) = parts[:2]
@@ -1988,7 +1985,7 @@ def build_within_limit(cfg: Config, spec: ModelSpec, scheme: str, entries: list[
 def parse_artifact(blob: bytes, name) -> tuple[dict, dict[str, Tensor]]:
     """Header and tensors of an artifact, every byte checked before use."""
     prefix = len(ARTIFACT_MAGIC) + 4
-    if len(blob) < prefix or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+    if len(blob) < prefix or not blob.startswith(ARTIFACT_MAGIC):
         raise InputError(f"artifact {name}: not an artifact of this harness (bad magic)")
     (header_len,) = struct.unpack("<I", blob[len(ARTIFACT_MAGIC):prefix])
     try:
