@@ -56,7 +56,7 @@ PHASE_LINESTYLE, WARMDOWN_LINESTYLE = ":", "-."
 class Run:
     label: str
     stream: Path
-    events: list[dict]  # the run's history: events with a step, in step order
+    events: list[dict]  # the run's history: events with a step, in the order they happened
     evals: dict[str, dict]  # method -> its eval event
 
 
@@ -100,21 +100,27 @@ def read_events(path: Path) -> list[dict]:
     return events
 
 
-def history(events: list[dict]) -> tuple[list[dict], dict[str, dict]]:
-    """The events with a step, in step order, and the last eval event of each method.
+def position(event: dict) -> tuple[int, int]:
+    """Where in the run an event with a step was logged: a train event and its moe statistics end their step,
+    the rest are logged at the start of the next (depth phase, validation, warm-down), after them."""
+    return event["step"], 0 if event["event"] == "train" or event.get("mode") == "train" else 1
 
-    Within one run the steps never go back, so an event whose step is below one already read begins a resumed
-    part: it replaces all that the earlier part logged after that step (a wall-clock depth phase or warm-down
-    may fall at another step the second time), and at that step the later event of each kind wins."""
+
+def history(events: list[dict]) -> tuple[list[dict], dict[str, dict]]:
+    """The events with a step, in the order they happened, and the last eval event of each method.
+
+    Within one run no event is logged before one already read, so one that is begins a resumed part: it
+    replaces all that the earlier part logged after it (a wall-clock depth phase or warm-down may fall at another
+    step the second time), and of two events of a kind at the same place the later wins."""
     stepped, evals = [], {}
     for event in events:
         if event["event"] == "eval":
             evals[event["method"]] = event
         elif isinstance(event.get("step"), int):
-            while stepped and stepped[-1]["step"] > event["step"]:
+            while stepped and position(stepped[-1]) > position(event):
                 stepped.pop()
             kind, at = (event["event"], event.get("mode")), len(stepped)
-            while at and stepped[at - 1]["step"] == event["step"]:
+            while at and position(stepped[at - 1]) == position(event):
                 at -= 1
                 if (stepped[at]["event"], stepped[at].get("mode")) == kind:
                     del stepped[at]
