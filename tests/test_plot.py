@@ -1,15 +1,18 @@
 """tools/plot.py: each plot's data from real runs' metrics streams, the figures drawn from it, the PNGs'
 size and content, a resumed run's history, and bad input."""
 
+import errno
 import json
 import struct
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 
 import plot
 from conftest import ROOT, TINY_ENV, run_trainer
@@ -229,3 +232,15 @@ def test_the_command_exits_2_on_a_missing_run(logs, tmp_path):
                            str(tmp_path / "nothing"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "nothing" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_png_that_cannot_be_written_is_one_line_exit_2_and_leaves_no_part(logs, tmp_path, monkeypatch, capsys):
+    def full_disk(fig, path, **kwargs):
+        Path(path).write_bytes(PNG_SIGNATURE)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    assert plot.main([str(logs / "dense"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write ") and err.count("\n") == 1 and "No space left on device" in err
+    assert list(tmp_path.iterdir()) == []

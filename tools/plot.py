@@ -18,7 +18,8 @@ its stream: what the resumed part logs replaces what the earlier part logged fro
 
 The plots a run cannot have (no MoE run, no evaluation yet, not two runs with per-token saves) are skipped
 with a note. A missing run, a file that is not a metrics stream, or a run without training steps: one line,
-exit 2, and nothing written. Each PNG is written to a temporary name and renamed.
+exit 2, and nothing written; so too when a PNG cannot be written (each is written to a temporary name and
+renamed, so none is ever half-written).
 """
 
 from __future__ import annotations
@@ -380,10 +381,14 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     figures, notes = drawings(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, fig in figures.items():
-        save(fig, args.out / name)
-        print(f"plot: {args.out / name}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, fig in figures.items():
+            save(fig, args.out / name)
+            print(f"plot: {args.out / name}")
+    except OSError as e:
+        print(f"error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     for note in notes:
         print(f"skipped {note}")
     return 0
