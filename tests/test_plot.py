@@ -206,6 +206,8 @@ def bad_input(logs, tmp_path, case: str) -> tuple[list[str], str]:
         bad.write_text((logs / "dense.txt").read_text())
     elif case == "summary":
         bad.write_text((logs / "dense.json").read_text())
+    elif case == "other JSON lines":
+        bad.write_text('{"step": 1, "loss": 2.5}\n')
     elif case == "no train events":
         write_stream(bad, raw(logs, "dense", "eval"))
         return [str(logs / "dense"), str(bad)], "no train events"
@@ -215,7 +217,8 @@ def bad_input(logs, tmp_path, case: str) -> tuple[list[str], str]:
     return [str(logs / "dense"), str(bad)], "bad.jsonl:1: not a metrics stream"
 
 
-@pytest.mark.parametrize("case", ["missing", "text log", "summary", "no train events", "out is a file"])
+@pytest.mark.parametrize("case", ["missing", "text log", "summary", "other JSON lines", "no train events",
+                                  "out is a file"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(logs, tmp_path, capsys, case):
     args, named = bad_input(logs, tmp_path, case)
     out_dir = tmp_path / "out"

@@ -371,7 +371,8 @@ def save(fig: Figure, path: Path):
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="LOG_DIR/<RUN_ID> or its .jsonl")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder for the PNGs (made if missing)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="the folder for the PNGs (made if missing)")
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.runs)
