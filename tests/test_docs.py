@@ -100,6 +100,7 @@ REGISTRY = {
     ],
     "python tools/quant_table.py": [f"{E2E}::test_quant_table_compares_every_scheme_on_a_checkpoint"],
     "python tools/compare_per_token.py": [f"{E2E}::test_per_token_comparison_of_two_runs"],
+    "python tools/plot.py": ["tests/test_plot.py::test_every_plot_is_a_png_of_the_fixed_size_with_coloured_content"],
     # Its parts need a GPU: on the CPU only the argument handling runs.
     "bash tools/gpu_check.sh": [
         "tests/test_bench.py::test_gpu_check_refuses_an_unknown_part",
