@@ -1528,7 +1528,8 @@ class Checkpointer:
             raise InputError(f"checkpoint {path}: does not fit this model ({str(e).splitlines()[0][:120]})") from None
         step, train_ms = int(ckpt["step"]), float(ckpt["train_ms"])
         self.last, self.last_ms = path, train_ms
-        self.log(f"resumed: from {path} step:{step} train_time:{train_ms:.0f}ms")
+        self.log.event("resumed", f"resumed: from {path} step:{step} train_time:{train_ms:.0f}ms", step=step,
+                       train_time_ms=train_ms, checkpoint=str(path))
         return step, train_ms
 
 def load_checkpoint(path: Path) -> dict:

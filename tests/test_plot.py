@@ -131,6 +131,19 @@ def test_a_resumed_run_keeps_what_its_resumed_part_logged(tmp_path):
     assert plot.eval_bpb(run) == {"roundtrip": 4.2}
 
 
+def test_a_resumed_event_drops_what_followed_its_checkpoint_before_the_next_train_event(tmp_path):
+    """Logging every 10 steps, resumed from step 3: the first part's wall-clock phase at step 4 must go, though the
+    resumed part logs nothing before step 10 and its own phase at step 6."""
+    first = [*[train(s, 1) for s in (1, 2, 3)], {"event": "depth_phase", "repeats": 2, "step": 4, "frac": 0.5},
+             train(5, 1)]
+    second = [{"event": "resumed", "step": 3, "train_time_ms": 300.0, "checkpoint": "c"},
+              {"event": "depth_phase", "repeats": 2, "step": 6, "frac": 0.5}, train(10, 2)]
+    write_stream(tmp_path / "r.jsonl", first + second)
+    run, = plot.load_runs([str(tmp_path / "r")])
+    assert plot.series(run, "train", "train_loss", "step") == ([1, 2, 3, 10], [11, 12, 13, 30])
+    assert [(m.what, m.step) for m in plot.markers(run)] == [("repeats 2", 6)]
+
+
 def test_the_bars_are_each_runs_bpb_per_evaluation_method(logs):
     runs = plot.load_runs([str(logs / "dense"), str(logs / "moe")])
     ax = plot.draw_bpb(runs).axes[0]
