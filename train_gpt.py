@@ -1485,8 +1485,9 @@ class Checkpointer:
                 write_atomic(path, CHECKPOINT_MAGIC + hashlib.sha256(data).digest(), data)
                 for old in self.files()[:-CHECKPOINTS_KEPT]:
                     old.unlink(missing_ok=True)
-                self.log(f"checkpoint: {path} step:{step} bytes:{len(data)} "
-                         f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+                ms = 1000 * (time.perf_counter() - t0)
+                self.log.event("checkpoint", f"checkpoint: {path} step:{step} bytes:{len(data)} time:{ms:.0f}ms",
+                               step=step, path=str(path), bytes=len(data), time_ms=ms)
             except InputError as e:
                 error = str(e)
         if over_ranks(rt, [float(bool(error))], dist.ReduceOp.MAX)[0]:
@@ -2792,9 +2793,10 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, stream, ev: Eval
             log(f"quant:{scheme} group:{group} params:{stats['params']} fp32_bytes:{stats['fp32_bytes']} stored_bytes:"
                 f"{stats['stored_bytes']} compressed_bytes:{stats['compressed_bytes']} ratio:{stats['ratio']:.2f}"
                 + "".join(f" {kind}:{stats[kind]}" for kind in ("codes", "floats") if kind in stats))
-        log(f"quant:{scheme}+{row['compressor']} bytes_total:{row['bytes_total']} fits:{str(row['fits']).lower()}"
-            + (f" pruned_codes:{pruned_codes}" if pruned_codes else "")
-            + (f" calibration_loss:{row['calibration_loss']:.6f}" if cfg.quant == "auto" else ""))
+        log.event("export", f"quant:{scheme}+{row['compressor']} bytes_total:{row['bytes_total']} fits:"
+                            f"{str(row['fits']).lower()}" + (f" pruned_codes:{pruned_codes}" if pruned_codes else "")
+                  + (f" calibration_loss:{row['calibration_loss']:.6f}" if cfg.quant == "auto" else ""),
+                  **{key: value for key, value in row.items() if not key.startswith("roundtrip")})
         if kept is None or auto_rank(row) < auto_rank(kept[0]):
             kept = (row, blob, roundtrip)
     row, blob, roundtrip = kept
@@ -2808,7 +2810,9 @@ def export_and_round_trip(cfg: Config, rt: Runtime, model: GPT, stream, ev: Eval
     name, fits, bytes_total = f"{row['scheme']}+{row['compressor']}", row["fits"], row["bytes_total"]
     log(f"Serialized model {name}: {len(blob)} bytes")
     log(f"Code size: {summary['bytes_code_file']} bytes (packed: {bytes_code} bytes, which bytes_total counts)")
-    log(f"Total submission size {name}: {bytes_total} bytes")
+    log.event("artifact", f"Total submission size {name}: {bytes_total} bytes", scheme=row["scheme"],
+              compressor=row["compressor"], bytes_model=len(blob), bytes_code=bytes_code, bytes_total=bytes_total,
+              fits=fits)
     if cfg.quant == "auto":
         log(f"quant:auto chose {row['scheme']}" + (" (of those that fit, the lowest calibration_loss)" if fits
                                                   else ": nothing fits, the smallest is written"))
@@ -2835,8 +2839,9 @@ def calibration_report(cfg: Config, seconds: float, summary: dict, log: Logger):
     total = summary["train_time_ms"] / 1000 + seconds
     within = not cfg.train_budget_ms or total <= cfg.max_wallclock_seconds
     reserve = cfg.gptq_reserve_seconds if cfg.train_budget_ms else 0
-    log(f"calibration: tokens:{tokens} time:{seconds:.1f}s reserve:{reserve:g}s training_and_calibration:{total:.1f}s "
-        f"within_budget:{str(within).lower()}")
+    log.event("calibration", f"calibration: tokens:{tokens} time:{seconds:.1f}s reserve:{reserve:g}s "
+                             f"training_and_calibration:{total:.1f}s within_budget:{str(within).lower()}",
+              tokens=tokens, seconds=seconds, reserve_s=reserve, training_and_calibration_s=total, within_budget=within)
     summary["calibration"] = {"tokens": tokens, "seconds": seconds, "within_budget": within}
     if not within:
         log(f"WARNING calibration_over_budget: training {summary['train_time_ms'] / 1000:.1f}s and calibration "

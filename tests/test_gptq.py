@@ -161,13 +161,16 @@ def test_the_reserve_comes_out_of_the_training_budget_and_must_leave_some():
         load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1", "GPTQ_RESERVE_SECONDS": "100"})
 
 
-def test_training_and_calibration_over_the_budget_is_a_warning():
+def test_training_and_calibration_over_the_budget_is_a_warning(tmp_path):
     cfg, _ = load_config({"MAX_WALLCLOCK_SECONDS": "100", "QUANT_GPTQ": "1", "GPTQ_RESERVE_SECONDS": "5"})
-    for train_s, seconds, warned in ((95.0, 4.5, False), (95.0, 5.5, True), (96.0, 4.5, True)):
-        lines, summary = [], {"train_time_ms": 1000 * train_s}
-        train_gpt.calibration_report(cfg, seconds, summary, lambda msg: lines.append(msg))
+    for run, (train_s, seconds, warned) in enumerate(((95.0, 4.5, False), (95.0, 5.5, True), (96.0, 4.5, True))):
+        summary = {"train_time_ms": 1000 * train_s}
+        train_gpt.calibration_report(cfg, seconds, summary, train_gpt.Logger(tmp_path / f"{run}.txt"))
+        lines = (tmp_path / f"{run}.txt").read_text().splitlines()
         assert any(line.startswith("WARNING calibration_over_budget") for line in lines) == warned
         assert summary["calibration"]["within_budget"] == (not warned)
+        event, = (json.loads(line) for line in (tmp_path / f"{run}.jsonl").read_text().splitlines())
+        assert (event["event"], event["seconds"], event["within_budget"]) == ("calibration", seconds, not warned)
 
 
 @pytest.mark.parametrize("env, needs", [({"QUANT_GPTQ_DAMP": "0.1"}, "QUANT_GPTQ=1"),

@@ -18,7 +18,8 @@ def events(path) -> list[dict]:
 
 def test_every_train_validation_depth_moe_and_evaluation_line_is_an_event_with_its_numbers(tiny_env):
     env = {**tiny_env, "ITERATIONS": "6", "VAL_LOSS_EVERY": "3", "TRAIN_LOG_EVERY": "2", "EVAL_STRIDE": "32",
-           "NUM_REPEATS": "2", "DEPTH_SCHEDULE": "1@0,2@0.5", "MOE_NUM_EXPERTS": "4", "MOE_TOP_K": "2"}
+           "NUM_REPEATS": "2", "DEPTH_SCHEDULE": "1@0,2@0.5", "MOE_NUM_EXPERTS": "4", "MOE_TOP_K": "2",
+           "CHECKPOINT_EVERY_STEPS": "4"}
     out = run_trainer(env, ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     logs = ROOT / env["LOG_DIR"]
@@ -45,6 +46,12 @@ def test_every_train_validation_depth_moe_and_evaluation_line_is_an_event_with_i
     assert evals["sliding"]["val_bpb"] == summary["sliding_val_bpb"]
     assert evals["prequant"]["val_bpb"] == summary["val_bpb"]
     assert all(isinstance(e["time"], float) for e in stream_events)
+    assert [e["step"] for e in kinds["checkpoint"]] == [4] and kinds["checkpoint"][0]["path"].endswith("_step0000004.ckpt")
+    tried, = kinds["export"]
+    assert {k: tried[k] for k in ("scheme", "bytes_total", "fits")} == {
+        k: summary["quant"]["tried"][0][k] for k in ("scheme", "bytes_total", "fits")}
+    artifact, = kinds["artifact"]
+    assert (artifact["bytes_total"], artifact["bytes_model"]) == (summary["bytes_total"], summary["bytes_model"])
 
 
 def test_a_named_evaluation_reports_progress_at_most_every_tenth(tmp_path, monkeypatch):
