@@ -121,7 +121,8 @@ def test_the_evaluation_benchmark_scores_every_token_with_each_method():
     assert [(r["method"], r["scored"]) for r in rows] == [("standard", 1000), ("sliding", 1000), ("hedge", 1000)]
 
 
-@pytest.mark.parametrize("tool", ["bench.py", "quant_table.py", "compare_per_token.py", "gpu_check.sh", "settings_doc.py"])
+@pytest.mark.parametrize("tool", ["bench.py", "quant_table.py", "compare_per_token.py", "gpu_check.sh",
+                                  "settings_doc.py", "sweep.py"])
 def test_every_tool_answers_help(tool):
     launcher = ["bash"] if tool.endswith(".sh") else [sys.executable]
     done = subprocess.run(launcher + [str(ROOT / "tools" / tool), "--help"], capture_output=True, text=True)

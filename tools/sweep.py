@@ -52,8 +52,7 @@ CHECKPOINT_SECONDS = "60"
 SAME_EXPERIMENT = (train_gpt.RESUME_FREE - {"data_path", "tokenizer_path"}) | {"dry_run"}
 # The note train_gpt.py gives (and runs on with) for an env var that looks like a misspelt setting.
 MISSPELT_NOTE = "warning: env var "
-EXIT_MEANINGS = {1: "a distributed peer failed", 2: "bad input", 3: "diverged", 4: "failed its audit",
-                 5: "preempted"}
+EXIT_MEANINGS = {2: "bad input", 3: "diverged", 4: "failed its audit", 5: "preempted"}  # 1: its output says
 NAME = re.compile(r"[A-Za-z0-9._,=+-]+")
 POLL_SECONDS = 0.1
 ABSENT = object()
