@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -175,7 +176,7 @@ def test_finished_runs_are_skipped_interrupted_ones_resumed_and_one_made_otherwi
     (folder / "logs" / "c_s2_step0000003.ckpt").write_bytes(b"")
     assert sweep.main(args) == 0
     plan = capsys.readouterr().out
-    assert "  done    c_s1: roundtrip_val_bpb 1.25" in plan
+    assert "  done    c_s1: roundtrip_val_bpb 1.25000" in plan
     assert "  resume  c_s2 from step 3: SEED=2 RUN_ID=c_s2 RESUME_FROM=auto" in plan
     assert "  run     c_s3: SEED=3 RUN_ID=c_s3\n" in plan
     assert not (folder / "sweep.json").exists()  # a dry run writes nothing
@@ -274,9 +275,9 @@ def test_ctrl_c_checkpoints_the_running_run_and_the_same_command_continues_and_t
     args = ["--dir", str(folder), "--grid", "MATRIX_LR=0.02,0.04", "--seeds", "1,2",
             *(f"--env={k}={v}" for k, v in {**settings, "CHECKPOINT_EVERY_STEPS": "1"}.items())]
     first = subprocess.Popen([sys.executable, str(SWEEP), *args], env=clean_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     watch_until(first, lambda: trains(logs / "MATRIX_LR=0.04_s1.jsonl"))
-    first.send_signal(signal.SIGINT)
+    os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the sweep's whole process group
     printed = first.communicate(timeout=120)[0]
     assert first.returncode == 130, printed
     assert "stopped by Ctrl-C: MATRIX_LR=0.04_s1 (checkpoint at step " in printed

@@ -277,7 +277,7 @@ def definition_of(path: Path, configurations: list[Configuration], fixed: dict) 
     mine = {c.name: c.env for c in configurations}
     if not path.is_file():
         return {"env": fixed, "configurations": mine}
-    recorded = json.loads(path.read_text())
+    recorded = read_definition(path)
     problems = [f"--env {key}: {shown(recorded['env'].get(key, ABSENT))} there, {shown(fixed.get(key, ABSENT))} here"
                 for key in sorted(recorded["env"].keys() | fixed.keys())
                 if recorded["env"].get(key, ABSENT) != fixed.get(key, ABSENT)]
@@ -288,6 +288,16 @@ def definition_of(path: Path, configurations: list[Configuration], fixed: dict) 
         raise UsageError(f"sweep {path.parent} was defined otherwise ({path}): {'; '.join(problems)}; "
                          f"use another --name")
     return {"env": fixed, "configurations": {**recorded["configurations"], **mine}}
+
+
+def read_definition(path: Path) -> dict:
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a sweep's definition ({e}); use another --name") from None
+    if not (isinstance(recorded, dict) and {"env", "configurations"} <= recorded.keys()):
+        raise UsageError(f"{path}: not a sweep's definition (no env or configurations); use another --name")
+    return recorded
 
 
 def settings_text(env: dict) -> str:
@@ -414,7 +424,7 @@ class Runner:
                 self.problem = e
                 self.stop_all()
                 return
-            say(f"done {run.run_id} in {seconds:.0f}s: {self.metric} {value}")
+            say(f"done {run.run_id} in {seconds:.0f}s: {self.metric} {figure(value)}")
         elif self.stopping:
             self.stopped[run.run_id] = stop_description(run, code)
         else:
@@ -626,7 +636,7 @@ def plan_text(name: str, runs: list[Run], configurations: list, seeds: list, slo
              f"each: {settings_text(shared)} {shlex.join(launcher(nproc))}"]
     for run in runs:
         if run.status == "done":
-            lines.append(f"  done    {run.run_id}: {metric} {run.summary.get(metric)}")
+            lines.append(f"  done    {run.run_id}: {metric} {figure(run.summary[metric])}")
             continue
         own = {key: value for key, value in run.launch_env.items() if shared.get(key) != value}
         status = f"resume  {run.run_id} from step {checkpoint_step(checkpoints(run)[-1])}" \
@@ -665,7 +675,7 @@ def sweep(args: argparse.Namespace) -> int:
     write_atomic(folder / "sweep.json", json.dumps({**definition, "seeds": seeds}, indent=2) + "\n")
     for run in runs:
         if run.status == "done":
-            say(f"skip {run.run_id}: finished ({args.metric} {run.summary.get(args.metric)})")
+            say(f"skip {run.run_id}: finished ({args.metric} {figure(run.summary[args.metric])})")
     runner = Runner(slots, args.nproc_per_run, args.metric)
     runner.run_all([run for run in runs if run.status != "done"])
     if runner.problem:
