@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import fcntl
 import json
 import os
 import signal
@@ -205,6 +206,16 @@ def test_a_sweeps_name_binds_its_configurations_and_fixed_settings(tmp_path, cap
     assert "skip a_s1337: finished" in capsys.readouterr().out
     assert json.loads((folder / "sweep.json").read_text())["configurations"] == {"a": {"MATRIX_LR": "0.02"},
                                                                                 "b": {"MATRIX_LR": "0.03"}}
+
+
+def test_a_second_sweep_in_the_same_folder_is_refused_while_the_first_runs(tmp_path, capsys, fake_trainer):
+    folder = tmp_path / "sw"
+    (folder / "logs").mkdir(parents=True)
+    with open(folder / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "another sweep is running there" in error_of(capsys, ["--dir", str(folder), "--config", "a:"])
+    assert not (folder / "logs" / "launches.jsonl").exists()
+    assert sweep.main(["--dir", str(folder), "--config", "a:"]) == 0  # once it is gone
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import fcntl
 import glob
 import io
 import itertools
@@ -625,14 +626,15 @@ def check_margin(margin: str, metric: str, higher_is_better: bool):
         raise UsageError(f"--margin {margin!r}: expected a number or 'record'") from None
 
 
-def plan_text(name: str, runs: list[Run], configurations: list, seeds: list, slots: list[dict], nproc: int,
-              metric: str) -> str:
+def plan_text(plan: Plan, nproc: int, metric: str) -> str:
     """The runs, each as the environment it adds to the sweep's: what all share on the first line."""
+    runs = plan.runs
     shared = {key: value for key, value in runs[0].env.items()
               if key not in ("RUN_ID", "SEED") and all(run.env.get(key) == value for run in runs)}
-    devices = " | ".join(slot["CUDA_VISIBLE_DEVICES"] for slot in slots if slot)
-    lines = [f"sweep {name}: {len(configurations)} configuration(s) x {len(seeds)} seed(s) = {len(runs)} runs, "
-             f"{len(slots)} at a time" + (f" (CUDA_VISIBLE_DEVICES={devices})" if devices else ""),
+    devices = " | ".join(slot["CUDA_VISIBLE_DEVICES"] for slot in plan.slots if slot)
+    where = f" (CUDA_VISIBLE_DEVICES={devices})" if devices else ""
+    lines = [f"sweep {plan.name}: {len(plan.configurations)} configuration(s) x {len(plan.seeds)} seed(s) = "
+             f"{len(runs)} runs, {len(plan.slots)} at a time{where}",
              f"each: {settings_text(shared)} {shlex.join(launcher(nproc))}"]
     for run in runs:
         if run.status == "done":
@@ -652,9 +654,23 @@ def stop_text(runner: Runner) -> str:
             f"the same command continues the sweep")
 
 
-def sweep(args: argparse.Namespace) -> int:
+@dataclass
+class Plan:
+    name: str
+    folder: Path
+    configurations: list[Configuration]
+    baseline: str
+    seeds: list[int]
+    fixed: dict  # what every run gets: --env and the settings of the sweep's environment
+    slots: list[dict]
+    runs: list[Run]
+    resolved: dict  # run id -> the config train_gpt.py resolves for it
+
+
+def plan_of(args: argparse.Namespace) -> Plan:
+    """The runs the arguments ask for, each with its config resolved: all of the input checked, nothing read
+    from the sweep's folder."""
     folder = args.dir or Path("sweeps") / args.name
-    name = args.name or folder.name
     configurations = configurations_of(args.grid, args.config)
     baseline = args.baseline or configurations[0].name
     if baseline not in [c.name for c in configurations]:
@@ -662,35 +678,65 @@ def sweep(args: argparse.Namespace) -> int:
                          f"({', '.join(c.name for c in configurations)})")
     seeds, fixed = parse_seeds(args.seeds), fixed_env(args.env)
     slots = gpu_slots(args.gpus, args.nproc_per_run, visible_gpus() if args.gpus else [])
-    definition = definition_of(folder / "sweep.json", configurations, fixed)
     runs = plan_runs(configurations, seeds, fixed, (folder / "logs").resolve())
-    for run in runs:
-        classify(run, resolved_config(run, args.nproc_per_run))
+    return Plan(args.name or folder.name, folder, configurations, baseline, seeds, fixed, slots, runs,
+                {run.run_id: resolved_config(run, args.nproc_per_run) for run in runs})
+
+
+def take_stock(plan: Plan, metric: str) -> dict:
+    """Classifies the runs by what the folder holds; returns the sweep's definition once this call joins it."""
+    definition = definition_of(plan.folder / "sweep.json", plan.configurations, plan.fixed)
+    for run in plan.runs:
+        classify(run, plan.resolved[run.run_id])
         if run.summary is not None:
-            metric_value(run.summary, args.metric, run.run_id)  # a misspelt metric, found before anything runs
-    if args.dry_run:
-        say(plan_text(name, runs, configurations, seeds, slots, args.nproc_per_run, args.metric))
-        return 0
+            metric_value(run.summary, metric, run.run_id)  # a misspelt metric, found before anything runs
+    return definition
+
+
+@contextlib.contextmanager
+def sweep_lock(folder: Path):
+    """One sweep at a time in a folder: two would launch the same runs into the same files."""
     (folder / "logs").mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "sweep.json", json.dumps({**definition, "seeds": seeds}, indent=2) + "\n")
-    for run in runs:
+    with open(folder / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{folder}: another sweep is running there (it holds {folder / '.lock'})") from None
+        yield
+
+
+def execute(plan: Plan, args: argparse.Namespace) -> int:
+    """Runs what is not finished, then writes and prints the table (not when stopped)."""
+    for run in plan.runs:
         if run.status == "done":
             say(f"skip {run.run_id}: finished ({args.metric} {figure(run.summary[args.metric])})")
-    runner = Runner(slots, args.nproc_per_run, args.metric)
-    runner.run_all([run for run in runs if run.status != "done"])
+    runner = Runner(plan.slots, args.nproc_per_run, args.metric)
+    runner.run_all([run for run in plan.runs if run.status != "done"])
     if runner.problem:
         raise UsageError(f"{runner.problem}; the runs still running were stopped at a checkpoint")
     if runner.signals:
         say(stop_text(runner))
         return 128 + runner.signals[0]
-    summaries = {run.run_id: run.summary for run in runs if run.summary is not None}
-    rows = table_rows(configurations, seeds, summaries, runner.failed, args.metric, baseline, args.margin,
-                      args.higher_is_better)
-    table = markdown(name, rows, args.metric, baseline, args.margin, args.higher_is_better, seeds)
-    write_atomic(folder / "table.md", table)
-    write_atomic(folder / "table.csv", csv_text(rows))
-    say(f"\n{table}\ntable: {folder / 'table.md'}, {folder / 'table.csv'}")
+    summaries = {run.run_id: run.summary for run in plan.runs if run.summary is not None}
+    rows = table_rows(plan.configurations, plan.seeds, summaries, runner.failed, args.metric, plan.baseline,
+                      args.margin, args.higher_is_better)
+    table = markdown(plan.name, rows, args.metric, plan.baseline, args.margin, args.higher_is_better, plan.seeds)
+    write_atomic(plan.folder / "table.md", table)
+    write_atomic(plan.folder / "table.csv", csv_text(rows))
+    say(f"\n{table}\ntable: {plan.folder / 'table.md'}, {plan.folder / 'table.csv'}")
     return 1 if runner.failed else 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    plan = plan_of(args)
+    if args.dry_run:
+        take_stock(plan, args.metric)
+        say(plan_text(plan, args.nproc_per_run, args.metric))
+        return 0
+    with sweep_lock(plan.folder):
+        definition = take_stock(plan, args.metric)
+        write_atomic(plan.folder / "sweep.json", json.dumps({**definition, "seeds": plan.seeds}, indent=2) + "\n")
+        return execute(plan, args)
 
 
 def main(argv: list[str]) -> int:
