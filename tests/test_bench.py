@@ -122,7 +122,7 @@ def test_the_evaluation_benchmark_scores_every_token_with_each_method():
 
 
 @pytest.mark.parametrize("tool", ["bench.py", "quant_table.py", "compare_per_token.py", "plot.py", "gpu_check.sh",
-                                  "settings_doc.py"])
+                                  "settings_doc.py", "sweep.py"])
 def test_every_tool_answers_help(tool):
     launcher = ["bash"] if tool.endswith(".sh") else [sys.executable]
     done = subprocess.run(launcher + [str(ROOT / "tools" / tool), "--help"], capture_output=True, text=True)

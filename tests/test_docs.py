@@ -101,6 +101,13 @@ REGISTRY = {
     "python tools/quant_table.py": [f"{E2E}::test_quant_table_compares_every_scheme_on_a_checkpoint"],
     "python tools/compare_per_token.py": [f"{E2E}::test_per_token_comparison_of_two_runs"],
     "python tools/plot.py": ["tests/test_plot.py::test_every_plot_is_a_png_of_the_fixed_size_with_coloured_content"],
+    "python tools/sweep.py": [
+        "tests/test_sweep.py::test_ctrl_c_checkpoints_the_running_run_and_the_same_command_continues_and_tabulates",
+        "tests/test_sweep.py::test_with_gpus_runs_go_n_at_a_time_each_on_its_own_and_a_failure_is_reported_not_fatal",
+    ],
+    "python tools/sweep.py --dry-run": [
+        "tests/test_sweep.py::test_finished_runs_are_skipped_interrupted_ones_resumed_and_one_made_otherwise_refused",
+    ],
     # Its parts need a GPU: on the CPU only the argument handling runs.
     "bash tools/gpu_check.sh": [
         "tests/test_bench.py::test_gpu_check_refuses_an_unknown_part",
