@@ -281,10 +281,11 @@ def test_ctrl_c_checkpoints_the_running_run_and_the_same_command_continues_and_t
         tiny_env, tmp_path, capsys, process_env):
     """2 configurations x 2 seeds, stopped by Ctrl-C in the second run; then the same command."""
     folder, logs = tmp_path / "sw", tmp_path / "sw" / "logs"
-    settings = {k: v for k, v in tiny_env.items() if k not in ("LOG_DIR", "RUN_ID")}
-    # A checkpoint every step: the interrupted run has one wherever the signal finds it, even after training.
+    # Training capped at 1.5 s on any machine: the signal, sent at the first step, finds the run training.
+    settings = {**{k: v for k, v in tiny_env.items() if k not in ("LOG_DIR", "RUN_ID")}, "ITERATIONS": "100000",
+                "MAX_WALLCLOCK_SECONDS": "1.5", "TRAIN_LOG_EVERY": "10"}
     args = ["--dir", str(folder), "--grid", "MATRIX_LR=0.02,0.04", "--seeds", "1,2",
-            *(f"--env={k}={v}" for k, v in {**settings, "CHECKPOINT_EVERY_STEPS": "1"}.items())]
+            *(f"--env={k}={v}" for k, v in settings.items())]
     first = subprocess.Popen([sys.executable, str(SWEEP), *args], env=clean_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     watch_until(first, lambda: trains(logs / "MATRIX_LR=0.04_s1.jsonl"))
@@ -294,6 +295,8 @@ def test_ctrl_c_checkpoints_the_running_run_and_the_same_command_continues_and_t
     assert "stopped by Ctrl-C: MATRIX_LR=0.04_s1 (checkpoint at step " in printed
     assert "; 2 run(s) not started; the same command continues the sweep" in printed
     assert sorted(logs.glob("MATRIX_LR=0.04_s1_step*.ckpt")) and not (logs / "MATRIX_LR=0.04_s1.json").exists()
+    stopped = (logs / "MATRIX_LR=0.04_s1.txt").read_text()
+    assert "preempted: SIGTERM at step " in stopped and stopped.endswith("exit:5\n")  # SIGTERM, not the SIGINT
     finished = (logs / "MATRIX_LR=0.02_s1.json").stat().st_mtime_ns
 
     assert sweep.main(args) == 0
