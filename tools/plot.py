@@ -111,8 +111,9 @@ def history(events: list[dict]) -> tuple[list[dict], dict[str, dict]]:
     """The events with a step, in the order they happened, and the last eval event of each method.
 
     Within one run no event is logged before one already read, so one that is begins a resumed part (the resumed
-    event itself, at its checkpoint's step, comes first): it replaces all that the earlier part logged after it (a wall-clock depth phase or warm-down may fall at another
-    step the second time), and of two events of a kind at the same place the later wins."""
+    event itself, at its checkpoint's step, comes first): it replaces all that the earlier part logged after it (a
+    wall-clock depth phase or warm-down may fall at another step the second time), and of two events of a kind at
+    the same place the later wins."""
     stepped, evals = [], {}
     for event in events:
         if event["event"] == "eval":
