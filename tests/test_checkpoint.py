@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, clean_env, run_trainer
+from conftest import ROOT, TINY_ENV, clean_env, run_trainer
 from train_gpt import InputError, load_checkpoint
 
 RESUME_ENV = {"ITERATIONS": "40", "VAL_LOSS_EVERY": "20", "TRAIN_LOG_EVERY": "10", "WARMDOWN_ITERS": "10",
@@ -86,18 +86,28 @@ def test_changed_learning_rate_is_allowed_and_said(tiny_env):
     assert out.returncode == 0 and "warning: resumed with changed settings MATRIX_LR" in out.stdout
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
-def test_damaged_checkpoint_is_refused(tiny_env, tmp_path, damage):
-    env = {**tiny_env, "ITERATIONS": "2", "CHECKPOINT_EVERY_STEPS": "2", "RUN_ID": "D"}
+@pytest.fixture(scope="module")
+def sound_checkpoint(data_dir, tokenizer_path, tmp_path_factory) -> bytes:
+    """A 2-step run's checkpoint, shared by the cases that damage a copy of it."""
+    logs = tmp_path_factory.mktemp("sound")
+    env = {**TINY_ENV, "DATA_PATH": str(data_dir), "TOKENIZER_PATH": str(tokenizer_path), "LOG_DIR": str(logs),
+           "RUN_ID": "D", "ITERATIONS": "2", "CHECKPOINT_EVERY_STEPS": "2"}
     assert run_trainer(env, ROOT).returncode == 0
+    return (logs / "D_step0000002.ckpt").read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_damaged_checkpoint_is_refused(tiny_env, sound_checkpoint, damage):
+    env = {**tiny_env, "ITERATIONS": "2", "CHECKPOINT_EVERY_STEPS": "2", "RUN_ID": "D"}
     path = ROOT / env["LOG_DIR"] / "D_step0000002.ckpt"
-    blob = bytearray(path.read_bytes())
+    blob = bytearray(sound_checkpoint)
     if damage == "truncate":
         blob = blob[:len(blob) // 2]
     elif damage == "flip":
         blob[len(blob) // 2] ^= 0x01
     else:
         blob = bytearray()
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(blob))
     out = run_trainer({**env, "RESUME_FROM": str(path)}, ROOT)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and str(path) in out.stderr
