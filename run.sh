@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job. With GPUs: the challenge's baseline on all of them, its shards fetched first if missing.
 # Without: the embedded synthetic corpus (made if missing) and PRESET=cpu_embedded, or PRESET=cpu on a
-# DATA_PATH of yours.
+# DATA_PATH of yours, at the model size that suits this CPU's speed.
 # Any env var you set (see `python train_gpt.py --help`) passes through and wins over the preset.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -38,4 +38,8 @@ fi
 if grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then
   export AUTOCAST="${AUTOCAST:-1}"
 fi
+# The model size and warm-down for this machine's speed, from a few untimed eager steps of each size (~10-30 s):
+# a slower CPU trains a smaller model in the same budget (tools/cpu_size.py; a size you set is kept).
+sizes=$(python tools/cpu_size.py)
+eval "$sizes"
 exec python train_gpt.py

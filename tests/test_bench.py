@@ -79,7 +79,8 @@ def test_gpu_check_refuses_an_unknown_part():
 
 def run_sh_config(env: dict) -> dict:
     done = subprocess.run(["bash", str(ROOT / "run.sh")], capture_output=True, text=True,
-                          env={**os.environ, "DRY_RUN": "1", **env})
+                          env={**os.environ, "DRY_RUN": "1", "NUM_LAYERS": "4", "MODEL_DIM": "192",
+                               "WARMDOWN_ITERS": "300", **env})  # the size and warm-down set: nothing to measure
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stdout.splitlines() if line.startswith("config: "))
     return json.loads(line[len("config: "):])
@@ -90,7 +91,7 @@ def test_run_sh_keeps_the_corpus_tuned_settings_off_a_users_data(tmp_path):
     real text (perf_notes.md 19): on a DATA_PATH of the user's, the harness's defaults hold."""
     cfg = run_sh_config({"DATA_PATH": str(tmp_path)})
     assert (cfg["num_value_embeds"], cfg["matrix_lr"], cfg["muon_momentum_warmup_steps"]) == (0, 0.04, 500)
-    assert (cfg["model_dim"], cfg["max_wallclock_seconds"]) == (192, 220.0)
+    assert cfg["max_wallclock_seconds"] == 220.0
     assert run_sh_config({"DATA_PATH": str(tmp_path), "MATRIX_LR": "0.01"})["matrix_lr"] == 0.01
 
 

@@ -63,6 +63,7 @@ REGISTRY = {
     ],
     "bash run.sh": [
         "tests/test_bench.py::test_run_sh_keeps_the_corpus_tuned_settings_off_a_users_data",
+        "tests/test_cpu_size.py::test_run_sh_trains_the_measured_size_with_its_warmdown",
         f"{E2E}::test_cpu_run_trains_exports_and_round_trips",
     ],
     "python data/synthetic.py": ["tests/test_synthetic.py::test_cli_writes_jsonl"],
@@ -100,6 +101,10 @@ REGISTRY = {
     ],
     "python tools/quant_table.py": [f"{E2E}::test_quant_table_compares_every_scheme_on_a_checkpoint"],
     "python tools/compare_per_token.py": [f"{E2E}::test_per_token_comparison_of_two_runs"],
+    "python tools/cpu_size.py": [
+        "tests/test_cpu_size.py::test_run_sh_trains_the_measured_size_with_its_warmdown",
+        "tests/test_cpu_size.py::test_a_slower_machine_gets_a_smaller_model_and_a_warmdown_fitted_to_its_steps",
+    ],
     "python tools/plot.py": ["tests/test_plot.py::test_every_plot_is_a_png_of_the_fixed_size_with_coloured_content"],
     "python tools/sweep.py": [
         "tests/test_sweep.py::test_ctrl_c_checkpoints_the_running_run_and_the_same_command_continues_and_tabulates",
