@@ -14,6 +14,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import imitated_device  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The README's command runs two workers (pytest-xdist), one a core of CI's two: a worker's torch, and the runs it
+    # starts, take one thread each, or two workers of two threads would fight over the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Before any backward pass: autograd's engine sizes its per-device queues once, at its first use.
 imitated_device.register()
